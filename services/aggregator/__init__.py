@@ -1,0 +1,1 @@
+"""The aggregator service: enrolment, task vectors, federated rounds, updates, adapters."""

@@ -1,0 +1,1 @@
+"""The clustering service: groups devices by encoded task vectors, routes prompts to clusters."""

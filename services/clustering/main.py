@@ -1,0 +1,18 @@
+"""Clustering app: wiring only. Run with `uvicorn --factory services.clustering.main:create_app`."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from tessera.config import Settings
+from tessera.service.app import create_service_app
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    return create_service_app(
+        service="clustering",
+        description="Clusters devices by their encoded task vectors; routes prompts to clusters.",
+        routers=[],
+        checks=("database",),
+        settings=settings,
+    )

@@ -1,0 +1,1 @@
+"""The Celery worker: aggregation, knowledge interaction, re-clustering."""

@@ -1,0 +1,170 @@
+"""The `tessera` command: run the stack, migrate the database, manage clients, run the demo."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+import httpx
+
+from tessera import db, stack
+from tessera.config import get_settings
+from tessera.models import Role
+
+
+@click.group()
+def main() -> None:
+    """Tessera: federated, personalised fine-tuning of diffusion models at the edge."""
+
+
+@main.command()
+@click.option("--detach", is_flag=True, help="Run in the background; stop with `tessera down`.")
+def up(detach: bool) -> None:
+    """Start the backends (embedded where no URL is set), migrations, services and a worker."""
+    settings = get_settings()
+    if detach:
+        _print_info(stack.start_detached(settings))
+        return
+    stack.run_foreground(settings, on_ready=_print_ready_and_wait)
+
+
+def _print_ready_and_wait(info: stack.StackInfo) -> None:
+    _print_info(info)
+    click.echo("Press Ctrl-C to stop.")
+
+
+def _print_info(info: stack.StackInfo) -> None:
+    click.echo("Tessera is up:")
+    for name, url in info.urls.items():
+        click.echo(f"  {name:<11} {url}   (docs: {url}/docs)")
+    for name, url in info.backends.items():
+        click.echo(f"  {name:<26} {url}")
+    click.echo(f"  operator token  {info.operator_token}")
+    click.echo(f"  logs            {info.log_dir}")
+
+
+@main.command()
+def down() -> None:
+    """Stop a stack started with `tessera up --detach`."""
+    if stack.stop_detached(get_settings()):
+        click.echo("Tessera stopped.")
+    else:
+        click.echo("No running stack found.")
+
+
+@main.command()
+def status() -> None:
+    """Show each service's readiness."""
+    settings = get_settings()
+    urls = {
+        "aggregator": settings.aggregator_url,
+        "clustering": settings.clustering_url,
+        "inference": settings.inference_url,
+    }
+    info = stack.read_state(settings)
+    if info is not None:
+        urls = info.urls
+    failed = False
+    for name, url in urls.items():
+        line, ready = _readiness_line(name, url)
+        failed |= not ready
+        click.echo(line)
+    sys.exit(1 if failed else 0)
+
+
+def _readiness_line(name: str, url: str) -> tuple[str, bool]:
+    try:
+        response = httpx.get(f"{url}/readyz", timeout=5)
+    except httpx.HTTPError as error:
+        return f"{name:<11} {url:<28} down ({type(error).__name__})", False
+    checks = response.json().get("checks", {})
+    summary = ", ".join(f"{k}={v}" for k, v in checks.items())
+    state = "ready" if response.status_code == 200 else "UNREADY"
+    return f"{name:<11} {url:<28} {state}  {summary}", response.status_code == 200
+
+
+@main.group(name="db")
+def db_group() -> None:
+    """Database migrations."""
+
+
+@db_group.command(name="upgrade")
+@click.argument("revision", default="head")
+def db_upgrade(revision: str) -> None:
+    """Migrate the configured database up to REVISION (default: head)."""
+    db.upgrade(get_settings().resolved_database_url, revision)
+
+
+@db_group.command(name="downgrade")
+@click.argument("revision")
+def db_downgrade(revision: str) -> None:
+    """Migrate the configured database down to REVISION ("base" drops everything)."""
+    db.downgrade(get_settings().resolved_database_url, revision)
+
+
+@main.group()
+def client() -> None:
+    """Enrol and manage clients through the aggregator (needs the operator token)."""
+
+
+def _operator_client() -> httpx.Client:
+    settings = get_settings()
+    info = stack.read_state(settings)
+    base = info.urls["aggregator"] if info else settings.aggregator_url
+    token = info.operator_token if info else settings.operator_token.get_secret_value()
+    return httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+
+
+def _echo_response(response: httpx.Response) -> None:
+    if response.is_error:
+        raise click.ClickException(f"{response.status_code}: {response.text}")
+    click.echo(json.dumps(response.json(), indent=2))
+
+
+@client.command(name="enrol")
+@click.argument("name")
+@click.option(
+    "--role", type=click.Choice([r.value for r in Role]), default=Role.DEVICE.value,
+    show_default=True,
+)
+def client_enrol(name: str, role: str) -> None:
+    """Enrol NAME and print its token (shown once)."""
+    with _operator_client() as http:
+        _echo_response(http.post("/v1/clients", json={"name": name, "role": role}))
+
+
+@client.command(name="list")
+def client_list() -> None:
+    """List enrolled clients."""
+    with _operator_client() as http:
+        _echo_response(http.get("/v1/clients"))
+
+
+@client.command(name="disable")
+@click.argument("client_id", type=int)
+def client_disable(client_id: int) -> None:
+    """Disable a client: its token stops working."""
+    with _operator_client() as http:
+        _echo_response(http.patch(f"/v1/clients/{client_id}", json={"disabled": True}))
+
+
+@client.command(name="rotate")
+@click.argument("client_id", type=int)
+def client_rotate(client_id: int) -> None:
+    """Give a client a new token (printed once); the old one stops working."""
+    with _operator_client() as http:
+        _echo_response(http.post(f"/v1/clients/{client_id}/token"))
+
+
+@main.command()
+@click.option("--data-dir", default=".tessera-demo", show_default=True, help="Scratch folder.")
+def demo(data_dir: str) -> None:
+    """Run the whole system on embedded defaults, show it working, and stop it."""
+    from tessera.demo import run_demo
+
+    run_demo(data_dir)
+
+
+if __name__ == "__main__":
+    main()

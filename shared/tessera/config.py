@@ -1,0 +1,166 @@
+"""Settings for every Tessera process: read once from `TESSERA_*` environment variables."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Self
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+BUNDLED_MODEL = Path(__file__).parent / "assets" / "tiny-sd"
+
+# Development defaults. Production refuses each of them (see `_refuse_defaults_in_production`).
+DEV_OPERATOR_TOKEN = "tessera-dev-operator-token"
+DEV_TOKEN_SECRET = "tessera-dev-token-secret"
+DEV_S3_ACCESS_KEY = "tessera"
+DEV_S3_SECRET_KEY = "tessera-dev-s3-secret"
+
+
+class Environment(StrEnum):
+    DEVELOPMENT = "development"
+    TEST = "test"
+    PRODUCTION = "production"
+
+
+class LogFormat(StrEnum):
+    JSON = "json"
+    TEXT = "text"
+
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Everything a process may be configured with; the README lists each variable."""
+
+    model_config = SettingsConfigDict(env_prefix="TESSERA_", extra="ignore", frozen=True)
+
+    env: Environment = Field(
+        default=Environment.DEVELOPMENT,
+        description="development, test or production; production refuses default secrets.",
+    )
+    data_dir: Path = Field(
+        default=Path(".tessera"),
+        description="Where embedded servers, the SQLite file and stack state live.",
+    )
+
+    # Backends. Empty means: the embedded server that `tessera up` starts.
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL; empty means a SQLite file in the data dir.",
+    )
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis URL for queues and events; empty means embedded Valkey.",
+    )
+    s3_endpoint: str | None = Field(
+        default=None,
+        description="host:port of the S3 server; empty means embedded SeaweedFS.",
+    )
+    s3_public_endpoint: str | None = Field(
+        default=None,
+        description="host:port that clients use for presigned URLs; defaults to s3_endpoint.",
+    )
+    s3_secure: bool = Field(default=False, description="Use HTTPS to reach the S3 server.")
+    s3_region: str = Field(default="us-east-1", description="S3 region name.")
+    s3_bucket: str = Field(default="tessera", description="Bucket for adapters, updates, images.")
+    s3_access_key: str = Field(default=DEV_S3_ACCESS_KEY, description="S3 access key.")
+    s3_secret_key: SecretStr = Field(
+        default=SecretStr(DEV_S3_SECRET_KEY), description="S3 secret key."
+    )
+
+    # Model.
+    base_model: str = Field(
+        default=str(BUNDLED_MODEL),
+        description="Folder (diffusers layout) of the base model; default: the bundled tiny model.",
+    )
+
+    # Auth.
+    operator_token: SecretStr = Field(
+        default=SecretStr(DEV_OPERATOR_TOKEN),
+        description="Bootstrap operator bearer token.",
+    )
+    token_secret: SecretStr = Field(
+        default=SecretStr(DEV_TOKEN_SECRET),
+        description="Key of the HMAC under which client tokens are stored.",
+    )
+
+    # Limits.
+    max_upload_bytes: Annotated[int, Field(gt=0)] = Field(
+        default=64 * MiB, description="Largest LoRA update accepted, in bytes."
+    )
+    max_request_bytes: Annotated[int, Field(gt=0)] = Field(
+        default=4 * MiB, description="Largest JSON request body accepted, in bytes."
+    )
+    presign_expiry_s: Annotated[int, Field(gt=0, le=7 * 24 * 3600)] = Field(
+        default=300, description="Lifetime of presigned download URLs, in seconds."
+    )
+
+    # Service addresses, for calls between services and for the CLI.
+    aggregator_url: str = Field(default="http://127.0.0.1:8100", description="Aggregator URL.")
+    clustering_url: str = Field(default="http://127.0.0.1:8101", description="Clustering URL.")
+    inference_url: str = Field(default="http://127.0.0.1:8102", description="Inference URL.")
+
+    # Worker.
+    worker_concurrency: Annotated[int, Field(gt=0)] = Field(
+        default=1, description="Celery worker processes per worker."
+    )
+    task_time_limit_s: Annotated[int, Field(gt=0)] = Field(
+        default=1800, description="Hard time limit of a Celery task, in seconds."
+    )
+
+    # Logging.
+    log_level: str = Field(default="INFO", description="Python log level.")
+    log_format: LogFormat = Field(default=LogFormat.JSON, description="json or text.")
+
+    @model_validator(mode="after")
+    def _refuse_defaults_in_production(self) -> Self:
+        if self.env is not Environment.PRODUCTION:
+            return self
+        problems = []
+        for variable, value, default in (
+            ("TESSERA_OPERATOR_TOKEN", self.operator_token.get_secret_value(), DEV_OPERATOR_TOKEN),
+            ("TESSERA_TOKEN_SECRET", self.token_secret.get_secret_value(), DEV_TOKEN_SECRET),
+            ("TESSERA_S3_SECRET_KEY", self.s3_secret_key.get_secret_value(), DEV_S3_SECRET_KEY),
+        ):
+            if value == default:
+                problems.append(f"{variable} is the development default; set a secret of your own")
+            elif len(value) < 16:
+                problems.append(f"{variable} is shorter than 16 characters")
+        for variable, url in (
+            ("TESSERA_DATABASE_URL", self.database_url),
+            ("TESSERA_REDIS_URL", self.redis_url),
+            ("TESSERA_S3_ENDPOINT", self.s3_endpoint),
+        ):
+            if not url:
+                problems.append(f"{variable} must be set in production")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def as_env(self) -> dict[str, str]:
+        """These settings as `TESSERA_*` variables, so a child process reads the same ones."""
+        env = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            env[f"TESSERA_{name.upper()}"] = str(value.value if isinstance(value, StrEnum) else value)
+        return env
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The database URL, falling back to a SQLite file in the data dir."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'tessera.db').resolve()}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's one Settings object, read from the environment on first use."""
+    return Settings()

@@ -1,0 +1,267 @@
+"""SQLAlchemy tables: clients, task embeddings, rounds, updates, clusterings, adapters, jobs.
+
+API schemas live in `tessera.schemas`; these classes are the storage shape only.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
+
+
+def _enum(enum_class: type[StrEnum], name: str) -> Enum:
+    # Stored as plain strings (no native enum type) so the same migration runs on SQLite.
+    return Enum(
+        enum_class,
+        name=name,
+        native_enum=False,
+        length=32,
+        values_callable=lambda members: [member.value for member in members],
+        validate_strings=True,
+    )
+
+
+class Role(StrEnum):
+    OPERATOR = "operator"
+    DEVICE = "device"
+    GENERATOR = "generator"
+
+
+class RoundState(StrEnum):
+    COLLECTING = "collecting"
+    AGGREGATING = "aggregating"
+    PUBLISHED = "published"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class UpdateStatus(StrEnum):
+    RECEIVED = "received"
+    AGGREGATED = "aggregated"
+    EXCLUDED = "excluded"
+
+
+class AdapterKind(StrEnum):
+    GLOBAL = "global"
+    CLUSTER = "cluster"
+    PERSONAL = "personal"
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class Client(Base):
+    """An enrolled party: an edge device, an operator or a generation client."""
+
+    __tablename__ = "clients"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    role: Mapped[Role] = mapped_column(_enum(Role, "client_role"))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    disabled_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    @property
+    def disabled(self) -> bool:
+        return self.disabled_at is not None
+
+
+class TaskEmbedding(Base):
+    """One encoded task description of a device: a pooled, L2-normalised float32 vector."""
+
+    __tablename__ = "task_embeddings"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    client_id: Mapped[int] = mapped_column(ForeignKey("clients.id", ondelete="CASCADE"))
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+    dim: Mapped[int] = mapped_column(Integer)
+    encoder_id: Mapped[str] = mapped_column(String(256))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index("ix_task_embeddings_client_id", "client_id"),)
+
+
+class Round(Base):
+    """A federated round: collects updates until quorum or deadline, then aggregates."""
+
+    __tablename__ = "rounds"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    number: Mapped[int] = mapped_column(Integer, unique=True)
+    state: Mapped[RoundState] = mapped_column(_enum(RoundState, "round_state"))
+    config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    deadline: Mapped[datetime | None] = mapped_column(default=None)
+    opened_at: Mapped[datetime] = mapped_column(default=utcnow)
+    closed_at: Mapped[datetime | None] = mapped_column(default=None)
+    published_at: Mapped[datetime | None] = mapped_column(default=None)
+    clustering_id: Mapped[int | None] = mapped_column(
+        ForeignKey("clusterings.id", ondelete="SET NULL"), default=None
+    )
+    error: Mapped[str | None] = mapped_column(String(2000), default=None)
+
+
+class Update(Base):
+    """A device's LoRA update for a round; the bytes live in the object store."""
+
+    __tablename__ = "updates"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    client_id: Mapped[int] = mapped_column(ForeignKey("clients.id", ondelete="CASCADE"))
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"))
+    object_key: Mapped[str] = mapped_column(String(512))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    num_samples: Mapped[int] = mapped_column(Integer)
+    base_version_id: Mapped[int | None] = mapped_column(
+        ForeignKey("adapter_versions.id", ondelete="SET NULL"), default=None
+    )
+    train_loss: Mapped[float | None] = mapped_column(Float, default=None)
+    status: Mapped[UpdateStatus] = mapped_column(_enum(UpdateStatus, "update_status"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (UniqueConstraint("client_id", "round_id"),)
+
+
+class Clustering(Base):
+    """One versioned clustering of all task vectors, with its quality figures."""
+
+    __tablename__ = "clusterings"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, unique=True)
+    algorithm: Mapped[str] = mapped_column(String(64))
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Cluster(Base):
+    """A cluster of one clustering: its stable label and centroid."""
+
+    __tablename__ = "clusters"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    clustering_id: Mapped[int] = mapped_column(ForeignKey("clusterings.id", ondelete="CASCADE"))
+    label: Mapped[int] = mapped_column(Integer)
+    centroid: Mapped[bytes] = mapped_column(LargeBinary)
+    size: Mapped[int] = mapped_column(Integer)
+
+    __table_args__ = (UniqueConstraint("clustering_id", "label"),)
+
+
+class Assignment(Base):
+    """A client's cluster in one clustering version."""
+
+    __tablename__ = "assignments"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    clustering_id: Mapped[int] = mapped_column(ForeignKey("clusterings.id", ondelete="CASCADE"))
+    client_id: Mapped[int] = mapped_column(ForeignKey("clients.id", ondelete="CASCADE"))
+    label: Mapped[int] = mapped_column(Integer)
+    similarity: Mapped[float | None] = mapped_column(Float, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("clustering_id", "client_id"),
+        Index("ix_assignments_client_id", "client_id"),
+    )
+
+
+class Adapter(Base):
+    """A named adapter line (`global`, `cluster:3`, `personal:7`) with many versions."""
+
+    __tablename__ = "adapters"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    kind: Mapped[AdapterKind] = mapped_column(_enum(AdapterKind, "adapter_kind"))
+    cluster_label: Mapped[int | None] = mapped_column(Integer, default=None)
+    client_id: Mapped[int | None] = mapped_column(
+        ForeignKey("clients.id", ondelete="CASCADE"), default=None
+    )
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AdapterVersion(Base):
+    """One published version of an adapter; the LoRA file lives in the object store."""
+
+    __tablename__ = "adapter_versions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id", ondelete="CASCADE"))
+    version: Mapped[int] = mapped_column(Integer)
+    round_id: Mapped[int | None] = mapped_column(
+        ForeignKey("rounds.id", ondelete="SET NULL"), default=None
+    )
+    object_key: Mapped[str] = mapped_column(String(512))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    rank: Mapped[int] = mapped_column(Integer)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("adapter_id", "version"),
+        # A round publishes each adapter at most once, however often its task runs.
+        UniqueConstraint("adapter_id", "round_id"),
+    )
+
+
+class GenerationJob(Base):
+    """A generation request and its progress. Prompts and embeddings are never stored here."""
+
+    __tablename__ = "generation_jobs"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    client_id: Mapped[int] = mapped_column(ForeignKey("clients.id", ondelete="CASCADE"))
+    idempotency_key: Mapped[str | None] = mapped_column(String(128), default=None)
+    state: Mapped[JobState] = mapped_column(_enum(JobState, "job_state"))
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    input_key: Mapped[str | None] = mapped_column(String(512), default=None)
+    progress_step: Mapped[int] = mapped_column(Integer, default=0)
+    total_steps: Mapped[int] = mapped_column(Integer, default=0)
+    result: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    error: Mapped[str | None] = mapped_column(String(2000), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    __table_args__ = (UniqueConstraint("client_id", "idempotency_key"),)

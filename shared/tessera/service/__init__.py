@@ -1,0 +1,1 @@
+"""What every Tessera HTTP service shares: app factory, auth, health, metrics, limits."""

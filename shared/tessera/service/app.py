@@ -1,0 +1,74 @@
+"""The FastAPI app factory every service uses: logging, limits, metrics, errors, probes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI
+
+from tessera import __version__
+from tessera.config import Settings, get_settings
+from tessera.logs import configure_logging
+from tessera.service.errors import install_error_handlers
+from tessera.service.health import health_router
+from tessera.service.middleware import BodySizeLimitMiddleware, MetricsMiddleware
+from tessera.service.resources import Resources
+
+log = logging.getLogger(__name__)
+
+StartupHook = Callable[[Resources], None]
+
+
+def create_service_app(
+    *,
+    service: str,
+    description: str,
+    routers: Sequence[APIRouter],
+    checks: tuple[str, ...],
+    settings: Settings | None = None,
+    upload_prefixes: Sequence[str] = (),
+    on_startup: Sequence[StartupHook] = (),
+) -> FastAPI:
+    """A service app; connections open on first use, so building one touches no server."""
+    settings = settings or get_settings()
+    configure_logging(settings, service=service)
+    resources = Resources(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        for hook in on_startup:
+            try:
+                hook(resources)
+            except Exception:
+                # A dependency that is down at start-up shows in /readyz; the process stays up.
+                log.exception("start-up step %s failed", getattr(hook, "__name__", hook))
+        log.info("service started", extra={"service": service, "env": settings.env.value})
+        yield
+        resources.close()
+
+    app = FastAPI(
+        title=f"Tessera {service}",
+        description=description,
+        version=__version__,
+        lifespan=lifespan,
+    )
+    app.state.resources = resources
+    app.state.service = service
+    install_error_handlers(app)
+    app.include_router(health_router(checks))
+    for router in routers:
+        app.include_router(router)
+    app.add_middleware(MetricsMiddleware, service=service)
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        default_limit=settings.max_request_bytes,
+        limits_by_prefix={prefix: settings.max_upload_bytes for prefix in upload_prefixes},
+    )
+    return app
+
+
+def ensure_bucket(resources: Resources) -> None:
+    """Start-up hook: create the object-store bucket if it is missing."""
+    resources.store.ensure_bucket()

@@ -1,0 +1,282 @@
+"""The whole system on one machine: backends, migrations, four services and a worker.
+
+`tessera up` runs a `Stack` in the foreground (Ctrl-C stops it) or detached, in which case a
+state file in the data dir lets `tessera down` find and stop it. Every child dies with the
+supervisor, whatever way it ends.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+
+from tessera import db, procs
+from tessera.config import Settings
+from tessera.devstack import DevStack
+from tessera.events import AGGREGATION_QUEUE
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 120.0
+MAX_RESTARTS = 5
+
+SERVICE_APPS = {
+    "aggregator": "services.aggregator.main:create_app",
+    "clustering": "services.clustering.main:create_app",
+    "inference": "services.inference.main:create_app",
+}
+
+
+@dataclass
+class Child:
+    """A process the supervisor owns, with what it takes to start it again."""
+
+    name: str
+    argv: list[str]
+    log_path: Path
+    ready_url: str | None = None
+    process: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+
+    def start(self, env: dict[str, str]) -> None:
+        self.process = procs.spawn(self.argv, log_path=self.log_path, env=env)
+
+
+@dataclass
+class StackInfo:
+    """What `tessera up` prints and writes to the state file."""
+
+    pid: int
+    urls: dict[str, str]
+    operator_token: str
+    data_dir: str
+    log_dir: str
+    backends: dict[str, str]
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=2)
+
+
+def state_path(settings: Settings) -> Path:
+    return settings.data_dir / "stack.json"
+
+
+def _service_urls(settings: Settings) -> dict[str, str]:
+    return {
+        "aggregator": settings.aggregator_url,
+        "clustering": settings.clustering_url,
+        "inference": settings.inference_url,
+    }
+
+
+@dataclass
+class Stack:
+    """Starts and supervises everything; `stop()` tears it down in reverse order."""
+
+    settings: Settings
+    devstack: DevStack = field(init=False)
+    children: list[Child] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    info: StackInfo | None = None
+    _stopping: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.devstack = DevStack(self.settings)
+
+    @property
+    def log_dir(self) -> Path:
+        return (self.settings.data_dir / "logs").resolve()
+
+    def start(self) -> StackInfo:
+        data_dir = self.settings.data_dir.resolve()
+        data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            backends = self.devstack.start()
+            self.env = {
+                **os.environ,
+                **self.settings.as_env(),
+                **backends,
+                "TESSERA_DATA_DIR": str(data_dir),
+                "PYTHONUNBUFFERED": "1",
+            }
+            db.upgrade(backends["TESSERA_DATABASE_URL"])
+            self.children = self._plan_children()
+            for child in self.children:
+                child.start(self.env)
+            for child in self.children:
+                self._wait_ready(child)
+        except BaseException:
+            self.stop()
+            raise
+        self.info = StackInfo(
+            pid=os.getpid(),
+            urls=_service_urls(self.settings),
+            operator_token=self.settings.operator_token.get_secret_value(),
+            data_dir=str(data_dir),
+            log_dir=str(self.log_dir),
+            backends={k: _redact(v) for k, v in backends.items()},
+        )
+        return self.info
+
+    def _plan_children(self) -> list[Child]:
+        python = sys.executable
+        children = []
+        for name, url in _service_urls(self.settings).items():
+            parts = urlsplit(url)
+            argv = [
+                python, "-m", "uvicorn", "--factory", SERVICE_APPS[name],
+                "--host", parts.hostname or "127.0.0.1", "--port", str(parts.port or 80),
+                "--no-access-log",
+            ]
+            children.append(
+                Child(name, argv, self.log_dir / f"{name}.log", ready_url=f"{url}/readyz")
+            )
+        worker = [
+            python, "-m", "celery", "-A", "services.worker.app", "worker",
+            "--queues", AGGREGATION_QUEUE,
+            "--concurrency", str(self.settings.worker_concurrency),
+            "--hostname", f"worker-{os.getpid()}@%h",
+            "--loglevel", self.settings.log_level.upper(),
+        ]
+        # The worker first: the aggregator is ready only once a worker answers.
+        return [Child("worker", worker, self.log_dir / "worker.log"), *children]
+
+    def _wait_ready(self, child: Child) -> None:
+        if child.ready_url is None:
+            return
+        url = child.ready_url
+        procs.wait_until(
+            lambda: httpx.get(url, timeout=5).status_code == 200,
+            timeout=READY_TIMEOUT_S, what=f"the {child.name} service ({url})",
+            process=child.process, log_path=child.log_path, interval=0.5,
+        )
+
+    def supervise(self) -> None:
+        """Block until asked to stop, restarting a child that dies (a few times at most)."""
+        while not self._stopping.wait(1.0):
+            for child in self.children:
+                if child.process is None or child.process.poll() is None:
+                    continue
+                if child.restarts >= MAX_RESTARTS:
+                    log.error("%s keeps exiting; giving up on it", child.name)
+                    continue
+                child.restarts += 1
+                log.warning(
+                    "%s exited with code %s; restarting (%d/%d)",
+                    child.name, child.process.returncode, child.restarts, MAX_RESTARTS,
+                )
+                child.start(self.env)
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        for child in reversed(self.children):
+            if child.process is not None:
+                procs.stop(child.process)
+        self.devstack.stop()
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@")
+    return url
+
+
+def run_foreground(settings: Settings, *, on_ready: object = None) -> None:
+    """`tessera up`: start, write the state file, supervise until SIGINT/SIGTERM, tear down."""
+    stack = Stack(settings)
+    previous = {
+        signum: signal.signal(signum, lambda *_: stack.request_stop())
+        for signum in (signal.SIGINT, signal.SIGTERM)
+    }
+    path = state_path(settings)
+    try:
+        info = stack.start()
+        path.write_text(info.to_json())
+        if callable(on_ready):
+            on_ready(info)
+        stack.supervise()
+    finally:
+        stack.stop()
+        path.unlink(missing_ok=True)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def start_detached(settings: Settings, *, timeout: float = READY_TIMEOUT_S * 2) -> StackInfo:
+    """`tessera up --detach`: run the supervisor in the background; return once it is ready."""
+    path = state_path(settings)
+    if path.exists():
+        existing = read_state(settings)
+        if existing is not None and _alive(existing.pid):
+            raise RuntimeError(f"a stack is already running (pid {existing.pid}); `tessera down`")
+        path.unlink()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    log_path = settings.data_dir / "logs" / "supervisor.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as out:
+        supervisor = subprocess.Popen(
+            [sys.executable, "-m", "tessera.cli", "up"],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    procs.wait_until(
+        path.exists, timeout=timeout, what="the stack", process=supervisor, log_path=log_path,
+        interval=0.5,
+    )
+    info = read_state(settings)
+    assert info is not None
+    return info
+
+
+def read_state(settings: Settings) -> StackInfo | None:
+    path = state_path(settings)
+    if not path.exists():
+        return None
+    return StackInfo(**json.loads(path.read_text()))
+
+
+def stop_detached(settings: Settings, *, timeout: float = 60.0) -> bool:
+    """`tessera down`: stop the stack the state file names; False if none was running."""
+    info = read_state(settings)
+    if info is None or not _alive(info.pid):
+        state_path(settings).unlink(missing_ok=True)
+        return False
+    os.kill(info.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _alive(info.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if _alive(info.pid):
+        # Its children get SIGTERM from the kernel when it dies (PR_SET_PDEATHSIG).
+        os.kill(info.pid, signal.SIGKILL)
+    state_path(settings).unlink(missing_ok=True)
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped) counts as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True

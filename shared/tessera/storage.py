@@ -1,0 +1,212 @@
+"""The object store, over the S3 API: the only module that imports `minio`.
+
+Objects are written once under unique keys and found through the database, so a write that
+fails its checksum is deleted before anything refers to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import BinaryIO
+
+import urllib3
+from minio import Minio
+from minio.error import S3Error
+
+from tessera.config import Settings
+
+CHUNK_BYTES = 1024 * 1024
+# Multipart part size: the most an upload holds in memory at once (S3's minimum is 5 MiB).
+PART_BYTES = 8 * 1024 * 1024
+
+
+class StorageError(Exception):
+    """The object store refused or failed an operation."""
+
+
+class ObjectNotFoundError(StorageError):
+    pass
+
+
+class ChecksumMismatchError(StorageError):
+    def __init__(self, key: str, expected: str, found: str) -> None:
+        super().__init__(f"sha256 of {key!r} is {found}, expected {expected}; nothing was kept")
+        self.key, self.expected, self.found = key, expected, found
+
+
+@dataclass(frozen=True, slots=True)
+class StoredObject:
+    key: str
+    size: int
+    sha256: str
+
+
+class _HashingReader(io.RawIOBase):
+    """Wraps a stream, hashing and counting what is read through it."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        chunk = self._stream.read(-1 if size is None else size)
+        self.digest.update(chunk)
+        self.size += len(chunk)
+        return chunk
+
+
+class ObjectStore:
+    """Bytes and streams in one bucket, checked by sha256."""
+
+    def __init__(
+        self,
+        *,
+        endpoint: str,
+        bucket: str,
+        access_key: str,
+        secret_key: str,
+        secure: bool = False,
+        region: str = "us-east-1",
+        public_endpoint: str | None = None,
+    ) -> None:
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=5, read=60),
+            maxsize=16,
+            retries=urllib3.Retry(total=3, backoff_factor=0.2, status_forcelist=[502, 503, 504]),
+        )
+        self.bucket = bucket
+        self._client = Minio(
+            endpoint,
+            access_key=access_key,
+            secret_key=secret_key,
+            secure=secure,
+            region=region,
+            http_client=http,
+        )
+        # Presigned URLs are signed for the host the client will use; no request is sent.
+        self._presigner = Minio(
+            public_endpoint or endpoint,
+            access_key=access_key,
+            secret_key=secret_key,
+            secure=secure,
+            region=region,
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ObjectStore:
+        if not settings.s3_endpoint:
+            raise StorageError(
+                "TESSERA_S3_ENDPOINT is not set: configure an S3 server, or start the stack "
+                "with `tessera up`, which starts an embedded one"
+            )
+        return cls(
+            endpoint=settings.s3_endpoint,
+            bucket=settings.s3_bucket,
+            access_key=settings.s3_access_key,
+            secret_key=settings.s3_secret_key.get_secret_value(),
+            secure=settings.s3_secure,
+            region=settings.s3_region,
+            public_endpoint=settings.s3_public_endpoint,
+        )
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if it does not exist (called at start-up)."""
+        try:
+            if not self._client.bucket_exists(self.bucket):
+                self._client.make_bucket(self.bucket)
+        except S3Error as error:
+            if error.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise StorageError(f"cannot create bucket {self.bucket!r}: {error}") from error
+
+    def ping(self) -> None:
+        """Raise unless the server answers and the bucket exists."""
+        if not self._client.bucket_exists(self.bucket):
+            raise StorageError(f"bucket {self.bucket!r} does not exist")
+
+    def put_bytes(self, key: str, data: bytes, *, expected_sha256: str | None = None) -> StoredObject:
+        return self.put_stream(key, io.BytesIO(data), length=len(data), expected_sha256=expected_sha256)
+
+    def put_stream(
+        self,
+        key: str,
+        stream: BinaryIO,
+        *,
+        length: int = -1,
+        expected_sha256: str | None = None,
+        content_type: str = "application/octet-stream",
+    ) -> StoredObject:
+        """Stream `stream` to `key`, at most one part in memory; delete it again on a bad sha256."""
+        reader = _HashingReader(stream)
+        try:
+            self._client.put_object(
+                self.bucket, key, reader, length=length, part_size=PART_BYTES,
+                content_type=content_type,
+            )
+        except S3Error as error:
+            raise StorageError(f"cannot write {key!r}: {error}") from error
+        found = reader.digest.hexdigest()
+        if expected_sha256 is not None and found != expected_sha256.lower():
+            self.delete(key)
+            raise ChecksumMismatchError(key, expected_sha256, found)
+        return StoredObject(key=key, size=reader.size, sha256=found)
+
+    def get_bytes(self, key: str, *, expected_sha256: str | None = None) -> bytes:
+        buffer = io.BytesIO()
+        digest = hashlib.sha256()
+        for chunk in self.iter_chunks(key):
+            digest.update(chunk)
+            buffer.write(chunk)
+        found = digest.hexdigest()
+        if expected_sha256 is not None and found != expected_sha256.lower():
+            raise ChecksumMismatchError(key, expected_sha256, found)
+        return buffer.getvalue()
+
+    def iter_chunks(self, key: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+        """Stream an object's bytes in chunks."""
+        try:
+            response = self._client.get_object(self.bucket, key)
+        except S3Error as error:
+            if error.code in ("NoSuchKey", "NoSuchObject"):
+                raise ObjectNotFoundError(f"no object {key!r} in bucket {self.bucket!r}") from error
+            raise StorageError(f"cannot read {key!r}: {error}") from error
+        try:
+            yield from response.stream(chunk_bytes)
+        finally:
+            response.close()
+            response.release_conn()
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._client.stat_object(self.bucket, key)
+        except S3Error as error:
+            if error.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
+                return False
+            raise StorageError(f"cannot stat {key!r}: {error}") from error
+        return True
+
+    def delete(self, key: str) -> None:
+        try:
+            self._client.remove_object(self.bucket, key)
+        except S3Error as error:
+            raise StorageError(f"cannot delete {key!r}: {error}") from error
+
+    def list_keys(self, prefix: str = "") -> list[str]:
+        return [
+            item.object_name
+            for item in self._client.list_objects(self.bucket, prefix=prefix, recursive=True)
+            if item.object_name is not None
+        ]
+
+    def presigned_get_url(self, key: str, *, expires_s: int) -> str:
+        """A URL that downloads `key` without credentials for `expires_s` seconds."""
+        return self._presigner.presigned_get_object(
+            self.bucket, key, expires=timedelta(seconds=expires_s)
+        )
