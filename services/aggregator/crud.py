@@ -13,7 +13,9 @@ class NameTakenError(Exception):
     pass
 
 
-def create_client(*, session: Session, name: str, role: Role, token_secret: str) -> tuple[Client, str]:
+def create_client(
+    *, session: Session, name: str, role: Role, token_secret: str
+) -> tuple[Client, str]:
     """Enrol a client; return it with its token, which is stored only as a hash."""
     if session.scalar(select(Client.id).where(Client.name == name)) is not None:
         raise NameTakenError(f"a client named {name!r} already exists")

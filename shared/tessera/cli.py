@@ -125,7 +125,9 @@ def _echo_response(response: httpx.Response) -> None:
 @client.command(name="enrol")
 @click.argument("name")
 @click.option(
-    "--role", type=click.Choice([r.value for r in Role]), default=Role.DEVICE.value,
+    "--role",
+    type=click.Choice([r.value for r in Role]),
+    default=Role.DEVICE.value,
     show_default=True,
 )
 def client_enrol(name: str, role: str) -> None:

@@ -149,7 +149,9 @@ class Settings(BaseSettings):
                 continue
             if isinstance(value, SecretStr):
                 value = value.get_secret_value()
-            env[f"TESSERA_{name.upper()}"] = str(value.value if isinstance(value, StrEnum) else value)
+            env[f"TESSERA_{name.upper()}"] = str(
+                value.value if isinstance(value, StrEnum) else value
+            )
         return env
 
     @property

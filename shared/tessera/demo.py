@@ -10,7 +10,7 @@ import click
 import httpx
 
 from tessera import procs
-from tessera.config import Settings
+from tessera.config import LogFormat, Settings
 from tessera.stack import Stack
 
 
@@ -22,7 +22,7 @@ def demo_settings(data_dir: Path) -> Settings:
         aggregator_url=f"http://127.0.0.1:{ports[0]}",
         clustering_url=f"http://127.0.0.1:{ports[1]}",
         inference_url=f"http://127.0.0.1:{ports[2]}",
-        log_format="text",
+        log_format=LogFormat.TEXT,
     )
 
 
@@ -46,12 +46,21 @@ def run_demo(data_dir: str) -> None:
             )
             enrolled.raise_for_status()
             device = enrolled.json()
-            click.echo(f"   device id={device['id']} name={device['name']} token={device['token'][:10]}…")
+            click.echo(
+                f"   device id={device['id']} name={device['name']} token={device['token'][:10]}…"
+            )
             me = http.get("/v1/clients/me", headers={"Authorization": f"Bearer {device['token']}"})
             me.raise_for_status()
-            click.echo(f"   the device's token authenticates as: {me.json()['name']} ({me.json()['role']})")
-            refused = http.post("/v1/clients", json={"name": "x"}, headers={"Authorization": f"Bearer {device['token']}"})
-            click.echo(f"   the device may not enrol others: {refused.status_code} {refused.json()['detail']}")
+            click.echo(
+                f"   the device's token authenticates as: {me.json()['name']} ({me.json()['role']})"
+            )
+            refused = http.post(
+                "/v1/clients",
+                json={"name": "x"},
+                headers={"Authorization": f"Bearer {device['token']}"},
+            )
+            detail = refused.json()["detail"]
+            click.echo(f"   the device may not enrol others: {refused.status_code} {detail}")
         click.secho("== Readiness of every service", bold=True)
         for name, url in info.urls.items():
             ready = httpx.get(f"{url}/readyz", timeout=10)

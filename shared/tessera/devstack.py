@@ -12,6 +12,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import redis
 
@@ -47,6 +48,7 @@ class EmbeddedValkey:
     data_dir: Path
     persistent: bool = True
     port: int = 0
+    reserved_ports: frozenset[int] = frozenset()
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -59,20 +61,29 @@ class EmbeddedValkey:
 
     def start(self) -> str:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.port = self.port or procs.free_port()
+        self.port = self.port or procs.free_ports(1, exclude=self.reserved_ports)[0]
         argv = [
             str(valkey_binary()),
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--dir", str(self.data_dir.resolve()),
-            "--save", "",
-            "--appendonly", "yes" if self.persistent else "no",
-            "--protected-mode", "no",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.data_dir.resolve()),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.persistent else "no",
+            "--protected-mode",
+            "no",
         ]
         self.process = procs.spawn(argv, log_path=self.log_path)
         procs.wait_until(
-            self._answers, timeout=STARTUP_TIMEOUT_S, what="Valkey",
-            process=self.process, log_path=self.log_path,
+            self._answers,
+            timeout=STARTUP_TIMEOUT_S,
+            what="Valkey",
+            process=self.process,
+            log_path=self.log_path,
         )
         return self.url
 
@@ -98,6 +109,7 @@ class EmbeddedSeaweed:
     secret_key: str
     bucket: str
     s3_port: int = 0
+    reserved_ports: frozenset[int] = frozenset()
     process: subprocess.Popen[bytes] | None = None
     ports: dict[str, int] = field(default_factory=dict)
 
@@ -112,8 +124,10 @@ class EmbeddedSeaweed:
     def start(self) -> str:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         names = ["master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3.grpc"]
-        self.ports = dict(zip(names, procs.free_ports(len(names)), strict=True))
-        self.s3_port = self.s3_port or procs.free_port()
+        names.append("s3")
+        ports = procs.free_ports(len(names), exclude=self.reserved_ports | {self.s3_port})
+        self.ports = dict(zip(names, ports, strict=True))
+        self.s3_port = self.s3_port or self.ports["s3"]
         identities = {
             "identities": [
                 {
@@ -128,26 +142,41 @@ class EmbeddedSeaweed:
         config_path.chmod(0o600)
         p = self.ports
         argv = [
-            str(weed_binary()), "server",
+            str(weed_binary()),
+            "server",
             f"-dir={self.data_dir.resolve()}",
-            "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-master.port={p['master']}", f"-master.port.grpc={p['master.grpc']}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-master.port={p['master']}",
+            f"-master.port.grpc={p['master.grpc']}",
             "-master.volumeSizeLimitMB=256",
-            f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume.grpc']}",
+            f"-volume.port={p['volume']}",
+            f"-volume.port.grpc={p['volume.grpc']}",
             "-volume.max=0",
-            "-filer", f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer.grpc']}",
-            "-s3", f"-s3.port={self.s3_port}", f"-s3.port.grpc={p['s3.grpc']}",
+            "-filer",
+            f"-filer.port={p['filer']}",
+            f"-filer.port.grpc={p['filer.grpc']}",
+            "-s3",
+            f"-s3.port={self.s3_port}",
+            f"-s3.port.grpc={p['s3.grpc']}",
             f"-s3.config={config_path.resolve()}",
-            "-s3.port.iceberg=0", "-s3.port.lance=0",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
         ]
         self.process = procs.spawn(argv, log_path=self.log_path)
         store = ObjectStore(
-            endpoint=self.endpoint, bucket=self.bucket,
-            access_key=self.access_key, secret_key=self.secret_key,
+            endpoint=self.endpoint,
+            bucket=self.bucket,
+            access_key=self.access_key,
+            secret_key=self.secret_key,
         )
         procs.wait_until(
-            lambda: _accepts_writes(store), timeout=STARTUP_TIMEOUT_S, what="SeaweedFS S3",
-            process=self.process, log_path=self.log_path, interval=0.5,
+            lambda: _accepts_writes(store),
+            timeout=STARTUP_TIMEOUT_S,
+            what="SeaweedFS S3",
+            process=self.process,
+            log_path=self.log_path,
+            interval=0.5,
         )
         return self.endpoint
 
@@ -176,12 +205,21 @@ class DevStack:
     def start(self) -> dict[str, str]:
         """Start what is missing; return the `TESSERA_*` variables that point at every backend."""
         data_dir = self.settings.data_dir
+        # Ports of our own services, which start later, must not be taken by a backend.
+        reserved = frozenset(
+            urlsplit(url).port or 80
+            for url in (
+                self.settings.aggregator_url,
+                self.settings.clustering_url,
+                self.settings.inference_url,
+            )
+        )
         overrides = {"TESSERA_DATABASE_URL": self.settings.resolved_database_url}
         try:
             if self.settings.redis_url:
                 overrides["TESSERA_REDIS_URL"] = self.settings.redis_url
             else:
-                self.valkey = EmbeddedValkey(data_dir / "valkey")
+                self.valkey = EmbeddedValkey(data_dir / "valkey", reserved_ports=reserved)
                 overrides["TESSERA_REDIS_URL"] = self.valkey.start()
             if self.settings.s3_endpoint:
                 overrides["TESSERA_S3_ENDPOINT"] = self.settings.s3_endpoint
@@ -191,6 +229,7 @@ class DevStack:
                     access_key=self.settings.s3_access_key,
                     secret_key=self.settings.s3_secret_key.get_secret_value(),
                     bucket=self.settings.s3_bucket,
+                    reserved_ports=reserved,
                 )
                 overrides["TESSERA_S3_ENDPOINT"] = self.seaweed.start()
         except BaseException:

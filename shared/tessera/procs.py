@@ -9,7 +9,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
@@ -22,11 +22,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def free_ports(count: int) -> list[int]:
-    """`count` distinct free ports."""
+def free_ports(count: int, *, exclude: Collection[int] = ()) -> list[int]:
+    """`count` distinct free ports, none of them in `exclude` (ports promised to others)."""
     ports: set[int] = set()
     while len(ports) < count:
-        ports.add(free_port())
+        port = free_port()
+        if port not in exclude:
+            ports.add(port)
     return sorted(ports)
 
 
@@ -57,7 +59,7 @@ def spawn(
             stdin=subprocess.DEVNULL,
             env=dict(env) if env is not None else None,
             cwd=cwd,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - needed for setsid + pdeathsig
+            preexec_fn=_die_with_parent,
         )
 
 
@@ -100,7 +102,7 @@ def wait_until(
         try:
             if check():
                 return
-        except Exception:  # noqa: BLE001 - any failure means "not ready yet"
+        except Exception:
             pass
         time.sleep(interval)
     raise TimeoutError(f"{what} was not ready after {timeout:.0f}s" + _log_tail(log_path))

@@ -135,19 +135,35 @@ class Stack:
         for name, url in _service_urls(self.settings).items():
             parts = urlsplit(url)
             argv = [
-                python, "-m", "uvicorn", "--factory", SERVICE_APPS[name],
-                "--host", parts.hostname or "127.0.0.1", "--port", str(parts.port or 80),
+                python,
+                "-m",
+                "uvicorn",
+                "--factory",
+                SERVICE_APPS[name],
+                "--host",
+                parts.hostname or "127.0.0.1",
+                "--port",
+                str(parts.port or 80),
                 "--no-access-log",
             ]
             children.append(
                 Child(name, argv, self.log_dir / f"{name}.log", ready_url=f"{url}/readyz")
             )
         worker = [
-            python, "-m", "celery", "-A", "services.worker.app", "worker",
-            "--queues", AGGREGATION_QUEUE,
-            "--concurrency", str(self.settings.worker_concurrency),
-            "--hostname", f"worker-{os.getpid()}@%h",
-            "--loglevel", self.settings.log_level.upper(),
+            python,
+            "-m",
+            "celery",
+            "-A",
+            "services.worker.app",
+            "worker",
+            "--queues",
+            AGGREGATION_QUEUE,
+            "--concurrency",
+            str(self.settings.worker_concurrency),
+            "--hostname",
+            f"worker-{os.getpid()}@%h",
+            "--loglevel",
+            self.settings.log_level.upper(),
         ]
         # The worker first: the aggregator is ready only once a worker answers.
         return [Child("worker", worker, self.log_dir / "worker.log"), *children]
@@ -158,8 +174,11 @@ class Stack:
         url = child.ready_url
         procs.wait_until(
             lambda: httpx.get(url, timeout=5).status_code == 200,
-            timeout=READY_TIMEOUT_S, what=f"the {child.name} service ({url})",
-            process=child.process, log_path=child.log_path, interval=0.5,
+            timeout=READY_TIMEOUT_S,
+            what=f"the {child.name} service ({url})",
+            process=child.process,
+            log_path=child.log_path,
+            interval=0.5,
         )
 
     def supervise(self) -> None:
@@ -174,7 +193,10 @@ class Stack:
                 child.restarts += 1
                 log.warning(
                     "%s exited with code %s; restarting (%d/%d)",
-                    child.name, child.process.returncode, child.restarts, MAX_RESTARTS,
+                    child.name,
+                    child.process.returncode,
+                    child.restarts,
+                    MAX_RESTARTS,
                 )
                 child.start(self.env)
 
@@ -231,11 +253,17 @@ def start_detached(settings: Settings, *, timeout: float = READY_TIMEOUT_S * 2) 
     with open(log_path, "ab") as out:
         supervisor = subprocess.Popen(
             [sys.executable, "-m", "tessera.cli", "up"],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
     procs.wait_until(
-        path.exists, timeout=timeout, what="the stack", process=supervisor, log_path=log_path,
+        path.exists,
+        timeout=timeout,
+        what="the stack",
+        process=supervisor,
+        log_path=log_path,
         interval=0.5,
     )
     info = read_state(settings)

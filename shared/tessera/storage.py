@@ -11,7 +11,7 @@ import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import urllib3
 from minio import Minio
@@ -131,8 +131,12 @@ class ObjectStore:
         if not self._client.bucket_exists(self.bucket):
             raise StorageError(f"bucket {self.bucket!r} does not exist")
 
-    def put_bytes(self, key: str, data: bytes, *, expected_sha256: str | None = None) -> StoredObject:
-        return self.put_stream(key, io.BytesIO(data), length=len(data), expected_sha256=expected_sha256)
+    def put_bytes(
+        self, key: str, data: bytes, *, expected_sha256: str | None = None
+    ) -> StoredObject:
+        return self.put_stream(
+            key, io.BytesIO(data), length=len(data), expected_sha256=expected_sha256
+        )
 
     def put_stream(
         self,
@@ -147,7 +151,12 @@ class ObjectStore:
         reader = _HashingReader(stream)
         try:
             self._client.put_object(
-                self.bucket, key, reader, length=length, part_size=PART_BYTES,
+                self.bucket,
+                key,
+                cast(BinaryIO, reader),
+                length=length,
+                part_size=PART_BYTES,
+                num_parallel_uploads=1,
                 content_type=content_type,
             )
         except S3Error as error:

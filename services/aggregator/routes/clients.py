@@ -32,7 +32,9 @@ def enrol_client(
 ) -> ClientWithToken:
     try:
         client, token = crud.create_client(
-            session=session, name=body.name, role=body.role,
+            session=session,
+            name=body.name,
+            role=body.role,
             token_secret=settings.token_secret.get_secret_value(),
         )
         session.commit()
@@ -55,7 +57,8 @@ def list_clients(
 def whoami(principal: PrincipalDep, session: SessionDep) -> ClientOut:
     if principal.client_id is None:
         raise HTTPException(
-            status.HTTP_404_NOT_FOUND, detail="the bootstrap operator token is not an enrolled client"
+            status.HTTP_404_NOT_FOUND,
+            detail="the bootstrap operator token is not an enrolled client",
         )
     return ClientOut.model_validate(_get_client(session, principal.client_id))
 

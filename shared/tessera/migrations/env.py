@@ -1,6 +1,7 @@
 """Alembic environment: runs Tessera's migrations against the URL in the Alembic config."""
 
 from alembic import context
+
 from tessera.db import create_db_engine
 from tessera.models import Base
 

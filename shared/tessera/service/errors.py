@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 
-def _describe(error: dict[str, object]) -> dict[str, object]:
+def _describe(error: dict[str, Any]) -> dict[str, Any]:
     # Pydantic's "input" is left out on purpose: it may hold an embedding or a secret.
     return {"loc": list(error.get("loc", ())), "msg": error.get("msg"), "type": error.get("type")}
 

@@ -38,7 +38,9 @@ class Resources:
             raise ValueError("TESSERA_REDIS_URL is not set (`tessera up` starts an embedded one)")
         self._opened.add("redis")
         return redis.Redis.from_url(
-            self.settings.redis_url, socket_timeout=2, socket_connect_timeout=2,
+            self.settings.redis_url,
+            socket_timeout=2,
+            socket_connect_timeout=2,
             health_check_interval=10,
         )
 

@@ -1,0 +1,46 @@
+# Every target installs what it needs first, so each works on a fresh clone.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+PYTEST := $(BIN)/pytest
+
+.PHONY: setup demo test test-fast test-backends lint format up down clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+setup: $(STAMP) ## Create .venv and install Tessera with its dev and bench extras.
+
+demo: setup ## Run the whole system on embedded servers, show it working, stop it.
+	$(BIN)/tessera demo
+
+test: setup ## The whole suite, slow end-to-end tests included; needs no URL.
+	$(PYTEST)
+
+test-fast: setup ## The suite without the slow end-to-end tests.
+	$(PYTEST) -m "not slow"
+
+test-backends: setup ## Database, object store and queue tests only.
+	$(PYTEST) -m backend
+
+lint: setup ## ruff (lint and format check) and mypy.
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy shared/tessera services
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+up: setup ## Start the stack in the background (embedded servers where no URL is set).
+	$(BIN)/tessera up --detach
+
+down: setup ## Stop the stack started by `make up`.
+	$(BIN)/tessera down
+
+clean:
+	rm -rf .tessera .tessera-demo .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,39 @@
+"""Small helpers the tests share (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(
+    *args: str, env: dict[str, str], timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Run `tessera ARGS` in a fresh interpreter."""
+    return subprocess.run(
+        [sys.executable, "-m", "tessera.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=REPO_ROOT,
+    )
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def enrol(client: TestClient, operator_token: str, name: str, role: str = "device") -> dict:
+    """Enrol a client through the API; return the response body (with its token)."""
+    response = client.post(
+        "/v1/clients", json={"name": name, "role": role}, headers=bearer(operator_token)
+    )
+    assert response.status_code == 201, response.text
+    return response.json()
