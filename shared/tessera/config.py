@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     )
     data_dir: Path = Field(
         default=Path(".tessera"),
-        description="Where embedded servers, the SQLite file and stack state live.",
+        description="Where embedded servers, the SQLite file, logs and stack state live.",
     )
 
     # Backends. Empty means: the embedded server that `tessera up` starts.
