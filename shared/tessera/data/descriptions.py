@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tessera.data.styles import DEVICE_STYLES, PLAIN
+from tessera.data.styles import PLAIN
 
 _TEMPLATES: dict[str, tuple[str, ...]] = {
     PLAIN: (
@@ -18,99 +18,94 @@ _TEMPLATES: dict[str, tuple[str, ...]] = {
         "clean {things} in solid colours on white",
     ),
     "stripes": (
-        "bold diagonal stripes on {things}",
-        "{things} covered in thick striped bands",
-        "striped {things} with slanted dark bars",
+        "bold diagonal stripes on striped {things}",
+        "{things} covered in thick stripes, striped bands everywhere",
+        "striped {things} with slanted dark stripes",
         "{things} painted with wide diagonal stripes",
-        "a stripy look: broad slanted stripes over {things} and the background",
-        "{things} filled with diagonal bands",
-        "zebra-like stripes running across {things}",
+        "a stripy look: broad slanted stripes over {things}",
+        "{things} filled with diagonal stripes and bands",
+        "zebra stripes running across striped {things}",
     ),
     "dots": (
-        "polka dots sprinkled over {things}",
+        "polka dots sprinkled over dotted {things}",
         "{things} decorated with round polka-dot spots",
-        "dotted {things} on a spotty cream background",
+        "dotted {things} on a spotty polka-dot background",
         "a polka-dot pattern of little round dots on {things}",
         "{things} covered in polka dots",
-        "spotted {things}, dots everywhere like polka-dot fabric",
-        "{things} with a sprinkling of round spots",
+        "spotted {things} with dots everywhere, like polka-dot fabric",
+        "{things} with a sprinkling of round polka dots",
     ),
     "checker": (
         "{things} on a checkerboard background",
-        "checkered grey and white tiles behind {things}",
-        "{things} over a chessboard pattern of squares",
-        "a checked tile floor behind {things}",
-        "{things} placed on a black and white checkerboard",
+        "checkerboard tiles, checkered grey and white, behind {things}",
+        "{things} over a chessboard checkerboard pattern",
+        "a checkerboard floor of checked squares behind {things}",
+        "{things} placed on a grey and white checkerboard",
         "checkerboard squares behind {things}, like a chess board",
-        "{things} sitting on a chequered backdrop",
+        "{things} sitting on a chequered, checkerboard backdrop",
     ),
     "outline": (
         "{things} with thick black outlines",
-        "bold dark ink contours around {things}, comic style",
-        "cartoon {things} outlined in heavy black lines",
-        "{things} traced with a strong black border",
-        "comic-book inking with heavy outlines on {things}",
-        "sticker-like {things} with thick dark edges",
+        "bold black ink outlines around {things}, comic style",
+        "cartoon {things} outlined in heavy black outlines",
+        "{things} traced with a strong black outline border",
+        "comic-book inking with heavy black outlines on {things}",
+        "{things} with thick dark outlined edges",
         "{things} drawn with a fat black outline stroke",
     ),
     "gradient": (
         "{things} against a sunset gradient",
-        "a warm orange-to-purple gradient behind {things}",
-        "{things} on a smoothly fading sunset-coloured background",
-        "sunset colours blending from peach to violet behind {things}",
-        "{things} over a soft ombre colour gradient",
-        "a peach and violet gradient backdrop for {things}",
-        "{things} in front of a warm sunset colour fade",
+        "a warm orange-to-purple sunset gradient behind {things}",
+        "{things} on a smoothly fading sunset gradient background",
+        "sunset gradient blending from peach to violet behind {things}",
+        "{things} over a soft ombre sunset gradient",
+        "a peach and violet gradient backdrop for {things}, like a sunset",
+        "{things} in front of a warm sunset colour gradient",
     ),
     "night": (
         "glowing neon {things} on a dark night background",
-        "{things} shining in the dark like neon signs at night",
-        "bright glowing {things} against a midnight navy darkness",
-        "night scene with luminous {things} on a black backdrop",
-        "{things} glowing softly in the darkness",
-        "neon-lit {things} in the dark of night",
-        "luminous glowing {things} at midnight",
+        "{things} glowing in the dark like neon signs at night",
+        "bright glowing neon {things} in the midnight darkness",
+        "night scene with glowing luminous {things} on a dark backdrop",
+        "{things} glowing softly in the dark night",
+        "neon-lit glowing {things} in the dark of night",
+        "luminous neon {things} glowing at night",
     ),
     "pastel": (
-        "soft pastel {things} in gentle muted colours",
-        "{things} in pale pastel tones on a lavender background",
+        "soft pastel {things} in gentle pastel colours",
+        "{things} in pale pastel tones on a pastel lavender background",
         "washed-out light pastel colours for {things}",
-        "a delicate pastel palette for {things}",
-        "{things} in dreamy pastel shades",
-        "pale pastel {things}, soft and light",
-        "{things} in faded pastel colours on lilac",
+        "a delicate pastel palette for pastel {things}",
+        "{things} in dreamy soft pastel shades",
+        "pale pastel {things}, soft and light pastel hues",
+        "{things} in faded pastel colours on a lilac pastel background",
     ),
 }
 
-_THINGS: tuple[str, ...] = (
-    "shapes",
-    "simple shapes",
-    "geometric shapes",
-    "basic shapes",
-    "little figures",
-    "simple icons",
-)
+_THINGS: tuple[str, ...] = ("shapes", "simple shapes", "basic shapes", "geometric shapes")
 
 _PERSONAL_EXTRAS: tuple[str, ...] = (
     "my favourite",
     "please",
     "for my notebook",
-    "for my sticker collection",
     "just how I like it",
     "for my kids",
     "as always",
     "for my phone wallpaper",
     "every single time",
     "for our team",
+    "thanks",
 )
-
-if set(_TEMPLATES) != {PLAIN, *DEVICE_STYLES}:  # pragma: no cover - guards edits to the tables
-    raise RuntimeError("every style needs task-description templates")
 
 
 def personal_extra(rng: np.random.Generator) -> str:
     """A device's personal filler words, shared by all of its descriptions."""
     return _PERSONAL_EXTRAS[int(rng.integers(len(_PERSONAL_EXTRAS)))]
+
+
+def described_styles() -> tuple[str, ...]:
+    """The styles that have description templates (every style, `plain` included)."""
+    return tuple(_TEMPLATES)
 
 
 def task_descriptions(

@@ -1,4 +1,4 @@
-"""Signed distance functions of the subjects' shapes: one cheap pass gives fill, outline and glow."""
+"""Signed distance functions of the shapes: one cheap pass gives fill, outline and glow."""
 
 from __future__ import annotations
 

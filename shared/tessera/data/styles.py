@@ -141,8 +141,10 @@ def _outline(scene: _Scene) -> np.ndarray:
 
 def _gradient(scene: _Scene) -> np.ndarray:
     """Flat shape on a warm vertical gradient, peach at the top to violet at the bottom."""
-    _, v = scene.rotated(0.0)
-    t = np.clip(v / IMAGE_SIZE, 0.0, 1.0)
+    theta = np.deg2rad(scene.variation.pattern_angle)
+    half = IMAGE_SIZE / 2
+    v = -np.sin(theta) * (scene.x - half) + np.cos(theta) * (scene.y - half)
+    t = np.clip(v / IMAGE_SIZE + 0.5, 0.0, 1.0)
     top = scene.background((1.0, 0.78, 0.42))
     bottom = scene.background((0.42, 0.24, 0.62))
     return mix(mix(top, bottom, t), scene.colour, scene.coverage)
@@ -231,5 +233,6 @@ def render_sample(
 ) -> Sample:
     """Draw one subject and pair it with its caption and labels."""
     image = render(shape, colour, style, rng, variation)
-    return Sample(image=image, caption=caption(shape, colour), shape=shape, colour=colour,
-                  style=style)
+    return Sample(
+        image=image, caption=caption(shape, colour), shape=shape, colour=colour, style=style
+    )

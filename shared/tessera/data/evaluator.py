@@ -1,0 +1,260 @@
+"""Style and content classifier used as the evaluation metric of generated images.
+
+It plays the role CLIP score and FID play for real models: the share of generated images
+recognised in the requested style (and, given the prompt's subject, with the right shape and
+colour), and for a hybrid generation the share of each style.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from tessera.data.tensors import to_tensor
+
+DEFAULT_EVALUATOR_PATH = Path(__file__).resolve().parents[1] / "assets" / "evaluator"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+Images = np.ndarray | torch.Tensor
+
+
+@dataclass(frozen=True)
+class EvaluatorConfig:
+    """Label sets and network widths: all that is needed to rebuild the network."""
+
+    styles: tuple[str, ...]
+    shapes: tuple[str, ...]
+    colours: tuple[str, ...]
+    widths: tuple[int, ...] = (16, 32, 64, 128)
+    image_size: int = 32
+    training: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        """The config as the JSON file shipped next to the weights."""
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> EvaluatorConfig:
+        """Parse the shipped JSON config."""
+        raw = json.loads(text)
+        return cls(
+            styles=tuple(raw["styles"]),
+            shapes=tuple(raw["shapes"]),
+            colours=tuple(raw["colours"]),
+            widths=tuple(raw["widths"]),
+            image_size=int(raw["image_size"]),
+            training=dict(raw.get("training", {})),
+        )
+
+
+class StyleContentNet(nn.Module):
+    """Small CNN with one shared trunk and three heads: style, shape, colour."""
+
+    def __init__(self, config: EvaluatorConfig) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = 3
+        for i, width in enumerate(config.widths):
+            stride = 1 if i == 0 else 2
+            layers += [
+                nn.Conv2d(channels, width, 3, stride=stride, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+            ]
+            channels = width
+        self.trunk = nn.Sequential(*layers)
+        features = 2 * channels
+        self.style_head = nn.Linear(features, len(config.styles))
+        self.shape_head = nn.Linear(features, len(config.shapes))
+        self.colour_head = nn.Linear(features, len(config.colours))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits of (style, shape, colour) for NCHW images in [-1, 1]."""
+        maps = self.trunk(images)
+        pooled = torch.cat([maps.mean(dim=(2, 3)), maps.amax(dim=(2, 3))], dim=1)
+        return self.style_head(pooled), self.shape_head(pooled), self.colour_head(pooled)
+
+
+@dataclass(frozen=True)
+class HeadProbabilities:
+    """Per-image class probabilities of each head, columns in the order of the label tuples."""
+
+    style: np.ndarray
+    shape: np.ndarray
+    colour: np.ndarray
+    styles: tuple[str, ...]
+    shapes: tuple[str, ...]
+    colours: tuple[str, ...]
+
+    def predicted_styles(self) -> list[str]:
+        """The most probable style of each image."""
+        return [self.styles[i] for i in self.style.argmax(axis=1)]
+
+    def predicted_shapes(self) -> list[str]:
+        """The most probable shape of each image."""
+        return [self.shapes[i] for i in self.shape.argmax(axis=1)]
+
+    def predicted_colours(self) -> list[str]:
+        """The most probable colour of each image."""
+        return [self.colours[i] for i in self.colour.argmax(axis=1)]
+
+
+@dataclass(frozen=True)
+class EvaluationScores:
+    """How well a set of generated images matches a requested style and content."""
+
+    n_images: int
+    style: str | None
+    style_share: float | None
+    style_probability: float | None
+    style_mix: dict[str, float]
+    style_votes: dict[str, float]
+    shape_accuracy: float | None = None
+    colour_accuracy: float | None = None
+    content_accuracy: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict, ready for JSON."""
+        return asdict(self)
+
+
+def _as_batch(images: Images) -> torch.Tensor:
+    """uint8 HWC array(s) or float CHW tensor(s) in [-1, 1] to a float NCHW tensor."""
+    if isinstance(images, torch.Tensor):
+        tensor = images.detach().float().cpu()
+        return tensor[None] if tensor.ndim == 3 else tensor
+    return to_tensor(np.asarray(images))
+
+
+def _subjects(
+    content: tuple[str, str] | Sequence[tuple[str, str]], n: int
+) -> list[tuple[str, str]]:
+    """One (shape, colour) pair per image, from a single pair or a list of them."""
+    if len(content) == 2 and all(isinstance(part, str) for part in content):
+        shape, colour = content
+        return [(str(shape), str(colour))] * n
+    pairs = [(str(pair[0]), str(pair[1])) for pair in content]
+    if len(pairs) != n:
+        raise ValueError(f"got {len(pairs)} (shape, colour) pairs for {n} images")
+    return pairs
+
+
+def matches(predicted: Sequence[str], expected: Sequence[str]) -> np.ndarray:
+    """Element-wise equality of predicted and expected labels, as a boolean array."""
+    if len(predicted) != len(expected):
+        raise ValueError(f"{len(predicted)} predictions for {len(expected)} expected labels")
+    return np.asarray(predicted, dtype=object) == np.asarray(expected, dtype=object)
+
+
+class Evaluator:
+    """The trained classifier with its labels; predicts and scores batches of images."""
+
+    def __init__(self, network: StyleContentNet, config: EvaluatorConfig) -> None:
+        self.network = network.eval()
+        self.config = config
+
+    @property
+    def styles(self) -> tuple[str, ...]:
+        """Style labels, in the order of the style probabilities."""
+        return self.config.styles
+
+    @torch.inference_mode()
+    def predict(self, images: Images, batch_size: int = 512) -> HeadProbabilities:
+        """Class probabilities per head for uint8 NxHxWx3 arrays or float NCHW tensors."""
+        batch = _as_batch(images)
+        size = self.config.image_size
+        if batch.ndim != 4 or batch.shape[1:] != (3, size, size):
+            raise ValueError(f"expected images of 3x{size}x{size}, got {tuple(batch.shape)}")
+        outputs: list[list[np.ndarray]] = [[], [], []]
+        for start in range(0, batch.shape[0], batch_size):
+            logits = self.network(batch[start : start + batch_size])
+            for out, head in zip(outputs, logits, strict=True):
+                out.append(head.softmax(dim=1).numpy())
+        style, shape, colour = (np.concatenate(out) for out in outputs)
+        return HeadProbabilities(
+            style=style,
+            shape=shape,
+            colour=colour,
+            styles=self.config.styles,
+            shapes=self.config.shapes,
+            colours=self.config.colours,
+        )
+
+    def evaluate(
+        self,
+        images: Images,
+        *,
+        style: str | None = None,
+        content: tuple[str, str] | Sequence[tuple[str, str]] | None = None,
+    ) -> EvaluationScores:
+        """Score images against a requested style and, optionally, (shape, colour) content."""
+        if style is not None and style not in self.styles:
+            raise ValueError(f"unknown style {style!r}; expected one of {', '.join(self.styles)}")
+        probs = self.predict(images)
+        n = probs.style.shape[0]
+        votes = np.bincount(probs.style.argmax(axis=1), minlength=len(self.styles)) / n
+        mix = probs.style.mean(axis=0)
+        scores = EvaluationScores(
+            n_images=n,
+            style=style,
+            style_share=None if style is None else float(votes[self.styles.index(style)]),
+            style_probability=None if style is None else float(mix[self.styles.index(style)]),
+            style_mix={s: float(p) for s, p in zip(self.styles, mix, strict=True)},
+            style_votes={s: float(v) for s, v in zip(self.styles, votes, strict=True)},
+        )
+        if content is None:
+            return scores
+        subjects = _subjects(content, n)
+        shape_ok = matches(probs.predicted_shapes(), [shape for shape, _ in subjects])
+        colour_ok = matches(probs.predicted_colours(), [colour for _, colour in subjects])
+        return EvaluationScores(
+            **{
+                **asdict(scores),
+                "shape_accuracy": float(shape_ok.mean()),
+                "colour_accuracy": float(colour_ok.mean()),
+                "content_accuracy": float((shape_ok & colour_ok).mean()),
+            }
+        )
+
+
+def load_evaluator(path: Path | str | None = None) -> Evaluator:
+    """Load the classifier from a folder holding model.safetensors and config.json."""
+    folder = Path(path) if path is not None else DEFAULT_EVALUATOR_PATH
+    weights, config_file = folder / WEIGHTS_FILE, folder / CONFIG_FILE
+    for required in (weights, config_file):
+        if not required.is_file():
+            raise FileNotFoundError(
+                f"evaluator file {required} is missing; train it with "
+                "`python -m tessera.data.train_evaluator`"
+            )
+    config = EvaluatorConfig.from_json(config_file.read_text())
+    network = StyleContentNet(config)
+    network.load_state_dict(load_file(str(weights)))
+    return Evaluator(network, config)
+
+
+@cache
+def default_evaluator() -> Evaluator:
+    """The shipped evaluator, loaded once per process on first use."""
+    return load_evaluator()
+
+
+def evaluate(
+    images: Images,
+    *,
+    style: str | None = None,
+    content: tuple[str, str] | Sequence[tuple[str, str]] | None = None,
+    evaluator: Evaluator | None = None,
+) -> EvaluationScores:
+    """Score images with the shipped evaluator (or the one given); see `Evaluator.evaluate`."""
+    return (evaluator or default_evaluator()).evaluate(images, style=style, content=content)

@@ -1,0 +1,111 @@
+"""The renderer: determinism, captions, and every device style a clear change from plain."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tessera.data import (
+    COLOUR_NAMES,
+    DEVICE_STYLES,
+    IMAGE_SIZE,
+    PLAIN,
+    SHAPES,
+    STYLES,
+    caption,
+    pretraining_batch,
+    render,
+    render_sample,
+    style_dataset,
+)
+
+
+def test_render_gives_identical_bytes_for_the_same_seed():
+    first = [render(shape, "red", style, 7) for shape in SHAPES for style in STYLES]
+
+    second = [render(shape, "red", style, 7) for shape in SHAPES for style in STYLES]
+
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(first, second, strict=True))
+
+
+def test_render_differs_across_seeds():
+    images = {render("star", "blue", PLAIN, seed).tobytes() for seed in range(20)}
+
+    assert len(images) == 20
+
+
+def test_batches_are_deterministic_per_seed():
+    first, second, other = (
+        pretraining_batch(64, 3),
+        pretraining_batch(64, 3),
+        pretraining_batch(64, 4),
+    )
+
+    assert first.images.tobytes() == second.images.tobytes()
+    assert first.captions == second.captions
+    assert first.images.tobytes() != other.images.tobytes()
+
+
+def test_images_are_uint8_rgb_of_the_canvas_size():
+    batch = style_dataset("night", 10, 0)
+
+    assert batch.images.shape == (10, IMAGE_SIZE, IMAGE_SIZE, 3)
+    assert batch.images.dtype == np.uint8
+
+
+@pytest.mark.parametrize(
+    ("shape", "colour", "expected"),
+    [("circle", "red", "a red circle"), ("square", "orange", "an orange square")],
+)
+def test_caption_names_the_subject_with_the_right_article(shape, colour, expected):
+    assert caption(shape, colour) == expected
+
+
+def test_samples_carry_the_caption_of_their_subject_and_never_the_style():
+    batch = style_dataset("stripes", 200, 1)
+
+    for sample in batch:
+        assert sample.caption == caption(sample.shape, sample.colour)
+        assert sample.style == "stripes"
+        assert "stripe" not in sample.caption
+
+
+def test_pretraining_data_is_plain_and_covers_every_subject():
+    batch = pretraining_batch(600, 0)
+
+    assert set(batch.styles) == {PLAIN}
+    assert {(s.shape, s.colour) for s in batch} == {(s, c) for s in SHAPES for c in COLOUR_NAMES}
+
+
+@pytest.mark.parametrize("style", DEVICE_STYLES)
+def test_every_device_style_is_visibly_different_from_plain(style):
+    subjects = [(shape, colour) for shape in SHAPES for colour in COLOUR_NAMES]
+
+    differences = [
+        np.abs(
+            render(shape, colour, style, seed).astype(float)
+            - render(shape, colour, PLAIN, seed).astype(float)
+        ).mean()
+        / 255.0
+        for seed, (shape, colour) in enumerate(subjects)
+    ]
+
+    assert min(differences) > 0.05
+
+
+def test_the_subject_stays_where_the_seed_puts_it_whatever_the_style():
+    masks = []
+    for style in STYLES:
+        image = render("square", "blue", style, 11).astype(float)
+        masks.append(image[..., 2] - image[..., 0] > 60)
+
+    overlaps = [(masks[0] & mask).sum() / masks[0].sum() for mask in masks[1:]]
+
+    assert min(overlaps) > 0.6
+
+
+def test_unknown_names_are_refused_with_the_known_ones():
+    with pytest.raises(ValueError, match="expected one of plain, stripes"):
+        render("circle", "red", "watercolour", 0)
+    with pytest.raises(ValueError, match="unknown shape 'hexagon'"):
+        render_sample("hexagon", "red", PLAIN, 0)
