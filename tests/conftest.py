@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import uuid
 from collections.abc import Iterator
 
@@ -22,6 +21,7 @@ from tessera.config import Settings
 from tessera.devstack import EmbeddedSeaweed, EmbeddedValkey
 from tessera.events import AGGREGATION_QUEUE
 from tessera.models import Base
+from tessera.stack import worker_command
 from tessera.storage import ObjectStore
 
 S3_ACCESS_KEY = "tessera-test"
@@ -153,24 +153,9 @@ def worker(base_settings: Settings, tmp_path_factory: pytest.TempPathFactory) ->
     log_path = tmp_path_factory.mktemp("worker") / "worker.log"
     env = {**os.environ, **base_settings.as_env()}
     process = procs.spawn(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "services.worker.app",
-            "worker",
-            "--queues",
-            AGGREGATION_QUEUE,
-            "--concurrency",
-            "1",
-            "--pool",
-            "prefork",
-            "--hostname",
-            f"test-{uuid.uuid4().hex[:8]}@%h",
-            "--loglevel",
-            "INFO",
-        ],
+        worker_command(
+            queues=[AGGREGATION_QUEUE], concurrency=1, name=f"test-{uuid.uuid4().hex[:8]}"
+        ),
         log_path=log_path,
         env=env,
     )

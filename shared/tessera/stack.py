@@ -38,6 +38,17 @@ SERVICE_APPS = {
 }
 
 
+def worker_command(
+    *, queues: list[str], concurrency: int, name: str, log_level: str = "INFO"
+) -> list[str]:
+    """The command line of a Celery worker process serving `queues`."""
+    return [
+        sys.executable, "-m", "celery", "-A", "services.worker.app", "worker",
+        "--queues", ",".join(queues), "--concurrency", str(concurrency), "--pool", "prefork",
+        "--hostname", f"{name}@%h", "--loglevel", log_level.upper(),
+    ]  # fmt: skip
+
+
 @dataclass
 class Child:
     """A process the supervisor owns, with what it takes to start it again."""
@@ -149,22 +160,12 @@ class Stack:
             children.append(
                 Child(name, argv, self.log_dir / f"{name}.log", ready_url=f"{url}/readyz")
             )
-        worker = [
-            python,
-            "-m",
-            "celery",
-            "-A",
-            "services.worker.app",
-            "worker",
-            "--queues",
-            AGGREGATION_QUEUE,
-            "--concurrency",
-            str(self.settings.worker_concurrency),
-            "--hostname",
-            f"worker-{os.getpid()}@%h",
-            "--loglevel",
-            self.settings.log_level.upper(),
-        ]
+        worker = worker_command(
+            queues=[AGGREGATION_QUEUE],
+            concurrency=self.settings.worker_concurrency,
+            name=f"worker-{os.getpid()}",
+            log_level=self.settings.log_level,
+        )
         # The worker first: the aggregator is ready only once a worker answers.
         return [Child("worker", worker, self.log_dir / "worker.log"), *children]
 
