@@ -44,3 +44,12 @@ down: setup ## Stop the stack started by `make up`.
 
 clean:
 	rm -rf .tessera .tessera-demo .pytest_cache .mypy_cache .ruff_cache
+
+# apt-get needs root: through sudo unless make runs as root (as CI does).
+APT := $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get
+
+.PHONY: k8s-check
+k8s-check: setup ## docker-compose config, every kustomize overlay rendered and validated, yamllint.
+	command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 || \
+		{ $(APT) update -qq && $(APT) install -y -qq --no-install-recommends docker-compose; }
+	$(BIN)/python -m tests.deploy.check --install-tools
