@@ -1,0 +1,158 @@
+"""Pretrain the bundled tiny base model on plain renderings of the synthetic captioned shapes.
+
+python -m tessera.model.pretrain --steps 1500 --batch-size 32 --device cpu --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from tessera.data import COLOUR_NAMES, SHAPES, caption, pretraining_batch, to_tensor
+from tessera.model.base import BaseModel, build_base_model, load_base_model, save_base_model
+
+ALL_CAPTIONS: tuple[str, ...] = tuple(caption(s, c) for s in SHAPES for c in COLOUR_NAMES)
+EMPTY_CAPTION = ""
+
+
+def caption_table() -> tuple[tuple[str, ...], torch.Tensor]:
+    """Every pretraining caption plus the empty one (last), and their token states."""
+    from tessera.model.encoder import encode_prompts
+
+    texts = (*ALL_CAPTIONS, EMPTY_CAPTION)
+    tokens, _ = encode_prompts(list(texts))
+    return texts, tokens
+
+
+def load_caption_table(path: Path) -> tuple[tuple[str, ...], torch.Tensor]:
+    """Caption token states precomputed by `save_caption_table` (for machines without MiniLM)."""
+    raw = torch.load(path, map_location="cpu", weights_only=False)
+    return tuple(raw["texts"]), raw["tokens"].float()
+
+
+def save_caption_table(path: Path) -> None:
+    """Encode the captions here and store them for a run elsewhere."""
+    texts, tokens = caption_table()
+    torch.save({"texts": list(texts), "tokens": tokens}, path)
+
+
+def learning_rate(step: int, steps: int, peak: float, warmup: int = 50) -> float:
+    """Linear warm-up then cosine decay to a tenth of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def pretrain(
+    model: BaseModel,
+    table: tuple[tuple[str, ...], torch.Tensor],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    device: str,
+    dropout: float = 0.1,
+    max_seconds: float | None = None,
+) -> list[float]:
+    """Denoising (epsilon) training with caption dropout for classifier-free guidance."""
+    texts, tokens = table
+    index = {text: i for i, text in enumerate(texts)}
+    empty = index[EMPTY_CAPTION]
+    tokens = tokens.to(device)
+    unet = model.unet.to(device).train()
+    scheduler = model.noise_scheduler
+    optimiser = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-4)
+    generator = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    start = time.perf_counter()
+    for step in range(steps):
+        batch = pretraining_batch(batch_size, seed=seed * 1_000_003 + step)
+        images = to_tensor(batch.images)
+        ids = torch.tensor([index[c] for c in batch.captions])
+        drop = torch.rand(batch_size, generator=generator) < dropout
+        ids = torch.where(drop, torch.full_like(ids, empty), ids)
+        noise = torch.randn(images.shape, generator=generator)
+        t = torch.randint(
+            0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator
+        )
+        noisy = scheduler.add_noise(images, noise, t)
+        for group in optimiser.param_groups:
+            group["lr"] = learning_rate(step, steps, lr)
+        pred = unet(noisy.to(device), t.to(device), tokens[ids.to(device)]).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), noise.to(device))
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimiser.step()
+        losses.append(loss.item())
+        if step % 50 == 0 or step == steps - 1:
+            elapsed = time.perf_counter() - start
+            print(f"step {step} loss {losses[-1]:.4f} {elapsed:.0f}s", flush=True)
+        if max_seconds is not None and time.perf_counter() - start > max_seconds:
+            print(f"stopping at step {step + 1}: time limit {max_seconds:.0f}s", flush=True)
+            break
+    unet.eval()
+    return losses
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point: train, then write weights, loss log and timing to --out."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-minutes", type=float, default=None)
+    parser.add_argument("--caption-embeds", type=Path, default=None)
+    parser.add_argument("--save-caption-embeds", type=Path, default=None)
+    parser.add_argument("--init", type=Path, default=None, help="continue from this model folder")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.save_caption_embeds is not None:
+        save_caption_table(args.save_caption_embeds)
+        return
+    torch.manual_seed(args.seed)
+    table = load_caption_table(args.caption_embeds) if args.caption_embeds else caption_table()
+    model = build_base_model() if args.init is None else load_base_model(args.init)
+    start = time.perf_counter()
+    losses = pretrain(
+        model,
+        table,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        device=args.device,
+        max_seconds=None if args.max_minutes is None else args.max_minutes * 60,
+    )
+    wall = time.perf_counter() - start
+    model.unet.to("cpu")
+    run = {
+        "steps": len(losses),
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "seed": args.seed,
+        "device": args.device,
+        "threads": args.threads,
+        "wall_seconds": round(wall, 1),
+        "seconds_per_step": round(wall / max(1, len(losses)), 4),
+        "parameters": sum(p.numel() for p in model.unet.parameters()),
+        "init": None if args.init is None else str(args.init),
+    }
+    save_base_model(model, args.out, extra={"pretraining": run})
+    (args.out / "pretraining_log.json").write_text(json.dumps({**run, "loss": losses}) + "\n")
+    print(json.dumps(run), flush=True)
+
+
+if __name__ == "__main__":
+    main()
