@@ -124,7 +124,10 @@ def train_probe_lora(
         optimiser.step()
         losses.append(loss.item())
         if step % 50 == 0:
-            print(f"lora step {step} loss {losses[-1]:.4f} {time.perf_counter() - start:.0f}s")
+            print(
+                f"lora step {step} loss {losses[-1]:.4f} {time.perf_counter() - start:.0f}s",
+                flush=True,
+            )
     wall = time.perf_counter() - start
     model.unet.eval()
     n_params = sum(p.numel() for p in params)
