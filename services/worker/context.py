@@ -18,7 +18,7 @@ def resources() -> Resources:
 def reset_after_fork() -> None:
     """Drop inherited connections without closing them (they belong to the parent)."""
     global _resources
-    if _resources is not None and "engine" in _resources._opened:
+    if _resources is not None and _resources.opened("engine"):
         _resources.engine.dispose(close=False)
     _resources = None
 

@@ -57,14 +57,8 @@ def down() -> None:
 def status() -> None:
     """Show each service's readiness."""
     settings = get_settings()
-    urls = {
-        "aggregator": settings.aggregator_url,
-        "clustering": settings.clustering_url,
-        "inference": settings.inference_url,
-    }
     info = stack.read_state(settings)
-    if info is not None:
-        urls = info.urls
+    urls = info.urls if info is not None else stack.service_urls(settings)
     failed = False
     for name, url in urls.items():
         line, ready = _readiness_line(name, url)

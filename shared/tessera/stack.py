@@ -83,7 +83,8 @@ def state_path(settings: Settings) -> Path:
     return settings.data_dir / "stack.json"
 
 
-def _service_urls(settings: Settings) -> dict[str, str]:
+def service_urls(settings: Settings) -> dict[str, str]:
+    """Where each HTTP service runs, by name."""
     return {
         "aggregator": settings.aggregator_url,
         "clustering": settings.clustering_url,
@@ -132,7 +133,7 @@ class Stack:
             raise
         self.info = StackInfo(
             pid=os.getpid(),
-            urls=_service_urls(self.settings),
+            urls=service_urls(self.settings),
             operator_token=self.settings.operator_token.get_secret_value(),
             data_dir=str(data_dir),
             log_dir=str(self.log_dir),
@@ -143,7 +144,7 @@ class Stack:
     def _plan_children(self) -> list[Child]:
         python = sys.executable
         children = []
-        for name, url in _service_urls(self.settings).items():
+        for name, url in service_urls(self.settings).items():
             parts = urlsplit(url)
             argv = [
                 python,

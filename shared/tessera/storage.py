@@ -126,11 +126,6 @@ class ObjectStore:
             if error.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                 raise StorageError(f"cannot create bucket {self.bucket!r}: {error}") from error
 
-    def ping(self) -> None:
-        """Raise unless the server answers and the bucket exists."""
-        if not self._client.bucket_exists(self.bucket):
-            raise StorageError(f"bucket {self.bucket!r} does not exist")
-
     def put_bytes(
         self, key: str, data: bytes, *, expected_sha256: str | None = None
     ) -> StoredObject:

@@ -22,13 +22,7 @@ def heldout() -> Batch:
         for style in DEVICE_STYLES
         for i in range(2)
     ]
-    return Batch(
-        images=np.concatenate([b.images for b in batches]),
-        captions=tuple(c for b in batches for c in b.captions),
-        shapes=tuple(s for b in batches for s in b.shapes),
-        colours=tuple(c for b in batches for c in b.colours),
-        styles=tuple(s for b in batches for s in b.styles),
-    )
+    return Batch.concat(batches)
 
 
 def accuracies(evaluator, images, batch: Batch) -> dict[str, float]:

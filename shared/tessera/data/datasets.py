@@ -47,6 +47,17 @@ class Batch:
             styles=tuple(s.style for s in samples),
         )
 
+    @classmethod
+    def concat(cls, batches: Sequence[Batch]) -> Batch:
+        """One batch holding the samples of several, in order."""
+        return cls(
+            images=np.concatenate([b.images for b in batches]),
+            captions=tuple(c for b in batches for c in b.captions),
+            shapes=tuple(s for b in batches for s in b.shapes),
+            colours=tuple(c for b in batches for c in b.colours),
+            styles=tuple(s for b in batches for s in b.styles),
+        )
+
     def __len__(self) -> int:
         """Number of samples."""
         return len(self.captions)

@@ -129,18 +129,7 @@ def heldout_sets(seed: int, per_style: int) -> dict[str, Batch]:
         for style in DEVICE_STYLES
         for index in range(4)
     ]
-    return {"canonical": _concat(canonical), "unseen devices": _concat(devices)}
-
-
-def _concat(batches: Sequence[Batch]) -> Batch:
-    """One batch from several."""
-    return Batch(
-        images=np.concatenate([b.images for b in batches]),
-        captions=tuple(c for b in batches for c in b.captions),
-        shapes=tuple(s for b in batches for s in b.shapes),
-        colours=tuple(c for b in batches for c in b.colours),
-        styles=tuple(s for b in batches for s in b.styles),
-    )
+    return {"canonical": Batch.concat(canonical), "unseen devices": Batch.concat(devices)}
 
 
 def accuracy(evaluator: Evaluator, images: torch.Tensor, batch: Batch) -> dict[str, float]:

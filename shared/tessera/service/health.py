@@ -27,7 +27,6 @@ def _check_redis(resources: Resources) -> None:
 
 def _check_s3(resources: Resources) -> None:
     resources.store.ensure_bucket()
-    resources.store.ping()
 
 
 def _check_worker(resources: Resources) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 import redis
@@ -21,11 +21,9 @@ class Resources:
     """The database, Redis, object store and Celery handles of one process."""
 
     settings: Settings
-    _opened: set[str] = field(default_factory=set)
 
     @cached_property
     def engine(self) -> Engine:
-        self._opened.add("engine")
         return db.create_db_engine(self.settings.resolved_database_url)
 
     @cached_property
@@ -36,7 +34,6 @@ class Resources:
     def redis(self) -> redis.Redis:
         if not self.settings.redis_url:
             raise ValueError("TESSERA_REDIS_URL is not set (`tessera up` starts an embedded one)")
-        self._opened.add("redis")
         return redis.Redis.from_url(
             self.settings.redis_url,
             socket_timeout=2,
@@ -50,13 +47,16 @@ class Resources:
 
     @cached_property
     def celery(self) -> Celery:
-        self._opened.add("celery")
         return make_celery(self.settings)
 
+    def opened(self, name: str) -> bool:
+        """Whether the handle `name` was created (a cached_property lives in __dict__)."""
+        return name in self.__dict__
+
     def close(self) -> None:
-        if "engine" in self._opened:
+        if self.opened("engine"):
             self.engine.dispose()
-        if "redis" in self._opened:
+        if self.opened("redis"):
             self.redis.close()
-        if "celery" in self._opened:
+        if self.opened("celery"):
             self.celery.close()
