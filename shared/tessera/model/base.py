@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +16,8 @@ from tessera.model.encoder import EMBED_DIM, ENCODER_ID
 
 if TYPE_CHECKING:
     import torch
+
+    from tessera.lora.adapter import LoraSpec
 
 # diffusers' lazy module hides its classes' attributes from mypy; name them for the reader.
 UNet2DConditionModel = Any
@@ -24,6 +27,7 @@ DDIMScheduler = Any
 
 BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "assets" / "tiny-sd"
 TESSERA_FILE = "tessera.json"
+BUNDLED_MODEL_ID = "tessera/tiny-sd"
 IMAGE_SIZE = 32
 
 # Attention (self + cross) at 16x16, 8x8 and in the 8x8 mid block: where a LoRA on
@@ -58,12 +62,27 @@ class BaseModel:
     vae: AutoencoderKL | None
     text_encoder_id: str
     path: Path | None = None
+    model_id: str = BUNDLED_MODEL_ID
 
     @property
     def device(self) -> torch.device:
         """Where the UNet's weights are."""
         device: torch.device = self.unet.device
         return device
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha256 of the UNet weights: adapters record it and are refused by any other base."""
+        from tessera.lora.adapter import weights_fingerprint
+
+        return weights_fingerprint(self.unet)
+
+    @cached_property
+    def lora_spec(self) -> LoraSpec:
+        """Which LoRA keys and shapes this base accepts (attention projections of the UNet)."""
+        from tessera.lora.adapter import lora_spec
+
+        return lora_spec(self.unet, base_model_id=self.model_id, base_model_hash=self.fingerprint)
 
 
 def build_base_model() -> BaseModel:
@@ -91,7 +110,12 @@ def save_base_model(
     model.noise_scheduler.save_pretrained(out / "scheduler")
     if model.vae is not None:
         model.vae.save_pretrained(out / "vae")
-    meta = {"text_encoder": model.text_encoder_id, "latent": model.vae is not None, **(extra or {})}
+    meta = {
+        "model_id": model.model_id,
+        "text_encoder": model.text_encoder_id,
+        "latent": model.vae is not None,
+        **(extra or {}),
+    }
     (out / TESSERA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -131,4 +155,5 @@ def load_base_model(path: Path | str | None = None, device: str = "cpu") -> Base
         vae=vae,
         text_encoder_id=encoder_id,
         path=folder,
+        model_id=str(meta.get("model_id", folder.name)),
     )

@@ -23,6 +23,7 @@ DEFAULT_MAX_LENGTH = 16
 
 _lock = threading.Lock()
 _cached: TextEncoder | None = None
+_empty: dict[int, torch.Tensor] = {}
 
 
 @dataclass(frozen=True)
@@ -97,3 +98,14 @@ def encode_prompts(
     if not tokens:
         return torch.zeros(0, max_length, EMBED_DIM), torch.zeros(0, EMBED_DIM)
     return torch.cat(tokens), torch.cat(pooled)
+
+
+def empty_prompt_embeds(max_length: int = DEFAULT_MAX_LENGTH) -> torch.Tensor:
+    """Token states [1, max_length, 384] of the empty prompt: the unconditional branch of CFG."""
+    with _lock:
+        cached = _empty.get(max_length)
+    if cached is None:
+        cached, _ = encode_prompts([""], max_length=max_length)
+        with _lock:
+            _empty[max_length] = cached
+    return cached.clone()

@@ -28,17 +28,24 @@ def plot_loss(log: Path, png: Path, window: int = 25) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    run = json.loads(log.read_text())
-    loss = run["loss"]
+    log_data = json.loads(log.read_text())
+    runs = log_data.get("runs", [log_data])
+    loss = [value for run in runs for value in run["loss"]]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.plot(loss, color="0.75", linewidth=0.8, label="loss")
     ax.plot(moving_average(loss, window), color="C0", label=f"mean of {window}")
+    boundary = 0
+    for run in runs[:-1]:
+        boundary += len(run["loss"])
+        ax.axvline(boundary, color="C1", linestyle=":", label="continued (--init)")
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("epsilon MSE")
+    minutes = sum(run["wall_seconds"] for run in runs) / 60
     ax.set_title(
-        f"tiny-sd pretraining: batch {run['batch_size']}, {run['steps']} steps, "
-        f"{run['wall_seconds'] / 60:.1f} min on {run['device']}"
+        f"tiny-sd pretraining: batch {runs[-1]['batch_size']}, {len(loss)} steps, "
+        f"{minutes:.1f} min on {runs[-1]['device']}",
+        fontsize=9,
     )
     ax.legend()
     fig.tight_layout()

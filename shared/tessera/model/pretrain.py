@@ -102,6 +102,14 @@ def pretrain(
     return losses
 
 
+def earlier_runs(init: Path | None) -> list[dict]:
+    """The runs recorded in the model folder this run continues from (oldest first)."""
+    if init is None or not (init / "pretraining_log.json").exists():
+        return []
+    log = json.loads((init / "pretraining_log.json").read_text())
+    return list(log["runs"]) if "runs" in log else [log]
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point: train, then write weights, loss log and timing to --out."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -149,8 +157,9 @@ def main(argv: list[str] | None = None) -> None:
         "parameters": sum(p.numel() for p in model.unet.parameters()),
         "init": None if args.init is None else str(args.init),
     }
+    runs = [*earlier_runs(args.init), {**run, "loss": losses}]
     save_base_model(model, args.out, extra={"pretraining": run})
-    (args.out / "pretraining_log.json").write_text(json.dumps({**run, "loss": losses}) + "\n")
+    (args.out / "pretraining_log.json").write_text(json.dumps({"runs": runs}) + "\n")
     print(json.dumps(run), flush=True)
 
 
