@@ -1,0 +1,303 @@
+"""Aggregation maths for LoRA updates: FedAvg, exact product averaging, neighbour blending.
+
+Every function consumes its updates once, as an iterable (a generator may load each adapter
+from the object store on demand), and keeps only running sums plus the current update: memory
+does not grow with the number of updates. Weights (e.g. sample counts) are normalised at the end
+by dividing the sums by their total.
+
+`aggregate_fedavg` averages A and B separately, as generic federated learning does; that is not
+the average of the updates, since mean(B) @ mean(A) != mean(B @ A). `aggregate_exact` sums the
+products `scale * B @ A` in float64 and re-factorises each module to the target rank by SVD.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TypeVar
+
+import torch
+
+from tessera.lora.adapter import A_SUFFIX, B_SUFFIX, LoraAdapter
+
+K = TypeVar("K", bound=Hashable)
+
+
+@dataclass(frozen=True)
+class WeightedUpdate:
+    """One adapter and how much it counts (e.g. its number of training samples)."""
+
+    adapter: LoraAdapter
+    weight: float
+
+
+@dataclass(frozen=True)
+class ExactResult:
+    """A re-factorised adapter and the share of squared singular values its rank kept."""
+
+    adapter: LoraAdapter
+    energy_kept: float
+    module_energy: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Reference:
+    """What every update must share with the first: base, modules and their (out, in) shapes."""
+
+    base_model_id: str
+    base_model_hash: str
+    target_modules: tuple[str, ...]
+    shapes: Mapping[str, tuple[int, int]]
+
+    @classmethod
+    def of(cls, adapter: LoraAdapter) -> _Reference:
+        return cls(
+            base_model_id=adapter.base_model_id,
+            base_model_hash=adapter.base_model_hash,
+            target_modules=adapter.target_modules,
+            shapes=_shapes(adapter, index=0),
+        )
+
+    def check(self, adapter: LoraAdapter, *, index: int) -> None:
+        """Raise ValueError naming the first fact in which `adapter` differs from the first."""
+        for name, want, got in (
+            ("base_model_id", self.base_model_id, adapter.base_model_id),
+            ("base_model_hash", self.base_model_hash, adapter.base_model_hash),
+        ):
+            if got != want:
+                raise ValueError(f"update {index} has {name} {got!r}; update 0 has {want!r}")
+        shapes = _shapes(adapter, index=index)
+        differing = sorted(set(shapes) ^ set(self.shapes))
+        if differing:
+            which = "lacks" if differing[0] in self.shapes else "has extra"
+            raise ValueError(f"update {index} {which} module {differing[0]!r} vs update 0")
+        for module, shape in shapes.items():
+            if shape != self.shapes[module]:
+                raise ValueError(
+                    f"update {index} module {module!r} has (out, in) {shape}; "
+                    f"update 0 has {self.shapes[module]}"
+                )
+
+
+def _shapes(adapter: LoraAdapter, *, index: int) -> dict[str, tuple[int, int]]:
+    """Each module's (out, in), after checking its A and B fit together and the key set."""
+    modules = adapter.modules
+    keys = {m + suffix for m in modules for suffix in (A_SUFFIX, B_SUFFIX)}
+    unpaired = sorted(set(adapter.tensors) ^ keys)
+    if unpaired:
+        raise ValueError(f"update {index} key {unpaired[0]!r} has no lora_A/lora_B partner")
+    shapes: dict[str, tuple[int, int]] = {}
+    for module, a, b in adapter.pairs():
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or a.shape[0] != adapter.rank:
+            raise ValueError(
+                f"update {index} module {module!r}: A {tuple(a.shape)} and B {tuple(b.shape)} "
+                f"do not form a rank-{adapter.rank} pair"
+            )
+        shapes[module] = (int(b.shape[0]), int(a.shape[1]))
+    return shapes
+
+
+def _stream(
+    updates: Iterable[WeightedUpdate], add: Callable[[LoraAdapter, float, int], None]
+) -> tuple[_Reference, float, int]:
+    """Check and feed each update to `add` once; return the reference, total weight, count."""
+    reference: _Reference | None = None
+    total = 0.0
+    count = 0
+    for index, update in enumerate(updates):
+        weight = float(update.weight)
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"update {index} has weight {weight}; need finite and >= 0")
+        if reference is None:
+            reference = _Reference.of(update.adapter)
+        else:
+            reference.check(update.adapter, index=index)
+        add(update.adapter, weight, index)
+        total += weight
+        count += 1
+    if reference is None:
+        raise ValueError("no updates to aggregate: the iterable was empty")
+    if total <= 0:
+        raise ValueError(f"the weights of {count} updates sum to {total}; need a positive total")
+    return reference, total, count
+
+
+def _float64(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to("cpu", torch.float64)
+
+
+def aggregate_fedavg(updates: Iterable[WeightedUpdate], *, rank: int | None = None) -> LoraAdapter:
+    """Generic-FL baseline: the weighted mean of every A and every B, tensor by tensor.
+
+    All updates need one rank (`rank`, or the first update's). The result takes the first
+    update's alpha; an update with another alpha has its scale ratio folded into its B first,
+    so each averaged B means the same thing. With equal alphas that ratio is 1.
+    """
+    sums: dict[str, torch.Tensor] = {}
+    want: int | None = rank
+    scale: float | None = None
+
+    def add(adapter: LoraAdapter, weight: float, index: int) -> None:
+        nonlocal want, scale
+        want = adapter.rank if want is None else want
+        scale = adapter.scale if scale is None else scale
+        if adapter.rank != want:
+            raise ValueError(
+                f"fedavg needs one rank for all updates: update {index} has rank "
+                f"{adapter.rank}, expected {want}; use aggregate_exact for mixed ranks"
+            )
+        for module, a, b in adapter.pairs():
+            terms = ((A_SUFFIX, a, weight), (B_SUFFIX, b, weight * adapter.scale / scale))
+            for suffix, value, factor in terms:
+                key = module + suffix
+                term = _float64(value) * factor
+                sums[key] = sums[key] + term if key in sums else term
+
+    reference, total, count = _stream(updates, add)
+    assert want is not None and scale is not None  # set by the first update
+    return LoraAdapter(
+        tensors={key: (value / total).float() for key, value in sorted(sums.items())},
+        rank=want,
+        alpha=scale * want,
+        base_model_id=reference.base_model_id,
+        base_model_hash=reference.base_model_hash,
+        target_modules=reference.target_modules,
+        extra={"method": "fedavg", "updates": str(count)},
+    )
+
+
+def _factorise(
+    product: torch.Tensor, *, rank: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """Best rank-`rank` (A, B) with `scale * B @ A ~ product`, plus kept and total energy."""
+    out_features, in_features = product.shape
+    u, s, vh = torch.linalg.svd(product, full_matrices=False)
+    k = min(rank, s.numel())
+    energy = s.square()
+    root = (s[:k] / scale).sqrt()
+    a = torch.zeros(rank, in_features, dtype=torch.float64)
+    b = torch.zeros(out_features, rank, dtype=torch.float64)
+    a[:k] = root[:, None] * vh[:k]
+    b[:, :k] = u[:, :k] * root
+    return a.float(), b.float(), float(energy[:k].sum()), float(energy.sum())
+
+
+def _exact(
+    updates: Iterable[WeightedUpdate], *, rank: int, alpha: float | None, method: str
+) -> ExactResult:
+    """Sum the weighted products, normalise, and re-factorise each module to `rank`."""
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    alpha = float(rank) if alpha is None else alpha
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"alpha must be finite and > 0, got {alpha}")
+    sums: dict[str, torch.Tensor] = {}
+
+    def add(adapter: LoraAdapter, weight: float, index: int) -> None:
+        if weight == 0:
+            return
+        for module, a, b in adapter.pairs():
+            term = (_float64(b) @ _float64(a)) * (adapter.scale * weight)
+            sums[module] = sums[module] + term if module in sums else term
+
+    reference, total, count = _stream(updates, add)
+    tensors: dict[str, torch.Tensor] = {}
+    module_energy: dict[str, float] = {}
+    kept_all = total_all = 0.0
+    for module in sorted(sums):
+        a, b, kept, energy = _factorise(sums.pop(module) / total, rank=rank, scale=alpha / rank)
+        tensors[module + A_SUFFIX], tensors[module + B_SUFFIX] = a, b
+        module_energy[module] = kept / energy if energy > 0 else 1.0
+        kept_all, total_all = kept_all + kept, total_all + energy
+    energy_kept = kept_all / total_all if total_all > 0 else 1.0
+    adapter = LoraAdapter(
+        tensors=tensors,
+        rank=rank,
+        alpha=alpha,
+        base_model_id=reference.base_model_id,
+        base_model_hash=reference.base_model_hash,
+        target_modules=reference.target_modules,
+        extra={"method": method, "updates": str(count), "energy_kept": f"{energy_kept:.6f}"},
+    )
+    return ExactResult(adapter=adapter, energy_kept=energy_kept, module_energy=module_energy)
+
+
+def aggregate_exact(
+    updates: Iterable[WeightedUpdate], *, rank: int, alpha: float | None = None
+) -> ExactResult:
+    """The weighted mean of the updates' products, re-factorised to `rank` (any input ranks).
+
+    The result's alpha defaults to `rank` (scale 1); singular values are split evenly, as
+    sqrt(S / scale), between B and A.
+    """
+    return _exact(updates, rank=rank, alpha=alpha, method="exact")
+
+
+def global_adapter(
+    clusters: Iterable[WeightedUpdate], *, rank: int, alpha: float | None = None
+) -> ExactResult:
+    """The one adapter for everyone: cluster adapters averaged exactly, weighted by size."""
+    return _exact(clusters, rank=rank, alpha=alpha, method="global")
+
+
+def neighbour_weights(
+    centroids: Mapping[K, torch.Tensor | Sequence[float]], *, temperature: float
+) -> dict[K, dict[K, float]]:
+    """For each cluster, softmax over the others of cosine(centroids) / temperature."""
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    ids = list(centroids)
+    if not ids:
+        raise ValueError("no centroids given")
+    rows = [torch.as_tensor(centroids[c], dtype=torch.float64) for c in ids]
+    for c, row in zip(ids, rows, strict=True):
+        if row.ndim != 1 or row.shape != rows[0].shape or row.numel() == 0:
+            raise ValueError(
+                f"centroid of cluster {c!r} has shape {tuple(row.shape)}; "
+                f"need one non-empty vector like cluster {ids[0]!r} {tuple(rows[0].shape)}"
+            )
+        if not bool(torch.isfinite(row).all()):
+            raise ValueError(f"centroid of cluster {c!r} has non-finite values")
+    if len(ids) == 1:
+        return {ids[0]: {}}
+    unit = torch.stack(rows)
+    unit = unit / unit.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    logits = (unit @ unit.T) / temperature
+    logits.fill_diagonal_(-math.inf)
+    probs = torch.softmax(logits, dim=1)
+    return {
+        c: {j: float(probs[i, n]) for n, j in enumerate(ids) if n != i} for i, c in enumerate(ids)
+    }
+
+
+def neighbour_blend(
+    clusters: Mapping[K, LoraAdapter],
+    centroids: Mapping[K, torch.Tensor | Sequence[float]],
+    *,
+    lam: float,
+    temperature: float,
+    rank: int,
+    alpha: float | None = None,
+) -> dict[K, ExactResult]:
+    """Each cluster's adapter mixed with its neighbours': (1 - lam) own + lam * similar others.
+
+    The others are weighted by `neighbour_weights`; the mix is exact on the products and
+    re-factorised to `rank`. With lam = 0 or a single cluster, each adapter comes back as is.
+    """
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam must lie in [0, 1], got {lam}")
+    for c in [*clusters, *centroids]:
+        if c not in clusters or c not in centroids:
+            raise ValueError(f"cluster {c!r} needs both an adapter and a centroid")
+    weights = neighbour_weights(centroids, temperature=temperature)
+    if lam == 0 or len(clusters) == 1:
+        return {c: ExactResult(adapter=adapter, energy_kept=1.0) for c, adapter in clusters.items()}
+    blended: dict[K, ExactResult] = {}
+    for c, own in clusters.items():
+        mix = [WeightedUpdate(own, 1.0 - lam)]
+        mix += [WeightedUpdate(clusters[j], lam * p) for j, p in weights[c].items()]
+        result = _exact(mix, rank=rank, alpha=alpha, method="neighbour_blend")
+        extra = {**result.adapter.extra, "lam": str(lam), "temperature": str(temperature)}
+        blended[c] = replace(result, adapter=replace(result.adapter, extra=extra))
+    return blended

@@ -1,0 +1,231 @@
+"""LoRA adapter files: safetensors with Tessera metadata, fp16 on the wire, and their validator.
+
+Every upload goes through `validate_adapter_bytes` before anything is stored: it reads the
+header first (keys, dtypes, shapes, metadata) and only then the values, and each failure names
+the key, what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from tessera.lora.adapter import A_SUFFIX, B_SUFFIX, LORA_TARGETS, LoraAdapter, LoraSpec
+
+if TYPE_CHECKING:
+    import torch
+
+FILE_FORMAT = "tessera-lora/1"
+WIRE_DTYPES = {"F16": "float16", "F32": "float32", "BF16": "bfloat16"}
+_RESERVED = {
+    "format",
+    "base_model_id",
+    "base_model_hash",
+    "rank",
+    "alpha",
+    "target_modules",
+    "dtype",
+}
+MAX_HEADER_BYTES = 1 << 20
+
+
+class LoraFileError(ValueError):
+    """An adapter file that cannot be accepted; `key`, `expected` and `found` say why."""
+
+    def __init__(
+        self, message: str, *, key: str = "", expected: object = None, found: object = None
+    ):
+        self.key = key
+        self.expected = expected
+        self.found = found
+        detail = message
+        if key:
+            detail = f"{key}: {detail}"
+        if expected is not None or found is not None:
+            detail = f"{detail} (expected {expected}, found {found})"
+        super().__init__(detail)
+
+
+def adapter_to_bytes(adapter: LoraAdapter, dtype: str = "float16") -> bytes:
+    """Serialise to safetensors; tensors cast to `dtype` (fp16 on the wire by default)."""
+    import torch
+    from safetensors.torch import save
+
+    torch_dtype = getattr(torch, dtype)
+    tensors = {
+        k: v.detach().to("cpu", torch_dtype).contiguous() for k, v in adapter.tensors.items()
+    }
+    metadata = {
+        **{str(k): str(v) for k, v in adapter.extra.items()},
+        "format": FILE_FORMAT,
+        "base_model_id": adapter.base_model_id,
+        "base_model_hash": adapter.base_model_hash,
+        "rank": str(adapter.rank),
+        "alpha": repr(float(adapter.alpha)),
+        "target_modules": ",".join(adapter.target_modules),
+        "dtype": dtype,
+    }
+    return bytes(save(tensors, metadata=metadata))
+
+
+def adapter_from_bytes(
+    data: bytes, spec: LoraSpec | None = None, max_bytes: int | None = None
+) -> LoraAdapter:
+    """Parse (and, given a spec, fully validate) a file; tensors come back as float32."""
+    if spec is not None:
+        return validate_adapter_bytes(data, spec, max_bytes=max_bytes)
+    _, metadata = read_header(data)
+    rank, alpha = _rank_alpha(metadata)
+    return _build(data, metadata, rank, alpha)
+
+
+def read_header(data: bytes) -> tuple[dict[str, dict], dict[str, str]]:
+    """The tensor entries and the metadata of a safetensors blob, without reading the values."""
+    if len(data) < 8:
+        raise LoraFileError("not a safetensors file", expected=">= 8 bytes", found=len(data))
+    (length,) = struct.unpack("<Q", data[:8])
+    if length > MAX_HEADER_BYTES or 8 + length > len(data):
+        raise LoraFileError(
+            "safetensors header length is out of range",
+            expected=f"<= {min(MAX_HEADER_BYTES, len(data) - 8)} bytes",
+            found=length,
+        )
+    try:
+        header = json.loads(data[8 : 8 + length])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LoraFileError(f"safetensors header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise LoraFileError("safetensors header must be a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise LoraFileError("__metadata__ must map names to strings")
+    return header, metadata
+
+
+def validate_adapter_bytes(
+    data: bytes, spec: LoraSpec, *, max_bytes: int | None = None
+) -> LoraAdapter:
+    """Check a file against a base model's spec and return the adapter, or raise LoraFileError.
+
+    Checks, in order: size, header, format and base model (id and hash), rank and alpha, the
+    exact set of keys, each tensor's dtype and shape, then that every value is finite.
+    """
+    if max_bytes is not None and len(data) > max_bytes:
+        raise LoraFileError("file is too large", expected=f"<= {max_bytes} bytes", found=len(data))
+    header, metadata = read_header(data)
+    found_format = metadata.get("format")
+    if found_format != FILE_FORMAT:
+        raise LoraFileError(
+            "unknown file format", key="format", expected=FILE_FORMAT, found=found_format
+        )
+    for name, expected in (
+        ("base_model_id", spec.base_model_id),
+        ("base_model_hash", spec.base_model_hash),
+    ):
+        if metadata.get(name) != expected:
+            raise LoraFileError(
+                "adapter was trained for another base model",
+                key=name,
+                expected=expected,
+                found=metadata.get(name),
+            )
+    rank, alpha = _rank_alpha(metadata)
+    if not 1 <= rank <= spec.max_rank:
+        raise LoraFileError(
+            "rank out of range", key="rank", expected=f"1..{spec.max_rank}", found=rank
+        )
+    _check_keys(header, spec)
+    dtype = metadata.get("dtype")
+    for key, entry in sorted(header.items()):
+        _check_entry(key, entry, spec, rank, dtype)
+    adapter = _build(data, metadata, rank, alpha)
+    for key, tensor in sorted(adapter.tensors.items()):
+        if not bool(tensor.isfinite().all()):
+            bad = int((~tensor.isfinite()).sum())
+            raise LoraFileError(
+                "values must be finite", key=key, expected="0 NaN/inf", found=f"{bad} NaN/inf"
+            )
+    return adapter
+
+
+def _rank_alpha(metadata: Mapping[str, str]) -> tuple[int, float]:
+    try:
+        rank = int(metadata.get("rank", ""))
+    except ValueError:
+        raise LoraFileError(
+            "rank must be an integer", key="rank", expected="an integer", found=metadata.get("rank")
+        ) from None
+    try:
+        alpha = float(metadata.get("alpha", ""))
+    except ValueError:
+        raise LoraFileError(
+            "alpha must be a number", key="alpha", expected="a number", found=metadata.get("alpha")
+        ) from None
+    if not (alpha > 0 and alpha < float("inf")):
+        raise LoraFileError(
+            "alpha must be positive and finite", key="alpha", expected="> 0", found=alpha
+        )
+    return rank, alpha
+
+
+def _check_keys(header: Mapping[str, object], spec: LoraSpec) -> None:
+    found = set(header)
+    expected = spec.keys
+    unknown = sorted(found - expected)
+    if unknown:
+        raise LoraFileError(
+            f"unknown key for base model {spec.base_model_id} ({len(unknown)} unknown)",
+            key=unknown[0],
+            expected="one of the base model's target modules + .lora_A.weight / .lora_B.weight",
+            found="an unknown key",
+        )
+    missing = sorted(expected - found)
+    if missing:
+        raise LoraFileError(
+            f"key missing ({len(missing)} missing)",
+            key=missing[0],
+            expected="present",
+            found="absent",
+        )
+
+
+def _check_entry(key: str, entry: object, spec: LoraSpec, rank: int, dtype: str | None) -> None:
+    if not isinstance(entry, dict) or "dtype" not in entry or "shape" not in entry:
+        raise LoraFileError("malformed tensor entry", key=key)
+    wire = WIRE_DTYPES.get(str(entry["dtype"]))
+    if wire is None:
+        raise LoraFileError(
+            "unsupported dtype", key=key, expected="/".join(WIRE_DTYPES), found=entry["dtype"]
+        )
+    if dtype is not None and wire != dtype:
+        raise LoraFileError(
+            "dtype differs from the file's metadata", key=key, expected=dtype, found=wire
+        )
+    module = key[: -len(A_SUFFIX)] if key.endswith(A_SUFFIX) else key[: -len(B_SUFFIX)]
+    out_features, in_features = spec.modules[module]
+    want = [rank, in_features] if key.endswith(A_SUFFIX) else [out_features, rank]
+    if list(entry["shape"]) != want:
+        raise LoraFileError("wrong shape", key=key, expected=want, found=list(entry["shape"]))
+
+
+def _build(data: bytes, metadata: Mapping[str, str], rank: int, alpha: float) -> LoraAdapter:
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        raw = load(data)
+    except SafetensorError as exc:
+        raise LoraFileError(f"unreadable safetensors data: {exc}") from None
+    tensors: dict[str, torch.Tensor] = {k: v.float() for k, v in raw.items()}
+    targets = tuple(t for t in metadata.get("target_modules", "").split(",") if t)
+    return LoraAdapter(
+        tensors=tensors,
+        rank=rank,
+        alpha=alpha,
+        base_model_id=metadata.get("base_model_id", ""),
+        base_model_hash=metadata.get("base_model_hash", ""),
+        target_modules=targets or LORA_TARGETS,
+        extra={k: v for k, v in metadata.items() if k not in _RESERVED},
+    )

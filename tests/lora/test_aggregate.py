@@ -1,0 +1,394 @@
+"""Aggregation maths: exact product averaging, FedAvg, neighbour blending, streaming, errors."""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+
+import pytest
+import torch
+
+from tessera.lora.adapter import A_SUFFIX, B_SUFFIX, LoraAdapter, LoraSpec, zeros_like_spec
+from tessera.lora.adapter import random_adapter as make_random
+from tessera.lora.aggregate import (
+    WeightedUpdate,
+    aggregate_exact,
+    aggregate_fedavg,
+    global_adapter,
+    neighbour_blend,
+    neighbour_weights,
+)
+
+SPEC = LoraSpec(
+    base_model_id="test/tiny",
+    base_model_hash="hash-0",
+    modules={"down.to_q": (16, 24), "mid.to_k": (8, 16), "up.to_out.0": (12, 12)},
+)
+
+
+def random_adapter(rank: int, *, seed: int, alpha: float | None = None) -> LoraAdapter:
+    return make_random(SPEC, rank, float(rank) if alpha is None else alpha, seed=seed, std=0.3)
+
+
+def products(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
+    return {module: adapter.delta(module).double() for module in adapter.modules}
+
+
+def weighted_mean(updates: list[WeightedUpdate]) -> dict[str, torch.Tensor]:
+    total = sum(u.weight for u in updates)
+    means = {m: torch.zeros(shape, dtype=torch.float64) for m, shape in SPEC.modules.items()}
+    for update in updates:
+        for module, product in products(update.adapter).items():
+            means[module] += product * (update.weight / total)
+    return means
+
+
+def assert_products(adapter: LoraAdapter, expected: dict[str, torch.Tensor]) -> None:
+    assert adapter.modules == sorted(expected)
+    for module, want in expected.items():
+        got = adapter.delta(module).double()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
+
+
+def test_exact_reproduces_weighted_mean_when_ranks_fit() -> None:
+    updates = [
+        WeightedUpdate(random_adapter(2, seed=1, alpha=4.0), 1.0),
+        WeightedUpdate(random_adapter(3, seed=2, alpha=3.0), 5.0),
+        WeightedUpdate(random_adapter(3, seed=3, alpha=16.0), 2.5),
+    ]
+
+    result = aggregate_exact(iter(updates), rank=8)
+
+    assert_products(result.adapter, weighted_mean(updates))
+    assert result.energy_kept == pytest.approx(1.0, abs=1e-6)
+    assert all(e == pytest.approx(1.0, abs=1e-6) for e in result.module_energy.values())
+    assert (result.adapter.rank, result.adapter.alpha) == (8, 8.0)
+    assert result.adapter.extra["method"] == "exact" and result.adapter.extra["updates"] == "3"
+    assert result.adapter.base_model_hash == SPEC.base_model_hash
+    assert all(t.dtype == torch.float32 for t in result.adapter.tensors.values())
+
+
+def test_exact_with_alpha_divides_out_the_scale() -> None:
+    updates = [WeightedUpdate(random_adapter(2, seed=1), 1.0)]
+
+    result = aggregate_exact(updates, rank=4, alpha=32.0)
+
+    assert result.adapter.alpha == 32.0 and result.adapter.scale == 8.0
+    assert_products(result.adapter, weighted_mean(updates))
+
+
+def test_weights_are_normalised() -> None:
+    adapters = [random_adapter(2, seed=s) for s in range(3)]
+
+    plain = aggregate_exact([WeightedUpdate(a, 2.0**i) for i, a in enumerate(adapters)], rank=6)
+    scaled = aggregate_exact(
+        [WeightedUpdate(a, 7 * 2.0**i) for i, a in enumerate(adapters)], rank=6
+    )
+    single = aggregate_exact([WeightedUpdate(adapters[0], 123.4)], rank=6)
+
+    assert_products(scaled.adapter, products(plain.adapter))
+    assert_products(single.adapter, products(adapters[0]))
+
+
+@pytest.mark.parametrize("rank", [8, 16])
+def test_mixed_ranks_give_the_best_approximation_at_the_target_rank(rank: int) -> None:
+    updates = [WeightedUpdate(random_adapter(r, seed=r), float(r)) for r in (2, 4, 8)]
+    expected = weighted_mean(updates)
+
+    result = aggregate_exact(updates, rank=rank)
+
+    for module, want in expected.items():
+        out_features, in_features = SPEC.modules[module]
+        a, b = result.adapter.pair(module)
+        assert a.shape == (rank, in_features) and b.shape == (out_features, rank)
+        s = torch.linalg.svdvals(want)
+        best_error = s[rank:].square().sum().sqrt()
+        error = torch.linalg.matrix_norm(result.adapter.delta(module).double() - want)
+        assert error.item() == pytest.approx(best_error.item(), abs=1e-5 * s[0].item())
+    if rank == 16:
+        assert result.energy_kept == pytest.approx(1.0, abs=1e-6)
+    else:
+        assert result.energy_kept < 1.0
+
+
+def known_spectrum(singular_values: list[float]) -> LoraAdapter:
+    """An adapter whose every module is U diag(s) V^T with orthonormal U, V (scale 1)."""
+    rank = len(singular_values)
+    s = torch.tensor(singular_values, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    tensors = {}
+    for module, (out_features, in_features) in SPEC.modules.items():
+        u, _ = torch.linalg.qr(torch.randn(out_features, rank, generator=generator).double())
+        v, _ = torch.linalg.qr(torch.randn(in_features, rank, generator=generator).double())
+        tensors[module + B_SUFFIX] = (u * s).float()
+        tensors[module + A_SUFFIX] = v.T.contiguous().float()
+    return LoraAdapter(
+        tensors=tensors,
+        rank=rank,
+        alpha=float(rank),
+        base_model_id=SPEC.base_model_id,
+        base_model_hash=SPEC.base_model_hash,
+    )
+
+
+def test_truncation_keeps_the_top_singular_directions() -> None:
+    adapter = known_spectrum([4.0, 3.0, 2.0, 1.0])
+
+    result = aggregate_exact([WeightedUpdate(adapter, 1.0)], rank=2)
+
+    for module in SPEC.modules:
+        a, b = adapter.pair(module)
+        top = (b[:, :2] @ a[:2]).double()
+        torch.testing.assert_close(result.adapter.delta(module).double(), top, atol=1e-5, rtol=0)
+        assert result.module_energy[module] == pytest.approx(25 / 30)
+    assert result.energy_kept == pytest.approx(25 / 30)
+    assert result.adapter.extra["energy_kept"] == "0.833333"
+
+
+def test_all_zero_updates_keep_all_energy() -> None:
+    result = aggregate_exact([WeightedUpdate(zeros_like_spec(SPEC, 4, 4.0), 1.0)], rank=2)
+
+    assert result.energy_kept == 1.0
+    assert all(t.abs().max() == 0 for t in result.adapter.tensors.values())
+
+
+def test_fedavg_differs_from_exact_but_agrees_on_one_update() -> None:
+    first, second = random_adapter(4, seed=1), random_adapter(4, seed=2)
+    pair = [WeightedUpdate(first, 1.0), WeightedUpdate(second, 3.0)]
+
+    fedavg = aggregate_fedavg(pair)
+    exact = aggregate_exact(pair, rank=8)
+    lone = aggregate_fedavg([WeightedUpdate(first, 5.0)])
+
+    a_mean = (first.tensors["mid.to_k" + A_SUFFIX] + 3 * second.tensors["mid.to_k" + A_SUFFIX]) / 4
+    torch.testing.assert_close(fedavg.tensors["mid.to_k" + A_SUFFIX], a_mean)
+    gap = torch.linalg.matrix_norm(fedavg.delta("mid.to_k") - exact.adapter.delta("mid.to_k"))
+    assert gap > 0.1 * torch.linalg.matrix_norm(exact.adapter.delta("mid.to_k"))
+    assert (fedavg.rank, fedavg.alpha, fedavg.extra["method"]) == (4, 4.0, "fedavg")
+    assert_products(lone, products(first))
+    for key, value in first.tensors.items():
+        torch.testing.assert_close(lone.tensors[key], value)
+
+
+def test_fedavg_folds_a_different_alpha_into_b() -> None:
+    first, second = random_adapter(4, seed=1, alpha=4.0), random_adapter(4, seed=2, alpha=8.0)
+    doubled_b = {
+        k: v * 2 if k.endswith(B_SUFFIX) else v for k, v in second.tensors.items()
+    }  # alpha 8 at rank 4 is the same update as alpha 4 with B doubled
+    same = replace(second, tensors=doubled_b, alpha=4.0)
+
+    mixed = aggregate_fedavg([WeightedUpdate(first, 1.0), WeightedUpdate(second, 1.0)])
+    plain = aggregate_fedavg([WeightedUpdate(first, 1.0), WeightedUpdate(same, 1.0)])
+
+    assert mixed.alpha == 4.0
+    for key, value in plain.tensors.items():
+        torch.testing.assert_close(mixed.tensors[key], value)
+
+
+def test_global_adapter_is_the_size_weighted_exact_mean() -> None:
+    clusters = [WeightedUpdate(random_adapter(2, seed=s), 10.0 * (s + 1)) for s in range(3)]
+
+    result = global_adapter(clusters, rank=6)
+
+    assert_products(result.adapter, weighted_mean(clusters))
+    assert result.adapter.extra["method"] == "global"
+
+
+CENTROIDS = {"a": [1.0, 0.0], "b": [0.9, 0.1], "c": [-1.0, 0.2]}
+
+
+def test_neighbour_weights_follow_similarity() -> None:
+    weights = neighbour_weights(CENTROIDS, temperature=0.5)
+
+    assert set(weights["a"]) == {"b", "c"}
+    assert weights["a"]["b"] > weights["a"]["c"]
+    assert weights["c"]["b"] > weights["c"]["a"]
+    for row in weights.values():
+        assert sum(row.values()) == pytest.approx(1.0)
+    cos_ab, cos_ac = 0.9 / math.hypot(0.9, 0.1), -1.0 / math.hypot(1.0, 0.2)
+    expected = 1 / (1 + math.exp((cos_ac - cos_ab) / 0.5))
+    assert weights["a"]["b"] == pytest.approx(expected)
+
+
+def test_neighbour_blend_with_lam_zero_returns_own_adapters() -> None:
+    clusters = {c: random_adapter(2 + i, seed=i) for i, c in enumerate(CENTROIDS)}
+
+    blended = neighbour_blend(clusters, CENTROIDS, lam=0.0, temperature=0.5, rank=4)
+    alone = neighbour_blend({"a": clusters["a"]}, {"a": [1.0]}, lam=0.7, temperature=1, rank=4)
+
+    assert all(blended[c].adapter is clusters[c] for c in clusters)
+    assert all(r.energy_kept == 1.0 for r in blended.values())
+    assert alone["a"].adapter is clusters["a"]
+
+
+def test_neighbour_blend_with_lam_one_drops_own_product() -> None:
+    clusters = {"a": random_adapter(2, seed=1), "b": zeros_like_spec(SPEC, 2, 2.0)}
+    clusters["c"] = zeros_like_spec(SPEC, 3, 3.0)
+
+    blended = neighbour_blend(clusters, CENTROIDS, lam=1.0, temperature=0.5, rank=4)
+
+    assert all(t.abs().max() == 0 for t in blended["a"].adapter.tensors.values())
+
+
+def test_neighbour_blend_mixes_exactly_by_similarity() -> None:
+    clusters = {c: random_adapter(2, seed=i) for i, c in enumerate(CENTROIDS)}
+    weights = neighbour_weights(CENTROIDS, temperature=0.5)
+
+    blended = neighbour_blend(clusters, CENTROIDS, lam=0.3, temperature=0.5, rank=6)
+
+    for c, result in blended.items():
+        mix = [WeightedUpdate(clusters[c], 0.7)]
+        mix += [WeightedUpdate(clusters[j], 0.3 * p) for j, p in weights[c].items()]
+        assert_products(result.adapter, weighted_mean(mix))
+        assert result.adapter.extra["method"] == "neighbour_blend"
+        assert result.adapter.extra["lam"] == "0.3"
+
+
+def test_neighbour_blend_rejects_bad_parameters() -> None:
+    clusters = {c: random_adapter(2, seed=i) for i, c in enumerate(CENTROIDS)}
+
+    with pytest.raises(ValueError, match=r"lam must lie in \[0, 1\], got 1.5"):
+        neighbour_blend(clusters, CENTROIDS, lam=1.5, temperature=1.0, rank=4)
+    with pytest.raises(ValueError, match="temperature must be finite and > 0, got 0"):
+        neighbour_blend(clusters, CENTROIDS, lam=0.5, temperature=0.0, rank=4)
+    with pytest.raises(ValueError, match=r"cluster 'c' has shape \(3,\)"):
+        bad = {**CENTROIDS, "c": [1.0, 2.0, 3.0]}
+        neighbour_blend(clusters, bad, lam=0.5, temperature=1.0, rank=4)
+    with pytest.raises(ValueError, match="cluster 'c' needs both an adapter and a centroid"):
+        neighbour_blend(
+            clusters, {"a": [1.0, 0.0], "b": [0.0, 1.0]}, lam=0.5, temperature=1, rank=4
+        )
+
+
+class AliveCounter:
+    """Counts the yielded adapters (and their tensors) that are still referenced anywhere."""
+
+    def __init__(self) -> None:
+        self.alive = self.peak = self.tensors_alive = self.tensors_peak = 0
+
+    def track(self, adapter: LoraAdapter) -> LoraAdapter:
+        self.alive += 1
+        self.peak = max(self.peak, self.alive)
+        weakref.finalize(adapter, self._adapter_gone)
+        for tensor in adapter.tensors.values():
+            self.tensors_alive += 1
+            self.tensors_peak = max(self.tensors_peak, self.tensors_alive)
+            weakref.finalize(tensor, self._tensor_gone)
+        return adapter
+
+    def _adapter_gone(self) -> None:
+        self.alive -= 1
+
+    def _tensor_gone(self) -> None:
+        self.tensors_alive -= 1
+
+
+BIG = LoraSpec(
+    base_model_id="test/big", base_model_hash="hash-b", modules={"p": (256, 256), "q": (128, 256)}
+)
+
+
+def big_adapter(seed: int) -> LoraAdapter:
+    return make_random(BIG, 4, 4.0, seed=seed)
+
+
+def big_mean(n: int) -> dict[str, torch.Tensor]:
+    total = sum(range(1, n + 1))
+    sums = {m: torch.zeros(shape, dtype=torch.float64) for m, shape in BIG.modules.items()}
+    for i in range(n):
+        adapter = big_adapter(i)
+        for module in sums:
+            sums[module] += adapter.delta(module).double() * ((i + 1) / total)
+    return sums
+
+
+def run_exact(updates: Iterator[WeightedUpdate]) -> LoraAdapter:
+    return aggregate_exact(updates, rank=256).adapter
+
+
+@pytest.mark.parametrize("aggregate", [run_exact, aggregate_fedavg], ids=["exact", "fedavg"])
+@pytest.mark.parametrize("n", [10, 200])
+def test_streaming_keeps_at_most_two_updates_alive(
+    aggregate: Callable[[Iterator[WeightedUpdate]], LoraAdapter], n: int
+) -> None:
+    counter = AliveCounter()
+    updates = (WeightedUpdate(counter.track(big_adapter(i)), i + 1) for i in range(n))
+
+    result = aggregate(updates)
+
+    assert counter.peak <= 2 and counter.tensors_peak <= 2 * len(BIG.keys)
+    assert counter.alive == 0 and counter.tensors_alive == 0
+    assert result.extra["updates"] == str(n)
+    if aggregate is run_exact:
+        for module, want in big_mean(n).items():
+            got = result.delta(module).double()
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def matching(**changes: object) -> list[WeightedUpdate]:
+    return [
+        WeightedUpdate(random_adapter(2, seed=1), 1.0),
+        WeightedUpdate(replace(random_adapter(2, seed=2), **changes), 1.0),  # type: ignore[arg-type]
+    ]
+
+
+def without_module(adapter: LoraAdapter, module: str) -> LoraAdapter:
+    kept = {k: v for k, v in adapter.tensors.items() if not k.startswith(module + ".")}
+    return replace(adapter, tensors=kept)
+
+
+@pytest.mark.parametrize(
+    ("updates", "message"),
+    [
+        ([], "no updates to aggregate: the iterable was empty"),
+        ([WeightedUpdate(random_adapter(2, seed=1), 0.0)], "weights of 1 updates sum to 0.0"),
+        ([WeightedUpdate(random_adapter(2, seed=1), -1.0)], "update 0 has weight -1.0"),
+        ([WeightedUpdate(random_adapter(2, seed=1), math.nan)], "update 0 has weight nan"),
+        ([WeightedUpdate(random_adapter(2, seed=1), math.inf)], "update 0 has weight inf"),
+        (matching(base_model_hash="other"), "update 1 has base_model_hash 'other'"),
+        (matching(base_model_id="other/id"), "update 1 has base_model_id 'other/id'"),
+        (
+            [
+                WeightedUpdate(random_adapter(2, seed=1), 1.0),
+                WeightedUpdate(without_module(random_adapter(2, seed=2), "mid.to_k"), 1.0),
+            ],
+            "update 1 lacks module 'mid.to_k'",
+        ),
+        (
+            [
+                WeightedUpdate(random_adapter(2, seed=1), 1.0),
+                WeightedUpdate(make_random(replace(SPEC, modules={"x": (2, 2)}), 2, 2, seed=2), 1),
+            ],
+            "update 1 lacks module 'down.to_q'",
+        ),
+    ],
+    ids=["empty", "zero", "negative", "nan", "inf", "hash", "id", "module", "other-modules"],
+)
+def test_bad_inputs_are_refused_with_the_reason(
+    updates: list[WeightedUpdate], message: str
+) -> None:
+    for aggregate in (aggregate_fedavg, lambda u: aggregate_exact(u, rank=4)):
+        with pytest.raises(ValueError, match=message):
+            aggregate(iter(updates))
+
+
+def test_mismatched_shapes_are_refused() -> None:
+    other = replace(SPEC, modules={**SPEC.modules, "mid.to_k": (8, 20)})
+    updates = [
+        WeightedUpdate(random_adapter(2, seed=1), 1.0),
+        WeightedUpdate(make_random(other, 2, 2.0, seed=2), 1.0),
+    ]
+
+    with pytest.raises(ValueError, match=r"module 'mid.to_k' has \(out, in\) \(8, 20\)"):
+        aggregate_exact(updates, rank=4)
+
+
+def test_fedavg_refuses_mixed_ranks() -> None:
+    updates = [WeightedUpdate(random_adapter(r, seed=r), 1.0) for r in (4, 4, 2)]
+
+    with pytest.raises(ValueError, match="update 2 has rank 2, expected 4"):
+        aggregate_fedavg(updates)
+    with pytest.raises(ValueError, match="update 0 has rank 4, expected 8"):
+        aggregate_fedavg(updates, rank=8)
