@@ -4,17 +4,26 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from services.aggregator.routes import clients
-from tessera.config import Settings
+from services.aggregator.deps import make_clustering_http
+from services.aggregator.lifespan import extend_lifespan
+from services.aggregator.routes import adapters, clients, devices, rounds, updates
+from services.aggregator.uploads import UPLOAD_PREFIX, CountOversizedUploads
+from tessera.config import Settings, get_settings
 from tessera.service.app import create_service_app, ensure_bucket
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    return create_service_app(
+    settings = settings or get_settings()
+    app = create_service_app(
         service="aggregator",
         description="Enrolment, encoded task vectors, federated rounds, LoRA updates, adapters.",
-        routers=[clients.router],
+        routers=[clients.router, devices.router, rounds.router, updates.router, adapters.router],
         checks=("database", "redis", "s3", "worker"),
         settings=settings,
+        upload_prefixes=[UPLOAD_PREFIX],
         on_startup=[ensure_bucket],
     )
+    app.add_middleware(CountOversizedUploads)  # outermost: sees the body-size middleware's 413s
+    app.state.clustering_http = make_clustering_http(settings)
+    extend_lifespan(app)  # the deadline loop
+    return app

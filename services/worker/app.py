@@ -15,7 +15,7 @@ from tessera.config import get_settings
 from tessera.logs import configure_logging
 from tessera.queue import make_celery
 
-TASK_MODULES = ["services.worker.tasks.system"]
+TASK_MODULES = ["services.worker.tasks.system", "services.worker.tasks.federation"]
 
 
 def create_worker_app() -> Celery:

@@ -1,0 +1,170 @@
+"""Closing rounds: progress towards quorum, the deadline, and handing the round to the worker.
+
+A round leaves `collecting` through one conditional UPDATE (`crud.move_round`), so however many
+requests or replicas race to close it, one of them wins and only that one enqueues the
+aggregation. If the enqueueing fails, the round goes back to `collecting` and the next upload,
+GET or deadline check tries again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+from celery import Celery
+from sqlalchemy.orm import Session, sessionmaker
+
+from services.aggregator import crud
+from tessera.events import AGGREGATION_QUEUE, TASK_AGGREGATE_ROUND
+from tessera.federation import NO_UPDATES_AT_DEADLINE, RoundConfig
+from tessera.models import Round, RoundState, utcnow
+from tessera.schemas import ClusterProgress, as_utc
+from tessera.service.resources import Resources
+
+log = logging.getLogger(__name__)
+
+# How often each aggregator replica looks for collecting rounds past their deadline.
+DEADLINE_CHECK_INTERVAL_S = 5.0
+
+
+class EnqueueError(RuntimeError):
+    """The aggregation task could not be sent; the round is collecting again."""
+
+
+@dataclass(frozen=True)
+class RoundProgress:
+    """How many updates a round has, in total and per cluster of its clustering."""
+
+    total: int
+    clusters: list[ClusterProgress]
+
+    @property
+    def unassigned(self) -> int:
+        return self.total - sum(cluster.updates for cluster in self.clusters)
+
+    def quorum_met(self, config: RoundConfig) -> bool:
+        """`min_updates` in all, and `min_updates_per_cluster` in every cluster with members."""
+        if self.total < config.min_updates:
+            return False
+        return all(
+            cluster.updates >= config.min_updates_per_cluster
+            for cluster in self.clusters
+            if cluster.members > 0
+        )
+
+
+def is_due(round_: Round, now: datetime) -> bool:
+    return (
+        round_.state == RoundState.COLLECTING
+        and round_.deadline is not None
+        and as_utc(round_.deadline) <= now
+    )
+
+
+def round_progress(*, session: Session, round_: Round) -> RoundProgress:
+    total = crud.count_updates(session=session, round_id=round_.id)
+    if round_.clustering_id is None:
+        return RoundProgress(total=total, clusters=[])
+    members = crud.cluster_members(session=session, clustering_id=round_.clustering_id)
+    updates = crud.updates_per_cluster(
+        session=session, round_id=round_.id, clustering_id=round_.clustering_id
+    )
+    clusters = [
+        ClusterProgress(label=label, members=members.get(label, 0), updates=updates.get(label, 0))
+        for label in sorted(members.keys() | updates.keys())
+    ]
+    return RoundProgress(total=total, clusters=clusters)
+
+
+def close_round(*, session: Session, celery: Celery, round_id: int, why: str) -> bool:
+    """Move a collecting round to aggregating and enqueue its aggregation; whether this call did.
+
+    Commits. Raises EnqueueError (with the round collecting again) if the task cannot be sent.
+    """
+    if not crud.move_round(
+        session=session,
+        round_id=round_id,
+        from_state=RoundState.COLLECTING,
+        to_state=RoundState.AGGREGATING,
+        closed_at=utcnow(),
+    ):
+        session.rollback()
+        return False
+    session.commit()
+    try:
+        # No result: the worker records the outcome on the round, and waiting on the result
+        # backend would hold this request for many seconds whenever Redis is down.
+        celery.send_task(
+            TASK_AGGREGATE_ROUND, args=[round_id], queue=AGGREGATION_QUEUE, ignore_result=True
+        )
+    except Exception as error:
+        crud.move_round(
+            session=session,
+            round_id=round_id,
+            from_state=RoundState.AGGREGATING,
+            to_state=RoundState.COLLECTING,
+        )
+        session.commit()
+        log.exception("could not enqueue the aggregation of round %s", round_id)
+        raise EnqueueError(
+            f"could not enqueue the aggregation of round {round_id}: {error}"
+        ) from error
+    log.info("round closed", extra={"round_id": round_id, "why": why})
+    return True
+
+
+def close_at_deadline(*, session: Session, celery: Celery, round_id: int) -> bool:
+    """Close a round whose deadline passed: aggregate what it has, or cancel it if it has none."""
+    if crud.count_updates(session=session, round_id=round_id) == 0:
+        cancelled = crud.move_round(
+            session=session,
+            round_id=round_id,
+            from_state=RoundState.COLLECTING,
+            to_state=RoundState.CANCELLED,
+            closed_at=utcnow(),
+            error=NO_UPDATES_AT_DEADLINE,
+        )
+        session.commit()
+        if cancelled:
+            log.info("round cancelled at its deadline: no updates", extra={"round_id": round_id})
+        return cancelled
+    return close_round(session=session, celery=celery, round_id=round_id, why="deadline")
+
+
+def close_if_due(*, session: Session, celery: Celery, round_: Round) -> bool:
+    """The lazy deadline check of a request; refreshes `round_` when it closed it."""
+    if not is_due(round_, utcnow()):
+        return False
+    try:
+        closed = close_at_deadline(session=session, celery=celery, round_id=round_.id)
+    except EnqueueError:
+        return False
+    session.refresh(round_)
+    return closed
+
+
+def close_due_rounds(*, sessions: sessionmaker[Session], celery: Celery) -> list[int]:
+    """Close every collecting round past its deadline; the ids this call closed."""
+    closed = []
+    with sessions() as session:
+        for round_id in crud.due_round_ids(session=session, now=utcnow()):
+            try:
+                if close_at_deadline(session=session, celery=celery, round_id=round_id):
+                    closed.append(round_id)
+            except EnqueueError:
+                continue  # logged; the next check tries again
+    return closed
+
+
+async def deadline_loop(resources: Resources) -> None:
+    """Every DEADLINE_CHECK_INTERVAL_S, close the rounds whose deadline passed, until cancelled."""
+    while True:
+        try:
+            await asyncio.to_thread(
+                close_due_rounds, sessions=resources.sessions, celery=resources.celery
+            )
+        except Exception:
+            log.exception("deadline check failed")
+        await asyncio.sleep(DEADLINE_CHECK_INTERVAL_S)

@@ -1,0 +1,153 @@
+"""Federated rounds: opening, progress towards quorum, closing early, cancelling.
+
+A round collects updates until quorum (see `closing.RoundProgress.quorum_met`) or its deadline,
+then the worker aggregates it: collecting -> aggregating -> published (or failed); an operator
+may cancel a collecting round.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, status
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from services.aggregator import crud
+from services.aggregator.closing import EnqueueError, close_if_due, close_round
+from services.aggregator.views import round_out
+from tessera.federation import RoundConfig
+from tessera.models import Role, Round, RoundState, utcnow
+from tessera.schemas import RoundOut
+from tessera.service.auth import OperatorDep, Principal, require_role
+from tessera.service.deps import CeleryDep, SessionDep
+
+router = APIRouter(prefix="/v1/rounds", tags=["rounds"])
+
+OperatorOrDeviceDep = Annotated[Principal, require_role(Role.OPERATOR, Role.DEVICE)]
+
+
+def get_round(session: Session, round_id: int) -> Round:
+    round_ = session.get(Round, round_id)
+    if round_ is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no round with id {round_id}")
+    return round_
+
+
+def not_collecting(round_: Round) -> HTTPException:
+    return HTTPException(
+        status.HTTP_409_CONFLICT,
+        detail=f"round {round_.number} (id {round_.id}) is {round_.state.value}, not collecting",
+    )
+
+
+def _enqueue_failed(error: EnqueueError) -> HTTPException:
+    return HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=str(error))
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    summary="Open the next round",
+    responses={409: {"description": "a round is already collecting"}},
+)
+def open_round(
+    config: RoundConfig, _operator: OperatorDep, session: SessionDep, celery: CeleryDep
+) -> RoundOut:
+    current = crud.collecting_round(session=session)
+    if current is not None:
+        close_if_due(session=session, celery=celery, round_=current)
+    try:
+        round_ = crud.create_round(session=session, config=config, now=utcnow())
+        session.commit()
+    except (crud.RoundConflictError, IntegrityError) as error:
+        session.rollback()
+        detail = str(error) if isinstance(error, crud.RoundConflictError) else "a round was opened"
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            detail=f"{detail}: close or cancel it before opening another",
+        ) from error
+    return round_out(session=session, round_=round_)
+
+
+@router.get("", summary="Rounds, newest first")
+def list_rounds(
+    _operator: OperatorDep,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> list[RoundOut]:
+    return [
+        round_out(session=session, round_=round_)
+        for round_ in crud.list_rounds(session=session, limit=limit)
+    ]
+
+
+@router.get(
+    "/current",
+    summary="The newest round, whatever its state",
+    responses={404: {"description": "no round was ever opened"}},
+)
+def current_round(_caller: OperatorOrDeviceDep, session: SessionDep, celery: CeleryDep) -> RoundOut:
+    round_ = crud.latest_round(session=session)
+    if round_ is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no round has been opened yet")
+    close_if_due(session=session, celery=celery, round_=round_)
+    return round_out(session=session, round_=round_)
+
+
+@router.get("/{round_id}", summary="One round and its progress towards quorum")
+def read_round(
+    round_id: int, _caller: OperatorOrDeviceDep, session: SessionDep, celery: CeleryDep
+) -> RoundOut:
+    round_ = get_round(session, round_id)
+    close_if_due(session=session, celery=celery, round_=round_)
+    return round_out(session=session, round_=round_)
+
+
+@router.post(
+    "/{round_id}/close",
+    summary="Stop collecting now and aggregate the updates received",
+    responses={409: {"description": "the round is not collecting, or has no updates"}},
+)
+def close(
+    round_id: int, _operator: OperatorDep, session: SessionDep, celery: CeleryDep
+) -> RoundOut:
+    round_ = get_round(session, round_id)
+    if round_.state != RoundState.COLLECTING:
+        raise not_collecting(round_)
+    if crud.count_updates(session=session, round_id=round_id) == 0:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            detail=f"round {round_.number} (id {round_id}) has no updates to aggregate; "
+            "cancel it instead",
+        )
+    try:
+        if not close_round(session=session, celery=celery, round_id=round_id, why="operator"):
+            session.refresh(round_)
+            raise not_collecting(round_)
+    except EnqueueError as error:
+        raise _enqueue_failed(error) from error
+    session.refresh(round_)
+    return round_out(session=session, round_=round_)
+
+
+@router.post(
+    "/{round_id}/cancel",
+    summary="Cancel a collecting round; its updates are never aggregated",
+    responses={409: {"description": "the round is not collecting"}},
+)
+def cancel(round_id: int, operator: OperatorDep, session: SessionDep) -> RoundOut:
+    round_ = get_round(session, round_id)
+    cancelled = crud.move_round(
+        session=session,
+        round_id=round_id,
+        from_state=RoundState.COLLECTING,
+        to_state=RoundState.CANCELLED,
+        closed_at=utcnow(),
+        error=f"cancelled by {operator.name}",
+    )
+    session.commit()
+    session.refresh(round_)
+    if not cancelled:
+        raise not_collecting(round_)
+    return round_out(session=session, round_=round_)

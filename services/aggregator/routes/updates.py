@@ -1,0 +1,233 @@
+"""A device's LoRA update for a round: checked in full before anything is stored.
+
+The object key is fixed per (round, client), so a re-upload overwrites the object and then
+updates the row. A request that fails between the two (or two re-uploads by one device racing)
+can leave the object newer than the row's sha256: the worker reads updates with the row's
+sha256 and refuses a mismatch, and the device's next upload repairs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Annotated
+
+from celery import Celery
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session
+
+from services.aggregator import crud
+from services.aggregator.closing import (
+    EnqueueError,
+    close_if_due,
+    close_round,
+    is_due,
+    round_progress,
+)
+from services.aggregator.deps import LoraSpecDep
+from services.aggregator.routes.rounds import get_round, not_collecting
+from services.aggregator.uploads import read_body, reject, rejection_reason
+from tessera.federation import RoundConfig, update_key
+from tessera.lora import LoraFileError, LoraSpec, validate_adapter_bytes
+from tessera.metrics import UPDATES_RECEIVED, RejectionReason
+from tessera.models import AdapterVersion, RoundState, utcnow
+from tessera.schemas import UpdateReceipt, UpdateRejection
+from tessera.service.auth import DeviceDep
+from tessera.service.deps import CeleryDep, SessionDep, SettingsDep, StoreDep
+from tessera.storage import ObjectStore, StorageError
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v1/rounds", tags=["updates"])
+
+MAX_NUM_SAMPLES = 1_000_000
+
+
+class _RoundClosedError(Exception):
+    """The round stopped collecting between the first check and the database write."""
+
+
+@dataclass(frozen=True)
+class UpdateMetadata:
+    num_samples: int
+    base_version_id: int | None
+    train_loss: float | None
+
+
+def _check_round(session: Session, celery: Celery, round_id: int) -> None:
+    """404 for an unknown round; 409 unless it is collecting and before its deadline."""
+    round_ = get_round(session, round_id)
+    close_if_due(session=session, celery=celery, round_=round_)
+    if round_.state != RoundState.COLLECTING:
+        reject(RejectionReason.ROUND_NOT_OPEN)
+        raise not_collecting(round_)
+    if is_due(round_, utcnow()):  # still collecting only because its closing failed just now
+        reject(RejectionReason.ROUND_NOT_OPEN)
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            detail=f"round {round_.number} (id {round_.id}) is past its deadline",
+        )
+    session.rollback()  # end the read transaction before the body arrives
+
+
+def _store_update(
+    *,
+    session: Session,
+    store: ObjectStore,
+    celery: Celery,
+    spec: LoraSpec,
+    round_id: int,
+    client_id: int,
+    data: bytes,
+    meta: UpdateMetadata,
+) -> tuple[UpdateReceipt, bool]:
+    """Validate, store and record an update, then close the round if it reached quorum."""
+    if (
+        meta.base_version_id is not None
+        and session.get(AdapterVersion, meta.base_version_id) is None
+    ):
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            detail=f"base_version_id {meta.base_version_id} is not a published adapter version",
+        )
+    validate_adapter_bytes(data, spec)  # raises LoraFileError: nothing is stored
+    key = update_key(round_id, client_id)
+    sha256 = hashlib.sha256(data).hexdigest()
+    try:
+        stored = store.put_bytes(key, data, expected_sha256=sha256)
+    except StorageError as error:
+        log.exception("could not store an update", extra={"round_id": round_id, "key": key})
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, detail=f"the object store failed: {error}"
+        ) from error
+    try:
+        if not crud.hold_collecting_round(session=session, round_id=round_id):
+            raise _RoundClosedError
+        row, replaced = crud.upsert_update(
+            session=session,
+            round_id=round_id,
+            client_id=client_id,
+            stored=stored,
+            num_samples=meta.num_samples,
+            base_version_id=meta.base_version_id,
+            train_loss=meta.train_loss,
+        )
+        session.commit()
+    except BaseException as error:
+        # The round closed while the file was checked and stored, or the database failed:
+        # take back the object this request wrote, unless an earlier upload's row points to it.
+        session.rollback()
+        if crud.get_update(session=session, round_id=round_id, client_id=client_id) is None:
+            try:
+                store.delete(key)
+            except StorageError:
+                log.exception("could not delete an unrecorded update", extra={"key": key})
+        if isinstance(error, _RoundClosedError):
+            reject(RejectionReason.ROUND_NOT_OPEN)
+            raise not_collecting(get_round(session, round_id)) from None
+        raise
+    UPDATES_RECEIVED.inc()
+    round_ = get_round(session, round_id)
+    if round_progress(session=session, round_=round_).quorum_met(
+        RoundConfig.model_validate(round_.config)
+    ):
+        # If the task cannot be sent, the round stays collecting: the next upload or check retries.
+        with contextlib.suppress(EnqueueError):
+            close_round(session=session, celery=celery, round_id=round_id, why="quorum")
+        session.refresh(round_)
+    receipt = UpdateReceipt(
+        update_id=row.id,
+        round_id=round_id,
+        client_id=client_id,
+        sha256=stored.sha256,
+        size_bytes=stored.size,
+        num_samples=meta.num_samples,
+        replaced=replaced,
+        round_state=round_.state,
+    )
+    return receipt, replaced
+
+
+@router.put(
+    "/{round_id}/updates/{client_id}",
+    status_code=status.HTTP_201_CREATED,
+    response_model=UpdateReceipt,
+    summary="Upload (or replace) the device's LoRA update for a round",
+    description="The body is the safetensors file itself (Content-Type: "
+    "application/octet-stream), at most TESSERA_MAX_UPLOAD_BYTES. 201 for a first upload, "
+    "200 when it replaces the device's earlier one.",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            },
+        }
+    },
+    responses={
+        200: {"description": "replaced the device's earlier update", "model": UpdateReceipt},
+        403: {"description": "the slot is another device's"},
+        404: {"description": "no such round"},
+        409: {"description": "the round is not collecting"},
+        413: {"description": "the file is over the upload limit"},
+        422: {"description": "the file or its metadata is refused", "model": UpdateRejection},
+    },
+)
+async def upload_update(
+    round_id: int,
+    client_id: int,
+    request: Request,
+    response: Response,
+    device: DeviceDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    celery: CeleryDep,
+    spec: LoraSpecDep,
+    num_samples: Annotated[
+        int, Query(ge=1, le=MAX_NUM_SAMPLES, description="training samples behind the update")
+    ],
+    base_version_id: Annotated[
+        int | None, Query(ge=1, description="the adapter version training started from")
+    ] = None,
+    train_loss: Annotated[
+        float | None, Query(ge=0, allow_inf_nan=False, description="final training loss")
+    ] = None,
+) -> UpdateReceipt | JSONResponse:
+    if client_id != device.client_id:
+        reject(RejectionReason.NOT_ALLOWED)
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN, detail="a device can only upload its own update"
+        )
+    await run_in_threadpool(_check_round, session, celery, round_id)
+    data = await read_body(request, limit=settings.max_upload_bytes)
+    try:
+        receipt, replaced = await run_in_threadpool(
+            lambda: _store_update(
+                session=session,
+                store=store,
+                celery=celery,
+                spec=spec,
+                round_id=round_id,
+                client_id=client_id,
+                data=data,
+                meta=UpdateMetadata(num_samples, base_version_id, train_loss),
+            )
+        )
+    except LoraFileError as error:
+        reject(rejection_reason(error))
+        rejection = UpdateRejection(
+            detail=str(error),
+            key=error.key,
+            expected=jsonable_encoder(error.expected),
+            found=jsonable_encoder(error.found),
+        )
+        return JSONResponse(rejection.model_dump(), status_code=422)
+    if replaced:
+        response.status_code = status.HTTP_200_OK
+    return receipt

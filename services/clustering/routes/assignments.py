@@ -1,0 +1,68 @@
+"""Assignments: place a device in the current clustering, read a device's cluster."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException, status
+from sqlalchemy.exc import IntegrityError
+
+from services.clustering import crud
+from services.clustering.routes.errors import concurrent_write, http_error
+from services.clustering.schemas import AssignmentCreate, AssignmentOut
+from tessera.models import Assignment, Clustering, Role
+from tessera.service.auth import OperatorDep, PrincipalDep
+from tessera.service.deps import SessionDep
+
+router = APIRouter(prefix="/v1/assignments", tags=["assignments"])
+
+
+def assignment_out(clustering: Clustering, assignment: Assignment) -> AssignmentOut:
+    return AssignmentOut(
+        client_id=assignment.client_id,
+        clustering_version=clustering.version,
+        label=assignment.label,
+        similarity=assignment.similarity,
+    )
+
+
+@router.post(
+    "",
+    summary="Assign a device to its nearest current cluster (after it uploads task vectors)",
+    responses={
+        404: {"description": "unknown client, or no task vectors"},
+        409: {"description": "not an enabled device, or vectors of another dimension"},
+    },
+)
+def assign(body: AssignmentCreate, _operator: OperatorDep, session: SessionDep) -> AssignmentOut:
+    try:
+        assignment = crud.assign_device(session=session, client_id=body.client_id)
+        session.commit()
+    except crud.ClusteringStateError as error:
+        session.rollback()
+        raise http_error(error) from error
+    except IntegrityError as error:
+        session.rollback()
+        raise concurrent_write() from error
+    clustering = session.get_one(Clustering, assignment.clustering_id)
+    return assignment_out(clustering, assignment)
+
+
+@router.get(
+    "/{client_id}",
+    summary="A device's cluster in the current clustering (operators, or the device itself)",
+    responses={
+        403: {"description": "a device asking for another's, or a generation client"},
+        404: {"description": "no clustering, or the client has no assignment in it"},
+    },
+)
+def get_assignment(client_id: int, principal: PrincipalDep, session: SessionDep) -> AssignmentOut:
+    is_self = principal.role == Role.DEVICE and principal.client_id == client_id
+    if principal.role != Role.OPERATOR and not is_self:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            detail="a device may read only its own assignment; other roles need operator",
+        )
+    try:
+        clustering, assignment = crud.current_assignment(session=session, client_id=client_id)
+    except crud.ClusteringStateError as error:
+        raise http_error(error) from error
+    return assignment_out(clustering, assignment)

@@ -1,0 +1,71 @@
+"""Request and response models of the clustering API (the tables are in `tessera.models`)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import BaseModel, Field
+
+from services.clustering.algorithms import Method
+from tessera.schemas import Strict
+
+MAX_VECTOR_DIM = 4096
+
+
+class ClusteringCreate(Strict):
+    """How to recluster; contradictions (hdbscan with k, ...) are refused by the algorithms."""
+
+    method: Method = "kmeans"
+    k: Annotated[int | None, Field(ge=1, le=64, description="None: chosen by silhouette")] = None
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
+    min_cluster_size: Annotated[int, Field(ge=2, le=1000, description="HDBSCAN's")] = 2
+    distance_threshold: Annotated[
+        float | None,
+        Field(gt=0.0, le=2.0, allow_inf_nan=False, description="agglomerative: cosine distance"),
+    ] = None
+
+
+class ClusterOut(BaseModel):
+    label: int
+    size: int
+    members: list[int] = Field(description="client ids assigned to the cluster")
+
+
+class ClusteringOut(BaseModel):
+    id: int
+    version: int
+    algorithm: str
+    params: dict[str, Any]
+    metrics: dict[str, Any]
+    clusters: list[ClusterOut]
+    created_at: datetime
+
+
+class AssignmentCreate(Strict):
+    client_id: Annotated[int, Field(ge=1)]
+
+
+class AssignmentOut(BaseModel):
+    client_id: int
+    clustering_version: int
+    label: int
+    similarity: float | None
+
+
+class RouteRequest(Strict):
+    """An encoded prompt: a pooled, L2-normalised vector as wide as the centroids."""
+
+    vector: Annotated[list[float], Field(min_length=1, max_length=MAX_VECTOR_DIM)]
+    temperature: Annotated[float, Field(gt=0.0, le=100.0)] = 0.1
+    top_k: Annotated[int, Field(ge=1, le=64)] = 2
+
+
+class ClusterWeight(BaseModel):
+    label: int
+    weight: float
+
+
+class RouteOut(BaseModel):
+    clustering_version: int
+    weights: list[ClusterWeight] = Field(description="heaviest first, summing to 1")

@@ -1,0 +1,199 @@
+"""Writing an aggregated adapter as a new version, once per round, and announcing it.
+
+The unique (adapter_id, round_id) constraint is the guard: a version that exists for the round
+is reused, whoever wrote it; a lost race on it rolls back and reuses the winner's row.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis import Redis
+from redis.exceptions import RedisError
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from tessera.events import ADAPTER_PUBLISHED_CHANNEL
+from tessera.federation import adapter_key
+from tessera.lora import LoraAdapter, adapter_to_bytes
+from tessera.models import Adapter, AdapterKind, AdapterVersion
+from tessera.storage import ObjectStore
+
+log = logging.getLogger(__name__)
+
+# Tries at a version number when other rounds publish the same adapter at the same time.
+VERSION_ATTEMPTS = 5
+
+
+@dataclass(frozen=True)
+class ToPublish:
+    """An adapter a round publishes: its line's name and kind, the weights and their metrics."""
+
+    name: str
+    kind: AdapterKind
+    cluster_label: int | None
+    adapter: LoraAdapter
+    metrics: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PublishedVersion:
+    adapter: str
+    version: int
+    version_id: int
+    object_key: str
+    sha256: str
+    size_bytes: int
+    rank: int
+    metrics: dict[str, Any]
+    reused: bool
+
+    @classmethod
+    def of(cls, row: AdapterVersion, name: str, *, reused: bool) -> PublishedVersion:
+        return cls(
+            adapter=name,
+            version=row.version,
+            version_id=row.id,
+            object_key=row.object_key,
+            sha256=row.sha256,
+            size_bytes=row.size_bytes,
+            rank=row.rank,
+            metrics=dict(row.metrics),
+            reused=reused,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "adapter": self.adapter,
+            "version": self.version,
+            "version_id": self.version_id,
+            "object_key": self.object_key,
+            "sha256": self.sha256,
+            "size_bytes": self.size_bytes,
+            "rank": self.rank,
+            "reused": self.reused,
+            "metrics": self.metrics,
+        }
+
+    def event(self, *, round_id: int) -> dict[str, Any]:
+        """The message on ADAPTER_PUBLISHED_CHANNEL."""
+        return {
+            "adapter": self.adapter,
+            "version": self.version,
+            "version_id": self.version_id,
+            "object_key": self.object_key,
+            "sha256": self.sha256,
+            "round_id": round_id,
+        }
+
+
+def publish_version(
+    output: ToPublish,
+    *,
+    round_id: int,
+    method: str,
+    sessions: sessionmaker[Session],
+    store: ObjectStore,
+) -> PublishedVersion:
+    """The round's version of `output.name`: the existing one, else written and committed now."""
+    for _ in range(VERSION_ATTEMPTS):
+        with sessions() as session:
+            adapter_id = _adapter_id(session, output)
+            existing = _round_version(session, adapter_id, round_id)
+            if existing is not None:
+                return PublishedVersion.of(existing, output.name, reused=True)
+            latest = session.scalar(
+                select(func.max(AdapterVersion.version)).where(
+                    AdapterVersion.adapter_id == adapter_id
+                )
+            )
+        version = (latest or 0) + 1
+        energy = output.metrics.get("energy_kept")
+        extra = {
+            "adapter_id": f"{output.name}@v{version}",
+            "round": str(round_id),
+            "method": method,
+            "updates": str(output.metrics.get("updates", "")),
+            "samples": str(output.metrics.get("samples", "")),
+            **({"energy_kept": f"{energy:.6f}"} if energy is not None else {}),
+        }
+        # The key is fixed per round: a rerun after a crash overwrites its own orphan.
+        stored = store.put_bytes(
+            adapter_key(output.name, round_id), adapter_to_bytes(output.adapter.with_extra(**extra))
+        )
+        with sessions() as session:
+            row = AdapterVersion(
+                adapter_id=adapter_id,
+                version=version,
+                round_id=round_id,
+                object_key=stored.key,
+                sha256=stored.sha256,
+                size_bytes=stored.size,
+                rank=output.adapter.rank,
+                metrics=output.metrics,
+            )
+            session.add(row)
+            try:
+                session.commit()
+            except IntegrityError:
+                session.rollback()
+                existing = _round_version(session, adapter_id, round_id)
+                if existing is None:
+                    continue  # another round took this version number: try the next one
+                if existing.sha256 != stored.sha256:
+                    log.warning(
+                        "a concurrent run published this round's version first",
+                        extra={"adapter": output.name, "round_id": round_id},
+                    )
+                return PublishedVersion.of(existing, output.name, reused=True)
+            log.info(
+                "adapter version published",
+                extra={"adapter": output.name, "version": version, "round_id": round_id},
+            )
+            return PublishedVersion.of(row, output.name, reused=False)
+    raise RuntimeError(
+        f"no free version number for adapter {output.name!r} after {VERSION_ATTEMPTS} attempts"
+    )
+
+
+def announce(redis: Redis, versions: Sequence[PublishedVersion], *, round_id: int) -> int:
+    """Publish one event per version; return how many went out (a Redis outage loses them)."""
+    sent = 0
+    for version in versions:
+        try:
+            redis.publish(ADAPTER_PUBLISHED_CHANNEL, json.dumps(version.event(round_id=round_id)))
+        except RedisError as error:
+            log.warning(
+                "adapter published but not announced",
+                extra={"adapter": version.adapter, "version": version.version, "error": str(error)},
+            )
+            continue
+        sent += 1
+    return sent
+
+
+def _adapter_id(session: Session, output: ToPublish) -> int:
+    """The id of the adapter line named `output.name`, created (and committed) if new."""
+    query = select(Adapter.id).where(Adapter.name == output.name)
+    found = session.scalar(query)
+    if found is not None:
+        return found
+    session.add(Adapter(name=output.name, kind=output.kind, cluster_label=output.cluster_label))
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()  # created meanwhile by another run
+    return session.scalars(query).one()
+
+
+def _round_version(session: Session, adapter_id: int, round_id: int) -> AdapterVersion | None:
+    return session.scalar(
+        select(AdapterVersion).where(
+            AdapterVersion.adapter_id == adapter_id, AdapterVersion.round_id == round_id
+        )
+    )

@@ -1,0 +1,73 @@
+"""Federation tasks: aggregate a closed round, close rounds past their deadline.
+
+Both inherit the app's time limits (from TESSERA_TASK_TIME_LIMIT_S) and late acknowledgement;
+the work itself is in `services.worker.rounds`, as plain functions.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from celery import Task, shared_task
+from celery.signals import worker_process_init
+
+from services.worker import context
+from services.worker.rounds import (
+    TRANSIENT_ERRORS,
+    aggregate_round_now,
+    close_due_rounds_now,
+    mark_round_failed,
+)
+from tessera.events import AGGREGATION_QUEUE, TASK_AGGREGATE_ROUND, TASK_CLOSE_DUE_ROUNDS
+
+log = logging.getLogger(__name__)
+
+MAX_RETRIES = 3
+RETRY_BACKOFF_S = 10  # doubled at each retry: 10, 20, 40 s
+
+
+@worker_process_init.connect
+def _one_torch_thread(**_kwargs: Any) -> None:
+    # Each pool process is one unit of parallelism (TESSERA_WORKER_CONCURRENCY). Intra-op
+    # threads on top oversubscribe the cores, and MKL's threaded SVD, which aggregation runs
+    # per module, slows down a hundredfold when its other thread's core is busy.
+    torch.set_num_threads(1)
+
+
+@shared_task(bind=True, name=TASK_AGGREGATE_ROUND, max_retries=MAX_RETRIES)
+def aggregate_round(self: Task, round_id: int) -> dict[str, Any]:
+    """Aggregate a round in state aggregating and publish its adapters (safe to run again).
+
+    Connection errors (Redis, database, object store) are retried with backoff; after the last
+    retry, or on any other error, the round is marked failed and the error propagates.
+    """
+    resources = context.resources()
+    try:
+        return aggregate_round_now(
+            round_id, sessions=resources.sessions, store=resources.store, redis=resources.redis
+        )
+    except TRANSIENT_ERRORS as error:
+        retries = self.request.retries
+        if retries < MAX_RETRIES:
+            raise self.retry(exc=error, countdown=RETRY_BACKOFF_S * 2**retries) from error
+        try:
+            mark_round_failed(
+                resources.sessions,
+                round_id,
+                f"gave up after {retries} retries: {type(error).__name__}: {error}",
+            )
+        except Exception:
+            log.exception("could not mark the round failed", extra={"round_id": round_id})
+        raise
+
+
+@shared_task(name=TASK_CLOSE_DUE_ROUNDS, time_limit=120, soft_time_limit=100)
+def close_due_rounds() -> dict[str, list[int]]:
+    """Move collecting rounds past their deadline on: aggregate them, or cancel the empty ones."""
+    return close_due_rounds_now(sessions=context.resources().sessions, enqueue=_enqueue_aggregation)
+
+
+def _enqueue_aggregation(round_id: int) -> None:
+    aggregate_round.apply_async(args=(round_id,), queue=AGGREGATION_QUEUE)

@@ -1,0 +1,84 @@
+"""The federation's shared vocabulary: round configuration, adapter names and object keys.
+
+The aggregator writes what the worker reads through these, so both agree on one spelling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+GLOBAL_ADAPTER = "global"
+CLUSTER_PREFIX = "cluster:"
+PERSONAL_PREFIX = "personal:"
+
+
+class RoundConfig(BaseModel):
+    """How a round collects and aggregates; stored as JSON on the round."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["exact", "fedavg"] = Field(
+        default="exact",
+        description="exact: mean of B·A, re-factorised by SVD; fedavg: mean of A and of B",
+    )
+    scope: Literal["cluster", "global"] = Field(
+        default="cluster",
+        description="cluster: one adapter per cluster plus a global one; global: one for everyone",
+    )
+    rank: Annotated[int, Field(ge=1, le=64)] = 8
+    min_updates: Annotated[int, Field(ge=1, le=100_000)] = 1
+    min_updates_per_cluster: Annotated[int, Field(ge=0, le=100_000)] = 0
+    deadline_s: Annotated[float | None, Field(gt=0, le=7 * 24 * 3600)] = None
+    lam: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+        default=0.2, description="share of the neighbours in each cluster adapter (0: off)"
+    )
+    temperature: Annotated[float, Field(gt=0.0, le=100.0)] = Field(
+        default=0.1, description="softmax temperature over centroid cosine similarity"
+    )
+
+
+def cluster_adapter_name(label: int) -> str:
+    """`cluster:3`."""
+    return f"{CLUSTER_PREFIX}{label}"
+
+
+def personal_adapter_name(client_id: int) -> str:
+    """`personal:7`."""
+    return f"{PERSONAL_PREFIX}{client_id}"
+
+
+def update_key(round_id: int, client_id: int) -> str:
+    """Where a device's update for a round lives in the object store (a re-upload replaces it)."""
+    return f"updates/round-{round_id}/client-{client_id}.safetensors"
+
+
+def adapter_key(adapter_name: str, round_id: int) -> str:
+    """Where the version of an adapter published by a round lives: fixed per round, so a rerun
+    of the aggregation overwrites the same object instead of leaving a second copy."""
+    return f"adapters/{adapter_name.replace(':', '-')}/round-{round_id}.safetensors"
+
+
+VECTOR_DTYPE = np.dtype("<f4")
+
+
+def task_vector_bytes(vector: Sequence[float] | np.ndarray) -> bytes:
+    """A task vector (or centroid) as the database stores it: little-endian float32, no header."""
+    return np.asarray(vector, dtype=VECTOR_DTYPE).tobytes()
+
+
+def task_vector_from_bytes(data: bytes, *, dim: int | None = None) -> np.ndarray:
+    """A stored float32 vector as float64, refused when its length disagrees with `dim`."""
+    if len(data) % VECTOR_DTYPE.itemsize:
+        raise ValueError(f"a stored vector has {len(data)} bytes, not a multiple of 4")
+    vector = np.frombuffer(data, dtype=VECTOR_DTYPE).astype(np.float64)
+    if dim is not None and vector.shape[0] != dim:
+        raise ValueError(f"a stored vector has {vector.shape[0]} values, its row says dim={dim}")
+    return vector
+
+
+# The error a round is cancelled with when its deadline passes before any update arrived.
+NO_UPDATES_AT_DEADLINE = "deadline passed with no updates"
