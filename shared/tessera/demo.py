@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import click
-import httpx
 
 from tessera import procs
 from tessera.config import LogFormat, Settings
-from tessera.stack import Stack
+from tessera.model.base import load_base_model
+from tessera.sim.run import SimConfig, SimReport
 
 
 def demo_settings(data_dir: Path) -> Settings:
@@ -26,50 +28,57 @@ def demo_settings(data_dir: Path) -> Settings:
     )
 
 
-def run_demo(data_dir: str) -> None:
+DEMO_CONFIG = SimConfig(
+    devices=12, styles=3, rounds=3, steps=20, eval_images=6, eval_steps=12, workers=2
+)
+
+
+def run_demo(data_dir: str, config: SimConfig = DEMO_CONFIG) -> None:
+    """Simulate the same federation twice, cluster-aware and global FedAvg, on fresh stacks."""
+    from tessera.sim.cli import run_on_fresh_stack
+    from tessera.sim.report import (
+        cluster_table,
+        comparison_table,
+        generation_grid,
+        plot_convergence,
+        published_adapters,
+    )
+
     folder = Path(data_dir).resolve()
     shutil.rmtree(folder, ignore_errors=True)
-    settings = demo_settings(folder)
-    click.secho("== Starting Tessera on embedded servers (Valkey, SeaweedFS, SQLite)", bold=True)
+    output = folder / "output"
+    output.mkdir(parents=True)
     started = time.perf_counter()
-    stack = Stack(settings)
-    try:
-        info = stack.start()
-        click.echo(f"   up in {time.perf_counter() - started:.1f}s; logs in {info.log_dir}")
-        for name, url in info.backends.items():
-            click.echo(f"   {name:<22} {url}")
-        operator = {"Authorization": f"Bearer {info.operator_token}"}
-        with httpx.Client(base_url=settings.aggregator_url, timeout=30) as http:
-            click.secho("== Enrolling a device (operator token)", bold=True)
-            enrolled = http.post(
-                "/v1/clients", json={"name": "demo-device-1", "role": "device"}, headers=operator
-            )
-            enrolled.raise_for_status()
-            device = enrolled.json()
-            click.echo(
-                f"   device id={device['id']} name={device['name']} token={device['token'][:10]}…"
-            )
-            me = http.get("/v1/clients/me", headers={"Authorization": f"Bearer {device['token']}"})
-            me.raise_for_status()
-            click.echo(
-                f"   the device's token authenticates as: {me.json()['name']} ({me.json()['role']})"
-            )
-            refused = http.post(
-                "/v1/clients",
-                json={"name": "x"},
-                headers={"Authorization": f"Bearer {device['token']}"},
-            )
-            detail = refused.json()["detail"]
-            click.echo(f"   the device may not enrol others: {refused.status_code} {detail}")
-        click.secho("== Readiness of every service", bold=True)
-        for name, url in info.urls.items():
-            ready = httpx.get(f"{url}/readyz", timeout=10)
-            checks = ", ".join(f"{k}={v}" for k, v in ready.json()["checks"].items())
-            click.echo(f"   {name:<11} {ready.status_code} {ready.json()['status']:<8} {checks}")
-            if ready.status_code != 200:
-                raise click.ClickException(f"{name} is not ready")
-    finally:
-        click.secho("== Stopping", bold=True)
-        stack.stop()
-    leftovers = [c.name for c in stack.children if c.process and c.process.poll() is None]
-    click.echo("   every process stopped" if not leftovers else f"   STILL RUNNING: {leftovers}")
+    reports: dict[str, SimReport] = {}
+    grid_labels: list[str] = []
+
+    def grid(aggregator_url: str, operator_token: str) -> None:
+        base = load_base_model()
+        adapters = published_adapters(aggregator_url, operator_token, base)
+        grid_labels.extend(generation_grid(base, adapters, output / "generations.png"))
+
+    for method, title in (("exact", "cluster-aware (exact)"), ("global", "global FedAvg")):
+        click.secho(
+            f"== {title}: {config.devices} devices, {config.styles} styles, "
+            f"{config.rounds} rounds, on a fresh stack (Valkey, SeaweedFS, SQLite)",
+            bold=True,
+        )
+        run_config = replace(config, method=method)  # type: ignore[arg-type]
+        reports[title] = run_on_fresh_stack(
+            run_config, folder / method, after=grid if method == "exact" else None
+        )
+    exact = reports["cluster-aware (exact)"]
+    click.secho("== Clusters found vs true styles", bold=True)
+    click.echo(cluster_table(exact))
+    click.secho("== Per round: cluster-aware against global FedAvg", bold=True)
+    table = comparison_table(reports)
+    click.echo(table)
+    plot_convergence(reports, output / "convergence.png")
+    (output / "report.json").write_text(
+        json.dumps({k: v.to_dict() for k, v in reports.items()}, indent=2) + "\n"
+    )
+    (output / "report.md").write_text(table + "\n")
+    click.secho(f"== Done in {time.perf_counter() - started:.0f}s; output in {output}", bold=True)
+    click.echo("   convergence.png  held-out loss and style accuracy per round")
+    click.echo(f"   generations.png  rows: {', '.join(grid_labels)}")
+    click.echo("   report.json, report.md")

@@ -1,0 +1,98 @@
+"""HTTP with retries for edge devices: flaky links are the normal case, not the exception."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+RETRY_ERRORS = (httpx.TransportError,)
+
+
+class ApiError(RuntimeError):
+    """A request the server refused (4xx) or kept failing (5xx after every retry)."""
+
+    def __init__(self, method: str, url: str, status: int, detail: Any):
+        self.status = status
+        self.detail = detail
+        super().__init__(f"{method} {url}: {status} {detail}")
+
+
+@dataclass
+class Traffic:
+    """Bytes this client sent and received (request and response bodies)."""
+
+    up: int = 0
+    down: int = 0
+
+
+@dataclass
+class RetryPolicy:
+    """Up to `attempts` tries with exponential backoff and jitter, capped at `max_delay_s`."""
+
+    attempts: int = 5
+    base_delay_s: float = 0.25
+    max_delay_s: float = 8.0
+    sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before try `attempt + 1` (attempt counts from 0)."""
+        ceiling = min(self.max_delay_s, self.base_delay_s * 2**attempt)
+        return random.uniform(ceiling / 2, ceiling)
+
+
+def request(
+    client: httpx.Client,
+    method: str,
+    url: str,
+    *,
+    policy: RetryPolicy,
+    traffic: Traffic | None = None,
+    **kwargs: Any,
+) -> httpx.Response:
+    """Send, retrying transport errors and retryable statuses; raise ApiError on a refusal.
+
+    Safe for PUT of an update because the server treats a re-upload as a replacement: an
+    interrupted upload resumes by sending the whole file again.
+    """
+    last: Exception | None = None
+    for attempt in range(policy.attempts):
+        try:
+            response = client.request(method, url, **kwargs)
+        except RETRY_ERRORS as error:
+            last = error
+            log.warning("%s %s failed (%s), attempt %d", method, url, error, attempt + 1)
+        else:
+            if traffic is not None:
+                traffic.up += len(response.request.content or b"")
+                traffic.down += len(response.content)
+            if response.status_code < 400:
+                return response
+            if response.status_code not in RETRY_STATUSES:
+                raise ApiError(method, url, response.status_code, _detail(response))
+            last = ApiError(method, url, response.status_code, _detail(response))
+            log.warning(
+                "%s %s answered %d, attempt %d", method, url, response.status_code, attempt + 1
+            )
+        if attempt + 1 < policy.attempts:
+            policy.sleep(policy.delay(attempt))
+    assert last is not None
+    if isinstance(last, ApiError):
+        raise last
+    raise ApiError(method, url, 0, f"unreachable after {policy.attempts} attempts: {last}")
+
+
+def _detail(response: httpx.Response) -> Any:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:500]
+    return body.get("detail", body) if isinstance(body, dict) else body

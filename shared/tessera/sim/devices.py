@@ -1,0 +1,144 @@
+"""One virtual device's round, run in a pool process: sync, train, upload, evaluate.
+
+Everything a job needs travels in `DeviceJob` (plain data), so the pool can use `spawn` and a
+process rebuilds its device from the style, index and seed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from tessera.data import DeviceProfile, make_device, to_tensor
+from tessera.model.base import BaseModel, load_base_model
+
+
+@dataclass(frozen=True)
+class DeviceJob:
+    """What a pool process needs for one device's round (`round_id` None: local only)."""
+
+    aggregator_url: str
+    token: str
+    client_id: int
+    state_dir: str
+    style: str
+    index: int
+    seed: int
+    round_number: int
+    round_id: int | None
+    steps: int
+    batch_size: int
+    lr: float
+    rank: int
+    samples: int
+    eval_images: int
+    eval_steps: int
+
+
+@dataclass(frozen=True)
+class DeviceRoundResult:
+    """What one device measured this round."""
+
+    client_id: int
+    style: str
+    cluster: int | None
+    start_version_id: int | None
+    train_seconds: float
+    train_loss: float
+    heldout_loss: float
+    style_share: float
+    content_accuracy: float
+    bytes_up: int
+    bytes_down: int
+
+
+def init_process(threads: int) -> None:
+    """Pool initialiser: a fixed number of torch threads per process, quiet libraries."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_num_threads(threads)
+
+
+@lru_cache(maxsize=1)
+def _base() -> BaseModel:
+    return load_base_model()
+
+
+@lru_cache(maxsize=64)
+def _profile(style: str, index: int, seed: int) -> DeviceProfile:
+    return make_device(style, index, seed)
+
+
+def run_device_round(job: DeviceJob) -> DeviceRoundResult:
+    """Sync from the server (or the device's own adapter when local), train, upload, evaluate."""
+    from tessera.data.evaluator import default_evaluator
+    from tessera.lora.train import denoising_loss
+    from tessera.model.encoder import encode_prompts
+    from tessera.sdk.device import DeviceClient
+
+    base = _base()
+    profile = _profile(job.style, job.index, job.seed)
+    client = DeviceClient(
+        aggregator_url=job.aggregator_url,
+        token=job.token,
+        client_id=job.client_id,
+        state_dir=Path(job.state_dir),
+        base=base,
+    )
+    if job.round_id is None:
+        start, start_version, cluster = client.personal, None, None
+    else:
+        synced = client.sync()
+        start, start_version, cluster = (
+            synced.start_adapter,
+            synced.start_version_id,
+            synced.cluster,
+        )
+    batch = profile.samples(job.samples, seed=job.seed * 1000 + job.round_number)
+    tokens, _ = encode_prompts(batch.captions)
+    result = client.train(
+        to_tensor(batch.images),
+        tokens,
+        start=start,
+        rank=job.rank if start is None else None,
+        steps=job.steps,
+        batch_size=job.batch_size,
+        lr=job.lr,
+        seed=job.seed * 1000 + job.round_number,
+    )
+    train_loss = float(sum(result.losses[-10:]) / len(result.losses[-10:]))
+    if job.round_id is not None:
+        client.upload_update(
+            job.round_id,
+            result.adapter,
+            num_samples=job.samples,
+            base_version_id=start_version,
+            train_loss=train_loss,
+        )
+    heldout = profile.heldout(job.eval_images, seed=job.seed)
+    held_tokens, _ = encode_prompts(heldout.captions)
+    held_images = to_tensor(heldout.images)
+    loss = denoising_loss(base, held_images, held_tokens, result.adapter, seed=job.seed)
+    images = client.generate(
+        heldout.captions, adapter=result.adapter, steps=job.eval_steps, seed=job.seed
+    ).images
+    assert images is not None
+    scores = default_evaluator().evaluate(
+        images, style=profile.style, content=list(zip(heldout.shapes, heldout.colours, strict=True))
+    )
+    return DeviceRoundResult(
+        client_id=job.client_id,
+        style=job.style,
+        cluster=cluster,
+        start_version_id=start_version,
+        train_seconds=result.seconds,
+        train_loss=train_loss,
+        heldout_loss=loss,
+        style_share=float(scores.style_share or 0.0),
+        content_accuracy=float(scores.content_accuracy or 0.0),
+        bytes_up=client.traffic.up,
+        bytes_down=client.traffic.down,
+    )

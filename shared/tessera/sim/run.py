@@ -1,0 +1,323 @@
+"""The simulator: N virtual devices over K styles drive the real services over HTTP for R rounds.
+
+Methods:
+- `exact`: cluster-aware, products averaged and re-factorised (Tessera's default);
+- `fedavg`: cluster-aware, but A and B averaged separately (the generic-FL maths);
+- `global`: one adapter for everybody by plain FedAvg (what generic FL frameworks give);
+- `local`: no federation: each device keeps training its own adapter.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import httpx
+import numpy as np
+
+from tessera.data import DEVICE_STYLES, make_device
+
+if TYPE_CHECKING:
+    from tessera.sim.devices import DeviceJob, DeviceRoundResult
+
+Method = Literal["exact", "fedavg", "global", "local"]
+METHODS: tuple[str, ...] = ("exact", "fedavg", "global", "local")
+ROUND_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """The federation to simulate and how hard each device trains."""
+
+    devices: int = 12
+    styles: int = 3
+    rounds: int = 3
+    method: Method = "exact"
+    steps: int = 30
+    batch_size: int = 8
+    lr: float = 5e-3
+    rank: int = 8
+    samples: int = 32
+    eval_images: int = 8
+    eval_steps: int = 20
+    lam: float = 0.2
+    temperature: float = 0.1
+    workers: int = 2
+    seed: int = 0
+    style_names: tuple[str, ...] = ()
+
+    def chosen_styles(self) -> tuple[str, ...]:
+        """The styles in play: given, else `styles` spread over the device styles."""
+        if self.style_names:
+            return self.style_names
+        if not 1 <= self.styles <= len(DEVICE_STYLES):
+            raise ValueError(f"styles must be in 1..{len(DEVICE_STYLES)}, found {self.styles}")
+        picks = np.linspace(0, len(DEVICE_STYLES) - 1, self.styles).round().astype(int)
+        return tuple(DEVICE_STYLES[i] for i in picks)
+
+
+@dataclass(frozen=True)
+class Device:
+    """An enrolled virtual device and its true style."""
+
+    client_id: int
+    name: str
+    token: str
+    style: str
+    index: int
+
+
+@dataclass
+class RoundReport:
+    """Per-round figures, averaged over the devices."""
+
+    round: int
+    heldout_loss: float
+    style_accuracy: float
+    content_accuracy: float
+    train_loss: float
+    bytes_up_per_device: float
+    bytes_down_per_device: float
+    seconds: float
+    published: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SimReport:
+    """Everything one simulation measured."""
+
+    config: dict[str, Any]
+    devices: list[dict[str, Any]]
+    clusters: list[dict[str, Any]]
+    ari: float
+    rounds: list[RoundReport]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON."""
+        return asdict(self)
+
+
+class Operator:
+    """The operator's side of the simulation: enrol, cluster, open rounds, wait."""
+
+    def __init__(self, *, aggregator_url: str, clustering_url: str, token: str):
+        self.aggregator = httpx.Client(base_url=aggregator_url, timeout=60)
+        self.clustering = httpx.Client(base_url=clustering_url, timeout=120)
+        self.headers = {"Authorization": f"Bearer {token}"}
+
+    def _ok(self, response: httpx.Response) -> Any:
+        if response.status_code >= 400:
+            raise RuntimeError(
+                f"{response.request.method} {response.request.url}: "
+                f"{response.status_code} {response.text[:500]}"
+            )
+        return response.json()
+
+    def recluster(self, seed: int) -> dict[str, Any]:
+        """Cluster every enabled device (k-means, k chosen by silhouette)."""
+        body = {"method": "kmeans", "seed": seed}
+        return dict(
+            self._ok(self.clustering.post("/v1/clusterings", json=body, headers=self.headers))
+        )
+
+    def open_round(self, config: dict[str, Any]) -> dict[str, Any]:
+        """Open a collecting round."""
+        return dict(self._ok(self.aggregator.post("/v1/rounds", json=config, headers=self.headers)))
+
+    def wait_published(self, round_id: int, timeout_s: float = ROUND_TIMEOUT_S) -> dict[str, Any]:
+        """Poll until the worker has published the round (or it failed)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            state = self._ok(self.aggregator.get(f"/v1/rounds/{round_id}", headers=self.headers))
+            if state["state"] == "published":
+                return dict(state)
+            if state["state"] in ("failed", "cancelled"):
+                raise RuntimeError(f"round {round_id} {state['state']}: {state.get('error')}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"round {round_id} still {state['state']} after {timeout_s}s")
+            time.sleep(0.5)
+
+    def disable(self, client_id: int) -> None:
+        """Take a device out of future clusterings."""
+        self._ok(
+            self.aggregator.patch(
+                f"/v1/clients/{client_id}", json={"disabled": True}, headers=self.headers
+            )
+        )
+
+
+def simulate(
+    config: SimConfig,
+    *,
+    aggregator_url: str,
+    clustering_url: str,
+    operator_token: str,
+    work_dir: Path,
+    log: Callable[[str], None] = print,
+) -> SimReport:
+    """Run the whole simulation against live services and return what it measured."""
+    from sklearn.metrics import adjusted_rand_score
+
+    from tessera.sim.devices import init_process, run_device_round
+
+    started = time.perf_counter()
+    operator = Operator(
+        aggregator_url=aggregator_url, clustering_url=clustering_url, token=operator_token
+    )
+    styles = config.chosen_styles()
+    run_id = f"{config.method}-{int(time.time() * 1000) % 10**8}"
+    devices = _enrol(config, styles, run_id, aggregator_url, operator_token, work_dir, log)
+    clustering = operator.recluster(config.seed)
+    found = {member: c["label"] for c in clustering["clusters"] for member in c["members"]}
+    ours = [d for d in devices if d.client_id in found]
+    ari = float(adjusted_rand_score([d.style for d in ours], [found[d.client_id] for d in ours]))
+    clusters = [
+        {
+            "label": c["label"],
+            "size": c["size"],
+            "true_styles": _count([d.style for d in ours if found[d.client_id] == c["label"]]),
+        }
+        for c in clustering["clusters"]
+    ]
+    log(f"   clustering v{clustering['version']}: {len(clusters)} clusters, ARI {ari:.3f}")
+    reports: list[RoundReport] = []
+    context = multiprocessing.get_context("spawn")
+    threads = max(1, 2 // config.workers)
+    with ProcessPoolExecutor(
+        config.workers, mp_context=context, initializer=init_process, initargs=(threads,)
+    ) as pool:
+        for number in range(1, config.rounds + 1):
+            round_started = time.perf_counter()
+            round_id = None
+            if config.method != "local":
+                round_id = operator.open_round(_round_config(config, len(devices)))["id"]
+            jobs = [_job(config, d, number, round_id, aggregator_url, work_dir) for d in devices]
+            results = list(pool.map(run_device_round, jobs))
+            published: list[str] = []
+            if round_id is not None:
+                state = operator.wait_published(round_id)
+                published = [f"{v['name']} v{v['version']}" for v in state["published"]]
+            report = _summarise(number, results, time.perf_counter() - round_started, published)
+            reports.append(report)
+            log(
+                f"   round {number}: held-out loss {report.heldout_loss:.4f}, style accuracy "
+                f"{report.style_accuracy:.2f}, {report.seconds:.0f}s"
+            )
+    for device in devices:
+        operator.disable(device.client_id)
+    return SimReport(
+        config=asdict(config),
+        devices=[
+            {"client_id": d.client_id, "style": d.style, "cluster": found.get(d.client_id)}
+            for d in devices
+        ],
+        clusters=clusters,
+        ari=ari,
+        rounds=reports,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _enrol(
+    config: SimConfig,
+    styles: tuple[str, ...],
+    run_id: str,
+    aggregator_url: str,
+    operator_token: str,
+    work_dir: Path,
+    log: Callable[[str], None],
+) -> list[Device]:
+    from tessera.sdk.device import DeviceClient
+
+    devices: list[Device] = []
+    for i in range(config.devices):
+        style = styles[i % len(styles)]
+        index = i // len(styles)
+        name = f"sim-{run_id}-{i:03d}"
+        client = DeviceClient.enrol(
+            aggregator_url=aggregator_url,
+            operator_token=operator_token,
+            name=name,
+            state_dir=work_dir / name,
+        )
+        profile = make_device(style, index, config.seed)
+        client.upload_task_descriptions(profile.descriptions)
+        devices.append(Device(client.client_id, name, client.token, style, index))
+    log(f"   {len(devices)} devices enrolled over {', '.join(styles)}; task vectors uploaded")
+    return devices
+
+
+def _round_config(config: SimConfig, devices: int) -> dict[str, Any]:
+    scope = "global" if config.method == "global" else "cluster"
+    method = "exact" if config.method == "exact" else "fedavg"
+    return {
+        "method": method,
+        "scope": scope,
+        "rank": config.rank,
+        "min_updates": devices,
+        "deadline_s": ROUND_TIMEOUT_S,
+        "lam": config.lam if scope == "cluster" else 0.0,
+        "temperature": config.temperature,
+    }
+
+
+def _job(
+    config: SimConfig,
+    device: Device,
+    number: int,
+    round_id: int | None,
+    aggregator_url: str,
+    work_dir: Path,
+) -> DeviceJob:
+    from tessera.sim.devices import DeviceJob
+
+    return DeviceJob(
+        aggregator_url=aggregator_url,
+        token=device.token,
+        client_id=device.client_id,
+        state_dir=str(work_dir / device.name),
+        style=device.style,
+        index=device.index,
+        seed=config.seed,
+        round_number=number,
+        round_id=round_id,
+        steps=config.steps,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        rank=config.rank,
+        samples=config.samples,
+        eval_images=config.eval_images,
+        eval_steps=config.eval_steps,
+    )
+
+
+def _summarise(
+    number: int, results: list[DeviceRoundResult], seconds: float, published: list[str]
+) -> RoundReport:
+    def mean(values: list[float]) -> float:
+        return float(np.mean(values)) if values else float("nan")
+
+    return RoundReport(
+        round=number,
+        heldout_loss=mean([r.heldout_loss for r in results]),
+        style_accuracy=mean([r.style_share for r in results]),
+        content_accuracy=mean([r.content_accuracy for r in results]),
+        train_loss=mean([r.train_loss for r in results]),
+        bytes_up_per_device=mean([float(r.bytes_up) for r in results]),
+        bytes_down_per_device=mean([float(r.bytes_down) for r in results]),
+        seconds=seconds,
+        published=published,
+    )
+
+
+def _count(values: list[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return counts
