@@ -1,19 +1,48 @@
-"""Inference app: wiring only. Run with `uvicorn --factory services.inference.main:create_app`."""
+"""Inference app: wiring only. Run with `uvicorn --factory services.inference.main:create_app`.
+
+The API checks, stores and queues generation jobs; the model runs in the inference workers
+(`celery -A services.inference.worker worker --queues inference`).
+"""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
 from fastapi import FastAPI
 
-from tessera.config import Settings
+from services.inference.deps import make_clustering_http
+from services.inference.routes import generations
+from tessera.config import Settings, get_settings
 from tessera.service.app import create_service_app, ensure_bucket
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    return create_service_app(
+    settings = settings or get_settings()
+    app = create_service_app(
         service="inference",
         description="Generation with one base model and many hot-swapped LoRA adapters.",
-        routers=[],
+        routers=[generations.router],
         checks=("database", "redis", "s3"),
         settings=settings,
         on_startup=[ensure_bucket],
     )
+    app.state.clustering_http = make_clustering_http(settings)
+    _close_clustering_http_at_shutdown(app)
+    return app
+
+
+def _close_clustering_http_at_shutdown(app: FastAPI) -> None:
+    inner = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[Any]:
+        clustering_http = app.state.clustering_http  # tests may swap in another later
+        async with inner(app) as state:
+            try:
+                yield state
+            finally:
+                clustering_http.close()
+
+    app.router.lifespan_context = lifespan

@@ -1,0 +1,197 @@
+"""Request and response models of the inference API, and the limits they enforce."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import BaseModel, Field, StringConstraints, model_validator
+
+from tessera.models import JobState
+from tessera.schemas import FiniteFloat, Strict, UtcDatetime
+
+# Limits of one request. Sizes are not a constant: only the base model's native size is
+# accepted (32 for the bundled tiny model), see `services.inference.deps.ModelFacts`.
+MAX_STEPS = 100
+MAX_IMAGES = 8
+MAX_ADAPTERS = 8
+MAX_ADAPTER_WEIGHT = 10.0
+MIN_GUIDANCE = 1.0
+MAX_GUIDANCE = 20.0
+MAX_PROMPT_TOKENS = 77
+MAX_PROMPT_CHARS = 1000
+MAX_TOP_K = 8
+MAX_SEED = 2**32 - 1
+MAX_IDEMPOTENCY_KEY_CHARS = 128
+MAX_POOLED_DIM = 4096
+
+AdapterRef = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9:._-]*$"),
+]
+
+
+class EmbedsFormat(StrEnum):
+    """How `prompt_embeds` and `negative_embeds` are encoded (both base64)."""
+
+    SAFETENSORS = "safetensors"  # a safetensors file with one F16 tensor named prompt_embeds
+    F16LE = "f16le"  # raw little-endian float16 values of a [T, width] array, row-major
+
+
+class AdapterWeight(Strict):
+    """One adapter of an explicit mix and its weight."""
+
+    adapter: AdapterRef | int = Field(
+        description='"global", "cluster:<label>", or a published version id (e.g. "17" or 17)'
+    )
+    weight: Annotated[float, Field(ge=0.0, le=MAX_ADAPTER_WEIGHT, allow_inf_nan=False)]
+
+
+EMBEDS_DESCRIPTION = (
+    "Token embeddings of ONE prompt from the base model's text encoder, fp16, base64. "
+    "With embeds_format 'safetensors' (default): a safetensors file holding one F16 tensor "
+    "named 'prompt_embeds' of shape [T, width] or [1, T, width] (what `tessera device encode "
+    "--out FILE` writes for one text). With 'f16le': the raw little-endian float16 values of "
+    f"a [T, width] array, row-major. width is the encoder's (384); 1 <= T <= {MAX_PROMPT_TOKENS}."
+)
+
+
+class GenerationCreate(Strict):
+    """A generation request: an encoded prompt, an adapter mix and the sampling settings."""
+
+    prompt_embeds: Annotated[str | None, Field(description=EMBEDS_DESCRIPTION)] = None
+    negative_embeds: Annotated[
+        str | None,
+        Field(description="Optional negative prompt, same format and T as prompt_embeds."),
+    ] = None
+    embeds_format: EmbedsFormat = EmbedsFormat.SAFETENSORS
+    prompt: Annotated[
+        str | None,
+        StringConstraints(min_length=1, max_length=MAX_PROMPT_CHARS),
+        Field(description="Plaintext prompt: only when TESSERA_ALLOW_PLAINTEXT_PROMPTS=true."),
+    ] = None
+    negative_prompt: Annotated[
+        str | None,
+        StringConstraints(max_length=MAX_PROMPT_CHARS),
+        Field(description="Plaintext negative prompt, under the same rule as prompt."),
+    ] = None
+    adapters: Annotated[
+        Literal["auto"] | list[AdapterWeight],
+        Field(
+            max_length=MAX_ADAPTERS,
+            description='A list [{"adapter": ..., "weight": ...}] (empty: the base model '
+            'alone), or "auto": weights from the clustering service\'s routing of `pooled`.',
+        ),
+    ] = Field(default_factory=list)
+    pooled: Annotated[
+        list[FiniteFloat] | None,
+        Field(
+            max_length=MAX_POOLED_DIM,
+            description='The prompt\'s pooled, L2-normalised vector: required with "auto".',
+        ),
+    ] = None
+    top_k: Annotated[int, Field(ge=1, le=MAX_TOP_K, description="auto: clusters blended")] = 2
+    temperature: Annotated[
+        float, Field(gt=0.0, le=100.0, allow_inf_nan=False, description="auto: softmax temp.")
+    ] = 0.1
+    steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] = 20
+    guidance: Annotated[float, Field(ge=MIN_GUIDANCE, le=MAX_GUIDANCE, allow_inf_nan=False)] = 3.0
+    seed: Annotated[
+        int | None, Field(ge=0, le=MAX_SEED, description="None: chosen at random, reported")
+    ] = None
+    size: Annotated[
+        int | None, Field(ge=1, description="Image side in pixels: the model's native size only")
+    ] = None
+    num_images: Annotated[int, Field(ge=1, le=MAX_IMAGES)] = 1
+    stop_at_step: Annotated[
+        int | None,
+        Field(
+            ge=1,
+            description="Split inference: stop after this many of `steps` (1..steps-1) and "
+            "return the latents and scheduler state instead of images.",
+        ),
+    ] = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if (self.prompt is None) == (self.prompt_embeds is None):
+            raise ValueError("give exactly one of prompt_embeds (encoded) and prompt (plaintext)")
+        if self.negative_prompt is not None and self.prompt is None:
+            raise ValueError(
+                "negative_prompt goes with prompt; with prompt_embeds use negative_embeds"
+            )
+        if self.negative_embeds is not None and self.prompt_embeds is None:
+            raise ValueError("negative_embeds goes with prompt_embeds")
+        if self.stop_at_step is not None and self.stop_at_step >= self.steps:
+            raise ValueError(
+                f"stop_at_step must be in 1..steps-1 = 1..{self.steps - 1}, "
+                f"found {self.stop_at_step}"
+            )
+        if isinstance(self.adapters, list):
+            if self.adapters and not any(a.weight > 0 for a in self.adapters):
+                raise ValueError("at least one adapter weight must be > 0")
+            refs = [str(a.adapter) for a in self.adapters]
+            repeated = sorted({ref for ref in refs if refs.count(ref) > 1})
+            if repeated:
+                raise ValueError(f"adapter {repeated[0]!r} is listed more than once")
+        return self
+
+
+class ResolvedAdapterOut(BaseModel):
+    """An adapter of the job's mix, pinned to the version resolved when the job was created."""
+
+    adapter: str
+    version: int
+    version_id: int
+    weight: float
+
+
+class Progress(BaseModel):
+    step: int = Field(description="denoising steps done")
+    total_steps: int = Field(description="steps this job runs (stop_at_step for split jobs)")
+
+
+class GeneratedImage(BaseModel):
+    index: int
+    url: str = Field(description="presigned PNG download, valid until url_expires_at")
+
+
+class GenerationResult(BaseModel):
+    """Images (full runs), or latents plus scheduler state (split runs)."""
+
+    images: list[GeneratedImage] = Field(default_factory=list)
+    latents_url: str | None = Field(
+        default=None,
+        description="split runs: safetensors with tensor 'latents' [n, C, H, W] and metadata "
+        "step, steps, guidance (`tessera device finish` reads it)",
+    )
+    scheduler_state: dict[str, Any] | None = None
+    url_expires_at: UtcDatetime | None = None
+
+
+class GenerationOut(BaseModel):
+    """A generation job: state, progress and, once succeeded, where its output is."""
+
+    id: str
+    state: JobState
+    progress: Progress
+    steps: int
+    guidance: float
+    seed: int
+    size: int
+    num_images: int
+    stop_at_step: int | None
+    adapters: list[ResolvedAdapterOut]
+    routing: dict[str, Any] | None = Field(
+        default=None, description='"auto" mixes: the clustering version and cluster weights'
+    )
+    error: str | None
+    result: GenerationResult | None
+    created_at: UtcDatetime
+    started_at: UtcDatetime | None
+    finished_at: UtcDatetime | None
+
+
+def is_terminal(state: JobState) -> bool:
+    """Whether a job in `state` will not change any more."""
+    return state in (JobState.SUCCEEDED, JobState.FAILED)

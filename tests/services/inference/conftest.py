@@ -1,0 +1,88 @@
+"""Fixtures of the inference tests: a Redis database of their own, the API, clients, adapters."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+import redis
+import torch
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session, sessionmaker
+
+from services.inference.main import create_app
+from tessera import db
+from tessera.config import Settings
+from tessera.lora import LoraSpec
+from tessera.model.base import BaseModel
+from tessera.models import Role
+from tessera.storage import ObjectStore
+from tests.services.inference.helpers import make_client
+
+# Messages and events go to a Redis database of their own: nothing else consumes the
+# inference queue there, so a test reads exactly what it queued.
+QUEUE_DB = 8
+
+
+def with_redis_db(url: str, number: int) -> str:
+    return urlunsplit(urlsplit(url)._replace(path=f"/{number}"))
+
+
+@pytest.fixture(scope="package", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread: on shared cores, two threads make a small UNet 50x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Iterator[Settings]:
+    url = with_redis_db(settings.redis_url or "", QUEUE_DB)
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+    yield settings.model_copy(update={"redis_url": url})
+
+
+@pytest.fixture
+def broker(settings: Settings) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(settings.redis_url or "")
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def store(store: ObjectStore) -> ObjectStore:
+    """The session's store without earlier tests' job inputs and outputs."""
+    for prefix in ("inputs/", "generations/"):
+        for key in store.list_keys(prefix):
+            store.delete(key)
+    return store
+
+
+@pytest.fixture
+def sessions(settings: Settings) -> Iterator[sessionmaker[Session]]:
+    engine = db.create_db_engine(settings.resolved_database_url)
+    yield db.session_factory(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def api(settings: Settings, store: ObjectStore) -> Iterator[TestClient]:
+    """The inference app in-process, on the session's real database, Redis and S3."""
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+@pytest.fixture
+def generator(session: Session, settings: Settings) -> tuple[int, str]:
+    """An enrolled generation client: (id, token)."""
+    return make_client(session, settings, Role.GENERATOR)
+
+
+@pytest.fixture(scope="module")
+def spec(base_model: BaseModel) -> LoraSpec:
+    return base_model.lora_spec

@@ -1,0 +1,108 @@
+"""Helpers of the inference tests: clients, published adapters, encoded prompts, the queue."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import uuid
+from typing import Any
+
+import numpy as np
+import redis
+import torch
+from safetensors.torch import save
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from services.worker.publishing import PublishedVersion, ToPublish, publish_version
+from tessera.config import Settings
+from tessera.events import INFERENCE_QUEUE
+from tessera.federation import CLUSTER_PREFIX, GLOBAL_ADAPTER
+from tessera.lora import LoraAdapter
+from tessera.models import AdapterKind, Client, GenerationJob, Role, Round, RoundState
+from tessera.storage import ObjectStore
+from tessera.tokens import hash_token, new_token
+
+
+def make_client(
+    session: Session, settings: Settings, role: Role, name: str = ""
+) -> tuple[int, str]:
+    """An enrolled client of `role`: (id, bearer token)."""
+    token = new_token()
+    client = Client(
+        name=name or f"{role.value}-{uuid.uuid4().hex[:8]}",
+        role=role,
+        token_hash=hash_token(token, secret=settings.token_secret.get_secret_value()),
+    )
+    session.add(client)
+    session.commit()
+    return client.id, token
+
+
+def publish(
+    sessions: sessionmaker[Session], store: ObjectStore, name: str, adapter: LoraAdapter
+) -> PublishedVersion:
+    """Publish `adapter` as the next version of `name`, as the worker does (its own round)."""
+    with sessions() as session:
+        number = (session.scalar(select(func.max(Round.number))) or 0) + 1
+        round_row = Round(number=number, state=RoundState.PUBLISHED)
+        session.add(round_row)
+        session.commit()
+        round_id = round_row.id
+    label = int(name.removeprefix(CLUSTER_PREFIX)) if name.startswith(CLUSTER_PREFIX) else None
+    kind = AdapterKind.GLOBAL if name == GLOBAL_ADAPTER else AdapterKind.CLUSTER
+    output = ToPublish(
+        name=name, kind=kind, cluster_label=label, adapter=adapter, metrics={"updates": 1}
+    )
+    return publish_version(output, round_id=round_id, method="test", sessions=sessions, store=store)
+
+
+def announce(client: redis.Redis, version: PublishedVersion) -> int:
+    """Send the "adapter published" event of `version`; how many subscribers got it."""
+    from tessera.events import ADAPTER_PUBLISHED_CHANNEL
+
+    event = version.event(round_id=0)
+    return int(client.publish(ADAPTER_PUBLISHED_CHANNEL, json.dumps(event)))  # type: ignore[arg-type]
+
+
+def tokens(seed: int = 0, length: int = 16, width: int = 384) -> torch.Tensor:
+    """Stand-in token embeddings [1, T, width] (float16), like an encoded prompt's scale."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(1, length, width, generator=generator).half()
+
+
+def embeds_b64(tensor: torch.Tensor, name: str = "prompt_embeds") -> str:
+    """`tensor` as a base64 safetensors file holding one tensor `name`."""
+    return base64.b64encode(save({name: tensor.contiguous()})).decode()
+
+
+def raw_b64(tensor: torch.Tensor) -> str:
+    """`tensor` as base64 raw little-endian float16 values (embeds_format f16le)."""
+    array = tensor.reshape(-1, tensor.shape[-1]).numpy().astype("<f2")
+    return base64.b64encode(array.tobytes()).decode()
+
+
+def queued_jobs(broker: redis.Redis) -> list[tuple[str, list[Any]]]:
+    """(task name, args) of every message waiting on the inference queue, oldest first."""
+    tasks = []
+    raw_messages: list[bytes] = broker.lrange(INFERENCE_QUEUE, 0, -1)  # type: ignore[assignment]
+    for raw in reversed(raw_messages):
+        message = json.loads(raw)
+        body = json.loads(base64.b64decode(message["body"]))
+        tasks.append((message["headers"]["task"], body[0]))
+    return tasks
+
+
+def job_rows(session: Session) -> int:
+    session.expire_all()
+    return session.scalar(select(func.count()).select_from(GenerationJob)) or 0
+
+
+def png_array(data: bytes) -> np.ndarray:
+    """A PNG file's pixels (H, W, 3) as uint8."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == "PNG"
+        return np.asarray(image.convert("RGB"))

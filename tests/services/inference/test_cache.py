@@ -1,0 +1,176 @@
+"""The adapter cache: LRU in bytes, metrics, one load per key, hot swap on a published event."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import redis
+import torch
+from sqlalchemy.orm import Session, sessionmaker
+
+from services.inference.cache import AdapterCache, UnknownVersionError
+from services.inference.listener import AdapterEventListener
+from tessera.config import Settings
+from tessera.lora import LoraSpec, random_adapter
+from tessera.metrics import (
+    ADAPTER_CACHE_BYTES,
+    ADAPTER_CACHE_EVICTIONS,
+    ADAPTER_CACHE_HITS,
+    ADAPTER_CACHE_MISSES,
+)
+from tessera.model.base import BaseModel
+from tessera.model.generate import generate
+from tessera.storage import ChecksumMismatchError, ObjectStore
+from tests.services.inference.helpers import announce, publish, tokens
+
+RANK = 4
+
+
+def adapter_bytes(spec: LoraSpec) -> int:
+    """Host bytes of one rank-RANK adapter (float32 A and B for every target)."""
+    return sum(4 * RANK * (o + i) for o, i in spec.modules.values())
+
+
+def make_cache(
+    base_model: BaseModel, sessions: sessionmaker[Session], store: ObjectStore, max_bytes: int
+) -> AdapterCache:
+    return AdapterCache(base=base_model, sessions=sessions, store=store, max_bytes=max_bytes)
+
+
+def value(metric: object) -> float:
+    return float(metric._value.get())  # type: ignore[attr-defined]
+
+
+def test_the_cache_keeps_the_most_recently_used_within_its_bytes(
+    base_model: BaseModel, sessions: sessionmaker[Session], store: ObjectStore, spec: LoraSpec
+) -> None:
+    size = adapter_bytes(spec)
+    ids = [
+        publish(sessions, store, f"cluster:{i}", random_adapter(spec, RANK, 4.0, seed=i)).version_id
+        for i in range(3)
+    ]
+    cache = make_cache(base_model, sessions, store, max_bytes=int(2.5 * size))
+    before = [value(m) for m in (ADAPTER_CACHE_HITS, ADAPTER_CACHE_MISSES, ADAPTER_CACHE_EVICTIONS)]
+
+    cache.get(ids[0])
+    cache.get(ids[1])
+    cache.get(ids[0])  # hit: ids[0] is now the most recent
+    cache.get(ids[2])  # over budget: ids[1], the least recent, goes
+    held = cache.cached_versions()
+    cache.get(ids[1])  # a miss again
+
+    assert held == [ids[0], ids[2]]
+    assert cache.stats.loads == [ids[0], ids[1], ids[2], ids[1]]
+    assert (cache.stats.hits, cache.stats.misses, cache.stats.evictions) == (1, 4, 2)
+    after = [value(m) for m in (ADAPTER_CACHE_HITS, ADAPTER_CACHE_MISSES, ADAPTER_CACHE_EVICTIONS)]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [1, 4, 2]
+    assert cache.nbytes == 2 * size == value(ADAPTER_CACHE_BYTES)
+
+
+def test_a_merged_mix_is_built_once_and_counts_in_the_budget(
+    base_model: BaseModel, sessions: sessionmaker[Session], store: ObjectStore, spec: LoraSpec
+) -> None:
+    a = publish(sessions, store, "cluster:0", random_adapter(spec, RANK, 4.0, seed=1)).version_id
+    b = publish(sessions, store, "cluster:1", random_adapter(spec, RANK, 4.0, seed=2)).version_id
+    cache = make_cache(base_model, sessions, store, max_bytes=64 * 1024 * 1024)
+
+    first = cache.mix([(a, 0.5), (b, 0.5)])
+    same = cache.mix([(b, 0.5), (a, 0.5), (a, 0.0)])  # same mix: order and zero weights aside
+    other = cache.mix([(a, 1.0)])
+
+    assert not first.cached and sorted(first.loaded) == sorted([a, b])
+    assert same.cached and same.merged is first.merged and same.loaded == ()
+    assert not other.cached and other.loaded == ()  # its adapter was already cached
+    assert first.merged is not None and other.merged is not None
+    assert cache.nbytes == 2 * adapter_bytes(spec) + first.merged.nbytes + other.merged.nbytes
+    assert cache.mix([]).merged is None  # the base model alone
+
+
+def test_threads_asking_for_the_same_adapter_share_one_load(
+    base_model: BaseModel, sessions: sessionmaker[Session], store: ObjectStore, spec: LoraSpec
+) -> None:
+    version = publish(sessions, store, "global", random_adapter(spec, RANK, 4.0, seed=3))
+    cache = make_cache(base_model, sessions, store, max_bytes=64 * 1024 * 1024)
+    start = threading.Barrier(4)
+    got = []
+
+    def load() -> None:
+        start.wait()
+        got.append(cache.get(version.version_id))
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    assert cache.stats.loads == [version.version_id]
+    assert len(got) == 4 and all(entry is got[0] for entry in got)
+
+
+def test_a_tampered_object_or_an_unknown_name_is_refused(
+    base_model: BaseModel, sessions: sessionmaker[Session], store: ObjectStore, spec: LoraSpec
+) -> None:
+    version = publish(sessions, store, "cluster:0", random_adapter(spec, RANK, 4.0, seed=4))
+    store.put_bytes(version.object_key, b"not the published bytes")
+    cache = make_cache(base_model, sessions, store, max_bytes=64 * 1024 * 1024)
+
+    with pytest.raises(ChecksumMismatchError):
+        cache.get(version.version_id)
+    with pytest.raises(UnknownVersionError):
+        cache.resolve("cluster:7")
+    with pytest.raises(UnknownVersionError):
+        cache.get(987654)
+    assert cache.cached_versions() == [] and cache.nbytes == 0
+
+
+def test_a_published_version_replaces_the_old_one_but_not_under_a_running_job(
+    base_model: BaseModel, sessions: sessionmaker[Session], store: ObjectStore, spec: LoraSpec
+) -> None:
+    old_adapter = random_adapter(spec, RANK, 4.0, seed=5, std=0.2)
+    old = publish(sessions, store, "cluster:0", old_adapter)
+    cache = make_cache(base_model, sessions, store, max_bytes=64 * 1024 * 1024)
+    assert cache.resolve("cluster:0") == old.version_id
+    in_flight = cache.mix([(old.version_id, 1.0)])  # what a running job holds
+
+    new = publish(sessions, store, "cluster:0", random_adapter(spec, RANK, 4.0, seed=6, std=0.2))
+    cache.refresh(new.event(round_id=0))
+
+    assert cache.resolve("cluster:0") == new.version_id
+    assert cache.cached_versions() == [new.version_id]  # loaded ahead of the next job
+    assert cache.mix([(new.version_id, 1.0)]).loaded == ()
+    # The job in flight still runs on the old version: its merge was not touched.
+    prompt = tokens(2).float()
+    with_held = generate(base_model, prompt, steps=3, seed=1, merged=in_flight.merged).images
+    with_old = generate(base_model, prompt, [(old_adapter, 1.0)], steps=3, seed=1).images
+    assert with_held is not None and with_old is not None
+    torch.testing.assert_close(with_held, with_old, atol=2e-3, rtol=0)  # fp16 on the wire
+
+
+def test_the_listener_refreshes_the_cache_on_a_published_event(
+    base_model: BaseModel,
+    sessions: sessionmaker[Session],
+    store: ObjectStore,
+    spec: LoraSpec,
+    settings: Settings,
+    broker: redis.Redis,
+) -> None:
+    cache = make_cache(base_model, sessions, store, max_bytes=64 * 1024 * 1024)
+    old = publish(sessions, store, "cluster:2", random_adapter(spec, RANK, 4.0, seed=7))
+    cache.get(old.version_id)
+    listener = AdapterEventListener(redis_url=settings.redis_url or "", cache=cache).start()
+    try:
+        assert listener.subscribed.wait(10)
+        new = publish(sessions, store, "cluster:2", random_adapter(spec, RANK, 4.0, seed=8))
+        broker.publish("tessera:adapter-published", "not json")  # ignored, not fatal
+        assert announce(broker, new) == 1
+        deadline = time.monotonic() + 10
+        while cache.cached_versions() != [new.version_id] and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        listener.stop()
+
+    assert cache.cached_versions() == [new.version_id]
+    assert listener.events_seen == 1

@@ -1,0 +1,258 @@
+"""A hybrid generation end to end: HTTP (a real server), the Celery queue, an inference worker,
+progress over server-sent events, the image downloaded from its presigned URL."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import redis
+import torch
+import uvicorn
+from celery.contrib.testing.worker import start_worker
+from sqlalchemy.orm import Session, sessionmaker
+
+from services.inference import runtime as inference_runtime
+from services.inference.cache import AdapterCache
+from services.inference.main import create_app
+from services.inference.runner import JobRuntime
+from tessera import procs
+from tessera.config import Settings
+from tessera.events import INFERENCE_QUEUE
+from tessera.lora import LoraAdapter, LoraSpec, random_adapter
+from tessera.model.base import BaseModel
+from tessera.queue import make_celery
+from tessera.storage import ObjectStore
+from tests.helpers import bearer
+from tests.services.inference.helpers import embeds_b64, png_array, publish, tokens
+
+
+@contextmanager
+def serving(settings: Settings) -> Iterator[str]:
+    """The inference API on a free port, in a thread of this process; its base URL."""
+    port = procs.free_ports(1)[0]
+    config = uvicorn.Config(
+        create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        procs.wait_until(
+            lambda: httpx.get(f"{url}/healthz", timeout=2).status_code == 200,
+            timeout=30,
+            what="the inference API",
+        )
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@contextmanager
+def inference_worker(
+    settings: Settings, base: BaseModel, sessions: sessionmaker[Session], store: ObjectStore
+) -> Iterator[None]:
+    """A Celery worker on the inference queue, in a thread, with this process's model."""
+    resources_redis = redis.Redis.from_url(settings.redis_url or "")
+    cache = AdapterCache(base=base, sessions=sessions, store=store, max_bytes=64 * 2**20)
+    inference_runtime.use_runtime(
+        JobRuntime(sessions=sessions, store=store, redis=resources_redis, base=base, cache=cache)
+    )
+    import services.inference.tasks  # noqa: F401 - registers the task with every app
+
+    app = make_celery(settings, main="tessera-inference-test")
+    try:
+        with start_worker(
+            app, pool="solo", perform_ping_check=False, queues=[INFERENCE_QUEUE], loglevel="WARNING"
+        ):
+            yield
+    finally:
+        inference_runtime.use_runtime(None)
+        app.close()
+        resources_redis.close()
+
+
+def sse_events(lines: Iterator[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(event, data) pairs of a server-sent event stream."""
+    event, data = "message", ""
+    for line in lines:
+        if line.startswith("event:"):
+            event = line.split(":", 1)[1].strip()
+        elif line.startswith("data:"):
+            data += line.split(":", 1)[1].strip()
+        elif line == "" and data:
+            yield event, json.loads(data)
+            event, data = "message", ""
+
+
+@dataclass
+class Hybrid:
+    """What the end-to-end run saw."""
+
+    events: list[tuple[str, dict[str, Any]]]
+    job: dict[str, Any]
+    images: list[np.ndarray]
+
+
+def run_hybrid(
+    *,
+    settings: Settings,
+    base: BaseModel,
+    sessions: sessionmaker[Session],
+    store: ObjectStore,
+    token: str,
+    requests: list[dict[str, Any]],
+) -> list[Hybrid]:
+    """Submit each request over HTTP, follow it over SSE (the worker starts after the first
+    event, so that the stream sees the job queued, then every step), download its images."""
+    runs = []
+    with serving(settings) as url, httpx.Client(base_url=url, headers=bearer(token)) as http:
+        submitted = []
+        for body in requests:
+            response = http.post("/v1/generations", json=body)
+            assert response.status_code == 202, response.text
+            submitted.append(response.json()["id"])
+        with http.stream("GET", f"/v1/generations/{submitted[0]}/events", timeout=120) as stream:
+            lines = stream.iter_lines()
+            events = [next(sse_events(lines))]
+            with inference_worker(settings, base, sessions, store):
+                events += list(sse_events(lines))
+                for job_id in submitted:
+                    rest = http.get(f"/v1/generations/{job_id}/events", timeout=120)
+                    final = list(sse_events(iter(rest.text.splitlines())))[-1]
+                    job = http.get(f"/v1/generations/{job_id}").json()
+                    downloads = [httpx.get(image["url"]) for image in job["result"]["images"]]
+                    assert final[0] == "succeeded", final
+                    assert all(d.status_code == 200 for d in downloads)
+                    images = [png_array(d.content) for d in downloads]
+                    runs.append(Hybrid(events if job_id == submitted[0] else [final], job, images))
+    return runs
+
+
+def test_a_hybrid_generation_over_http_with_progress_over_sse(
+    settings: Settings,
+    base_model: BaseModel,
+    sessions: sessionmaker[Session],
+    store: ObjectStore,
+    spec: LoraSpec,
+    generator: tuple[int, str],
+) -> None:
+    for seed, name in ((31, "cluster:3"), (32, "cluster:5")):
+        publish(sessions, store, name, random_adapter(spec, 4, 4.0, seed=seed, std=0.25))
+    body = {
+        "prompt_embeds": embeds_b64(tokens(9)),
+        "adapters": [
+            {"adapter": "cluster:3", "weight": 0.5},
+            {"adapter": "cluster:5", "weight": 0.5},
+        ],
+        "steps": 12,
+        "seed": 4,
+        "num_images": 2,
+    }
+
+    (run,) = run_hybrid(
+        settings=settings,
+        base=base_model,
+        sessions=sessions,
+        store=store,
+        token=generator[1],
+        requests=[body],
+    )
+
+    names = [name for name, _ in run.events]
+    assert names[0] == "progress" and run.events[0][1]["state"] == "queued"
+    assert names[-1] == "succeeded" and set(names[:-1]) == {"progress"}
+    steps = [data["step"] for name, data in run.events if data.get("state") == "running"]
+    assert steps == sorted(steps) and steps[-1] == 12 and len(steps) > 2
+    final = run.events[-1][1]
+    assert final["progress"] == {"step": 12, "total_steps": 12}
+    assert [a["adapter"] for a in run.job["adapters"]] == ["cluster:3", "cluster:5"]
+    assert len(run.images) == 2 and all(i.shape == (32, 32, 3) for i in run.images)
+    assert any(i.std() > 5 for i in run.images)  # a drawing, not a flat image
+
+
+def _train(base: BaseModel, style: str, steps: int, lr: float) -> LoraAdapter:
+    from tessera.data import style_dataset, to_tensor
+    from tessera.lora.train import train_lora
+    from tessera.model.encoder import encode_prompts
+
+    data = style_dataset(style, 128, 0)
+    captions, _ = encode_prompts(data.captions)
+    images = to_tensor(data.images)
+    return train_lora(
+        base, images, captions, rank=8, alpha=8.0, steps=steps, lr=lr, batch_size=16, seed=0
+    ).adapter
+
+
+@pytest.mark.slow
+def test_a_hybrid_of_two_trained_cluster_adapters_carries_both_styles(
+    settings: Settings,
+    base_model: BaseModel,
+    sessions: sessionmaker[Session],
+    store: ObjectStore,
+    generator: tuple[int, str],
+) -> None:
+    """Two cluster adapters trained briefly on two styles, blended over HTTP; the shipped
+    evaluator sees both styles in the images (and more of each than in the base model's)."""
+    from tessera.data import caption
+    from tessera.data.evaluator import default_evaluator
+    from tessera.lora.evidence import eval_subjects
+    from tessera.model.encoder import encode_prompts
+    from tessera.model.generate import generate
+
+    # Trained briefly, dots comes through weaker than gradient: the client weighs it up.
+    styles = {"gradient": ("cluster:0", 0.4), "dots": ("cluster:1", 0.6)}
+    for style, (name, _) in styles.items():
+        publish(sessions, store, name, _train(base_model, style, steps=100, lr=5e-3))
+    subjects = eval_subjects(2, seed=0)
+    prompts, _ = encode_prompts([caption(shape, colour) for shape, colour in subjects])
+    mix = [{"adapter": name, "weight": weight} for name, weight in styles.values()]
+    requests = [
+        {
+            "prompt_embeds": embeds_b64(prompts[i : i + 1].half()),
+            "adapters": mix,
+            "steps": 20,
+            "guidance": 3.0,
+            "seed": i,
+            "num_images": 8,
+        }
+        for i in range(len(subjects))
+    ]
+
+    runs = run_hybrid(
+        settings=settings,
+        base=base_model,
+        sessions=sessions,
+        store=store,
+        token=generator[1],
+        requests=requests,
+    )
+    images = np.concatenate([np.stack(run.images) for run in runs])
+    content = [subject for subject in subjects for _ in range(8)]
+    hybrid = default_evaluator().evaluate(images, content=content)
+    base_images = torch.cat(
+        [
+            generate(
+                base_model, prompts[i : i + 1].half().float().expand(8, -1, -1), steps=20, seed=i
+            ).images
+            for i in range(len(subjects))
+        ]
+    )
+    base = default_evaluator().evaluate(base_images, content=content)
+
+    split = {style: round(hybrid.style_votes[style], 3) for style in styles}
+    print(f"hybrid style split (votes): {split}; all votes: {hybrid.style_votes}")
+    print(f"hybrid mean style probabilities: {hybrid.style_mix}")
+    print(f"base model votes: {base.style_votes}")
+    for style in styles:
+        assert hybrid.style_votes[style] >= 2 / len(content), (style, hybrid.style_votes)
+        assert hybrid.style_mix[style] > base.style_mix[style], (style, hybrid, base)
