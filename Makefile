@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 PYTEST := $(BIN)/pytest
 
-.PHONY: setup demo test test-fast test-backends lint format up down clean
+.PHONY: setup demo test test-fast test-backends lint format up down clean bench evidence
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ test-fast: setup ## The suite without the slow end-to-end tests.
 
 test-backends: setup ## Database, object store and queue tests only.
 	$(PYTEST) -m backend
+
+bench: setup ## Benchmarks on this machine; tables and plots written to docs/.
+	$(BIN)/python bench/model_speed.py --out docs
+
+evidence: setup ## Train two style LoRAs, score base/style/blend generations; writes docs/lora_evidence.*
+	$(BIN)/python -m tessera.lora.evidence --out docs
 
 lint: setup ## ruff (lint and format check) and mypy.
 	$(BIN)/ruff check .

@@ -20,6 +20,7 @@ from tessera import db, procs
 from tessera.config import Settings
 from tessera.devstack import EmbeddedSeaweed, EmbeddedValkey
 from tessera.events import AGGREGATION_QUEUE
+from tessera.model.base import BaseModel, load_base_model
 from tessera.models import Base
 from tessera.stack import worker_command
 from tessera.storage import ObjectStore
@@ -174,3 +175,9 @@ def worker(base_settings: Settings, tmp_path_factory: pytest.TempPathFactory) ->
         yield
     finally:
         procs.stop(process)
+
+
+@pytest.fixture(scope="session")
+def base_model() -> BaseModel:
+    """The bundled tiny base model, loaded once (tests must not change its weights)."""
+    return load_base_model()

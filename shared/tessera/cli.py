@@ -11,6 +11,8 @@ import httpx
 from tessera import db, stack
 from tessera.config import get_settings
 from tessera.models import Role
+from tessera.sdk.cli import device_group
+from tessera.sim.cli import simulate_cmd
 
 
 @click.group()
@@ -164,3 +166,7 @@ def demo(data_dir: str) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+main.add_command(device_group)
+main.add_command(simulate_cmd)

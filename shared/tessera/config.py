@@ -99,6 +99,16 @@ class Settings(BaseSettings):
         default=300, description="Lifetime of presigned download URLs, in seconds."
     )
 
+    # Inference.
+    allow_plaintext_prompts: bool = Field(
+        default=False,
+        description="Accept plaintext prompts on the inference API (encoded server-side).",
+    )
+    adapter_cache_bytes: Annotated[int, Field(gt=0)] = Field(
+        default=256 * MiB,
+        description="Bytes of adapters and merged adapter mixes an inference process caches.",
+    )
+
     # Service addresses, for calls between services and for the CLI.
     aggregator_url: str = Field(default="http://127.0.0.1:8100", description="Aggregator URL.")
     clustering_url: str = Field(default="http://127.0.0.1:8101", description="Clustering URL.")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Annotated
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
-from tessera.models import Role
+from tessera.federation import RoundConfig
+from tessera.models import AdapterKind, Role, RoundState
 
 
 class Strict(BaseModel):
@@ -44,3 +45,127 @@ class ClientWithToken(ClientOut):
     """Returned once, at enrolment or rotation: the token is not stored in clear anywhere."""
 
     token: str
+
+
+def as_utc(value: datetime) -> datetime:
+    """`value` in UTC: SQLite hands back naive datetimes, and every stored one is UTC."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
+"""A datetime sent with its UTC offset, whatever the database returned."""
+
+MAX_TASK_VECTORS = 32
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class TaskVectorsIn(Strict):
+    """A device's encoded task descriptions: pooled, L2-normalised text-encoder vectors."""
+
+    encoder_id: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    vectors: Annotated[list[list[FiniteFloat]], Field(min_length=1, max_length=MAX_TASK_VECTORS)]
+
+
+class AdapterVersionOut(BaseModel):
+    """One published version of an adapter (`global`, `cluster:3`, `personal:7`)."""
+
+    name: str
+    version: int
+    version_id: int
+    round_id: int | None
+    sha256: str
+    size_bytes: int
+    rank: int
+    metrics: dict[str, Any]
+    created_at: UtcDatetime
+
+
+class AdapterDownload(AdapterVersionOut):
+    """A version with a presigned URL that downloads its LoRA file without credentials."""
+
+    download_url: str
+    url_expires_at: UtcDatetime
+
+
+class AdapterOut(BaseModel):
+    """An adapter line and its latest version, if any was published."""
+
+    name: str
+    kind: AdapterKind
+    cluster_label: int | None
+    client_id: int | None
+    versions: int
+    latest: AdapterVersionOut | None
+
+
+class RoundBrief(BaseModel):
+    """What a device needs to know of a round to take part in it."""
+
+    id: int
+    number: int
+    state: RoundState
+    deadline: UtcDatetime | None
+    config: RoundConfig
+
+
+class ClusterProgress(BaseModel):
+    """Members of one cluster (in the round's clustering) and how many of them uploaded."""
+
+    label: int
+    members: int
+    updates: int
+
+
+class RoundOut(RoundBrief):
+    """A round with its progress towards quorum and, once published, its adapter versions."""
+
+    opened_at: UtcDatetime
+    closed_at: UtcDatetime | None
+    published_at: UtcDatetime | None
+    clustering_id: int | None
+    error: str | None
+    updates: int
+    clusters: list[ClusterProgress]
+    unassigned_updates: int = Field(description="updates from devices outside the clustering")
+    quorum_met: bool
+    published: list[AdapterVersionOut]
+
+
+class DeviceAssignment(BaseModel):
+    """A device's cluster, the adapter to start training from, and the round to upload to."""
+
+    client_id: int
+    cluster: int | None
+    clustering_version: int | None
+    similarity: float | None
+    start_adapter: AdapterDownload | None
+    current_round: RoundBrief | None
+
+
+class TaskVectorsStored(BaseModel):
+    """How many vectors were kept, and the assignment they led to (None: not assigned yet)."""
+
+    stored: int
+    assignment: DeviceAssignment | None
+
+
+class UpdateReceipt(BaseModel):
+    """A stored LoRA update; `replaced` when it took the place of an earlier upload."""
+
+    update_id: int
+    round_id: int
+    client_id: int
+    sha256: str
+    size_bytes: int
+    num_samples: int
+    replaced: bool
+    round_state: RoundState
+
+
+class UpdateRejection(BaseModel):
+    """Why a LoRA file was refused: the offending key, what was expected and what was found."""
+
+    detail: str
+    key: str
+    expected: Any
+    found: Any

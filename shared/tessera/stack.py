@@ -1,4 +1,4 @@
-"""The whole system on one machine: backends, migrations, four services and a worker.
+"""The whole system on one machine: backends, migrations, three services and two workers.
 
 `tessera up` runs a `Stack` in the foreground (Ctrl-C stops it) or detached, in which case a
 state file in the data dir lets `tessera down` find and stop it. Every child dies with the
@@ -24,7 +24,7 @@ import httpx
 from tessera import db, procs
 from tessera.config import Settings
 from tessera.devstack import DevStack
-from tessera.events import AGGREGATION_QUEUE
+from tessera.events import AGGREGATION_QUEUE, INFERENCE_QUEUE
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +38,21 @@ SERVICE_APPS = {
 }
 
 
+WORKER_APP = "services.worker.app"
+INFERENCE_WORKER_APP = "services.inference.worker"
+
+
 def worker_command(
-    *, queues: list[str], concurrency: int, name: str, log_level: str = "INFO"
+    *,
+    queues: list[str],
+    concurrency: int,
+    name: str,
+    log_level: str = "INFO",
+    app: str = WORKER_APP,
 ) -> list[str]:
-    """The command line of a Celery worker process serving `queues`."""
+    """The command line of a Celery worker process of `app` serving `queues`."""
     return [
-        sys.executable, "-m", "celery", "-A", "services.worker.app", "worker",
+        sys.executable, "-m", "celery", "-A", app, "worker",
         "--queues", ",".join(queues), "--concurrency", str(concurrency), "--pool", "prefork",
         "--hostname", f"{name}@%h", "--loglevel", log_level.upper(),
     ]  # fmt: skip
@@ -167,8 +176,19 @@ class Stack:
             name=f"worker-{os.getpid()}",
             log_level=self.settings.log_level,
         )
-        # The worker first: the aggregator is ready only once a worker answers.
-        return [Child("worker", worker, self.log_dir / "worker.log"), *children]
+        inference_worker = worker_command(
+            queues=[INFERENCE_QUEUE],
+            concurrency=self.settings.worker_concurrency,
+            name=f"inference-worker-{os.getpid()}",
+            log_level=self.settings.log_level,
+            app=INFERENCE_WORKER_APP,
+        )
+        # The workers first: the aggregator is ready only once a worker answers.
+        return [
+            Child("worker", worker, self.log_dir / "worker.log"),
+            Child("inference-worker", inference_worker, self.log_dir / "inference-worker.log"),
+            *children,
+        ]
 
     def _wait_ready(self, child: Child) -> None:
         if child.ready_url is None:

@@ -54,15 +54,15 @@ def test_a_misspelt_variable_is_caught_wherever_it_is(tree: Path) -> None:
 
 def test_a_new_setting_must_be_listed(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     class LaterSettings(Settings):
-        adapter_cache_bytes: int = Field(default=1 << 30, description="Adapter cache size.")
+        image_cache_bytes: int = Field(default=1 << 30, description="Image cache size.")
 
     monkeypatch.setattr(settings_env, "Settings", LaterSettings)
 
     listed = settings_env.env_example_problems(tree)
     passed = settings_env.compose_environment_problems(tree)
 
-    assert any("TESSERA_ADAPTER_CACHE_BYTES is not listed" in p for p in listed)
-    assert any("does not pass TESSERA_ADAPTER_CACHE_BYTES" in p for p in passed)
+    assert any("TESSERA_IMAGE_CACHE_BYTES is not listed" in p for p in listed)
+    assert any("does not pass TESSERA_IMAGE_CACHE_BYTES" in p for p in passed)
 
 
 def test_env_example_without_a_setting_or_with_a_stranger_fails(tree: Path) -> None:
