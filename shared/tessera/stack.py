@@ -124,8 +124,10 @@ class Stack:
         data_dir.mkdir(parents=True, exist_ok=True)
         try:
             backends = self.devstack.start()
+            # No TESSERA_* variable leaks from this process's environment: the children read
+            # exactly these settings and the backends started for them.
             self.env = {
-                **os.environ,
+                **{k: v for k, v in os.environ.items() if not k.startswith("TESSERA_")},
                 **self.settings.as_env(),
                 **backends,
                 "TESSERA_DATA_DIR": str(data_dir),

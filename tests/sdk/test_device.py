@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -117,6 +118,9 @@ def test_a_refusal_is_not_retried_and_names_the_problem(
         )
 
     assert caught.value.status == 404 and transport.seen == 1
+    # The simulator's device pool sends it across processes: it must survive pickling.
+    copy = pickle.loads(pickle.dumps(caught.value))
+    assert (copy.status, copy.detail, str(copy)) == (404, caught.value.detail, str(caught.value))
 
 
 def test_an_interrupted_upload_is_resent_and_lands_once(

@@ -21,9 +21,15 @@ class ApiError(RuntimeError):
     """A request the server refused (4xx) or kept failing (5xx after every retry)."""
 
     def __init__(self, method: str, url: str, status: int, detail: Any):
+        self.method = method
+        self.url = url
         self.status = status
         self.detail = detail
         super().__init__(f"{method} {url}: {status} {detail}")
+
+    def __reduce__(self) -> tuple[type[ApiError], tuple[str, str, int, Any]]:
+        # Crosses process boundaries (the simulator's device pool) with its fields intact.
+        return (type(self), (self.method, self.url, self.status, self.detail))
 
 
 @dataclass
