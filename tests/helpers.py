@@ -37,3 +37,14 @@ def enrol(client: TestClient, operator_token: str, name: str, role: str = "devic
     )
     assert response.status_code == 201, response.text
     return response.json()
+
+
+def metric_values(text: str) -> dict[str, float]:
+    """Prometheus text as {sample name: value}, summed over label sets (e.g. over processes)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            values[sample.name] = values.get(sample.name, 0.0) + sample.value
+    return values

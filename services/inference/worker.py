@@ -18,6 +18,7 @@ from tessera.config import get_settings
 from tessera.events import INFERENCE_QUEUE
 from tessera.logs import configure_logging
 from tessera.queue import make_celery
+from tessera.worker_metrics import connect as connect_metrics
 
 log = logging.getLogger(__name__)
 
@@ -52,4 +53,5 @@ def _on_shutdown(**_kwargs: Any) -> None:
     runtime.close()
 
 
+connect_metrics("inference-worker")
 app = create_inference_worker_app()

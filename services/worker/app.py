@@ -14,6 +14,7 @@ from services.worker import context
 from tessera.config import get_settings
 from tessera.logs import configure_logging
 from tessera.queue import make_celery
+from tessera.worker_metrics import connect as connect_metrics
 
 TASK_MODULES = ["services.worker.tasks.system", "services.worker.tasks.federation"]
 
@@ -37,4 +38,5 @@ def _on_shutdown(**_kwargs: Any) -> None:
     context.close()
 
 
+connect_metrics("worker")
 app = create_worker_app()

@@ -40,6 +40,8 @@ def _print_info(info: stack.StackInfo) -> None:
     click.echo("Tessera is up:")
     for name, url in info.urls.items():
         click.echo(f"  {name:<11} {url}   (docs: {url}/docs)")
+    for name, url in info.metrics.items():
+        click.echo(f"  {name + ' metrics':<26} {url}")
     for name, url in info.backends.items():
         click.echo(f"  {name:<26} {url}")
     click.echo(f"  operator token  {info.operator_token}")

@@ -121,6 +121,10 @@ class Settings(BaseSettings):
     task_time_limit_s: Annotated[int, Field(gt=0)] = Field(
         default=1800, description="Hard time limit of a Celery task, in seconds."
     )
+    worker_metrics_port: Annotated[int, Field(ge=0, le=65535)] = Field(
+        default=9108,
+        description="Port of a Celery worker's /metrics (all its pool processes); 0: none.",
+    )
 
     # Logging.
     log_level: str = Field(default="INFO", description="Python log level.")

@@ -14,6 +14,7 @@ from tessera import procs
 from tessera.config import LogFormat, Settings
 from tessera.model.base import load_base_model
 from tessera.sim.run import SimConfig, SimReport
+from tessera.stack import StackInfo
 
 
 def demo_settings(data_dir: Path) -> Settings:
@@ -60,9 +61,9 @@ def run_demo(data_dir: str, config: SimConfig = DEMO_CONFIG) -> None:
     reports: dict[str, SimReport] = {}
     grid_labels: list[str] = []
 
-    def grid(aggregator_url: str, operator_token: str) -> None:
+    def grid(info: StackInfo) -> None:
         base = load_base_model()
-        adapters = published_adapters(aggregator_url, operator_token, base)
+        adapters = published_adapters(info.urls["aggregator"], info.operator_token, base)
         grid_labels.extend(generation_grid(base, adapters, output / "generations.png"))
 
     for method, title in (("exact", "cluster-aware (exact)"), ("global", "global FedAvg")):

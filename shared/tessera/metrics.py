@@ -64,12 +64,17 @@ ADAPTER_CACHE_EVICTIONS = Counter(
     "tessera_adapter_cache_evictions_total",
     "Adapters dropped from the cache to stay within its size",
 )
+# Gauges say how a Celery worker's /metrics adds up its pool processes (multiprocess mode).
 ADAPTER_CACHE_BYTES = Gauge(
-    "tessera_adapter_cache_bytes", "Bytes of adapter weights held in the inference cache"
+    "tessera_adapter_cache_bytes",
+    "Bytes of adapter weights held in the inference cache",
+    multiprocess_mode="livesum",
 )
 
 GENERATION_QUEUE_DEPTH = Gauge(
-    "tessera_generation_queue_depth", "Generation jobs waiting in the queue"
+    "tessera_generation_queue_depth",
+    "Generation jobs waiting in the queue",
+    multiprocess_mode="livemostrecent",
 )
 GENERATION_SECONDS = Histogram(
     "tessera_generation_seconds",

@@ -66,11 +66,12 @@ class Child:
     argv: list[str]
     log_path: Path
     ready_url: str | None = None
+    env: dict[str, str] = field(default_factory=dict)  # on top of the stack's environment
     process: subprocess.Popen[bytes] | None = None
     restarts: int = 0
 
     def start(self, env: dict[str, str]) -> None:
-        self.process = procs.spawn(self.argv, log_path=self.log_path, env=env)
+        self.process = procs.spawn(self.argv, log_path=self.log_path, env={**env, **self.env})
 
 
 @dataclass
@@ -83,6 +84,7 @@ class StackInfo:
     data_dir: str
     log_dir: str
     backends: dict[str, str]
+    metrics: dict[str, str] = field(default_factory=dict)  # each worker's /metrics URL
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2)
@@ -149,6 +151,11 @@ class Stack:
             data_dir=str(data_dir),
             log_dir=str(self.log_dir),
             backends={k: _redact(v) for k, v in backends.items()},
+            metrics={
+                child.name: f"http://127.0.0.1:{child.env['TESSERA_WORKER_METRICS_PORT']}/metrics"
+                for child in self.children
+                if "TESSERA_WORKER_METRICS_PORT" in child.env
+            },
         )
         return self.info
 
@@ -185,12 +192,33 @@ class Stack:
             log_level=self.settings.log_level,
             app=INFERENCE_WORKER_APP,
         )
+        taken = {urlsplit(url).port or 80 for url in service_urls(self.settings).values()}
+        metrics_ports = procs.free_ports(2, exclude=taken)
         # The workers first: the aggregator is ready only once a worker answers.
         return [
-            Child("worker", worker, self.log_dir / "worker.log"),
-            Child("inference-worker", inference_worker, self.log_dir / "inference-worker.log"),
+            Child(
+                "worker",
+                worker,
+                self.log_dir / "worker.log",
+                env=self._metrics_env("worker", metrics_ports[0]),
+            ),
+            Child(
+                "inference-worker",
+                inference_worker,
+                self.log_dir / "inference-worker.log",
+                env=self._metrics_env("inference-worker", metrics_ports[1]),
+            ),
             *children,
         ]
+
+    def _metrics_env(self, name: str, port: int) -> dict[str, str]:
+        """A worker's own multiprocess-metrics folder, and a free port for its /metrics."""
+        if self.settings.worker_metrics_port == 0:
+            return {"TESSERA_WORKER_METRICS_PORT": "0"}
+        return {
+            "PROMETHEUS_MULTIPROC_DIR": str(self.settings.data_dir.resolve() / "metrics" / name),
+            "TESSERA_WORKER_METRICS_PORT": str(port),
+        }
 
     def _wait_ready(self, child: Child) -> None:
         if child.ready_url is None:

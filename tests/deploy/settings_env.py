@@ -15,10 +15,13 @@ from typing import Any
 import yaml
 
 from tessera.config import Settings
+from tessera.worker_metrics import MULTIPROC_ENV
 
 ENV_EXAMPLE = ".env.example"
 # Variables of docker-compose.yml itself, listed in .env.example but not Tessera settings.
 COMPOSE_VARIABLES = frozenset({"POSTGRES_PASSWORD", "TORCH_VARIANT"})
+# Not settings but read from the environment by the code: the workers' metrics folder.
+LIBRARY_VARIABLES = frozenset({MULTIPROC_ENV})
 # Settings whose values are credentials (besides SecretStr fields): only ever in a Secret.
 CREDENTIAL_URL_SETTINGS = frozenset({"database_url", "redis_url"})
 
@@ -122,7 +125,7 @@ def compose_environment_problems(root: Path) -> list[str]:
             if not is_tessera_image(str(spec.get("image", ""))) or environment is None:
                 continue
             names = set(_compose_env_names(environment))
-            for name in sorted(names - settings):
+            for name in sorted(names - settings - LIBRARY_VARIABLES):
                 problems.append(f"{path.name}: service {service} sets {name}, not a setting")
             if path.name != "docker-compose.yml":
                 continue  # override files add to the main file's environment
@@ -156,7 +159,7 @@ def rendered_environment_problems(objects: list[dict[str, Any]]) -> Iterator[str
                 continue
             where = f"{obj['kind']}/{obj['metadata']['name']} container {container['name']}"
             for variable in container.get("env") or []:
-                if variable["name"] not in settings:
+                if variable["name"] not in settings | LIBRARY_VARIABLES:
                     yield f"{where}: env {variable['name']} is not a setting"
             for source in container.get("envFrom") or []:
                 for kind, key in (("ConfigMap", "configMapRef"), ("Secret", "secretRef")):

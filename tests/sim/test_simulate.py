@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tessera.demo import run_demo
 from tessera.sim import SimConfig
 from tessera.sim.cli import run_on_fresh_stack
+from tessera.stack import StackInfo
+from tests.helpers import metric_values
 
 pytestmark = pytest.mark.slow
 
@@ -28,8 +31,14 @@ TINY = SimConfig(
 
 def test_a_cluster_aware_federation_runs_over_http(tmp_path: Path) -> None:
     lines: list[str] = []
+    scraped: dict[str, str] = {}
 
-    report = run_on_fresh_stack(TINY, tmp_path / "stack", log=lines.append)
+    def scrape_worker_metrics(info: StackInfo) -> None:
+        scraped.update({name: httpx.get(url).text for name, url in info.metrics.items()})
+
+    report = run_on_fresh_stack(
+        TINY, tmp_path / "stack", log=lines.append, after=scrape_worker_metrics
+    )
 
     assert report.ari == pytest.approx(1.0)
     assert sorted(c["size"] for c in report.clusters) == [2, 2]
@@ -41,6 +50,12 @@ def test_a_cluster_aware_federation_runs_over_http(tmp_path: Path) -> None:
     assert first.bytes_down_per_device < second.bytes_down_per_device  # round 2 downloads
     assert 0 <= second.style_accuracy <= 1 and second.heldout_loss > 0
     assert any("ARI" in line for line in lines)
+    # Aggregation runs in the worker's pool process; its main process serves what it recorded:
+    # one observation per cluster adapter and one for the global adapter, in each round.
+    worker = metric_values(scraped["worker"])
+    assert worker["tessera_aggregation_seconds_count"] >= 2 * 3
+    assert set(scraped) == {"worker", "inference-worker"}
+    metric_values(scraped["inference-worker"])  # valid Prometheus text (jobs: test_hot_swap)
 
 
 def test_demo_writes_tables_plot_and_grid(tmp_path: Path) -> None:

@@ -6,10 +6,14 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from tessera.sim.run import METHODS, SimConfig, SimReport, simulate
+
+if TYPE_CHECKING:
+    from tessera.stack import StackInfo
 
 
 def run_on_fresh_stack(
@@ -17,9 +21,9 @@ def run_on_fresh_stack(
     data_dir: Path,
     *,
     log: Callable[[str], None] = click.echo,
-    after: Callable[[str, str], None] | None = None,
+    after: Callable[[StackInfo], None] | None = None,
 ) -> SimReport:
-    """Start a stack on embedded servers in `data_dir`, simulate, call `after(url, token)`, stop."""
+    """Start a stack on embedded servers in `data_dir`, simulate, call `after(info)`, stop."""
     from tessera.demo import demo_settings
     from tessera.stack import Stack
 
@@ -38,7 +42,7 @@ def run_on_fresh_stack(
             log=log,
         )
         if after is not None:
-            after(settings.aggregator_url, info.operator_token)
+            after(info)
         return report
     finally:
         stack.stop()

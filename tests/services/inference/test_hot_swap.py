@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import redis
@@ -30,7 +31,7 @@ from tessera.models import GenerationJob, JobState
 from tessera.queue import make_celery
 from tessera.stack import INFERENCE_WORKER_APP, worker_command
 from tessera.storage import ObjectStore
-from tests.helpers import bearer
+from tests.helpers import bearer, metric_values
 from tests.services.inference.helpers import announce, embeds_b64, png_array, publish, tokens
 
 pytestmark = pytest.mark.slow
@@ -39,10 +40,12 @@ REPLICAS = 2
 
 
 @pytest.fixture
-def replicas(settings: Settings, tmp_path: Path, broker: redis.Redis) -> Iterator[list[Path]]:
-    """Two inference worker processes, each with its model loaded and subscribed to events."""
+def replicas(settings: Settings, tmp_path: Path, broker: redis.Redis) -> Iterator[list[str]]:
+    """Two inference worker processes, each with its model loaded and subscribed to events;
+    the URLs of their /metrics."""
     env = {**os.environ, **settings.as_env(), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     logs = [tmp_path / f"inference-worker-{i}.log" for i in range(REPLICAS)]
+    ports = procs.free_ports(REPLICAS)
     processes = [
         procs.spawn(
             worker_command(
@@ -52,7 +55,11 @@ def replicas(settings: Settings, tmp_path: Path, broker: redis.Redis) -> Iterato
                 app=INFERENCE_WORKER_APP,
             ),
             log_path=log,
-            env=env,
+            env={
+                **env,
+                "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / f"metrics-{i}"),
+                "TESSERA_WORKER_METRICS_PORT": str(ports[i]),
+            },
         )
         for i, log in enumerate(logs)
     ]
@@ -74,7 +81,7 @@ def replicas(settings: Settings, tmp_path: Path, broker: redis.Redis) -> Iterato
             process=processes[0],
             log_path=logs[0],
         )
-        yield logs
+        yield [f"http://127.0.0.1:{port}/metrics" for port in ports]
     finally:
         app.close()
         for process in processes:
@@ -120,7 +127,7 @@ def _reference(base: BaseModel, data: bytes, *, steps: int, seed: int, n: int) -
 
 
 def test_a_published_version_reaches_every_replica_without_touching_a_running_job(
-    replicas: list[Path],
+    replicas: list[str],
     api: TestClient,
     generator: tuple[int, str],
     settings: Settings,
@@ -172,3 +179,10 @@ def test_a_published_version_reaches_every_replica_without_touching_a_running_jo
         (image,) = [png_array(store.get_bytes(k)) for k in job.result["images"]]
         (want,) = _reference(base_model, store.get_bytes(v2.object_key), steps=6, seed=10 + i, n=1)
         assert np.abs(image.astype(int) - want.astype(int)).max() <= 1
+    # Each replica's main process serves what its pool process recorded while running jobs.
+    metrics = [metric_values(httpx.get(url, timeout=10).text) for url in replicas]
+    assert sum(m["tessera_generation_seconds_count"] for m in metrics) == 1 + REPLICAS
+    for replica in metrics:
+        assert replica["tessera_adapter_cache_misses_total"] >= 1  # v2, read on the event
+        assert replica["tessera_adapter_cache_bytes"] > 0
+        assert "tessera_generation_queue_depth" in replica
