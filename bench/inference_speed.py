@@ -26,21 +26,27 @@ docs/bench_inference.md, .json and .png.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
-import os
-import platform
 import random
 import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from benchlib import (
+    common_arguments,
+    embedded_backends,
+    machine,
+    ms,
+    per_call,
+    summary,
+    write_report,
+)
 from diffusers import DiffusionPipeline
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from safetensors.torch import save_file
@@ -48,9 +54,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from services.inference.cache import AdapterCache
 from services.worker.publishing import ToPublish, publish_version
-from tessera import db
-from tessera.config import Settings
-from tessera.devstack import DevStack
 from tessera.federation import CLUSTER_PREFIX
 from tessera.lora import LoraAdapter, random_adapter
 from tessera.lora.mixing import use_mix
@@ -77,24 +80,6 @@ class UNetLoraPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
 
 # -- the stack and the adapters ------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def embedded_stack(data_dir: Path) -> Iterator[tuple[sessionmaker[Session], ObjectStore]]:
-    """A fresh SQLite database and SeaweedFS server in `data_dir` (any configured URL ignored)."""
-    settings = Settings(data_dir=data_dir, database_url=None, redis_url=None, s3_endpoint=None)
-    devstack = DevStack(settings)
-    try:
-        backends = devstack.start()
-        url = backends["TESSERA_DATABASE_URL"]
-        db.upgrade(url)
-        store = ObjectStore.from_settings(
-            settings.model_copy(update={"s3_endpoint": backends["TESSERA_S3_ENDPOINT"]})
-        )
-        store.ensure_bucket()
-        yield db.session_factory(db.create_db_engine(url)), store
-    finally:
-        devstack.stop()
 
 
 def publish_random(
@@ -147,24 +132,6 @@ def mix_sequence(count: int, switches: int, seed: int) -> list[tuple[tuple[int, 
         sequence.append(mixes[choice])
         current = choice
     return sequence
-
-
-def per_call(fn: Callable[[Any], object], items: Sequence[Any]) -> list[float]:
-    samples = []
-    for item in items:
-        start = time.perf_counter()
-        fn(item)
-        samples.append(time.perf_counter() - start)
-    return samples
-
-
-def summary(samples: Sequence[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-    return {
-        "median_s": statistics.median(ordered),
-        "p95_s": ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))],
-        "n": len(ordered),
-    }
 
 
 def tessera_switch(cache: AdapterCache, version_ids: list[int]) -> Callable[[Any], None]:
@@ -329,20 +296,8 @@ def bench_generation(
 # -- reporting -----------------------------------------------------------------------------------
 
 
-def write_report(report: dict[str, Any], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_inference.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, out / "bench_inference.png")
-    (out / "bench_inference.md").write_text(markdown(report))
-    print(markdown(report))
-
-
 def _us(seconds: float) -> str:
     return f"{seconds * 1e6:,.0f}"
-
-
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:,.1f}"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -365,16 +320,24 @@ def markdown(report: dict[str, Any]) -> str:
         "all the adapters loaded in the UNet.",
         "",
         "| cached adapters | Tessera median µs | Tessera p95 µs | diffusers median µs "
-        "| diffusers p95 µs | diffusers / Tessera |",
-        "|---|---|---|---|---|---|",
+        "| diffusers p95 µs | diffusers / Tessera | load of the last adapter: Tessera ms "
+        "| diffusers ms |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in report["switch"]:
         ours, theirs = row["tessera"], row["diffusers"]
         lines.append(
             f"| {row['cached_adapters']} | {_us(ours['median_s'])} | {_us(ours['p95_s'])} | "
             f"{_us(theirs['median_s'])} | {_us(theirs['p95_s'])} | "
-            f"{theirs['median_s'] / ours['median_s']:,.0f}x |"
+            f"{theirs['median_s'] / ours['median_s']:,.0f}x | "
+            f"{ms(row['tessera_last_load_s'])} | {ms(row['diffusers_last_load_s'])} |"
         )
+    lines += [
+        "",
+        "The last two columns time loading the adapter that brought the count to that row "
+        "(Tessera: into the cache from the object store; diffusers: `load_lora_weights` into "
+        "the UNet). A Tessera switch to a mix not yet cached also merges it once: see (b).",
+    ]
     lines += [
         "",
         "## (b) Cold load of one adapter",
@@ -390,13 +353,15 @@ def markdown(report: dict[str, Any]) -> str:
         ("tessera_get_and_merge", "Tessera: the same, then merged into a new mix"),
         ("diffusers_load_lora_weights", "diffusers: `load_lora_weights` from a local file"),
     ):
-        lines.append(f"| {label} | {_ms(cold[key]['median_s'])} | {_ms(cold[key]['p95_s'])} |")
+        lines.append(f"| {label} | {ms(cold[key]['median_s'])} | {ms(cold[key]['p95_s'])} |")
     lines += [
         "",
         "## (c) Generation with a 2-adapter blend, against the base alone (the floor)",
         "",
         "20 steps, guidance 3 (two UNet passes per step), 32x32; median seconds of "
-        f"{report['generation'][0]['repeats']} interleaved runs after a warm-up.",
+        f"{report['generation'][0]['repeats']} interleaved runs after a warm-up. Tessera runs "
+        "the cached merged mix; diffusers' UNet still holds every adapter loaded in (a), two of "
+        "them active, whose LoRA branches run beside each projection at every step.",
         "",
         "| batch | floor s | Tessera blend s | Tessera / floor | diffusers blend s "
         "| diffusers / floor |",
@@ -413,9 +378,6 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -456,13 +418,21 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5, help="generation runs per variant")
     parser.add_argument("--switches", type=int, default=SWITCHES)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--counts", type=int, nargs="+", default=list(CACHED_COUNTS), help="cached adapters"
     )
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--out", type=Path, default=Path("docs"))
+    common_arguments(parser)
     args = parser.parse_args(argv)
+    if args.report_only:
+        write_report(
+            json.loads((args.out / "bench_inference.json").read_text()),
+            args.out,
+            "bench_inference",
+            markdown=markdown,
+            plot=plot,
+        )
+        return
     torch.set_num_threads(args.threads)
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
@@ -474,7 +444,7 @@ def main(argv: list[str] | None = None) -> None:
     biggest = max(max(args.counts), 2)
     with (
         tempfile.TemporaryDirectory() as scratch,
-        embedded_stack(Path(scratch) / "stack") as (
+        embedded_backends(Path(scratch) / "stack") as (
             sessions,
             store,
         ),
@@ -496,10 +466,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         difference = check_same_output(base, reference, cache, pipe, ids)
         generation = bench_generation(base, reference, cache, pipe, ids, args.repeats, args.batches)
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     report = {
-        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, {args.threads} torch "
-        f"threads, load average at the end {load}",
+        "machine": machine(args.threads),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "peft": peft.__version__,
@@ -510,7 +478,7 @@ def main(argv: list[str] | None = None) -> None:
         "cold_load": cold,
         "generation": generation,
     }
-    write_report(report, args.out)
+    write_report(report, args.out, "bench_inference", markdown=markdown, plot=plot)
 
 
 if __name__ == "__main__":
