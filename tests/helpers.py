@@ -5,8 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from fastapi.testclient import TestClient
+
+from tessera.config import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,3 +51,14 @@ def metric_values(text: str) -> dict[str, float]:
         for sample in family.samples:
             values[sample.name] = values.get(sample.name, 0.0) + sample.value
     return values
+
+
+def on_redis_db(settings: Settings, number: int) -> Settings:
+    """`settings` on Redis database `number`, emptied first: a test package's own queues."""
+    import redis
+
+    url = urlunsplit(urlsplit(settings.redis_url or "")._replace(path=f"/{number}"))
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+    return settings.model_copy(update={"redis_url": url})

@@ -29,9 +29,10 @@ def record_in_another_process(folder: Path) -> None:
 def test_the_main_process_serves_the_sum_of_its_pool_processes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(worker_metrics.MULTIPROC_ENV, str(tmp_path))
-    record_in_another_process(tmp_path)
-    record_in_another_process(tmp_path)
+    folder = tmp_path / "made-by-the-first-process"  # as on a fresh emptyDir
+    monkeypatch.setenv(worker_metrics.MULTIPROC_ENV, str(folder))
+    record_in_another_process(folder)
+    record_in_another_process(folder)
     port = procs.free_port()
 
     worker_metrics.serve(port, "test-worker")

@@ -6,15 +6,12 @@ import threading
 from dataclasses import dataclass
 from typing import Annotated
 
-import httpx
-from fastapi import Depends, Request
+from fastapi import Depends
 
-from tessera.config import Settings
 from tessera.lora import LoraSpec
 from tessera.service.deps import SettingsDep
 
 # Assigning one device is a nearest-centroid lookup (or, the very first time, one k-means).
-CLUSTERING_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -57,16 +54,3 @@ def get_lora_spec(facts: Annotated[BaseModelFacts, Depends(get_base_model_facts)
 
 BaseModelDep = Annotated[BaseModelFacts, Depends(get_base_model_facts)]
 LoraSpecDep = Annotated[LoraSpec, Depends(get_lora_spec)]
-
-
-def make_clustering_http(settings: Settings) -> httpx.Client:
-    """The client for the clustering service (requests carry the operator token themselves)."""
-    return httpx.Client(base_url=settings.clustering_url, timeout=CLUSTERING_TIMEOUT_S)
-
-
-def get_clustering_http(request: Request) -> httpx.Client:
-    client: httpx.Client = request.app.state.clustering_http
-    return client
-
-
-ClusteringHttpDep = Annotated[httpx.Client, Depends(get_clustering_http)]

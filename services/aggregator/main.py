@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from services.aggregator.deps import make_clustering_http
 from services.aggregator.lifespan import extend_lifespan
 from services.aggregator.routes import adapters, clients, devices, rounds, updates
 from services.aggregator.uploads import UPLOAD_PREFIX, CountOversizedUploads
 from tessera.config import Settings, get_settings
 from tessera.service.app import create_service_app, ensure_bucket
+from tessera.service.deps import make_clustering_http
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

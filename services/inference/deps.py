@@ -12,14 +12,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
 
-import httpx
-from fastapi import Depends, Request
+from fastapi import Depends
 
-from tessera.config import Settings
 from tessera.service.deps import SettingsDep
 
 # Routing one prompt vector is a dot product per centroid.
-CLUSTERING_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -52,16 +49,3 @@ def get_model_facts(settings: SettingsDep) -> ModelFacts:
 
 
 ModelFactsDep = Annotated[ModelFacts, Depends(get_model_facts)]
-
-
-def make_clustering_http(settings: Settings) -> httpx.Client:
-    """The client for the clustering service (requests carry the operator token themselves)."""
-    return httpx.Client(base_url=settings.clustering_url, timeout=CLUSTERING_TIMEOUT_S)
-
-
-def get_clustering_http(request: Request) -> httpx.Client:
-    client: httpx.Client = request.app.state.clustering_http
-    return client
-
-
-ClusteringHttpDep = Annotated[httpx.Client, Depends(get_clustering_http)]

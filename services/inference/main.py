@@ -12,10 +12,10 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from services.inference.deps import make_clustering_http
 from services.inference.routes import generations
 from tessera.config import Settings, get_settings
 from tessera.service.app import create_service_app, ensure_bucket
+from tessera.service.deps import make_clustering_http
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -12,24 +12,17 @@ import click
 
 from tessera import procs
 from tessera.config import LogFormat, Settings
+from tessera.devstack import embedded_settings
 from tessera.model.base import load_base_model
 from tessera.sim.run import SimConfig, SimReport
 from tessera.stack import StackInfo
 
 
 def demo_settings(data_dir: Path) -> Settings:
-    """Settings for a throwaway stack on free ports and embedded servers only.
-
-    The URLs are cleared on purpose: a `TESSERA_DATABASE_URL` or `TESSERA_REDIS_URL` in the
-    environment (CI sets both) must not point the demo at a shared database holding other data.
-    """
+    """Settings for a throwaway stack on free ports and embedded servers only."""
     ports = procs.free_ports(3)
-    return Settings(
-        data_dir=data_dir,
-        database_url=None,
-        redis_url=None,
-        s3_endpoint=None,
-        s3_public_endpoint=None,
+    return embedded_settings(
+        data_dir,
         aggregator_url=f"http://127.0.0.1:{ports[0]}",
         clustering_url=f"http://127.0.0.1:{ports[1]}",
         inference_url=f"http://127.0.0.1:{ports[2]}",

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import redis
@@ -192,6 +193,22 @@ def _accepts_writes(store: ObjectStore) -> bool:
     store.put_bytes(".tessera-probe", b"ok")
     store.delete(".tessera-probe")
     return True
+
+
+def embedded_settings(data_dir: Path, **values: Any) -> Settings:
+    """Settings whose backends are all embedded in `data_dir`, whatever the environment says.
+
+    The URLs are cleared on purpose: a `TESSERA_DATABASE_URL` or `TESSERA_REDIS_URL` in the
+    environment (CI sets both) must not point a throwaway stack at a shared database.
+    """
+    return Settings(
+        data_dir=data_dir,
+        database_url=None,
+        redis_url=None,
+        s3_endpoint=None,
+        s3_public_endpoint=None,
+        **values,
+    )
 
 
 @dataclass

@@ -7,9 +7,22 @@ grow without limit.
 
 from __future__ import annotations
 
+import os
 from enum import StrEnum
 
 from prometheus_client import Counter, Gauge, Histogram
+
+# In multiprocess mode (a Celery worker's pool: tessera.worker_metrics) every process writes its
+# values to files in this folder as each metric is made, so it must exist before the first one.
+if _multiproc_dir := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.makedirs(_multiproc_dir, exist_ok=True)
+
+HTTP_REQUESTS = Counter(
+    "tessera_http_requests_total", "HTTP requests served", ["service", "method", "route", "status"]
+)
+HTTP_LATENCY = Histogram(
+    "tessera_http_request_seconds", "HTTP request latency", ["service", "method", "route"]
+)
 
 
 class RejectionReason(StrEnum):

@@ -7,7 +7,6 @@ the same computation and every table and the plot were written.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,7 +29,6 @@ def test_small_run_writes_tables_and_plot(tmp_path: Path, monkeypatch: pytest.Mo
             *("--out", str(tmp_path)),
         ]
     )
-    sys.modules.pop("inference_speed", None)
 
     report = json.loads((tmp_path / "bench_inference.json").read_text())
     assert report["max_difference"] < 1e-3

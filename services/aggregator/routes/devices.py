@@ -10,13 +10,13 @@ from fastapi import APIRouter, HTTPException, status
 from sqlalchemy.orm import Session
 
 from services.aggregator import crud
-from services.aggregator.deps import BaseModelDep, BaseModelFacts, ClusteringHttpDep
+from services.aggregator.deps import BaseModelDep, BaseModelFacts
 from services.aggregator.views import adapter_download, round_brief
 from tessera.config import Settings
 from tessera.federation import GLOBAL_ADAPTER, cluster_adapter_name
 from tessera.schemas import DeviceAssignment, TaskVectorsIn, TaskVectorsStored
 from tessera.service.auth import DeviceDep
-from tessera.service.deps import SessionDep, SettingsDep, StoreDep
+from tessera.service.deps import ClusteringHttpDep, SessionDep, SettingsDep, StoreDep
 from tessera.storage import ObjectStore
 
 log = logging.getLogger(__name__)

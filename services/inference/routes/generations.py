@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from services.inference import crud
-from services.inference.deps import ClusteringHttpDep, ModelFactsDep
+from services.inference.deps import ModelFactsDep
 from services.inference.embeddings import input_to_bytes
 from services.inference.progress_stream import job_events
 from services.inference.runner import record_queue_depth
@@ -24,6 +24,7 @@ from tessera.models import GenerationJob, JobState, Role
 from tessera.service.auth import GeneratorDep, Principal, PrincipalDep
 from tessera.service.deps import (
     CeleryDep,
+    ClusteringHttpDep,
     RedisDep,
     ResourcesDep,
     SessionDep,

@@ -6,6 +6,7 @@ importing the dataset stays cheap (no torch).
 
 from tessera.data.datasets import (
     Batch,
+    cycled_subjects,
     heldout_split,
     pretraining_batch,
     render_batch,
@@ -42,6 +43,7 @@ __all__ = [
     "Sample",
     "Variation",
     "caption",
+    "cycled_subjects",
     "heldout_split",
     "make_device",
     "make_population",

@@ -113,6 +113,14 @@ def uniform_subjects(n: int, rng: np.random.Generator) -> list[tuple[str, str]]:
     return [(SHAPES[s], COLOUR_NAMES[c]) for s, c in zip(shapes, colours, strict=True)]
 
 
+def cycled_subjects(n: int, seed: int, tag: str) -> list[tuple[str, str]]:
+    """`n` (shape, colour) pairs cycling through every subject in an order seeded by
+    (`tag`, `seed`): evaluation prompts that cover all subjects evenly."""
+    pairs = [(s, c) for s in SHAPES for c in COLOUR_NAMES]
+    order = rng_for(tag, seed).permutation(len(pairs))
+    return [pairs[order[i % len(pairs)]] for i in range(n)]
+
+
 def pretraining_batch(n: int, seed: int) -> Batch:
     """`n` plain renderings of uniformly drawn subjects: the base model's pretraining data."""
     return style_dataset(PLAIN, n, seed)

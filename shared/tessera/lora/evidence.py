@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tessera.data import COLOUR_NAMES, SHAPES, caption, rng_for, style_dataset, to_tensor
+from tessera.data import caption, cycled_subjects, style_dataset, to_tensor
 from tessera.data.evaluator import load_evaluator
 from tessera.data.tensors import to_uint8
 from tessera.lora.adapter import LoraAdapter
@@ -33,10 +33,8 @@ GRID_PROMPTS = 8
 
 
 def eval_subjects(n: int, seed: int) -> list[tuple[str, str]]:
-    """`n` (shape, colour) pairs cycling through every subject in a seeded order."""
-    pairs = [(s, c) for s in SHAPES for c in COLOUR_NAMES]
-    order = rng_for("evidence-subjects", seed).permutation(len(pairs))
-    return [pairs[order[i % len(pairs)]] for i in range(n)]
+    """The evidence's evaluation subjects: every subject in turn, in a seeded order."""
+    return cycled_subjects(n, seed, "evidence-subjects")
 
 
 def save_grid(rows: list[torch.Tensor], labels: list[str], path: Path, scale: int = 4) -> None:

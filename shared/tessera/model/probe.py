@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tessera.data import COLOUR_NAMES, SHAPES, caption, rng_for, style_dataset, to_tensor
+from tessera.data import caption, cycled_subjects, style_dataset, to_tensor
 from tessera.data.tensors import to_uint8
 from tessera.model.base import BaseModel, load_base_model
 from tessera.model.encoder import encode_prompts
@@ -28,10 +28,8 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 def eval_subjects(n: int, seed: int) -> list[tuple[str, str]]:
-    """`n` (shape, colour) pairs cycling through every subject in a seeded order."""
-    pairs = [(s, c) for s in SHAPES for c in COLOUR_NAMES]
-    order = rng_for("probe-subjects", seed).permutation(len(pairs))
-    return [pairs[order[i % len(pairs)]] for i in range(n)]
+    """The probe's evaluation subjects: every subject in turn, in a seeded order."""
+    return cycled_subjects(n, seed, "probe-subjects")
 
 
 def generate_for(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
+import httpx
 import redis
 from celery import Celery
 from fastapi import Depends, Request
@@ -53,3 +54,20 @@ SessionDep = Annotated[Session, Depends(get_session)]
 StoreDep = Annotated[ObjectStore, Depends(get_store)]
 RedisDep = Annotated[redis.Redis, Depends(get_redis)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
+
+
+# The clustering service, as the aggregator and the inference service call it.
+CLUSTERING_TIMEOUT_S = 10.0
+
+
+def make_clustering_http(settings: Settings) -> httpx.Client:
+    """The client for the clustering service (requests carry the operator token themselves)."""
+    return httpx.Client(base_url=settings.clustering_url, timeout=CLUSTERING_TIMEOUT_S)
+
+
+def get_clustering_http(request: Request) -> httpx.Client:
+    client: httpx.Client = request.app.state.clustering_http
+    return client
+
+
+ClusteringHttpDep = Annotated[httpx.Client, Depends(get_clustering_http)]

@@ -6,15 +6,9 @@ import json
 import time
 from collections.abc import Mapping
 
-from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-HTTP_REQUESTS = Counter(
-    "tessera_http_requests_total", "HTTP requests served", ["service", "method", "route", "status"]
-)
-HTTP_LATENCY = Histogram(
-    "tessera_http_request_seconds", "HTTP request latency", ["service", "method", "route"]
-)
+from tessera.metrics import HTTP_LATENCY, HTTP_REQUESTS
 
 
 class _BodyTooLargeError(Exception):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis
@@ -14,25 +13,16 @@ from tessera.config import Settings
 from tessera.lora import LoraSpec
 from tessera.model.base import BaseModel
 from tessera.storage import ObjectStore
-from tests.helpers import bearer, enrol
+from tests.helpers import bearer, enrol, on_redis_db
 
 # Messages go to a Redis database of their own, so that a session-wide worker (listening on
 # database 0) cannot take the aggregation task before a test reads it off the queue.
 QUEUE_DB = 7
 
 
-def _with_db(url: str, db: int) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=f"/{db}"))
-
-
 @pytest.fixture
-def settings(settings: Settings) -> Iterator[Settings]:
-    url = _with_db(settings.redis_url or "", QUEUE_DB)
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    client.close()
-    yield settings.model_copy(update={"redis_url": url})
+def settings(settings: Settings) -> Settings:
+    return on_redis_db(settings, QUEUE_DB)
 
 
 @pytest.fixture

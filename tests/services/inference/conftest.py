@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis
@@ -18,15 +17,12 @@ from tessera.lora import LoraSpec
 from tessera.model.base import BaseModel
 from tessera.models import Role
 from tessera.storage import ObjectStore
+from tests.helpers import on_redis_db
 from tests.services.inference.helpers import make_client
 
 # Messages and events go to a Redis database of their own: nothing else consumes the
 # inference queue there, so a test reads exactly what it queued.
 QUEUE_DB = 8
-
-
-def with_redis_db(url: str, number: int) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=f"/{number}"))
 
 
 @pytest.fixture(scope="package", autouse=True)
@@ -39,12 +35,8 @@ def one_torch_thread() -> Iterator[None]:
 
 
 @pytest.fixture
-def settings(settings: Settings) -> Iterator[Settings]:
-    url = with_redis_db(settings.redis_url or "", QUEUE_DB)
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    client.close()
-    yield settings.model_copy(update={"redis_url": url})
+def settings(settings: Settings) -> Settings:
+    return on_redis_db(settings, QUEUE_DB)
 
 
 @pytest.fixture
