@@ -51,9 +51,9 @@ def test_a_cluster_aware_federation_runs_over_http(tmp_path: Path) -> None:
     assert 0 <= second.style_accuracy <= 1 and second.heldout_loss > 0
     assert any("ARI" in line for line in lines)
     # Aggregation runs in the worker's pool process; its main process serves what it recorded:
-    # one observation per cluster adapter and one for the global adapter, in each round.
+    # one observation per cluster aggregated, in each round.
     worker = metric_values(scraped["worker"])
-    assert worker["tessera_aggregation_seconds_count"] >= 2 * 3
+    assert worker["tessera_aggregation_seconds_count"] == 2 * len(report.rounds)
     assert set(scraped) == {"worker", "inference-worker"}
     metric_values(scraped["inference-worker"])  # valid Prometheus text (jobs: test_hot_swap)
 
