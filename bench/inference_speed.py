@@ -14,6 +14,8 @@ One run, on this machine, Tessera's inference path against diffusers + peft on t
 (c) *Generation* (20 steps, guidance 3) with a 2-adapter 0.7/0.3 blend, relative to the base
     model with no adapter (the floor), at batch 1 and 16; diffusers runs the same loop with
     its two adapters active (unmerged LoRA branches).
+(d) *Grouping*: 4 queued jobs of 4 images sharing a mix, one after another against one UNet
+    batch (each job with its own seed), as a batching inference worker runs them.
 
 Before timing, one UNet forward pass under each system's blend is compared: they must agree,
 or the comparison would be between different computations.
@@ -59,7 +61,7 @@ from tessera.lora import LoraAdapter, random_adapter
 from tessera.lora.mixing import use_mix
 from tessera.model.base import BaseModel, load_base_model
 from tessera.model.encoder import encode_prompts
-from tessera.model.generate import generate
+from tessera.model.generate import generate, seeded_latents
 from tessera.models import AdapterKind, Round, RoundState
 from tessera.storage import ObjectStore
 
@@ -293,6 +295,45 @@ def bench_generation(
     return rows
 
 
+def bench_grouping(
+    base: BaseModel, cache: AdapterCache, ids: list[int], repeats: int, jobs: int, images: int
+) -> dict[str, Any]:
+    """`jobs` queued jobs of `images` images sharing a mix: run one after another (each job
+    alone), against one UNet batch with each job's own seed (what a batching worker does)."""
+    tokens, _ = encode_prompts([f"a blue star number {i}" for i in range(jobs * images)])
+    merged = cache.mix([(ids[0], BLEND[0]), (ids[1], BLEND[1])]).merged
+
+    def one_by_one() -> None:
+        for job in range(jobs):
+            prompt = tokens[job * images : (job + 1) * images]
+            generate(base, prompt, steps=20, seed=job, merged=merged)
+
+    def batched() -> None:
+        noise = torch.cat([seeded_latents(base, images, job) for job in range(jobs)])
+        generate(base, tokens, steps=20, start_latents=noise, merged=merged)
+
+    runs = {"one_by_one": one_by_one, "batched": batched}
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for fn in runs.values():
+        fn()  # warm-up
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(values) for name, values in samples.items()}
+    row = {
+        "jobs": jobs,
+        "images_each": images,
+        "one_by_one_s": medians["one_by_one"],
+        "batched_s": medians["batched"],
+        "speedup": medians["one_by_one"] / medians["batched"],
+        "repeats": repeats,
+    }
+    print(f"grouping: {row}", flush=True)
+    return row
+
+
 # -- reporting -----------------------------------------------------------------------------------
 
 
@@ -373,6 +414,23 @@ def markdown(report: dict[str, Any]) -> str:
             f"{row['tessera_ratio']:.3f}x | {row['diffusers_s']:.3f} | "
             f"{row['diffusers_ratio']:.3f}x |"
         )
+    grouping = report.get("grouping")
+    if grouping is not None:
+        lines += [
+            "",
+            "## (d) Queued jobs that share a mix, run as one batch",
+            "",
+            f"{grouping['jobs']} jobs of {grouping['images_each']} images each, the same mix, "
+            "steps and guidance (what `TESSERA_INFERENCE_MAX_BATCH_IMAGES` lets an inference "
+            "worker group): one after another, as each job alone, against one UNet batch in "
+            f"which each job keeps its own seed; median seconds of {grouping['repeats']} "
+            "interleaved runs.",
+            "",
+            "| one after another s | one batch s | speed-up |",
+            "|---|---|---|",
+            f"| {grouping['one_by_one_s']:.3f} | {grouping['batched_s']:.3f} | "
+            f"{grouping['speedup']:.2f}x |",
+        ]
     lines += ["", "![switch time and blend cost](bench_inference.png)", ""]
     return "\n".join(lines)
 
@@ -466,6 +524,9 @@ def main(argv: list[str] | None = None) -> None:
         )
         difference = check_same_output(base, reference, cache, pipe, ids)
         generation = bench_generation(base, reference, cache, pipe, ids, args.repeats, args.batches)
+        grouping = bench_grouping(
+            base, cache, ids, args.repeats, jobs=4, images=max(1, max(args.batches) // 4)
+        )
     report = {
         "machine": machine(args.threads),
         "torch": torch.__version__,
@@ -477,6 +538,7 @@ def main(argv: list[str] | None = None) -> None:
         "switch": switch,
         "cold_load": cold,
         "generation": generation,
+        "grouping": grouping,
     }
     write_report(report, args.out, "bench_inference", markdown=markdown, plot=plot)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from tessera.models import Adapter, AdapterVersion, GenerationJob, JobState, utcnow
@@ -49,12 +49,23 @@ def job_by_idempotency_key(*, session: Session, client_id: int, key: str) -> Gen
 
 
 def claim_job(*, session: Session, job_id: str, total_steps: int) -> bool:
-    """Mark a job running (again, if a crashed worker had it); False if it is already terminal."""
+    """Mark a job running (again, if a crashed worker had it); False if it is terminal, or
+    running as part of another job's batch (that job's run finishes it, or its redelivery
+    runs it again)."""
     claimed = session.execute(
         update(GenerationJob)
         .where(
             GenerationJob.id == job_id,
-            GenerationJob.state.in_([JobState.QUEUED, JobState.RUNNING]),
+            or_(
+                GenerationJob.state == JobState.QUEUED,
+                and_(
+                    GenerationJob.state == JobState.RUNNING,
+                    or_(
+                        GenerationJob.batch_leader.is_(None),
+                        GenerationJob.batch_leader == job_id,
+                    ),
+                ),
+            ),
         )
         .values(
             state=JobState.RUNNING,
@@ -62,10 +73,60 @@ def claim_job(*, session: Session, job_id: str, total_steps: int) -> bool:
             progress_step=0,
             total_steps=total_steps,
             error=None,
+            batch_leader=None,
         )
     )
     session.commit()
     return bool(getattr(claimed, "rowcount", 0))
+
+
+def batch_candidates(*, session: Session, leader_id: str, batch_key: str) -> list[GenerationJob]:
+    """Jobs that may join `leader_id`'s batch, oldest first: queued ones with the same key, and
+    those it had already taken before its worker died."""
+    rows = session.scalars(
+        select(GenerationJob)
+        .where(
+            GenerationJob.batch_key == batch_key,
+            GenerationJob.id != leader_id,
+            or_(
+                GenerationJob.state == JobState.QUEUED,
+                and_(
+                    GenerationJob.state == JobState.RUNNING,
+                    GenerationJob.batch_leader == leader_id,
+                ),
+            ),
+        )
+        .order_by(GenerationJob.created_at, GenerationJob.id)
+    )
+    return list(rows)
+
+
+def join_batch(*, session: Session, job_id: str, leader_id: str, total_steps: int) -> bool:
+    """Take a queued job (or one this leader already had) into the leader's batch; False if
+    another worker has started it meanwhile."""
+    joined = session.execute(
+        update(GenerationJob)
+        .where(
+            GenerationJob.id == job_id,
+            or_(
+                GenerationJob.state == JobState.QUEUED,
+                and_(
+                    GenerationJob.state == JobState.RUNNING,
+                    GenerationJob.batch_leader == leader_id,
+                ),
+            ),
+        )
+        .values(
+            state=JobState.RUNNING,
+            started_at=utcnow(),
+            progress_step=0,
+            total_steps=total_steps,
+            error=None,
+            batch_leader=leader_id,
+        )
+    )
+    session.commit()
+    return bool(getattr(joined, "rowcount", 0))
 
 
 def record_progress(*, session: Session, job_id: str, step: int) -> None:

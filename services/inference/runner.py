@@ -4,6 +4,13 @@ Idempotent: a job already succeeded or failed is not run again; a job found runn
 worker died, the message came back) runs again from the start, with the same result, since
 generation is deterministic given the seed. Progress goes to the job's row (throttled) and to
 its Redis channel (every step); the database stays the source of truth.
+
+Batches: a job takes queued jobs with the same batch key (mix, steps, guidance, size, prompt
+length) into its run, up to TESSERA_INFERENCE_MAX_BATCH_IMAGES images, and runs them as one
+UNet batch: each keeps its own prompt, negative and seed, so its images are those it would get
+alone (to float tolerance), and each gets its own result and events. A job in another job's
+batch skips its own message; if the leader's worker dies, the leader's redelivered message
+takes the same jobs back.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import redis
@@ -33,7 +41,8 @@ from tessera.data.tensors import to_uint8
 from tessera.events import INFERENCE_QUEUE, generation_channel
 from tessera.metrics import GENERATION_QUEUE_DEPTH, GENERATION_SECONDS
 from tessera.model.base import BaseModel
-from tessera.model.generate import GenerationResult, generate, latents_to_bytes
+from tessera.model.encoder import empty_prompt_embeds
+from tessera.model.generate import GenerationResult, generate, latents_to_bytes, seeded_latents
 from tessera.models import GenerationJob, JobState, utcnow
 from tessera.schemas import as_utc
 from tessera.storage import ObjectStore
@@ -60,6 +69,7 @@ class JobRuntime:
     redis: redis.Redis | None
     base: BaseModel
     cache: AdapterCache
+    max_batch_images: int = 1  # TESSERA_INFERENCE_MAX_BATCH_IMAGES; 1: every job alone
 
 
 def record_queue_depth(client: redis.Redis) -> None:
@@ -76,7 +86,8 @@ def output_prefix(job_id: str) -> str:
 
 
 def run_generation(job_id: str, *, runtime: JobRuntime) -> dict[str, Any]:
-    """Run job `job_id` to a terminal state; returns a summary (state, and the result)."""
+    """Run job `job_id` to a terminal state, with any queued jobs that can share its UNet
+    batch; returns a summary (state, the result, the ids of the batch)."""
     with runtime.sessions() as session:
         job = session.get(GenerationJob, job_id)
         if job is None:
@@ -84,35 +95,168 @@ def run_generation(job_id: str, *, runtime: JobRuntime) -> dict[str, Any]:
             return {"id": job_id, "state": "missing"}
         if is_terminal(job.state):
             return {"id": job_id, "state": job.state.value, "skipped": True}
-        params, input_key, created_at = dict(job.params), job.input_key, job.created_at
-    total = int(params.get("stop_at_step") or params["steps"])
+        leader = _Member.of(job, runtime=runtime)
+        batch_key = job.batch_key
     with runtime.sessions() as session:
-        if not crud.claim_job(session=session, job_id=job_id, total_steps=total):
+        if not crud.claim_job(session=session, job_id=job_id, total_steps=leader.total):
             return {"id": job_id, "state": "skipped", "skipped": True}
-    reporter = ProgressReporter(job_id, runtime=runtime, total=total)
-    reporter.publish(JobState.RUNNING, 0)
+    members = [leader, *_gather_batch(leader, batch_key, runtime=runtime)]
+    for member in members:
+        member.reporter.publish(JobState.RUNNING, 0)
     try:
-        result = _generate(job_id, params, input_key, runtime=runtime, progress=reporter.step)
+        results = _generate(members, runtime=runtime)
     except TRANSIENT_ERRORS:
         raise
     except Exception as error:
-        fail_job(
-            job_id, f"{type(error).__name__}: {error}", runtime=runtime, step=reporter.last_step
-        )
+        for member in members:
+            fail_job(
+                member.job_id,
+                f"{type(error).__name__}: {error}",
+                runtime=runtime,
+                step=member.reporter.last_step,
+            )
         raise
+    for member, result in zip(members, results, strict=True):
+        with runtime.sessions() as session:
+            finished = crud.finish_job(
+                session=session,
+                job_id=member.job_id,
+                state=JobState.SUCCEEDED,
+                result=result,
+                progress_step=member.total,
+            )
+        member.reporter.publish(JobState.SUCCEEDED, member.total)
+        _forget_input(runtime.store, member.input_key)
+        GENERATION_SECONDS.observe((finished - as_utc(member.created_at)).total_seconds())
+    log.info(
+        "generation succeeded",
+        extra={"job_id": job_id, "mix": results[0]["mix"], "batch": len(members)},
+    )
+    return {
+        "id": job_id,
+        "state": JobState.SUCCEEDED.value,
+        "result": results[0],
+        "batch": [member.job_id for member in members],
+    }
+
+
+@dataclass(frozen=True)
+class _Member:
+    """A job of the batch being run, as its row says, with its progress reporter."""
+
+    job_id: str
+    params: dict[str, Any]
+    input_key: str | None
+    created_at: datetime
+    reporter: ProgressReporter
+
+    @classmethod
+    def of(cls, job: GenerationJob, *, runtime: JobRuntime) -> _Member:
+        params = dict(job.params)
+        total = int(params.get("stop_at_step") or params["steps"])
+        reporter = ProgressReporter(job.id, runtime=runtime, total=total)
+        return cls(job.id, params, job.input_key, job.created_at, reporter)
+
+    @property
+    def total(self) -> int:
+        return self.reporter.total
+
+    @property
+    def images(self) -> int:
+        return int(self.params["num_images"])
+
+
+def _gather_batch(leader: _Member, batch_key: str | None, *, runtime: JobRuntime) -> list[_Member]:
+    """Queued jobs with the leader's batch key, oldest first, while the images fit in
+    TESSERA_INFERENCE_MAX_BATCH_IMAGES; jobs this leader had taken before its worker died
+    always come back (their own messages were skipped while they were in its batch)."""
+    if batch_key is None:
+        return []
+    room = runtime.max_batch_images - leader.images
     with runtime.sessions() as session:
-        finished = crud.finish_job(
-            session=session,
-            job_id=job_id,
-            state=JobState.SUCCEEDED,
-            result=result,
-            progress_step=total,
+        candidates = crud.batch_candidates(
+            session=session, leader_id=leader.job_id, batch_key=batch_key
         )
-    reporter.publish(JobState.SUCCEEDED, total)
-    _forget_input(runtime.store, input_key)
-    GENERATION_SECONDS.observe((finished - as_utc(created_at)).total_seconds())
-    log.info("generation succeeded", extra={"job_id": job_id, "mix": result["mix"]})
-    return {"id": job_id, "state": JobState.SUCCEEDED.value, "result": result}
+        members = [_Member.of(row, runtime=runtime) for row in candidates]
+        ours = {row.id for row in candidates if row.state is JobState.RUNNING}
+        taken = []
+        for member in members:
+            if member.job_id not in ours and member.images > room:
+                continue
+            if crud.join_batch(
+                session=session,
+                job_id=member.job_id,
+                leader_id=leader.job_id,
+                total_steps=member.total,
+            ):
+                taken.append(member)
+                room -= member.images
+    return taken
+
+
+def _generate(members: list[_Member], *, runtime: JobRuntime) -> list[dict[str, Any]]:
+    """Run the batch as one generation; each member's result, its images stored."""
+    started = time.perf_counter()
+    leader = members[0]
+    params = leader.params  # the batch key makes mix, steps, guidance and size the same
+    inputs = []
+    for member in members:
+        if member.input_key is None:
+            raise ValueError(f"job {member.job_id} has no input object")
+        inputs.append(input_from_bytes(runtime.store.get_bytes(member.input_key)))
+    pins = [PinnedAdapter.from_dict(item) for item in params["adapters"]]
+    prepared = runtime.cache.mix([(p.version_id, p.weight) for p in pins])
+    guidance = float(params["guidance"])
+    counts = [member.images for member in members]
+    prompts, negatives, latents = [], [], []
+    for member, encoded, n in zip(members, inputs, counts, strict=True):
+        prompts.append(encoded.prompt.float().expand(n, -1, -1))
+        negative = encoded.negative
+        if negative is None:
+            negative = empty_prompt_embeds(encoded.tokens)
+        negatives.append(negative.float().expand(n, -1, -1))
+        latents.append(seeded_latents(runtime.base, n, int(member.params["seed"])))
+
+    def progress(step: int, steps: int) -> None:
+        for member in members:
+            member.reporter.step(step, steps)
+
+    output = generate(
+        runtime.base,
+        torch.cat(prompts),
+        steps=int(params["steps"]),
+        guidance=guidance,
+        negative_embeds=torch.cat(negatives),
+        start_latents=torch.cat(latents),
+        stop_step=params.get("stop_at_step"),
+        merged=prepared.merged,
+        progress=progress,
+    )
+    seconds = round(time.perf_counter() - started, 3)
+    results = []
+    offset = 0
+    for member, n in zip(members, counts, strict=True):
+        part = GenerationResult(
+            images=None if output.images is None else output.images[offset : offset + n],
+            latents=output.latents[offset : offset + n],
+            step=output.step,
+            steps=output.steps,
+        )
+        offset += n
+        stored = _store_output(member.job_id, part, guidance=guidance, runtime=runtime)
+        results.append(
+            {
+                **stored,
+                "adapters": [p.as_dict() for p in pins],
+                "mix": "base" if prepared.merged is None else prepared.merged.label,
+                "mix_cached": prepared.cached,
+                "loaded_from_store": list(prepared.loaded),
+                "worker": f"{socket.gethostname()}:{os.getpid()}",
+                "seconds": seconds,
+                "batch": {"leader": leader.job_id, "jobs": len(members), "images": sum(counts)},
+            }
+        )
+    return results
 
 
 def fail_job(job_id: str, message: str, *, runtime: JobRuntime, step: int = 0) -> None:
@@ -128,45 +272,6 @@ def fail_job(job_id: str, message: str, *, runtime: JobRuntime, step: int = 0) -
         JobState.FAILED, step, error=message
     )
     _forget_input(runtime.store, input_key)
-
-
-def _generate(
-    job_id: str,
-    params: dict[str, Any],
-    input_key: str | None,
-    *,
-    runtime: JobRuntime,
-    progress: Any,
-) -> dict[str, Any]:
-    started = time.perf_counter()
-    if input_key is None:
-        raise ValueError("the job has no input object")
-    encoded = input_from_bytes(runtime.store.get_bytes(input_key))
-    pins = [PinnedAdapter.from_dict(item) for item in params["adapters"]]
-    prepared = runtime.cache.mix([(p.version_id, p.weight) for p in pins])
-    n = int(params["num_images"])
-    guidance = float(params["guidance"])
-    output = generate(
-        runtime.base,
-        encoded.prompt.float().expand(n, -1, -1),
-        steps=int(params["steps"]),
-        guidance=guidance,
-        seed=int(params["seed"]),
-        negative_embeds=None if encoded.negative is None else encoded.negative.float(),
-        stop_step=params.get("stop_at_step"),
-        merged=prepared.merged,
-        progress=progress,
-    )
-    stored = _store_output(job_id, output, guidance=guidance, runtime=runtime)
-    return {
-        **stored,
-        "adapters": [p.as_dict() for p in pins],
-        "mix": "base" if prepared.merged is None else prepared.merged.label,
-        "mix_cached": prepared.cached,
-        "loaded_from_store": list(prepared.loaded),
-        "worker": f"{socket.gethostname()}:{os.getpid()}",
-        "seconds": round(time.perf_counter() - started, 3),
-    }
 
 
 def _store_output(

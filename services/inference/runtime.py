@@ -44,6 +44,7 @@ def build_runtime(settings: Settings, resources: Resources) -> JobRuntime:
         redis=resources.redis,
         base=base,
         cache=cache,
+        max_batch_images=settings.inference_max_batch_images,
     )
 
 

@@ -4,6 +4,7 @@ anything is stored, and each failure is a `SubmissionError` with the status and 
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,17 @@ class JobPlan:
 
     encoded: EncodedPrompt
     params: dict[str, Any]
+
+    @property
+    def batch_key(self) -> str | None:
+        """What jobs must share to run as one UNet batch: the mix (pinned versions and
+        weights), steps, guidance, size and prompt length. Split jobs always run alone."""
+        params = self.params
+        if params["stop_at_step"] is not None:
+            return None
+        mix = sorted((a["version_id"], a["weight"]) for a in params["adapters"] if a["weight"] > 0)
+        shared = [mix, params["steps"], params["guidance"], params["size"], params["tokens"]]
+        return hashlib.sha256(json.dumps(shared).encode()).hexdigest()
 
 
 def request_fingerprint(body: GenerationCreate) -> str:

@@ -108,6 +108,11 @@ class Settings(BaseSettings):
         default=256 * MiB,
         description="Bytes of adapters and merged adapter mixes an inference process caches.",
     )
+    inference_max_batch_images: Annotated[int, Field(ge=1, le=256)] = Field(
+        default=16,
+        description="Images in one UNet batch when queued jobs that share a mix run together; "
+        "1: every job alone.",
+    )
 
     # Service addresses, for calls between services and for the CLI.
     aggregator_url: str = Field(default="http://127.0.0.1:8100", description="Aggregator URL.")

@@ -263,5 +263,13 @@ class GenerationJob(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Queued jobs with the same key (mix, steps, guidance, size, prompt length; never split
+    # jobs) can run as one UNet batch; None: always alone.
+    batch_key: Mapped[str | None] = mapped_column(String(64), default=None)
+    # The job whose run is also running this one (None: it runs itself).
+    batch_leader: Mapped[str | None] = mapped_column(String(36), default=None)
 
-    __table_args__ = (UniqueConstraint("client_id", "idempotency_key"),)
+    __table_args__ = (
+        UniqueConstraint("client_id", "idempotency_key"),
+        Index("ix_generation_jobs_state_batch_key", "state", "batch_key"),
+    )

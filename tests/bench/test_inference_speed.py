@@ -36,6 +36,7 @@ def test_small_run_writes_tables_and_plot(tmp_path: Path, monkeypatch: pytest.Mo
     assert all(row["tessera"]["n"] == row["diffusers"]["n"] == 6 for row in report["switch"])
     assert report["cold_load"]["tessera_get"]["n"] == 10
     assert [row["batch"] for row in report["generation"]] == [1]
+    assert report["grouping"]["jobs"] == 4 and report["grouping"]["images_each"] == 1
     table = (tmp_path / "bench_inference.md").read_text()
     assert "| 3 |" in table and "Tessera / floor" in table
     assert (tmp_path / "bench_inference.png").stat().st_size > 10_000

@@ -157,6 +157,7 @@ def create_generation(
         params=plan.params,
         input_key=input_key,
         total_steps=int(plan.params["stop_at_step"] or plan.params["steps"]),
+        batch_key=plan.batch_key,
     )
     session.add(job)
     try:

@@ -100,7 +100,7 @@ def generate(
     elif adapters:
         raise ValueError("pass either adapters or merged, not both")
     device = base.device
-    x = _start_latents(base, n, seed) if start_latents is None else start_latents.float()
+    x = seeded_latents(base, n, seed) if start_latents is None else start_latents.float()
     if tuple(x.shape) != latent_shape(base, n):
         raise ValueError(
             f"start_latents shape must be {latent_shape(base, n)}, found {tuple(x.shape)}"
@@ -143,7 +143,8 @@ def _check_prompt(base: BaseModel, prompt_embeds: torch.Tensor) -> tuple[int, in
     return int(prompt_embeds.shape[0]), int(prompt_embeds.shape[1])
 
 
-def _start_latents(base: BaseModel, n: int, seed: int) -> torch.Tensor:
+def seeded_latents(base: BaseModel, n: int, seed: int) -> torch.Tensor:
+    """The start noise of `n` images for `seed` (what `generate` draws when given none)."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(latent_shape(base, n), generator=generator)
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 import uuid
 from typing import Any
 
 import numpy as np
 import redis
 import torch
+from fastapi.testclient import TestClient
 from safetensors.torch import save
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -20,9 +22,10 @@ from tessera.config import Settings
 from tessera.events import INFERENCE_QUEUE
 from tessera.federation import CLUSTER_PREFIX, GLOBAL_ADAPTER
 from tessera.lora import LoraAdapter
-from tessera.models import AdapterKind, Client, GenerationJob, Role, Round, RoundState
+from tessera.models import AdapterKind, Client, GenerationJob, JobState, Role, Round, RoundState
 from tessera.storage import ObjectStore
 from tessera.tokens import hash_token, new_token
+from tests.helpers import bearer
 
 
 def make_client(
@@ -106,3 +109,33 @@ def png_array(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as image:
         assert image.format == "PNG"
         return np.asarray(image.convert("RGB"))
+
+
+def submit(api: TestClient, token: str, **fields: Any) -> str:
+    body = {"prompt_embeds": embeds_b64(tokens(5)), "steps": 6, "seed": 3, **fields}
+    response = api.post("/v1/generations", json=body, headers=bearer(token))
+    assert response.status_code == 202, response.text
+    job_id: str = response.json()["id"]
+    return job_id
+
+
+def images_of(store: ObjectStore, sessions: sessionmaker[Session], job_id: str) -> np.ndarray:
+    with sessions() as session:
+        job = session.get(GenerationJob, job_id)
+        assert job is not None and job.state is JobState.SUCCEEDED, job and job.error
+        keys = job.result["images"]
+    return np.stack([png_array(store.get_bytes(key)) for key in keys])
+
+
+def drain(pubsub: Any, quiet_s: float = 0.5) -> list[dict[str, Any]]:
+    """Every event waiting on a subscription (a None reply can be the subscribe confirmation)."""
+    events = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=quiet_s)
+        if message is not None:
+            events.append(json.loads(message["data"]))
+        elif events and events[-1]["state"] in ("succeeded", "failed"):
+            break
+    pubsub.close()
+    return events

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import threading
-import time
 from typing import Any
 
 import httpx
@@ -25,7 +23,14 @@ from tessera.model.generate import generate, latents_from_bytes
 from tessera.models import GenerationJob, JobState
 from tessera.storage import ObjectStore
 from tests.helpers import bearer
-from tests.services.inference.helpers import embeds_b64, png_array, publish, tokens
+from tests.services.inference.helpers import (
+    drain,
+    images_of,
+    png_array,
+    publish,
+    submit,
+    tokens,
+)
 
 MiB = 1024 * 1024
 
@@ -50,36 +55,6 @@ def styles(
         name: publish(sessions, store, name, random_adapter(spec, 4, 4.0, seed=seed, std=0.25))
         for seed, name in ((11, "cluster:0"), (12, "cluster:1"))
     }
-
-
-def submit(api: TestClient, token: str, **fields: Any) -> str:
-    body = {"prompt_embeds": embeds_b64(tokens(5)), "steps": 6, "seed": 3, **fields}
-    response = api.post("/v1/generations", json=body, headers=bearer(token))
-    assert response.status_code == 202, response.text
-    job_id: str = response.json()["id"]
-    return job_id
-
-
-def drain(pubsub: Any, quiet_s: float = 0.5) -> list[dict[str, Any]]:
-    """Every event waiting on a subscription (a None reply can be the subscribe confirmation)."""
-    events = []
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        message = pubsub.get_message(timeout=quiet_s)
-        if message is not None:
-            events.append(json.loads(message["data"]))
-        elif events and events[-1]["state"] in ("succeeded", "failed"):
-            break
-    pubsub.close()
-    return events
-
-
-def images_of(store: ObjectStore, sessions: sessionmaker[Session], job_id: str) -> np.ndarray:
-    with sessions() as session:
-        job = session.get(GenerationJob, job_id)
-        assert job is not None and job.state is JobState.SUCCEEDED, job and job.error
-        keys = job.result["images"]
-    return np.stack([png_array(store.get_bytes(key)) for key in keys])
 
 
 def test_a_job_stores_png_images_and_reports_each_step(

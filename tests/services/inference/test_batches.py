@@ -1,0 +1,171 @@
+"""Queued jobs that share a mix run as one UNet batch, and each still gets what it would alone."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session, sessionmaker
+
+from services.inference import crud
+from services.inference.cache import AdapterCache
+from services.inference.runner import JobRuntime, run_generation
+from services.worker.publishing import PublishedVersion
+from tessera.events import generation_channel
+from tessera.lora import LoraSpec, random_adapter
+from tessera.model.base import BaseModel
+from tessera.models import GenerationJob, JobState
+from tessera.storage import ObjectStore
+from tests.services.inference.helpers import (
+    drain,
+    embeds_b64,
+    images_of,
+    publish,
+    submit,
+    tokens,
+)
+
+MiB = 1024 * 1024
+A = [{"adapter": "cluster:0", "weight": 1.0}]
+B = [{"adapter": "cluster:1", "weight": 1.0}]
+
+
+@pytest.fixture
+def runtime(
+    base_model: BaseModel,
+    sessions: sessionmaker[Session],
+    store: ObjectStore,
+    broker: redis.Redis,
+) -> JobRuntime:
+    """A runtime that batches up to 8 images."""
+    cache = AdapterCache(base=base_model, sessions=sessions, store=store, max_bytes=64 * MiB)
+    return JobRuntime(
+        sessions=sessions,
+        store=store,
+        redis=broker,
+        base=base_model,
+        cache=cache,
+        max_batch_images=8,
+    )
+
+
+@pytest.fixture
+def styles(
+    sessions: sessionmaker[Session], store: ObjectStore, spec: LoraSpec
+) -> dict[str, PublishedVersion]:
+    return {
+        name: publish(sessions, store, name, random_adapter(spec, 4, 4.0, seed=seed, std=0.25))
+        for seed, name in ((21, "cluster:0"), (22, "cluster:1"))
+    }
+
+
+def state_of(sessions: sessionmaker[Session], job_id: str) -> tuple[JobState, str | None]:
+    with sessions() as session:
+        job = session.get(GenerationJob, job_id)
+        assert job is not None
+        return job.state, job.batch_leader
+
+
+def test_queued_jobs_sharing_a_mix_run_together_and_each_equals_its_run_alone(
+    api: TestClient,
+    generator: tuple[int, str],
+    styles: dict[str, PublishedVersion],
+    runtime: JobRuntime,
+    sessions: sessionmaker[Session],
+    store: ObjectStore,
+    broker: redis.Redis,
+) -> None:
+    token = generator[1]
+    requests: dict[str, dict[str, Any]] = {
+        "first": {"adapters": A, "num_images": 2, "seed": 1},
+        "negative": {
+            "adapters": A,
+            "num_images": 1,
+            "seed": 2,
+            "prompt_embeds": embeds_b64(tokens(6)),
+            "negative_embeds": embeds_b64(tokens(9)),
+        },
+        "third": {
+            "adapters": A,
+            "num_images": 3,
+            "seed": 3,
+            "prompt_embeds": embeds_b64(tokens(7)),
+        },
+        # Not in the batch: another mix, other steps, a split job.
+        "other mix": {"adapters": B, "num_images": 1},
+        "other steps": {"adapters": A, "num_images": 1, "steps": 8},
+        "split": {"adapters": A, "num_images": 1, "stop_at_step": 3},
+    }
+    ids = {name: submit(api, token, **fields) for name, fields in requests.items()}
+    pubsub = broker.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(generation_channel(ids["negative"]))
+
+    summary = run_generation(ids["first"], runtime=runtime)
+    followers_message = run_generation(ids["negative"], runtime=runtime)
+
+    batch = [ids["first"], ids["negative"], ids["third"]]
+    assert summary["batch"] == batch
+    assert followers_message == {"id": ids["negative"], "state": "succeeded", "skipped": True}
+    for name in ("other mix", "other steps", "split"):
+        assert state_of(sessions, ids[name]) == (JobState.QUEUED, None), name
+    with sessions() as session:
+        results = [session.get(GenerationJob, job_id).result for job_id in batch]  # type: ignore[union-attr]
+    assert all(r["batch"] == {"leader": ids["first"], "jobs": 3, "images": 6} for r in results)
+    assert [len(r["images"]) for r in results] == [2, 1, 3]
+    assert [(e["state"], e["step"]) for e in drain(pubsub)] == [
+        ("running", 0),
+        *[("running", i) for i in range(1, 7)],
+        ("succeeded", 6),
+    ]
+    # The same requests run one by one give the same images (float tolerance: one level).
+    alone = dataclasses.replace(runtime, max_batch_images=1)
+    for name in ("first", "negative", "third"):
+        again = submit(api, token, **requests[name])
+        assert run_generation(again, runtime=alone)["batch"] == [again]
+        together, single = images_of(store, sessions, ids[name]), images_of(store, sessions, again)
+        assert np.abs(together.astype(int) - single.astype(int)).max() <= 1, name
+    assert store.list_keys("inputs/") != []  # the jobs left queued keep their inputs
+
+
+def test_a_batch_takes_jobs_only_while_their_images_fit(
+    api: TestClient,
+    generator: tuple[int, str],
+    styles: dict[str, PublishedVersion],
+    runtime: JobRuntime,
+    sessions: sessionmaker[Session],
+) -> None:
+    small = dataclasses.replace(runtime, max_batch_images=4)
+    ids = [submit(api, generator[1], adapters=A, num_images=n, steps=3) for n in (2, 3, 2)]
+
+    summary = run_generation(ids[0], runtime=small)
+
+    assert summary["batch"] == [ids[0], ids[2]]
+    assert state_of(sessions, ids[1]) == (JobState.QUEUED, None)
+    assert run_generation(ids[1], runtime=small)["batch"] == [ids[1]]
+
+
+def test_a_job_taken_by_a_leader_that_died_is_run_by_the_leaders_redelivery(
+    api: TestClient,
+    generator: tuple[int, str],
+    styles: dict[str, PublishedVersion],
+    runtime: JobRuntime,
+    sessions: sessionmaker[Session],
+) -> None:
+    leader, follower = (submit(api, generator[1], adapters=A, steps=3) for _ in range(2))
+    with sessions() as session:  # the leader's worker took both, then died
+        assert crud.claim_job(session=session, job_id=leader, total_steps=3)
+        assert crud.join_batch(session=session, job_id=follower, leader_id=leader, total_steps=3)
+
+    own_message = run_generation(follower, runtime=runtime)
+    still = state_of(sessions, follower)
+    # Even with no room left, the redelivered leader takes back the job it had.
+    redelivered = run_generation(leader, runtime=dataclasses.replace(runtime, max_batch_images=1))
+
+    assert own_message == {"id": follower, "state": "skipped", "skipped": True}
+    assert still == (JobState.RUNNING, leader)
+    assert redelivered["batch"] == [leader, follower]
+    assert state_of(sessions, follower) == (JobState.SUCCEEDED, leader)
