@@ -101,6 +101,18 @@ def batch_candidates(*, session: Session, leader_id: str, batch_key: str) -> lis
     return list(rows)
 
 
+def batch_followers(*, session: Session, leader_id: str) -> list[str]:
+    """Ids of the jobs running in `leader_id`'s batch."""
+    return list(
+        session.scalars(
+            select(GenerationJob.id).where(
+                GenerationJob.batch_leader == leader_id,
+                GenerationJob.state == JobState.RUNNING,
+            )
+        )
+    )
+
+
 def join_batch(*, session: Session, job_id: str, leader_id: str, total_steps: int) -> bool:
     """Take a queued job (or one this leader already had) into the leader's batch; False if
     another worker has started it meanwhile."""

@@ -108,13 +108,8 @@ def run_generation(job_id: str, *, runtime: JobRuntime) -> dict[str, Any]:
     except TRANSIENT_ERRORS:
         raise
     except Exception as error:
-        for member in members:
-            fail_job(
-                member.job_id,
-                f"{type(error).__name__}: {error}",
-                runtime=runtime,
-                step=member.reporter.last_step,
-            )
+        message = f"{type(error).__name__}: {error}"
+        fail_job(job_id, message, runtime=runtime, step=leader.reporter.last_step)  # and its batch
         raise
     for member, result in zip(members, results, strict=True):
         with runtime.sessions() as session:
@@ -260,18 +255,22 @@ def _generate(members: list[_Member], *, runtime: JobRuntime) -> list[dict[str, 
 
 
 def fail_job(job_id: str, message: str, *, runtime: JobRuntime, step: int = 0) -> None:
-    """Mark a job failed with `message`, tell its listeners, drop its input."""
+    """Mark a job failed with `message`, and the jobs running in its batch (their messages
+    were skipped: nothing else would end them); tell their listeners, drop their inputs."""
     message = message[:MAX_ERROR_CHARS]
-    log.warning("generation failed", extra={"job_id": job_id, "error": message})
     with runtime.sessions() as session:
-        job = session.get(GenerationJob, job_id)
-        input_key = None if job is None else job.input_key
-        total = 0 if job is None else job.total_steps
-        crud.finish_job(session=session, job_id=job_id, state=JobState.FAILED, error=message)
-    ProgressReporter(job_id, runtime=runtime, total=total).publish(
-        JobState.FAILED, step, error=message
-    )
-    _forget_input(runtime.store, input_key)
+        followers = crud.batch_followers(session=session, leader_id=job_id)
+    for failed in (job_id, *followers):
+        log.warning("generation failed", extra={"job_id": failed, "error": message})
+        with runtime.sessions() as session:
+            job = session.get(GenerationJob, failed)
+            input_key = None if job is None else job.input_key
+            total = 0 if job is None else job.total_steps
+            crud.finish_job(session=session, job_id=failed, state=JobState.FAILED, error=message)
+        ProgressReporter(failed, runtime=runtime, total=total).publish(
+            JobState.FAILED, step, error=message
+        )
+        _forget_input(runtime.store, input_key)
 
 
 def _store_output(

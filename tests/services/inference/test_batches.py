@@ -20,6 +20,7 @@ from tessera.lora import LoraSpec, random_adapter
 from tessera.model.base import BaseModel
 from tessera.models import GenerationJob, JobState
 from tessera.storage import ObjectStore
+from tests.helpers import bearer
 from tests.services.inference.helpers import (
     drain,
     embeds_b64,
@@ -169,3 +170,23 @@ def test_a_job_taken_by_a_leader_that_died_is_run_by_the_leaders_redelivery(
     assert still == (JobState.RUNNING, leader)
     assert redelivered["batch"] == [leader, follower]
     assert state_of(sessions, follower) == (JobState.SUCCEEDED, leader)
+
+
+def test_when_a_batch_fails_every_job_in_it_fails_with_the_reason(
+    api: TestClient,
+    generator: tuple[int, str],
+    styles: dict[str, PublishedVersion],
+    runtime: JobRuntime,
+    sessions: sessionmaker[Session],
+    store: ObjectStore,
+) -> None:
+    ids = [submit(api, generator[1], adapters=B, steps=3) for _ in range(2)]
+    store.delete(styles["cluster:1"].object_key)
+
+    with pytest.raises(Exception, match="no object"):
+        run_generation(ids[0], runtime=runtime)
+
+    for job_id in ids:
+        view = api.get(f"/v1/generations/{job_id}", headers=bearer(generator[1])).json()
+        assert view["state"] == "failed" and "ObjectNotFoundError" in view["error"], job_id
+    assert store.list_keys("inputs/") == []  # neither input is kept
