@@ -14,8 +14,9 @@ One run, on this machine, Tessera's inference path against diffusers + peft on t
 (c) *Generation* (20 steps, guidance 3) with a 2-adapter 0.7/0.3 blend, relative to the base
     model with no adapter (the floor), at batch 1 and 16; diffusers runs the same loop with
     its two adapters active (unmerged LoRA branches).
-(d) *Grouping*: 4 queued jobs of 4 images sharing a mix, one after another against one UNet
-    batch (each job with its own seed), as a batching inference worker runs them.
+(d) *Grouping*: queued jobs sharing a mix (16 jobs of 1 image, 4 jobs of 4), one after another
+    against one UNet batch (each job with its own prompt and seed), as a batching inference
+    worker runs them.
 
 Before timing, one UNet forward pass under each system's blend is compared: they must agree,
 or the comparison would be between different computations.
@@ -334,6 +335,30 @@ def bench_grouping(
     return row
 
 
+def grouping_rows(
+    base: BaseModel, cache: AdapterCache, ids: list[int], repeats: int, images: int
+) -> list[dict[str, Any]]:
+    """`images` images in all: as many 1-image jobs, then 4 jobs sharing them."""
+    scenarios = [(images, 1), (4, max(1, images // 4))]
+    return [bench_grouping(base, cache, ids, repeats, jobs, each) for jobs, each in scenarios]
+
+
+def regroup(args: argparse.Namespace) -> None:
+    """Measure (d) again and put it into the existing report (`--only-grouping`)."""
+    path = args.out / "bench_inference.json"
+    report = json.loads(path.read_text())
+    base = load_base_model()
+    with (
+        tempfile.TemporaryDirectory() as scratch,
+        embedded_backends(Path(scratch) / "stack") as (sessions, store),
+    ):
+        ids, _ = publish_random(sessions, store, base, 2, first=0)
+        cache = AdapterCache(base=base, sessions=sessions, store=store, max_bytes=1 << 30)
+        report["grouping"] = grouping_rows(base, cache, ids, args.repeats, max(args.batches))
+    report["grouping_machine"] = machine(args.threads)
+    write_report(report, args.out, "bench_inference", markdown=markdown, plot=plot)
+
+
 # -- reporting -----------------------------------------------------------------------------------
 
 
@@ -383,7 +408,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "## (b) Cold load of one adapter",
         "",
-        f"{COLD_LOADS // 2} adapters each way (Tessera) and {COLD_LOADS} (diffusers); "
+        f"{cold['tessera_get']['n']} adapters each way (Tessera) and "
+        f"{cold['diffusers_load_lora_weights']['n']} (diffusers); "
         "milliseconds.",
         "",
         "| what | median ms | p95 ms |",
@@ -414,23 +440,25 @@ def markdown(report: dict[str, Any]) -> str:
             f"{row['tessera_ratio']:.3f}x | {row['diffusers_s']:.3f} | "
             f"{row['diffusers_ratio']:.3f}x |"
         )
-    grouping = report.get("grouping")
-    if grouping is not None:
+    grouping = report.get("grouping") or []
+    if grouping:
         lines += [
             "",
             "## (d) Queued jobs that share a mix, run as one batch",
             "",
-            f"{grouping['jobs']} jobs of {grouping['images_each']} images each, the same mix, "
-            "steps and guidance (what `TESSERA_INFERENCE_MAX_BATCH_IMAGES` lets an inference "
-            "worker group): one after another, as each job alone, against one UNet batch in "
-            f"which each job keeps its own seed; median seconds of {grouping['repeats']} "
-            "interleaved runs.",
+            "Jobs with the same mix, steps and guidance (what `TESSERA_INFERENCE_MAX_BATCH_IMAGES` "
+            "lets an inference worker group): one after another, as each job alone, against one "
+            "UNet batch in which each job keeps its own prompt and seed; median seconds of "
+            f"{grouping[0]['repeats']} interleaved runs ({report.get('grouping_machine', '')}).",
             "",
-            "| one after another s | one batch s | speed-up |",
-            "|---|---|---|",
-            f"| {grouping['one_by_one_s']:.3f} | {grouping['batched_s']:.3f} | "
-            f"{grouping['speedup']:.2f}x |",
+            "| jobs x images | one after another s | one batch s | speed-up |",
+            "|---|---|---|---|",
         ]
+        for row in grouping:
+            lines.append(
+                f"| {row['jobs']} x {row['images_each']} | {row['one_by_one_s']:.3f} | "
+                f"{row['batched_s']:.3f} | {row['speedup']:.2f}x |"
+            )
     lines += ["", "![switch time and blend cost](bench_inference.png)", ""]
     return "\n".join(lines)
 
@@ -480,6 +508,10 @@ def main(argv: list[str] | None = None) -> None:
         "--counts", type=int, nargs="+", default=list(CACHED_COUNTS), help="cached adapters"
     )
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--cold-loads", type=int, default=COLD_LOADS, help="adapters loaded cold")
+    parser.add_argument(
+        "--only-grouping", action="store_true", help="measure (d) again into the existing report"
+    )
     common_arguments(parser)
     args = parser.parse_args(argv)
     if args.report_only:
@@ -492,6 +524,9 @@ def main(argv: list[str] | None = None) -> None:
         )
         return
     torch.set_num_threads(args.threads)
+    if args.only_grouping:
+        regroup(args)
+        return
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     import diffusers
@@ -510,8 +545,11 @@ def main(argv: list[str] | None = None) -> None:
         folder = Path(scratch)
         started = time.perf_counter()
         ids, adapters = publish_random(sessions, store, base, biggest, first=0)
-        cold_ids, cold_adapters = publish_random(sessions, store, base, COLD_LOADS, first=biggest)
-        print(f"published {biggest + COLD_LOADS} adapters in {time.perf_counter() - started:.1f} s")
+        cold_ids, cold_adapters = publish_random(
+            sessions, store, base, args.cold_loads, first=biggest
+        )
+        published = biggest + args.cold_loads
+        print(f"published {published} adapters in {time.perf_counter() - started:.1f} s")
 
         def new_cache() -> AdapterCache:
             return AdapterCache(base=base, sessions=sessions, store=store, max_bytes=4 << 30)
@@ -524,9 +562,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         difference = check_same_output(base, reference, cache, pipe, ids)
         generation = bench_generation(base, reference, cache, pipe, ids, args.repeats, args.batches)
-        grouping = bench_grouping(
-            base, cache, ids, args.repeats, jobs=4, images=max(1, max(args.batches) // 4)
-        )
+        grouping = grouping_rows(base, cache, ids, args.repeats, max(args.batches))
     report = {
         "machine": machine(args.threads),
         "torch": torch.__version__,
@@ -539,6 +575,7 @@ def main(argv: list[str] | None = None) -> None:
         "cold_load": cold,
         "generation": generation,
         "grouping": grouping,
+        "grouping_machine": machine(args.threads),
     }
     write_report(report, args.out, "bench_inference", markdown=markdown, plot=plot)
 
