@@ -43,7 +43,14 @@ REPLICAS = 2
 def replicas(settings: Settings, tmp_path: Path, broker: redis.Redis) -> Iterator[list[str]]:
     """Two inference worker processes, each with its model loaded and subscribed to events;
     the URLs of their /metrics."""
-    env = {**os.environ, **settings.as_env(), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        **settings.as_env(),
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        # One job per run: the test needs a job on each replica, not both in one batch.
+        "TESSERA_INFERENCE_MAX_BATCH_IMAGES": "1",
+    }
     logs = [tmp_path / f"inference-worker-{i}.log" for i in range(REPLICAS)]
     ports = procs.free_ports(REPLICAS)
     processes = [
