@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from tessera.models import Adapter, AdapterVersion, GenerationJob, JobState, utcnow
@@ -52,32 +52,10 @@ def claim_job(*, session: Session, job_id: str, total_steps: int) -> bool:
     """Mark a job running (again, if a crashed worker had it); False if it is terminal, or
     running as part of another job's batch (that job's run finishes it, or its redelivery
     runs it again)."""
-    claimed = session.execute(
-        update(GenerationJob)
-        .where(
-            GenerationJob.id == job_id,
-            or_(
-                GenerationJob.state == JobState.QUEUED,
-                and_(
-                    GenerationJob.state == JobState.RUNNING,
-                    or_(
-                        GenerationJob.batch_leader.is_(None),
-                        GenerationJob.batch_leader == job_id,
-                    ),
-                ),
-            ),
-        )
-        .values(
-            state=JobState.RUNNING,
-            started_at=utcnow(),
-            progress_step=0,
-            total_steps=total_steps,
-            error=None,
-            batch_leader=None,
-        )
+    own = or_(GenerationJob.batch_leader.is_(None), GenerationJob.batch_leader == job_id)
+    return _start_running(
+        session=session, job_id=job_id, total_steps=total_steps, held=own, leader=None
     )
-    session.commit()
-    return bool(getattr(claimed, "rowcount", 0))
 
 
 def batch_candidates(*, session: Session, leader_id: str, batch_key: str) -> list[GenerationJob]:
@@ -88,13 +66,7 @@ def batch_candidates(*, session: Session, leader_id: str, batch_key: str) -> lis
         .where(
             GenerationJob.batch_key == batch_key,
             GenerationJob.id != leader_id,
-            or_(
-                GenerationJob.state == JobState.QUEUED,
-                and_(
-                    GenerationJob.state == JobState.RUNNING,
-                    GenerationJob.batch_leader == leader_id,
-                ),
-            ),
+            _queued_or_held(GenerationJob.batch_leader == leader_id),
         )
         .order_by(GenerationJob.created_at, GenerationJob.id)
     )
@@ -116,29 +88,47 @@ def batch_followers(*, session: Session, leader_id: str) -> list[str]:
 def join_batch(*, session: Session, job_id: str, leader_id: str, total_steps: int) -> bool:
     """Take a queued job (or one this leader already had) into the leader's batch; False if
     another worker has started it meanwhile."""
-    joined = session.execute(
+    return _start_running(
+        session=session,
+        job_id=job_id,
+        total_steps=total_steps,
+        held=GenerationJob.batch_leader == leader_id,
+        leader=leader_id,
+    )
+
+
+def _queued_or_held(held: ColumnElement[bool]) -> ColumnElement[bool]:
+    """Queued, or running and `held` (by whom a running job may be taken again)."""
+    return or_(
+        GenerationJob.state == JobState.QUEUED,
+        and_(GenerationJob.state == JobState.RUNNING, held),
+    )
+
+
+def _start_running(
+    *,
+    session: Session,
+    job_id: str,
+    total_steps: int,
+    held: ColumnElement[bool],
+    leader: str | None,
+) -> bool:
+    """Move the job to running from the start, run by `leader`'s batch (None: by itself), if
+    it is queued or running and `held`; False if it was neither."""
+    started = session.execute(
         update(GenerationJob)
-        .where(
-            GenerationJob.id == job_id,
-            or_(
-                GenerationJob.state == JobState.QUEUED,
-                and_(
-                    GenerationJob.state == JobState.RUNNING,
-                    GenerationJob.batch_leader == leader_id,
-                ),
-            ),
-        )
+        .where(GenerationJob.id == job_id, _queued_or_held(held))
         .values(
             state=JobState.RUNNING,
             started_at=utcnow(),
             progress_step=0,
             total_steps=total_steps,
             error=None,
-            batch_leader=leader_id,
+            batch_leader=leader,
         )
     )
     session.commit()
-    return bool(getattr(joined, "rowcount", 0))
+    return bool(getattr(started, "rowcount", 0))
 
 
 def record_progress(*, session: Session, job_id: str, step: int) -> None:

@@ -10,15 +10,20 @@ import torch
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
+from services.inference.cache import AdapterCache
 from services.inference.main import create_app
+from services.inference.runner import JobRuntime
+from services.worker.publishing import PublishedVersion
 from tessera import db
 from tessera.config import Settings
-from tessera.lora import LoraSpec
+from tessera.lora import LoraSpec, random_adapter
 from tessera.model.base import BaseModel
 from tessera.models import Role
 from tessera.storage import ObjectStore
 from tests.helpers import on_redis_db
-from tests.services.inference.helpers import make_client
+from tests.services.inference.helpers import make_client, publish
+
+MiB = 1024 * 1024
 
 # Messages and events go to a Redis database of their own: nothing else consumes the
 # inference queue there, so a test reads exactly what it queued.
@@ -78,3 +83,26 @@ def generator(session: Session, settings: Settings) -> tuple[int, str]:
 @pytest.fixture(scope="module")
 def spec(base_model: BaseModel) -> LoraSpec:
     return base_model.lora_spec
+
+
+@pytest.fixture
+def runtime(
+    base_model: BaseModel,
+    sessions: sessionmaker[Session],
+    store: ObjectStore,
+    broker: redis.Redis,
+) -> JobRuntime:
+    cache = AdapterCache(base=base_model, sessions=sessions, store=store, max_bytes=64 * MiB)
+    # One job per run (TESSERA_INFERENCE_MAX_BATCH_IMAGES=1); test_batches.py raises it.
+    return JobRuntime(sessions=sessions, store=store, redis=broker, base=base_model, cache=cache)
+
+
+@pytest.fixture
+def styles(
+    sessions: sessionmaker[Session], store: ObjectStore, spec: LoraSpec
+) -> dict[str, PublishedVersion]:
+    """Two strong random cluster adapters: each visibly changes the images."""
+    return {
+        name: publish(sessions, store, name, random_adapter(spec, 4, 4.0, seed=seed, std=0.25))
+        for seed, name in ((11, "cluster:0"), (12, "cluster:1"))
+    }

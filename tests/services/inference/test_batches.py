@@ -12,12 +12,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.inference import crud
-from services.inference.cache import AdapterCache
 from services.inference.runner import JobRuntime, run_generation
 from services.worker.publishing import PublishedVersion
 from tessera.events import generation_channel
-from tessera.lora import LoraSpec, random_adapter
-from tessera.model.base import BaseModel
 from tessera.models import GenerationJob, JobState
 from tessera.storage import ObjectStore
 from tests.helpers import bearer
@@ -25,43 +22,18 @@ from tests.services.inference.helpers import (
     drain,
     embeds_b64,
     images_of,
-    publish,
     submit,
     tokens,
 )
 
-MiB = 1024 * 1024
 A = [{"adapter": "cluster:0", "weight": 1.0}]
 B = [{"adapter": "cluster:1", "weight": 1.0}]
 
 
 @pytest.fixture
-def runtime(
-    base_model: BaseModel,
-    sessions: sessionmaker[Session],
-    store: ObjectStore,
-    broker: redis.Redis,
-) -> JobRuntime:
-    """A runtime that batches up to 8 images."""
-    cache = AdapterCache(base=base_model, sessions=sessions, store=store, max_bytes=64 * MiB)
-    return JobRuntime(
-        sessions=sessions,
-        store=store,
-        redis=broker,
-        base=base_model,
-        cache=cache,
-        max_batch_images=8,
-    )
-
-
-@pytest.fixture
-def styles(
-    sessions: sessionmaker[Session], store: ObjectStore, spec: LoraSpec
-) -> dict[str, PublishedVersion]:
-    return {
-        name: publish(sessions, store, name, random_adapter(spec, 4, 4.0, seed=seed, std=0.25))
-        for seed, name in ((21, "cluster:0"), (22, "cluster:1"))
-    }
+def runtime(runtime: JobRuntime) -> JobRuntime:
+    """The package's runtime, batching up to 8 images."""
+    return dataclasses.replace(runtime, max_batch_images=8)
 
 
 def state_of(sessions: sessionmaker[Session], job_id: str) -> tuple[JobState, str | None]:

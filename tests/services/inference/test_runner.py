@@ -13,11 +13,10 @@ import torch
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.inference.cache import AdapterCache
 from services.inference.runner import JobRuntime, run_generation
 from services.worker.publishing import PublishedVersion
 from tessera.events import generation_channel
-from tessera.lora import LoraSpec, adapter_from_bytes, random_adapter
+from tessera.lora import adapter_from_bytes
 from tessera.model.base import BaseModel
 from tessera.model.generate import generate, latents_from_bytes
 from tessera.models import GenerationJob, JobState
@@ -27,34 +26,9 @@ from tests.services.inference.helpers import (
     drain,
     images_of,
     png_array,
-    publish,
     submit,
     tokens,
 )
-
-MiB = 1024 * 1024
-
-
-@pytest.fixture
-def runtime(
-    base_model: BaseModel,
-    sessions: sessionmaker[Session],
-    store: ObjectStore,
-    broker: redis.Redis,
-) -> JobRuntime:
-    cache = AdapterCache(base=base_model, sessions=sessions, store=store, max_bytes=64 * MiB)
-    return JobRuntime(sessions=sessions, store=store, redis=broker, base=base_model, cache=cache)
-
-
-@pytest.fixture
-def styles(
-    sessions: sessionmaker[Session], store: ObjectStore, spec: LoraSpec
-) -> dict[str, PublishedVersion]:
-    """Two strong random cluster adapters: each visibly changes the images."""
-    return {
-        name: publish(sessions, store, name, random_adapter(spec, 4, 4.0, seed=seed, std=0.25))
-        for seed, name in ((11, "cluster:0"), (12, "cluster:1"))
-    }
 
 
 def test_a_job_stores_png_images_and_reports_each_step(
