@@ -1,11 +1,16 @@
 """LoRA adapters: the data type, the file format and its validator, training and mixing."""
 
 from tessera.lora.adapter import (
+    DEFAULT_TARGETS,
     LORA_TARGETS,
+    TARGET_PRESETS,
     LoraAdapter,
     LoraSpec,
     lora_spec,
+    pair_shapes,
+    preset_targets,
     random_adapter,
+    unflatten_pair,
     weights_fingerprint,
     zeros_like_spec,
 )
@@ -18,15 +23,20 @@ from tessera.lora.files import (
 )
 
 __all__ = [
+    "DEFAULT_TARGETS",
     "LORA_TARGETS",
+    "TARGET_PRESETS",
     "LoraAdapter",
     "LoraFileError",
     "LoraSpec",
     "adapter_from_bytes",
     "adapter_to_bytes",
     "lora_spec",
+    "pair_shapes",
+    "preset_targets",
     "random_adapter",
     "read_header",
+    "unflatten_pair",
     "validate_adapter_bytes",
     "weights_fingerprint",
     "zeros_like_spec",

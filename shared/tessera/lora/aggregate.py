@@ -8,6 +8,8 @@ by dividing the sums by their total.
 `aggregate_fedavg` averages A and B separately, as generic federated learning does; that is not
 the average of the updates, since mean(B) @ mean(A) != mean(B @ A). `aggregate_exact` sums the
 products `scale * B @ A` in float64 and re-factorises each module to the target rank by SVD.
+A conv (LoCon) pair enters the maths as matrices, A [r, in*kh*kw] and B [out, r], and leaves in
+its own layout, A [r, in, kh, kw] and B [out, r, 1, 1]; fedavg averages the tensors as they are.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import TypeVar
 
 import torch
 
-from tessera.lora.adapter import A_SUFFIX, B_SUFFIX, LoraAdapter
+from tessera.lora.adapter import A_SUFFIX, B_SUFFIX, LoraAdapter, pair_shapes, unflatten_pair
 
 K = TypeVar("K", bound=Hashable)
 
@@ -43,12 +45,13 @@ class ExactResult:
 
 @dataclass(frozen=True)
 class _Reference:
-    """What every update must share with the first: base, modules and their (out, in) shapes."""
+    """What every update must share with the first: base, preset, modules and weight shapes."""
 
     base_model_id: str
     base_model_hash: str
     target_modules: tuple[str, ...]
-    shapes: Mapping[str, tuple[int, int]]
+    targets: str
+    shapes: Mapping[str, tuple[int, ...]]
 
     @classmethod
     def of(cls, adapter: LoraAdapter) -> _Reference:
@@ -56,6 +59,7 @@ class _Reference:
             base_model_id=adapter.base_model_id,
             base_model_hash=adapter.base_model_hash,
             target_modules=adapter.target_modules,
+            targets=adapter.targets,
             shapes=_shapes(adapter, index=0),
         )
 
@@ -64,6 +68,7 @@ class _Reference:
         for name, want, got in (
             ("base_model_id", self.base_model_id, adapter.base_model_id),
             ("base_model_hash", self.base_model_hash, adapter.base_model_hash),
+            ("targets", self.targets, adapter.targets),
         ):
             if got != want:
                 raise ValueError(f"update {index} has {name} {got!r}; update 0 has {want!r}")
@@ -75,26 +80,31 @@ class _Reference:
         for module, shape in shapes.items():
             if shape != self.shapes[module]:
                 raise ValueError(
-                    f"update {index} module {module!r} has (out, in) {shape}; "
+                    f"update {index} module {module!r} has {_LABELS[len(shape)]} {shape}; "
                     f"update 0 has {self.shapes[module]}"
                 )
 
 
-def _shapes(adapter: LoraAdapter, *, index: int) -> dict[str, tuple[int, int]]:
-    """Each module's (out, in), after checking its A and B fit together and the key set."""
+_LABELS = {2: "(out, in)", 4: "(out, in, kh, kw)"}
+
+
+def _shapes(adapter: LoraAdapter, *, index: int) -> dict[str, tuple[int, ...]]:
+    """Each module's weight shape, after checking its A and B fit together and the key set."""
     modules = adapter.modules
     keys = {m + suffix for m in modules for suffix in (A_SUFFIX, B_SUFFIX)}
     unpaired = sorted(set(adapter.tensors) ^ keys)
     if unpaired:
         raise ValueError(f"update {index} key {unpaired[0]!r} has no lora_A/lora_B partner")
-    shapes: dict[str, tuple[int, int]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     for module, a, b in adapter.pairs():
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or a.shape[0] != adapter.rank:
+        fits = a.ndim == b.ndim and a.ndim in _LABELS
+        shape = adapter.weight_shape(module) if fits else ()
+        if not fits or (a.shape, b.shape) != pair_shapes(shape, adapter.rank):
             raise ValueError(
                 f"update {index} module {module!r}: A {tuple(a.shape)} and B {tuple(b.shape)} "
-                f"do not form a rank-{adapter.rank} pair"
+                f"do not form a rank-{adapter.rank} linear or conv pair"
             )
-        shapes[module] = (int(b.shape[0]), int(a.shape[1]))
+        shapes[module] = shape
     return shapes
 
 
@@ -164,6 +174,7 @@ def aggregate_fedavg(updates: Iterable[WeightedUpdate], *, rank: int | None = No
         base_model_hash=reference.base_model_hash,
         target_modules=reference.target_modules,
         extra={"method": "fedavg", "updates": str(count)},
+        targets=reference.targets,
     )
 
 
@@ -186,7 +197,7 @@ def _factorise(
 def _exact(
     updates: Iterable[WeightedUpdate], *, rank: int, alpha: float | None, method: str
 ) -> ExactResult:
-    """Sum the weighted products, normalise, and re-factorise each module to `rank`."""
+    """Sum the weighted (flattened) products, normalise, re-factorise each module to `rank`."""
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
     alpha = float(rank) if alpha is None else alpha
@@ -197,7 +208,8 @@ def _exact(
     def add(adapter: LoraAdapter, weight: float, index: int) -> None:
         if weight == 0:
             return
-        for module, a, b in adapter.pairs():
+        for module in adapter.modules:
+            a, b = adapter.flat_pair(module)
             term = (_float64(b) @ _float64(a)) * (adapter.scale * weight)
             sums[module] = sums[module] + term if module in sums else term
 
@@ -207,6 +219,7 @@ def _exact(
     kept_all = total_all = 0.0
     for module in sorted(sums):
         a, b, kept, energy = _factorise(sums.pop(module) / total, rank=rank, scale=alpha / rank)
+        a, b = unflatten_pair(reference.shapes[module], a, b)
         tensors[module + A_SUFFIX], tensors[module + B_SUFFIX] = a, b
         module_energy[module] = kept / energy if energy > 0 else 1.0
         kept_all, total_all = kept_all + kept, total_all + energy
@@ -219,6 +232,7 @@ def _exact(
         base_model_hash=reference.base_model_hash,
         target_modules=reference.target_modules,
         extra={"method": method, "updates": str(count), "energy_kept": f"{energy_kept:.6f}"},
+        targets=reference.targets,
     )
     return ExactResult(adapter=adapter, energy_kept=energy_kept, module_energy=module_energy)
 

@@ -8,11 +8,20 @@ the key, what was expected and what was found.
 from __future__ import annotations
 
 import json
+import reprlib
 import struct
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from tessera.lora.adapter import A_SUFFIX, B_SUFFIX, LORA_TARGETS, LoraAdapter, LoraSpec
+from tessera.lora.adapter import (
+    A_SUFFIX,
+    B_SUFFIX,
+    DEFAULT_TARGETS,
+    LORA_TARGETS,
+    LoraAdapter,
+    LoraSpec,
+    pair_shapes,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -26,6 +35,7 @@ _RESERVED = {
     "rank",
     "alpha",
     "target_modules",
+    "targets",
     "dtype",
 }
 MAX_HEADER_BYTES = 1 << 20
@@ -65,6 +75,7 @@ def adapter_to_bytes(adapter: LoraAdapter, dtype: str = "float16") -> bytes:
         "rank": str(adapter.rank),
         "alpha": repr(float(adapter.alpha)),
         "target_modules": ",".join(adapter.target_modules),
+        "targets": adapter.targets,
         "dtype": dtype,
     }
     return bytes(save(tensors, metadata=metadata))
@@ -82,7 +93,10 @@ def adapter_from_bytes(
 
 
 def read_header(data: bytes) -> tuple[dict[str, dict], dict[str, str]]:
-    """The tensor entries and the metadata of a safetensors blob, without reading the values."""
+    """The tensor entries and the metadata of a safetensors blob, without reading the values.
+
+    Each entry is checked to carry a string `dtype` and a `shape` of non-negative integers.
+    """
     if len(data) < 8:
         raise LoraFileError("not a safetensors file", expected=">= 8 bytes", found=len(data))
     (length,) = struct.unpack("<Q", data[:8])
@@ -94,14 +108,46 @@ def read_header(data: bytes) -> tuple[dict[str, dict], dict[str, str]]:
         )
     try:
         header = json.loads(data[8 : 8 + length])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # bad JSON, bad UTF-8, or an integer past Python's digit limit
         raise LoraFileError(f"safetensors header is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise LoraFileError("safetensors header is nested too deeply") from None
     if not isinstance(header, dict):
         raise LoraFileError("safetensors header must be a JSON object")
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise LoraFileError("__metadata__ must map names to strings")
+    for key, entry in header.items():
+        _check_header_entry(key, entry)
     return header, metadata
+
+
+def _check_header_entry(key: str, entry: object) -> None:
+    """A tensor entry needs a string dtype and a shape listing non-negative integers."""
+    if not isinstance(entry, dict) or "dtype" not in entry or "shape" not in entry:
+        raise LoraFileError(
+            "malformed tensor entry",
+            key=key,
+            expected="an object with dtype and shape",
+            found=reprlib.repr(entry),
+        )
+    if not isinstance(entry["dtype"], str):
+        raise LoraFileError(
+            "dtype must be a string",
+            key=key,
+            expected="a string",
+            found=reprlib.repr(entry["dtype"]),
+        )
+    shape = entry["shape"]
+    if not isinstance(shape, list) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
+    ):
+        raise LoraFileError(
+            "shape must list non-negative integers",
+            key=key,
+            expected="a list of integers >= 0",
+            found=reprlib.repr(shape),
+        )
 
 
 def validate_adapter_bytes(
@@ -109,8 +155,8 @@ def validate_adapter_bytes(
 ) -> LoraAdapter:
     """Check a file against a base model's spec and return the adapter, or raise LoraFileError.
 
-    Checks, in order: size, header, format and base model (id and hash), rank and alpha, the
-    exact set of keys, each tensor's dtype and shape, then that every value is finite.
+    Checks, in order: size, header, format, base model (id and hash), target preset, rank and
+    alpha, the exact set of keys, each tensor's dtype and shape, then that every value is finite.
     """
     if max_bytes is not None and len(data) > max_bytes:
         raise LoraFileError("file is too large", expected=f"<= {max_bytes} bytes", found=len(data))
@@ -131,6 +177,14 @@ def validate_adapter_bytes(
                 expected=expected,
                 found=metadata.get(name),
             )
+    found_targets = metadata.get("targets", DEFAULT_TARGETS)
+    if found_targets != spec.targets:
+        raise LoraFileError(
+            f"adapter targets preset {found_targets!r}; this base takes preset {spec.targets!r}",
+            key="targets",
+            expected=spec.targets,
+            found=found_targets,
+        )
     rank, alpha = _rank_alpha(metadata)
     if not 1 <= rank <= spec.max_rank:
         raise LoraFileError(
@@ -191,9 +245,10 @@ def _check_keys(header: Mapping[str, object], spec: LoraSpec) -> None:
         )
 
 
-def _check_entry(key: str, entry: object, spec: LoraSpec, rank: int, dtype: str | None) -> None:
-    if not isinstance(entry, dict) or "dtype" not in entry or "shape" not in entry:
-        raise LoraFileError("malformed tensor entry", key=key)
+def _check_entry(
+    key: str, entry: Mapping[str, object], spec: LoraSpec, rank: int, dtype: str | None
+) -> None:
+    """dtype as in the metadata; shape A [rank, in(, kh, kw)] or B [out, rank(, 1, 1)]."""
     wire = WIRE_DTYPES.get(str(entry["dtype"]))
     if wire is None:
         raise LoraFileError(
@@ -204,10 +259,10 @@ def _check_entry(key: str, entry: object, spec: LoraSpec, rank: int, dtype: str 
             "dtype differs from the file's metadata", key=key, expected=dtype, found=wire
         )
     module = key[: -len(A_SUFFIX)] if key.endswith(A_SUFFIX) else key[: -len(B_SUFFIX)]
-    out_features, in_features = spec.modules[module]
-    want = [rank, in_features] if key.endswith(A_SUFFIX) else [out_features, rank]
-    if list(entry["shape"]) != want:
-        raise LoraFileError("wrong shape", key=key, expected=want, found=list(entry["shape"]))
+    a_shape, b_shape = pair_shapes(spec.modules[module], rank)
+    want = list(a_shape if key.endswith(A_SUFFIX) else b_shape)
+    if entry["shape"] != want:
+        raise LoraFileError("wrong shape", key=key, expected=want, found=entry["shape"])
 
 
 def _build(data: bytes, metadata: Mapping[str, str], rank: int, alpha: float) -> LoraAdapter:
@@ -228,4 +283,5 @@ def _build(data: bytes, metadata: Mapping[str, str], rank: int, alpha: float) ->
         base_model_hash=metadata.get("base_model_hash", ""),
         target_modules=targets or LORA_TARGETS,
         extra={k: v for k, v in metadata.items() if k not in _RESERVED},
+        targets=metadata.get("targets", DEFAULT_TARGETS),
     )

@@ -20,11 +20,10 @@ import torch
 
 from tessera.data import caption, cycled_subjects, style_dataset, to_tensor
 from tessera.data.tensors import to_uint8
+from tessera.lora.adapter import TARGET_PRESETS
 from tessera.model.base import BaseModel, load_base_model
 from tessera.model.encoder import encode_prompts
 from tessera.model.sampling import sample
-
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 def eval_subjects(n: int, seed: int) -> list[tuple[str, str]]:
@@ -75,7 +74,7 @@ def add_lora(model: BaseModel, rank: int, alpha: float) -> list[torch.nn.Paramet
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,  # type: ignore[arg-type]
-        target_modules=list(LORA_TARGETS),
+        target_modules=list(TARGET_PRESETS["attention"]),
         init_lora_weights="gaussian",
     )
     model.unet.add_adapter(config)
