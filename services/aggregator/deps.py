@@ -1,4 +1,8 @@
-"""Dependencies of the aggregator alone: what the base model accepts, and the clustering client."""
+"""Dependencies of the aggregator alone: what the base model accepts, and what devices encode with.
+
+Both come from data, never from weights: the base model's facts (`tessera.json`, computed once
+by `tessera model inspect`) and the task encoder's config.
+"""
 
 from __future__ import annotations
 
@@ -9,43 +13,45 @@ from typing import Annotated
 from fastapi import Depends
 
 from tessera.lora import LoraSpec
+from tessera.model.encoder import task_encoder_info
+from tessera.model.facts import ModelFacts, load_facts
 from tessera.service.deps import SettingsDep
-
-# Assigning one device is a nearest-centroid lookup (or, the very first time, one k-means).
 
 
 @dataclass(frozen=True)
 class BaseModelFacts:
-    """What uploads are checked against: the base model's LoRA spec and its text encoder."""
+    """What uploads and task vectors are checked against."""
 
     lora_spec: LoraSpec
-    text_encoder_id: str
-    embed_dim: int  # width of the encoder's vectors: the UNet's cross-attention width
+    model: ModelFacts
+    task_encoder_id: str
+    task_width: int  # width of the task encoder's vectors (unrelated to the UNet's)
 
 
-_facts: dict[str, BaseModelFacts] = {}
+_facts: dict[tuple[str, str, str], BaseModelFacts] = {}
 _facts_lock = threading.Lock()
 
 
-def base_model_facts(path: str) -> BaseModelFacts:
-    """Load the base model at `path` once per process and keep only its spec and encoder id."""
+def base_model_facts(path: str, targets: str, task_encoder: str) -> BaseModelFacts:
+    """The base model's facts under the federation's LoRA preset, read once per process."""
+    key = (path, targets, task_encoder)
     with _facts_lock:
-        facts = _facts.get(path)
+        facts = _facts.get(key)
         if facts is None:
-            from tessera.model.base import load_base_model
-
-            model = load_base_model(path)
+            model = load_facts(path)
+            encoder = task_encoder_info(task_encoder)
             facts = BaseModelFacts(
-                lora_spec=model.lora_spec,
-                text_encoder_id=model.text_encoder_id,
-                embed_dim=int(model.unet.config.cross_attention_dim),
+                lora_spec=model.lora_spec(targets),
+                model=model,
+                task_encoder_id=encoder.encoder_id,
+                task_width=encoder.width,
             )
-            _facts[path] = facts  # the UNet itself goes with `model`
+            _facts[key] = facts
         return facts
 
 
 def get_base_model_facts(settings: SettingsDep) -> BaseModelFacts:
-    return base_model_facts(settings.base_model)
+    return base_model_facts(settings.base_model, settings.lora_targets, settings.task_encoder)
 
 
 def get_lora_spec(facts: Annotated[BaseModelFacts, Depends(get_base_model_facts)]) -> LoraSpec:

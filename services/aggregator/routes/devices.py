@@ -27,13 +27,13 @@ NORM_TOLERANCE = 1e-3
 
 
 def _check_vectors(body: TaskVectorsIn, base_model: BaseModelFacts) -> None:
-    """422 unless every vector comes from the base model's encoder and is L2-normalised."""
-    encoder_id, dim = base_model.text_encoder_id, base_model.embed_dim
+    """422 unless every vector comes from the task encoder and is L2-normalised."""
+    encoder_id, dim = base_model.task_encoder_id, base_model.task_width
     if body.encoder_id != encoder_id:
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
-            detail=f"vectors were encoded with {body.encoder_id!r}; "
-            f"the base model's text encoder is {encoder_id!r}",
+            detail=f"encoder_id names another encoder; this federation's task encoder is "
+            f"{encoder_id!r}",
         )
     for index, vector in enumerate(body.vectors):
         if len(vector) != dim:

@@ -73,26 +73,29 @@ def enrol(name: str, aggregator: str | None, operator_token: str | None, state_d
 
 @device_group.command(name="encode")
 @click.argument("texts", nargs=-1, required=True)
-@click.option("--upload/--no-upload", default=True, help="Upload the pooled vectors as tasks.")
+@click.option("--upload/--no-upload", default=True, help="Upload the task vectors.")
 @click.option(
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Also save the token embeddings (safetensors) for a generation request.",
+    help="Also save the model's conditioning of the first text (safetensors: prompt_embeds, "
+    "and pooled_prompt_embeds for SDXL) for a generation request.",
 )
 @dir_option
 def encode(texts: tuple[str, ...], upload: bool, out: Path | None, state_dir: Path) -> None:
     """Encode task descriptions here; only the vectors are uploaded."""
     device = _load(state_dir)
-    tokens, pooled = device.encode(texts)
-    click.echo(
-        f"encoded {len(texts)} texts: tokens {list(tokens.shape)}, pooled {list(pooled.shape)}"
-    )
+    vectors = device.task_vectors(texts)
+    click.echo(f"encoded {len(texts)} texts: task vectors {list(vectors.shape)}")
     if out is not None:
         from safetensors.torch import save_file
 
-        save_file({"prompt_embeds": tokens.half().contiguous()}, str(out))
-        click.echo(f"token embeddings (fp16) written to {out}")
+        conditioning = device.encode(texts[:1])
+        tensors = {"prompt_embeds": conditioning.embeds.half().contiguous()}
+        if conditioning.pooled is not None:
+            tensors["pooled_prompt_embeds"] = conditioning.pooled.half().contiguous()
+        save_file(tensors, str(out))
+        click.echo(f"conditioning {list(conditioning.embeds.shape)} (fp16) written to {out}")
     if upload:
         try:
             stored = device.upload_task_descriptions(texts)
@@ -125,7 +128,8 @@ def sync(state_dir: Path) -> None:
     "--data",
     type=click.Path(file_okay=False, exists=True, path_type=Path),
     default=None,
-    help="A folder of 32x32 PNGs plus captions.json {file: caption}.",
+    help="A folder of images (any size) with captions.jsonl, sidecar .txt files or "
+    "captions.json.",
 )
 @click.option("--images", default=32, show_default=True, help="Synthetic images (with --style).")
 @click.option("--steps", default=100, show_default=True)
@@ -151,8 +155,8 @@ def train(
     if (style is None) == (data is None):
         raise click.UsageError("give exactly one of --style and --data")
     device = _load(state_dir)
-    pixels, captions = _synthetic(style, images, seed) if style else _folder(data)  # type: ignore[arg-type]
-    tokens, _ = device.encode(captions)
+    pixels, captions = _synthetic(style, images, seed) if style else _folder(device, data)  # type: ignore[arg-type]
+    tokens = device.encode(captions)
     try:
         synced = device.sync()
     except ApiError as error:
@@ -230,14 +234,25 @@ def finish(latents: Path, prompts: tuple[str, ...], out: Path, state_dir: Path) 
 
     device = _load(state_dir)
     try:
-        start, step, steps, guidance = latents_from_bytes(latents.read_bytes())
+        handoff = latents_from_bytes(latents.read_bytes())
     except ValueError as error:
         raise click.ClickException(str(error)) from None
-    if start.shape[0] != len(prompts):
-        raise click.UsageError(f"the latents hold {start.shape[0]} images; give that many prompts")
-    images = device.finish(prompts, start, start_step=step, steps=steps, guidance=guidance)
+    if handoff.latents.shape[0] != len(prompts):
+        raise click.UsageError(
+            f"the latents hold {handoff.latents.shape[0]} images; give that many prompts"
+        )
+    images = device.finish(
+        prompts,
+        handoff.latents,
+        start_step=handoff.step,
+        steps=handoff.steps,
+        guidance=handoff.guidance,
+        sampler=handoff.sampler,
+    )
     save_grid([images], ["finished"], out)
-    click.echo(f"ran steps {step + 1}..{steps} here; {len(prompts)} images written to {out}")
+    click.echo(
+        f"ran steps {handoff.step + 1}..{handoff.steps} here; {len(prompts)} images written to {out}"
+    )
 
 
 def _synthetic(style: str, n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
@@ -249,21 +264,10 @@ def _synthetic(style: str, n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     return to_tensor(batch.images), list(batch.captions)
 
 
-def _folder(folder: Path) -> tuple[torch.Tensor, list[str]]:
-    from PIL import Image
+def _folder(device: DeviceClient, folder: Path) -> tuple[torch.Tensor, list[str]]:
+    from tessera.data.captioned import CaptionedFolderError, load_captioned_folder
 
-    from tessera.data import to_tensor
-
-    captions_file = folder / "captions.json"
-    if not captions_file.exists():
-        raise click.UsageError(f"{captions_file} is missing: map each PNG file name to its caption")
-    captions: dict[str, str] = json.loads(captions_file.read_text())
-    arrays = []
-    for name in sorted(captions):
-        image = Image.open(folder / name).convert("RGB")
-        if image.size != (32, 32):
-            raise click.UsageError(f"{name}: the tiny model takes 32x32 images, found {image.size}")
-        arrays.append(np.asarray(image, dtype=np.uint8))
-    if not arrays:
-        raise click.UsageError(f"{captions_file} lists no images")
-    return to_tensor(np.stack(arrays)), [captions[name] for name in sorted(captions)]
+    try:
+        return load_captioned_folder(folder, device.base.facts.resolution)
+    except CaptionedFolderError as error:
+        raise click.UsageError(str(error)) from None

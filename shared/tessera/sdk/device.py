@@ -20,7 +20,8 @@ import torch
 from tessera.lora import LoraAdapter, adapter_from_bytes, adapter_to_bytes
 from tessera.lora.train import TrainResult, train_lora
 from tessera.model.base import BaseModel, load_base_model
-from tessera.model.encoder import encode_prompts
+from tessera.model.conditioning import Conditioning
+from tessera.model.encoder import encode_tasks, task_encoder_info
 from tessera.model.generate import GenerationResult, generate
 from tessera.sdk.http import ApiError, RetryPolicy, Traffic, request
 
@@ -173,14 +174,18 @@ class DeviceClient:
             **kwargs,
         )
 
-    def encode(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token states and pooled vectors, computed here; plaintext never leaves the device."""
-        return encode_prompts(list(texts))
+    def encode(self, texts: Sequence[str]) -> Conditioning:
+        """The base model's conditioning of each prompt, computed here (plaintext stays)."""
+        return self.base.prompts.encode(list(texts))
+
+    def task_vectors(self, texts: Sequence[str]) -> torch.Tensor:
+        """Task-encoder vectors [n, width] of texts, for clustering and `auto` routing."""
+        return encode_tasks(list(texts))
 
     def upload_task_descriptions(self, descriptions: Sequence[str]) -> dict[str, Any]:
-        """Encode the device's task descriptions and upload only their pooled vectors."""
-        _, pooled = self.encode(descriptions)
-        body = {"encoder_id": self.base.text_encoder_id, "vectors": pooled.tolist()}
+        """Encode the device's task descriptions and upload only their task vectors."""
+        vectors = self.task_vectors(descriptions)
+        body = {"encoder_id": task_encoder_info().encoder_id, "vectors": vectors.tolist()}
         result: dict[str, Any] = self._call("POST", "/v1/devices/me/task-vectors", json=body).json()
         return result
 
@@ -227,7 +232,7 @@ class DeviceClient:
     def train(
         self,
         images: torch.Tensor,
-        token_embeds: torch.Tensor,
+        token_embeds: Conditioning | torch.Tensor,
         *,
         start: LoraAdapter | None = None,
         **options: Any,
@@ -290,9 +295,8 @@ class DeviceClient:
     ) -> GenerationResult:
         """Generate here with the personal adapter (or `adapter`); prompts never leave."""
         chosen = adapter if adapter is not None else self.personal
-        tokens, _ = self.encode(prompts)
         mix = [] if chosen is None else [(chosen, 1.0)]
-        return generate(self.base, tokens, mix, **options)
+        return generate(self.base, self.encode(prompts), mix, **options)
 
     def finish(
         self,
@@ -302,6 +306,7 @@ class DeviceClient:
         start_step: int,
         steps: int,
         guidance: float,
+        sampler: str | None = None,
         adapter: LoraAdapter | None = None,
     ) -> torch.Tensor:
         """Complete a split generation: the last `steps - start_step` steps, here."""
@@ -312,6 +317,7 @@ class DeviceClient:
             guidance=guidance,
             start_latents=latents,
             start_step=start_step,
+            sampler=sampler,
         )
         assert result.images is not None
         return result.images
