@@ -1,15 +1,27 @@
-"""The `tessera` command: run the stack, migrate the database, manage clients, run the demo."""
+"""The `tessera` command: run the stack, migrate the database, manage clients and adapters, run
+the demo."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
+from pathlib import Path
 
 import click
 import httpx
 
 from tessera import db, stack
 from tessera.config import get_settings
+from tessera.lora import (
+    LoraFileError,
+    LoraSpec,
+    adapter_from_bytes,
+    adapter_to_bytes,
+    read_header,
+)
+from tessera.lora.files import FILE_FORMAT
+from tessera.lora.interop import EXPORT_FORMATS, ExportFormat, export_adapter, import_adapter
 from tessera.models import Role
 from tessera.sdk.cli import device_group
 from tessera.sim.cli import simulate_cmd
@@ -106,10 +118,10 @@ def client() -> None:
     """Enrol and manage clients through the aggregator (needs the operator token)."""
 
 
-def _operator_client() -> httpx.Client:
+def _operator_client(base_url: str | None = None) -> httpx.Client:
     settings = get_settings()
     info = stack.read_state(settings)
-    base = info.urls["aggregator"] if info else settings.aggregator_url
+    base = base_url or (info.urls["aggregator"] if info else settings.aggregator_url)
     token = info.operator_token if info else settings.operator_token.get_secret_value()
     return httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=30)
 
@@ -155,6 +167,96 @@ def client_rotate(client_id: int) -> None:
     """Give a client a new token (printed once); the old one stops working."""
     with _operator_client() as http:
         _echo_response(http.post(f"/v1/clients/{client_id}/token"))
+
+
+@main.group()
+def adapter() -> None:
+    """Convert adapters to and from diffusers' and kohya's LoRA files."""
+
+
+@adapter.command(name="export")
+@click.argument("source")
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), required=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--dtype", type=click.Choice(["float16", "float32", "bfloat16"]), default="float16")
+@click.option("--aggregator-url", default=None, help="Where to fetch a version id from.")
+def adapter_export(
+    source: str, fmt: ExportFormat, out: Path, dtype: str, aggregator_url: str | None
+) -> None:
+    """Write SOURCE (a Tessera adapter file, or an adapter version id) as a diffusers/kohya file."""
+    if Path(source).is_file():
+        data = Path(source).read_bytes()
+    elif source.isdigit():
+        data = _download_version(int(source), aggregator_url)
+    else:
+        raise click.BadParameter(
+            f"{source!r} is neither a file nor a version id", param_hint="SOURCE"
+        )
+    try:
+        if read_header(data)[1].get("format") != FILE_FORMAT:
+            raise LoraFileError(f"not a Tessera adapter file ({FILE_FORMAT}); import it first")
+        exported = export_adapter(adapter_from_bytes(data), fmt, dtype=dtype)
+    except LoraFileError as error:
+        raise click.ClickException(f"{source}: {error}") from None
+    out.write_bytes(exported)
+    click.echo(f"wrote {out} ({fmt}, {len(exported)} bytes)")
+
+
+def _download_version(version_id: int, aggregator_url: str | None) -> bytes:
+    """An adapter version's file through its presigned URL, its sha256 checked."""
+    try:
+        with _operator_client(aggregator_url) as http:
+            response = http.get(f"/v1/adapter-versions/{version_id}")
+            if response.is_error:
+                raise click.ClickException(f"{response.status_code}: {response.text}")
+            info = response.json()
+            data = httpx.get(info["download_url"], timeout=60).raise_for_status().content
+    except httpx.HTTPError as error:
+        raise click.ClickException(f"adapter version {version_id}: {error}") from None
+    if hashlib.sha256(data).hexdigest() != info["sha256"]:
+        raise click.ClickException(
+            f"adapter version {version_id}: download failed its sha256 check"
+        )
+    return data
+
+
+@adapter.command(name="import")
+@click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option(
+    "--model",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Base model folder (default: TESSERA_BASE_MODEL).",
+)
+@click.option(
+    "--skip-text-encoder", is_flag=True, help="Drop text-encoder keys instead of refusing."
+)
+def adapter_import(source: Path, out: Path, model: Path | None, skip_text_encoder: bool) -> None:
+    """Convert a diffusers or kohya LoRA file into a Tessera adapter for the base model."""
+    try:
+        spec = _base_lora_spec(model)
+    except ValueError as error:  # ModelFolderError too: no model, or an unreadable one
+        raise click.ClickException(f"base model: {error}") from None
+    try:
+        imported = import_adapter(source.read_bytes(), spec, skip_text_encoder=skip_text_encoder)
+    except LoraFileError as error:
+        raise click.ClickException(f"{source}: {error}") from None
+    result = imported.adapter
+    out.write_bytes(adapter_to_bytes(result))
+    click.echo(
+        f"wrote {out}: {imported.layout} file, {len(result.modules) - len(imported.filled)} "
+        f"modules adapted, {len(imported.filled)} zero-filled, {len(imported.skipped)} "
+        f"text-encoder keys dropped; rank {result.rank}, alpha {result.alpha:g}"
+    )
+
+
+def _base_lora_spec(folder: Path | None) -> LoraSpec:
+    """The spec uploads are validated with: `folder`'s facts under TESSERA_LORA_TARGETS."""
+    from tessera.model.facts import load_facts
+
+    settings = get_settings()
+    return load_facts(folder or settings.base_model).lora_spec(settings.lora_targets)
 
 
 @main.command()
