@@ -159,3 +159,8 @@ def finish_job(
     session.execute(update(GenerationJob).where(GenerationJob.id == job_id).values(**values))
     session.commit()
     return finished
+
+
+def is_terminal(state: JobState) -> bool:
+    """Whether a job in `state` will not change any more."""
+    return state in (JobState.SUCCEEDED, JobState.FAILED)

@@ -10,16 +10,24 @@ from __future__ import annotations
 import base64
 import binascii
 from dataclasses import dataclass
+from enum import StrEnum
 
 import numpy as np
 import torch
 
-from services.inference.schemas import MAX_PROMPT_TOKENS, EmbedsFormat
 from tessera.lora.files import LoraFileError, read_header
 
 PROMPT_TENSOR = "prompt_embeds"
 NEGATIVE_TENSOR = "negative_embeds"
 WIRE_DTYPE = "F16"
+MAX_PROMPT_TOKENS = 77
+
+
+class EmbedsFormat(StrEnum):
+    """How `prompt_embeds` and `negative_embeds` are encoded (both base64)."""
+
+    SAFETENSORS = "safetensors"  # a safetensors file with one F16 tensor named prompt_embeds
+    F16LE = "f16le"  # raw little-endian float16 values of a [T, width] array, row-major
 
 
 class EmbeddingError(ValueError):

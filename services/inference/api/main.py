@@ -1,7 +1,7 @@
-"""Inference app: wiring only. Run with `uvicorn --factory services.inference.main:create_app`.
+"""Inference app: wiring only. Run with `uvicorn --factory services.inference.api.main:create_app`.
 
 The API checks, stores and queues generation jobs; the model runs in the inference workers
-(`celery -A services.inference.worker worker --queues inference`).
+(`celery -A services.inference.worker.app worker --queues inference`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from services.inference.routes import generations
+from services.inference.api.routes import generations
 from tessera.config import Settings, get_settings
 from tessera.service.app import create_service_app, ensure_bucket
 from tessera.service.deps import make_clustering_http

@@ -18,7 +18,8 @@ import anyio
 import redis
 from redis.exceptions import RedisError
 
-from services.inference.schemas import GenerationOut, is_terminal
+from services.inference.api.schemas import GenerationOut
+from services.inference.crud import is_terminal
 from tessera.events import generation_channel
 
 log = logging.getLogger(__name__)

@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-from enum import StrEnum
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, Field, StringConstraints, model_validator
 
+from services.inference.embeddings import MAX_PROMPT_TOKENS, EmbedsFormat
 from tessera.models import JobState
 from tessera.schemas import FiniteFloat, Strict, UtcDatetime
 
 # Limits of one request. Sizes are not a constant: only the base model's native size is
-# accepted (32 for the bundled tiny model), see `services.inference.deps.ModelFacts`.
+# accepted (32 for the bundled tiny model), see `services.inference.api.deps.ModelFacts`.
 MAX_STEPS = 100
 MAX_IMAGES = 8
 MAX_ADAPTERS = 8
 MAX_ADAPTER_WEIGHT = 10.0
 MIN_GUIDANCE = 1.0
 MAX_GUIDANCE = 20.0
-MAX_PROMPT_TOKENS = 77
 MAX_PROMPT_CHARS = 1000
 MAX_TOP_K = 8
 MAX_SEED = 2**32 - 1
@@ -29,13 +28,6 @@ AdapterRef = Annotated[
     str,
     StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9:._-]*$"),
 ]
-
-
-class EmbedsFormat(StrEnum):
-    """How `prompt_embeds` and `negative_embeds` are encoded (both base64)."""
-
-    SAFETENSORS = "safetensors"  # a safetensors file with one F16 tensor named prompt_embeds
-    F16LE = "f16le"  # raw little-endian float16 values of a [T, width] array, row-major
 
 
 class AdapterWeight(Strict):
@@ -190,8 +182,3 @@ class GenerationOut(BaseModel):
     created_at: UtcDatetime
     started_at: UtcDatetime | None
     finished_at: UtcDatetime | None
-
-
-def is_terminal(state: JobState) -> bool:
-    """Whether a job in `state` will not change any more."""
-    return state in (JobState.SUCCEEDED, JobState.FAILED)

@@ -13,10 +13,10 @@ import httpx
 from sqlalchemy.orm import Session
 
 from services.inference import mixes
-from services.inference.deps import ModelFacts
+from services.inference.api.deps import ModelFacts
+from services.inference.api.schemas import MAX_SEED, GenerationCreate
 from services.inference.embeddings import EmbeddingError, EncodedPrompt, decode_embeds
 from services.inference.mixes import MixError, PinnedAdapter
-from services.inference.schemas import MAX_SEED, GenerationCreate
 from tessera.config import Settings
 
 PLAINTEXT_DISABLED = (

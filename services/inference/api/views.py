@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from services.inference.schemas import (
+from services.inference.api.schemas import (
     GeneratedImage,
     GenerationOut,
     GenerationResult,

@@ -1,5 +1,5 @@
 """The inference worker's Celery app. Run with
-`celery -A services.inference.worker worker --queues inference`.
+`celery -A services.inference.worker.app worker --queues inference`.
 
 Each pool process loads the base model and starts its adapter cache and its "adapter
 published" listener at start (not at the first job); building the app connects to nothing.
@@ -13,7 +13,7 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_process_init, worker_process_shutdown
 
-from services.inference import runtime
+from services.inference.worker import runtime
 from tessera.config import get_settings
 from tessera.events import INFERENCE_QUEUE
 from tessera.logs import configure_logging
@@ -22,7 +22,7 @@ from tessera.worker_metrics import connect as connect_metrics
 
 log = logging.getLogger(__name__)
 
-TASK_MODULES = ["services.inference.tasks"]
+TASK_MODULES = ["services.inference.worker.tasks"]
 # A pool process reports "up" only after its start-up hook: loading a real base model (onto a
 # GPU) takes far longer than Celery's default of 4 s.
 PROCESS_START_TIMEOUT_S = 300

@@ -13,7 +13,7 @@ from typing import Any
 
 import redis
 
-from services.inference.cache import AdapterCache
+from services.inference.worker.cache import AdapterCache
 from tessera.events import ADAPTER_PUBLISHED_CHANNEL
 
 log = logging.getLogger(__name__)

@@ -33,13 +33,13 @@ from redis.exceptions import RedisError
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.inference import crud
-from services.inference.cache import AdapterCache
+from services.inference.crud import is_terminal
 from services.inference.embeddings import input_from_bytes
 from services.inference.mixes import PinnedAdapter
-from services.inference.schemas import is_terminal
+from services.inference.worker.cache import AdapterCache
 from tessera.data.tensors import to_uint8
-from tessera.events import INFERENCE_QUEUE, generation_channel
-from tessera.metrics import GENERATION_QUEUE_DEPTH, GENERATION_SECONDS
+from tessera.events import generation_channel
+from tessera.metrics import GENERATION_SECONDS
 from tessera.model.base import BaseModel
 from tessera.model.encoder import empty_prompt_embeds
 from tessera.model.generate import GenerationResult, generate, latents_to_bytes, seeded_latents
@@ -70,15 +70,6 @@ class JobRuntime:
     base: BaseModel
     cache: AdapterCache
     max_batch_images: int = 1  # TESSERA_INFERENCE_MAX_BATCH_IMAGES; 1: every job alone
-
-
-def record_queue_depth(client: redis.Redis) -> None:
-    """Set the queue-depth gauge from the length of the Celery queue's Redis list."""
-    try:
-        depth = client.llen(INFERENCE_QUEUE)
-    except RedisError:
-        return
-    GENERATION_QUEUE_DEPTH.set(float(depth))  # type: ignore[arg-type]
 
 
 def output_prefix(job_id: str) -> str:

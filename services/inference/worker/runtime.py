@@ -6,9 +6,9 @@ from __future__ import annotations
 import logging
 import threading
 
-from services.inference.cache import AdapterCache
-from services.inference.listener import AdapterEventListener
-from services.inference.runner import JobRuntime
+from services.inference.worker.cache import AdapterCache
+from services.inference.worker.listener import AdapterEventListener
+from services.inference.worker.runner import JobRuntime
 from tessera.config import Settings, get_settings
 from tessera.service.resources import Resources
 

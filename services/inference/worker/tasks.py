@@ -11,13 +11,9 @@ from typing import Any
 
 from celery import Task, shared_task
 
-from services.inference import runtime as process
-from services.inference.runner import (
-    TRANSIENT_ERRORS,
-    fail_job,
-    record_queue_depth,
-    run_generation,
-)
+from services.inference.queue_depth import record_queue_depth
+from services.inference.worker import runtime as process
+from services.inference.worker.runner import TRANSIENT_ERRORS, fail_job, run_generation
 from tessera.events import TASK_GENERATE
 
 log = logging.getLogger(__name__)

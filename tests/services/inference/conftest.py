@@ -10,9 +10,9 @@ import torch
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.inference.cache import AdapterCache
-from services.inference.main import create_app
-from services.inference.runner import JobRuntime
+from services.inference.api.main import create_app
+from services.inference.worker.cache import AdapterCache
+from services.inference.worker.runner import JobRuntime
 from services.worker.publishing import PublishedVersion
 from tessera import db
 from tessera.config import Settings

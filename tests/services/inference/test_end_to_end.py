@@ -19,10 +19,10 @@ import uvicorn
 from celery.contrib.testing.worker import start_worker
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.inference import runtime as inference_runtime
-from services.inference.cache import AdapterCache
-from services.inference.main import create_app
-from services.inference.runner import JobRuntime
+from services.inference.api.main import create_app
+from services.inference.worker import runtime as inference_runtime
+from services.inference.worker.cache import AdapterCache
+from services.inference.worker.runner import JobRuntime
 from tessera import procs
 from tessera.config import Settings
 from tessera.events import INFERENCE_QUEUE
@@ -67,7 +67,7 @@ def inference_worker(
     inference_runtime.use_runtime(
         JobRuntime(sessions=sessions, store=store, redis=resources_redis, base=base, cache=cache)
     )
-    import services.inference.tasks  # noqa: F401 - registers the task with every app
+    import services.inference.worker.tasks  # noqa: F401 - registers the task with every app
 
     app = make_celery(settings, main="tessera-inference-test")
     try:

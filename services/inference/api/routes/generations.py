@@ -12,13 +12,17 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from services.inference import crud
-from services.inference.deps import ModelFactsDep
+from services.inference.api.deps import ModelFactsDep
+from services.inference.api.progress_stream import job_events
+from services.inference.api.schemas import (
+    MAX_IDEMPOTENCY_KEY_CHARS,
+    GenerationCreate,
+    GenerationOut,
+)
+from services.inference.api.submission import SubmissionError, plan_job, request_fingerprint
+from services.inference.api.views import job_view
 from services.inference.embeddings import input_to_bytes
-from services.inference.progress_stream import job_events
-from services.inference.runner import record_queue_depth
-from services.inference.schemas import MAX_IDEMPOTENCY_KEY_CHARS, GenerationCreate, GenerationOut
-from services.inference.submission import SubmissionError, plan_job, request_fingerprint
-from services.inference.views import job_view
+from services.inference.queue_depth import record_queue_depth
 from tessera.events import INFERENCE_QUEUE, TASK_GENERATE
 from tessera.models import GenerationJob, JobState, Role
 from tessera.service.auth import GeneratorDep, Principal, PrincipalDep

@@ -14,8 +14,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.clustering.main import create_app as create_clustering_app
+from services.inference.api.main import create_app
 from services.inference.embeddings import input_from_bytes
-from services.inference.main import create_app
 from services.worker.publishing import PublishedVersion
 from tessera.config import Settings
 from tessera.events import TASK_GENERATE

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.inference import crud
-from services.inference.runner import JobRuntime, run_generation
+from services.inference.worker.runner import JobRuntime, run_generation
 from services.worker.publishing import PublishedVersion
 from tessera.events import generation_channel
 from tessera.models import GenerationJob, JobState

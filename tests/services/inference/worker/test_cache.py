@@ -10,8 +10,8 @@ import redis
 import torch
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.inference.cache import AdapterCache, UnknownVersionError
-from services.inference.listener import AdapterEventListener
+from services.inference.worker.cache import AdapterCache, UnknownVersionError
+from services.inference.worker.listener import AdapterEventListener
 from tessera.config import Settings
 from tessera.lora import LoraSpec, random_adapter
 from tessera.metrics import (

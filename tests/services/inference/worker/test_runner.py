@@ -13,7 +13,7 @@ import torch
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.inference.runner import JobRuntime, run_generation
+from services.inference.worker.runner import JobRuntime, run_generation
 from services.worker.publishing import PublishedVersion
 from tessera.events import generation_channel
 from tessera.lora import adapter_from_bytes
