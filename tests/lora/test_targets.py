@@ -103,7 +103,7 @@ def test_proj_in_is_a_conv_in_sd1_and_linear_in_sd2(
 
 def test_spec_reads_no_weights_so_a_meta_unet_will_do(base_model: BaseModel) -> None:
     with torch.device("meta"):
-        unet = diffusers.UNet2DConditionModel(**UNET_CONFIG)
+        unet: Any = diffusers.UNet2DConditionModel(**UNET_CONFIG)
 
     spec = spec_of(unet, "full")
 
