@@ -34,7 +34,7 @@ COPY services /src/services
 # A regular (not editable) install: the runtime image needs no source tree. The torch already
 # installed satisfies the pin (a local version such as 2.13.0+cpu matches ==2.13.0).
 RUN pip install /src \
-    && python -c "import tessera, services.aggregator.main, services.clustering.main, services.inference.main"
+    && python -c "import tessera, services.aggregator.main, services.clustering.main, services.inference.api.main"
 
 # --- runtime: the environment and a non-root user, nothing else.
 FROM ${PYTHON_IMAGE} AS runtime

@@ -55,7 +55,7 @@ from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from safetensors.torch import save_file
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.inference.cache import AdapterCache
+from services.inference.worker.cache import AdapterCache
 from services.worker.publishing import ToPublish, publish_version
 from tessera.federation import CLUSTER_PREFIX
 from tessera.lora import LoraAdapter, random_adapter

@@ -34,12 +34,12 @@ MAX_RESTARTS = 5
 SERVICE_APPS = {
     "aggregator": "services.aggregator.main:create_app",
     "clustering": "services.clustering.main:create_app",
-    "inference": "services.inference.main:create_app",
+    "inference": "services.inference.api.main:create_app",
 }
 
 
 WORKER_APP = "services.worker.app"
-INFERENCE_WORKER_APP = "services.inference.worker"
+INFERENCE_WORKER_APP = "services.inference.worker.app"
 
 
 def worker_command(

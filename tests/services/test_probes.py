@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from services.aggregator.main import create_app as create_aggregator
 from services.clustering.main import create_app as create_clustering
-from services.inference.main import create_app as create_inference
+from services.inference.api.main import create_app as create_inference
 from tessera.config import Settings
 
 FACTORIES = {

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
-from services.inference.main import create_app
+from services.inference.api.main import create_app
 from tessera.config import Settings
 from tessera.devstack import EmbeddedValkey
 
