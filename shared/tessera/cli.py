@@ -187,7 +187,8 @@ def adapter_export(
     if Path(source).is_file():
         data = Path(source).read_bytes()
     elif source.isdigit():
-        data = _download_version(int(source), aggregator_url)
+        with _operator_client(aggregator_url) as http:
+            data = _download_version(http, int(source))
     else:
         raise click.BadParameter(
             f"{source!r} is neither a file nor a version id", param_hint="SOURCE"
@@ -202,15 +203,14 @@ def adapter_export(
     click.echo(f"wrote {out} ({fmt}, {len(exported)} bytes)")
 
 
-def _download_version(version_id: int, aggregator_url: str | None) -> bytes:
+def _download_version(http: httpx.Client, version_id: int) -> bytes:
     """An adapter version's file through its presigned URL, its sha256 checked."""
     try:
-        with _operator_client(aggregator_url) as http:
-            response = http.get(f"/v1/adapter-versions/{version_id}")
-            if response.is_error:
-                raise click.ClickException(f"{response.status_code}: {response.text}")
-            info = response.json()
-            data = httpx.get(info["download_url"], timeout=60).raise_for_status().content
+        response = http.get(f"/v1/adapter-versions/{version_id}")
+        if response.is_error:
+            raise click.ClickException(f"{response.status_code}: {response.text}")
+        info = response.json()
+        data = httpx.get(info["download_url"], timeout=60).raise_for_status().content
     except httpx.HTTPError as error:
         raise click.ClickException(f"adapter version {version_id}: {error}") from None
     if hashlib.sha256(data).hexdigest() != info["sha256"]:

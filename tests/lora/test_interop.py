@@ -8,11 +8,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from safetensors.torch import load, save
+from sqlalchemy.orm import Session
 
-from tessera.cli import main
+from tessera.cli import _download_version, main
+from tessera.config import Settings
 from tessera.lora import (
     LoraAdapter,
     LoraFileError,
@@ -24,6 +28,7 @@ from tessera.lora import (
     read_header,
 )
 from tessera.lora.interop import (
+    ExportFormat,
     export_adapter,
     export_diffusers,
     export_kohya,
@@ -31,6 +36,8 @@ from tessera.lora.interop import (
     kohya_name,
 )
 from tessera.model.base import load_base_model
+from tessera.models import AdapterKind
+from tessera.storage import ObjectStore
 
 RANK, ALPHA = 4, 8.0
 
@@ -48,29 +55,29 @@ def pipeline(folder: Path) -> Any:
     return diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
 
 
-def spec_for(unet: torch.nn.Module, targets: str = "attention") -> LoraSpec:
+def spec_for(unet: Any, targets: str = "attention") -> LoraSpec:
     return lora_spec(unet, base_model_id="test/sd1", base_model_hash="cd" * 32, targets=targets)
 
 
-def unet_output(unet: torch.nn.Module) -> torch.Tensor:
+def unet_output(unet: Any) -> torch.Tensor:
     """One UNet forward on fixed inputs."""
-    config = unet.config  # type: ignore[attr-defined]
+    config = unet.config
     generator = torch.Generator().manual_seed(1)
     size = config.sample_size
     sample = torch.randn(1, config.in_channels, size, size, generator=generator)
     context = torch.randn(1, 8, config.cross_attention_dim, generator=generator)
     with torch.no_grad():
-        return unet(sample, 10, encoder_hidden_states=context).sample  # type: ignore[operator]
+        return unet(sample, 10, encoder_hidden_states=context).sample
 
 
-def tessera_output(unet: torch.nn.Module, adapter: LoraAdapter) -> torch.Tensor:
+def tessera_output(unet: Any, adapter: LoraAdapter) -> torch.Tensor:
     """The reference: each target weight of a copy of the UNet plus the adapter's delta."""
     merged = copy.deepcopy(unet)
     modules = dict(merged.named_modules())
     with torch.no_grad():
         for module in adapter.modules:
-            weight = modules[module].weight  # type: ignore[union-attr]
-            weight += adapter.delta(module).reshape(weight.shape)  # type: ignore[operator]
+            weight = modules[module].weight
+            weight += adapter.delta(module).reshape(weight.shape)
     return unet_output(merged)
 
 
@@ -89,7 +96,7 @@ def assert_same_products(got: LoraAdapter, want: LoraAdapter) -> None:
 @pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
 @pytest.mark.parametrize("targets", ["attention", "full"])
 def test_diffusers_loads_the_export_with_tesseras_update(
-    folder: Path, tmp_path: Path, fmt: str, targets: str
+    folder: Path, tmp_path: Path, fmt: ExportFormat, targets: str
 ) -> None:
     pipe = pipeline(folder)
     spec = spec_for(pipe.unet, targets)
@@ -97,7 +104,7 @@ def test_diffusers_loads_the_export_with_tesseras_update(
     base = unet_output(pipe.unet)
     want = tessera_output(pipe.unet, adapter)
     path = tmp_path / f"{fmt}.safetensors"
-    path.write_bytes(export_adapter(adapter, fmt, dtype="float32"))  # type: ignore[arg-type]
+    path.write_bytes(export_adapter(adapter, fmt, dtype="float32"))
 
     pipe.load_lora_weights(str(path))
     got = unet_output(pipe.unet)
@@ -121,11 +128,11 @@ def test_diffusers_export_needs_no_metadata(folder: Path, tmp_path: Path) -> Non
 
 @pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
 @pytest.mark.parametrize("targets", ["attention", "full"])
-def test_round_trip_keeps_every_product(folder: Path, fmt: str, targets: str) -> None:
+def test_round_trip_keeps_every_product(folder: Path, fmt: ExportFormat, targets: str) -> None:
     spec = spec_for(load_base_model(folder).unet, targets)
     adapter = random_adapter(spec, rank=RANK, alpha=ALPHA, seed=0, std=0.1)
 
-    imported = import_adapter(export_adapter(adapter, fmt, dtype="float32"), spec)  # type: ignore[arg-type]
+    imported = import_adapter(export_adapter(adapter, fmt, dtype="float32"), spec)
 
     assert imported.layout == fmt
     assert imported.filled == () and imported.skipped == ()
@@ -303,6 +310,29 @@ def test_cli_import_refusal_is_a_usage_error(folder: Path, tmp_path: Path) -> No
 
     assert exited.value.code == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_export_fetches_a_published_version(
+    settings: Settings, session: Session, store: ObjectStore
+) -> None:
+    from services.aggregator.main import create_app
+    from tests.services.aggregator.factories import publish
+
+    spec = LoraSpec(
+        base_model_id="test/base",
+        base_model_hash="ab" * 32,
+        modules={"blocks.0.attn1.to_q": (16, 24), "blocks.0.conv1": (8, 4, 3, 3)},
+    )
+    data = adapter_to_bytes(random_adapter(spec, rank=RANK, alpha=ALPHA, seed=0))
+    version = publish(session, store, "global", data, kind=AdapterKind.GLOBAL)
+    token = settings.operator_token.get_secret_value()
+
+    with TestClient(create_app(settings), headers={"Authorization": f"Bearer {token}"}) as http:
+        fetched = _download_version(http, version.id)
+        with pytest.raises(click.ClickException, match="404"):
+            _download_version(http, version.id + 1000)
+
+    assert fetched == data
 
 
 def run(args: list[str]) -> None:
