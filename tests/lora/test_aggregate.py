@@ -36,9 +36,9 @@ def products(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
     return {module: adapter.delta(module).double() for module in adapter.modules}
 
 
-def weighted_mean(updates: list[WeightedUpdate]) -> dict[str, torch.Tensor]:
+def weighted_mean(updates: list[WeightedUpdate], spec: LoraSpec = SPEC) -> dict[str, torch.Tensor]:
     total = sum(u.weight for u in updates)
-    means = {m: torch.zeros(shape, dtype=torch.float64) for m, shape in SPEC.modules.items()}
+    means = {m: torch.zeros(shape, dtype=torch.float64) for m, shape in spec.modules.items()}
     for update in updates:
         for module, product in products(update.adapter).items():
             means[module] += product * (update.weight / total)
@@ -392,3 +392,114 @@ def test_fedavg_refuses_mixed_ranks() -> None:
         aggregate_fedavg(updates)
     with pytest.raises(ValueError, match="update 0 has rank 4, expected 8"):
         aggregate_fedavg(updates, rank=8)
+
+
+CONV = LoraSpec(
+    base_model_id="test/tiny",
+    base_model_hash="hash-0",
+    modules={"attn.to_q": (16, 24), "res.conv1": (8, 6, 3, 3), "attn.proj_in": (12, 12, 1, 1)},
+    targets="full",
+)
+
+
+def conv_adapter(rank: int, *, seed: int, alpha: float | None = None) -> LoraAdapter:
+    return make_random(CONV, rank, float(rank) if alpha is None else alpha, seed=seed, std=0.3)
+
+
+def assert_conv_layout(adapter: LoraAdapter, rank: int) -> None:
+    for module, shape in CONV.modules.items():
+        a, b = adapter.pair(module)
+        want_a = (rank, *shape[1:])
+        want_b = (shape[0], rank, 1, 1) if len(shape) == 4 else (shape[0], rank)
+        assert (tuple(a.shape), tuple(b.shape)) == (want_a, want_b), module
+
+
+def test_exact_on_conv_pairs_reproduces_the_weighted_mean_of_products() -> None:
+    updates = [
+        WeightedUpdate(conv_adapter(2, seed=1, alpha=4.0), 1.0),
+        WeightedUpdate(conv_adapter(3, seed=2), 5.0),
+        WeightedUpdate(conv_adapter(1, seed=3, alpha=8.0), 2.5),
+    ]
+
+    result = aggregate_exact(iter(updates), rank=6)
+
+    assert_conv_layout(result.adapter, 6)
+    assert_products(result.adapter, weighted_mean(updates, CONV))
+    assert result.energy_kept == pytest.approx(1.0, abs=1e-6)
+    assert result.adapter.targets == "full"
+
+
+def test_exact_on_a_conv_pair_truncates_its_flattened_product() -> None:
+    updates = [WeightedUpdate(conv_adapter(r, seed=r), 1.0) for r in (2, 3)]
+    want = weighted_mean(updates, CONV)["res.conv1"]
+
+    result = aggregate_exact(updates, rank=2)
+
+    s = torch.linalg.svdvals(want.reshape(8, -1))
+    error = (result.adapter.delta("res.conv1").double() - want).norm()
+    assert error.item() == pytest.approx(s[2:].square().sum().sqrt().item(), abs=1e-5 * s[0].item())
+    assert result.adapter.pair("res.conv1")[0].shape == (2, 6, 3, 3)
+
+
+def test_fedavg_on_conv_pairs_averages_the_tensors_and_keeps_their_shapes() -> None:
+    first, second = conv_adapter(3, seed=1), conv_adapter(3, seed=2)
+
+    result = aggregate_fedavg([WeightedUpdate(first, 1.0), WeightedUpdate(second, 3.0)])
+
+    assert_conv_layout(result, 3)
+    for key, value in result.tensors.items():
+        torch.testing.assert_close(value, (first.tensors[key] + 3 * second.tensors[key]) / 4)
+    assert result.targets == "full"
+
+
+def test_global_and_neighbour_blend_handle_conv_pairs() -> None:
+    clusters = {c: conv_adapter(2, seed=i) for i, c in enumerate(CENTROIDS)}
+    weights = neighbour_weights(CENTROIDS, temperature=0.5)
+
+    overall = global_adapter([WeightedUpdate(a, 1.0) for a in clusters.values()], rank=6)
+    blended = neighbour_blend(clusters, CENTROIDS, lam=0.3, temperature=0.5, rank=6)
+
+    assert_products(
+        overall.adapter, weighted_mean([WeightedUpdate(a, 1.0) for a in clusters.values()], CONV)
+    )
+    for c, result in blended.items():
+        mix = [WeightedUpdate(clusters[c], 0.7)]
+        mix += [WeightedUpdate(clusters[j], 0.3 * p) for j, p in weights[c].items()]
+        assert_conv_layout(result.adapter, 6)
+        assert_products(result.adapter, weighted_mean(mix, CONV))
+
+
+def test_conv_and_linear_pairs_of_one_module_do_not_mix() -> None:
+    as_linear = replace(CONV, modules={**CONV.modules, "attn.proj_in": (12, 12)})
+    updates = [
+        WeightedUpdate(conv_adapter(2, seed=1), 1.0),
+        WeightedUpdate(make_random(as_linear, 2, 2.0, seed=2), 1.0),
+    ]
+
+    with pytest.raises(
+        ValueError,
+        match=r"update 1 module 'attn.proj_in' has \(out, in\) \(12, 12\); "
+        r"update 0 has \(12, 12, 1, 1\)",
+    ):
+        aggregate_exact(updates, rank=4)
+
+
+def test_updates_for_another_preset_are_refused() -> None:
+    updates = [
+        WeightedUpdate(conv_adapter(2, seed=1), 1.0),
+        WeightedUpdate(replace(conv_adapter(2, seed=2), targets="attention"), 1.0),
+    ]
+
+    for aggregate in (aggregate_fedavg, lambda u: aggregate_exact(u, rank=4)):
+        with pytest.raises(
+            ValueError, match="update 1 has targets 'attention'; update 0 has 'full'"
+        ):
+            aggregate(iter(updates))
+
+
+def test_a_conv_pair_with_a_kernel_in_b_is_refused() -> None:
+    adapter = conv_adapter(2, seed=1)
+    tensors = {**adapter.tensors, "res.conv1" + B_SUFFIX: torch.zeros(8, 2, 3, 3)}
+
+    with pytest.raises(ValueError, match=r"'res.conv1': A \(2, 6, 3, 3\) and B \(8, 2, 3, 3\)"):
+        aggregate_fedavg([WeightedUpdate(replace(adapter, tensors=tensors), 1.0)])
