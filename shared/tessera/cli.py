@@ -22,6 +22,7 @@ from tessera.lora import (
 )
 from tessera.lora.files import FILE_FORMAT
 from tessera.lora.interop import EXPORT_FORMATS, ExportFormat, export_adapter, import_adapter
+from tessera.model.cli import model_group
 from tessera.models import Role
 from tessera.sdk.cli import device_group
 from tessera.sim.cli import simulate_cmd
@@ -273,4 +274,5 @@ if __name__ == "__main__":
 
 
 main.add_command(device_group)
+main.add_command(model_group)
 main.add_command(simulate_cmd)
