@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import struct
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from tessera.lora import (
     adapter_from_bytes,
     adapter_to_bytes,
     random_adapter,
+    read_header,
     validate_adapter_bytes,
 )
 from tessera.lora.files import FILE_FORMAT
@@ -48,7 +51,7 @@ def tensors(rank: int = 4, dtype: torch.dtype = torch.float16) -> dict[str, torc
     return {k: v.to(dtype) for k, v in adapter.tensors.items()}
 
 
-def blob(values: dict[str, torch.Tensor] | None = None, **meta: str) -> bytes:
+def blob(values: dict[str, torch.Tensor] | None = None, /, **meta: str) -> bytes:
     return bytes(save(tensors() if values is None else values, metadata=metadata(**meta)))
 
 
@@ -181,3 +184,139 @@ def test_parsing_without_a_spec_reads_any_adapter() -> None:
     adapter = adapter_from_bytes(blob())
     assert isinstance(adapter, LoraAdapter) and adapter.rank == 4
     assert adapter.base_model_hash == SPEC.base_model_hash
+
+
+CONV_SPEC = LoraSpec(
+    base_model_id="test/base",
+    base_model_hash="ab" * 32,
+    modules={"blocks.0.attn1.to_q": (16, 24), "blocks.0.resnets.0.conv1": (8, 6, 3, 3)},
+    max_rank=16,
+    targets="full",
+)
+CONV_A = "blocks.0.resnets.0.conv1.lora_A.weight"
+CONV_B = "blocks.0.resnets.0.conv1.lora_B.weight"
+
+
+def conv_blob(**replaced: torch.Tensor) -> bytes:
+    adapter = random_adapter(CONV_SPEC, 4, 4.0, seed=0)
+    values = {k: v.half() for k, v in {**adapter.tensors, **replaced}.items()}
+    return bytes(save(values, metadata=metadata(targets="full")))
+
+
+def test_conv_adapter_round_trip_keeps_layout_and_preset() -> None:
+    adapter = random_adapter(CONV_SPEC, 4, 8.0, seed=1)
+
+    data = adapter_to_bytes(adapter)
+    loaded = validate_adapter_bytes(data, CONV_SPEC)
+    unchecked = adapter_from_bytes(data)
+
+    assert loaded.targets == unchecked.targets == "full"
+    assert loaded.pair("blocks.0.resnets.0.conv1")[0].shape == (4, 6, 3, 3)
+    assert loaded.pair("blocks.0.resnets.0.conv1")[1].shape == (8, 4, 1, 1)
+    for key, value in adapter.tensors.items():
+        torch.testing.assert_close(loaded.tensors[key], value, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(
+        loaded.delta("blocks.0.resnets.0.conv1"),
+        adapter.delta("blocks.0.resnets.0.conv1"),
+        atol=1e-4,
+        rtol=1e-2,
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "found", "expected"),
+    [
+        (CONV_A, (4, 6, 3, 2), [4, 6, 3, 3]),
+        (CONV_A, (4, 54), [4, 6, 3, 3]),
+        (CONV_B, (8, 4, 3, 3), [8, 4, 1, 1]),
+        (CONV_B, (8, 4), [8, 4, 1, 1]),
+    ],
+    ids=["a-kernel", "a-flat", "b-kernel", "b-flat"],
+)
+def test_wrong_conv_shape_names_key_expected_and_found(
+    key: str, found: tuple[int, ...], expected: list[int]
+) -> None:
+    with pytest.raises(LoraFileError) as caught:
+        validate_adapter_bytes(conv_blob(**{key: torch.zeros(found)}), CONV_SPEC)
+
+    error = caught.value
+    assert (error.key, error.expected, error.found) == (key, expected, list(found))
+    assert key in str(error) and str(expected) in str(error) and str(list(found)) in str(error)
+
+
+def test_another_preset_is_refused_naming_both() -> None:
+    attention_file = adapter_to_bytes(random_adapter(SPEC, 4, 4.0, seed=0))
+    with pytest.raises(LoraFileError) as caught:
+        validate_adapter_bytes(attention_file, replace(SPEC, targets="full"))
+
+    error = caught.value
+    assert (error.key, error.expected, error.found) == ("targets", "full", "attention")
+    assert "'attention'" in str(error) and "'full'" in str(error)
+
+
+def test_a_file_without_a_preset_is_read_as_attention() -> None:
+    data = blob()  # the metadata helper writes no "targets"
+
+    assert validate_adapter_bytes(data, SPEC).targets == "attention"
+    assert adapter_from_bytes(data).targets == "attention"
+    assert failure_for(data, replace(SPEC, targets="attention+ff")).found == "attention"
+
+
+def failure_for(data: bytes, spec: LoraSpec) -> LoraFileError:
+    with pytest.raises(LoraFileError) as caught:
+        validate_adapter_bytes(data, spec)
+    return caught.value
+
+
+def raw(header: bytes) -> bytes:
+    return struct.pack("<Q", len(header)) + header
+
+
+def entry_with(**fields: object) -> bytes:
+    entry = {"dtype": "F16", "shape": [4, 24], "data_offsets": [0, 192], **fields}
+    return raw(json.dumps({KEY_A: entry}).encode())
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        (raw(b"[" * 50_000 + b"]" * 50_000), "nested too deeply"),
+        (raw(b'{"a":' * 50_000 + b"1" + b"}" * 50_000), "nested too deeply"),
+        (raw(b'{"__metadata__":' + b"[" * 50_000 + b"]" * 50_000 + b"}"), "nested too deeply"),
+        (entry_with(shape=4), "shape must list non-negative integers"),
+        (entry_with(shape=None), "shape must list non-negative integers"),
+        (entry_with(shape=["4", "24"]), "shape must list non-negative integers"),
+        (entry_with(shape=[4, -1]), "shape must list non-negative integers"),
+        (entry_with(shape=[4, 2.5]), "shape must list non-negative integers"),
+        (entry_with(shape=[True, 24]), "shape must list non-negative integers"),
+        (entry_with(dtype=16), "dtype must be a string"),
+        (entry_with(dtype=None), "dtype must be a string"),
+        (entry_with(dtype=["F16"]), "dtype must be a string"),
+        (raw(json.dumps({KEY_A: [1, 2]}).encode()), "malformed tensor entry"),
+        (raw(json.dumps({KEY_A: {"dtype": "F16"}}).encode()), "malformed tensor entry"),
+    ],
+    ids=[
+        "deep-array",
+        "deep-object",
+        "deep-metadata",
+        "shape-int",
+        "shape-null",
+        "shape-strings",
+        "shape-negative",
+        "shape-float",
+        "shape-bool",
+        "dtype-int",
+        "dtype-null",
+        "dtype-list",
+        "entry-list",
+        "entry-no-shape",
+    ],
+)
+def test_malformed_headers_give_a_lora_file_error(data: bytes, words: str) -> None:
+    with pytest.raises(LoraFileError, match=words) as caught:
+        read_header(data)
+
+    assert caught.value.key in ("", KEY_A)
+    assert words in str(failure(data))
+    with pytest.raises(LoraFileError, match=words):
+        adapter_from_bytes(data)
