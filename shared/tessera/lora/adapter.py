@@ -48,8 +48,8 @@ def pair_shapes(
         out_features, in_features = weight_shape
         return (rank, in_features), (out_features, rank)
     if len(weight_shape) == 4:
-        out_channels, *kernel_in = weight_shape
-        return (rank, *kernel_in), (out_channels, rank, 1, 1)
+        out_channels, *in_and_kernel = weight_shape
+        return (rank, *in_and_kernel), (out_channels, rank, 1, 1)
     raise ValueError(
         f"weight shape {tuple(weight_shape)} is neither (out, in) nor (out, in, kh, kw)"
     )
