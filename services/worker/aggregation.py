@@ -125,21 +125,23 @@ class _Compatibility:
             return "a lora_A or lora_B tensor has no partner"
         shapes = []
         for module, a, b in adapter.pairs():
-            if (
-                a.ndim != 2
-                or b.ndim != 2
-                or adapter.rank != a.shape[0]
-                or adapter.rank != b.shape[1]
-            ):
+            linear = a.ndim == 2 and b.ndim == 2
+            conv = a.ndim == 4 and b.ndim == 4 and tuple(b.shape[2:]) == (1, 1)
+            if not (linear or conv) or adapter.rank != a.shape[0] or adapter.rank != b.shape[1]:
                 return f"module {module!r} does not hold a rank-{adapter.rank} pair"
             if not (bool(a.isfinite().all()) and bool(b.isfinite().all())):
                 return f"module {module!r} has non-finite values"
-            shapes.append((module, int(b.shape[0]), int(a.shape[1])))
-        signature = (adapter.base_model_id, adapter.base_model_hash, tuple(shapes))
+            shapes.append((module, tuple(b.shape[:1]) + tuple(a.shape[1:])))
+        signature = (
+            adapter.base_model_id,
+            adapter.base_model_hash,
+            adapter.targets,
+            tuple(shapes),
+        )
         if self._signature is None:
             self._signature = signature
         elif signature != self._signature:
-            return "base model, modules or shapes differ from the round's other updates"
+            return "base model, target preset, modules or shapes differ from the other updates"
         return None
 
 
