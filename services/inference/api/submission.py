@@ -7,7 +7,8 @@ import hashlib
 import json
 import secrets
 from dataclasses import dataclass
-from typing import Any
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from sqlalchemy.orm import Session
@@ -18,6 +19,9 @@ from services.inference.api.schemas import MAX_SEED, GenerationCreate
 from services.inference.embeddings import EmbeddingError, EncodedPrompt, decode_embeds
 from services.inference.mixes import MixError, PinnedAdapter
 from tessera.config import Settings
+
+if TYPE_CHECKING:
+    from tessera.model.conditioning import PromptEncoder
 
 PLAINTEXT_DISABLED = (
     "plaintext prompts are disabled on this server: send prompt_embeds, the prompt encoded on "
@@ -98,6 +102,16 @@ def plan_job(
     return JobPlan(encoded=encoded, params=_params(body, facts, pins, routing, encoded))
 
 
+@lru_cache(maxsize=2)
+def prompt_encoder(base_model: str) -> PromptEncoder:
+    """The base model's own text encoder(s), loaded once, on the CPU, without its UNet."""
+    from tessera.model.conditioning import PromptEncoder
+    from tessera.model.facts import load_facts
+    from tessera.model.layout import read_layout
+
+    return PromptEncoder(read_layout(base_model), load_facts(base_model))
+
+
 def _encoded_prompt(
     body: GenerationCreate, *, settings: Settings, facts: ModelFacts
 ) -> tuple[EncodedPrompt, list[float] | None]:
@@ -106,10 +120,11 @@ def _encoded_prompt(
     if body.prompt is not None:
         if not settings.allow_plaintext_prompts:
             raise SubmissionError(422, PLAINTEXT_DISABLED)
-        from tessera.model.encoder import encode_prompts
+        from tessera.model.encoder import encode_tasks
 
         texts = [body.prompt] + ([body.negative_prompt] if body.negative_prompt is not None else [])
-        tokens, pooled = encode_prompts(texts)
+        tokens = prompt_encoder(settings.base_model).encode(texts).embeds
+        pooled = encode_tasks(texts[:1])  # the routing vector comes from the task encoder
         if tokens.shape[2] != facts.embed_dim:
             raise SubmissionError(
                 422,

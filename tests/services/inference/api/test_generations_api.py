@@ -292,7 +292,7 @@ def test_only_the_owner_or_an_operator_reads_a_job(
 def test_plaintext_prompts_are_encoded_here_when_allowed(
     settings: Settings, generator: tuple[int, str], store: ObjectStore, session: Session
 ) -> None:
-    from tessera.model.encoder import encode_prompts
+    from services.inference.api.submission import prompt_encoder
 
     allowed = settings.model_copy(update={"allow_plaintext_prompts": True})
     body = request(prompt_embeds=None, prompt="a red circle", negative_prompt="blurry")
@@ -305,7 +305,7 @@ def test_plaintext_prompts_are_encoded_here_when_allowed(
     assert row is not None and row.params["plaintext"] is True
     assert "red circle" not in json.dumps(row.params)
     stored = input_from_bytes(store.get_bytes(row.input_key or ""))
-    expected, _ = encode_prompts(["a red circle", "blurry"])
+    expected = prompt_encoder(settings.base_model).encode(["a red circle", "blurry"]).embeds
     assert torch.equal(stored.prompt, expected[0:1].half())
     assert stored.negative is not None and torch.equal(stored.negative, expected[1:2].half())
 
