@@ -1,12 +1,16 @@
-"""The adapter cache of an inference process: LoRA adapters and merged mixes, LRU by bytes.
+"""The adapter cache of an inference process: LoRA adapters (and hot merged mixes), LRU by bytes.
 
-Two kinds of entry share one byte budget (TESSERA_ADAPTER_CACHE_BYTES):
+Everything it keeps counts in one byte budget (TESSERA_ADAPTER_CACHE_BYTES):
 
-- an *adapter* version (host float32 tensors), keyed by version id, read from the object store
-  with its sha256 checked and validated against the base model's LoRA spec;
-- a *merged mix* (`tessera.lora.mixing.MergedMix`: the merged target-layer weights of a blend,
-  on the model's device), keyed by the sorted (version id, weight) pairs, so that jobs that
-  share a mix share one merge and switching between cached mixes costs nothing.
+- an *adapter* version, keyed by version id, read from the object store with its sha256 checked,
+  validated against the base model's LoRA spec, then cast once to the model's device and dtype:
+  it costs its own A and B tensors there, nothing else;
+- optionally (`merge_after`), the *merged* weights of a mix asked for that many times, keyed by
+  the sorted (version id, weight) pairs, when they take at most half the budget.
+
+A mix is served unmerged by default (`tessera.lora.mixing.unmerged_mix`): it references its
+cached adapters' tensors, is built per call in microseconds and owns no memory, so no mix ever
+costs a copy of the UNet's weights unless merging is turned on and the budget has room.
 
 Callers hold references: evicting an entry, or replacing an adapter's version on an "adapter
 published" event (`refresh`), never pulls weights from under a job that already has them.
@@ -28,7 +32,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from services.inference import crud
 from tessera.lora import LoraAdapter
 from tessera.lora.files import validate_adapter_bytes
-from tessera.lora.mixing import MergedMix, install_mixing
+from tessera.lora.mixing import (
+    ActiveMix,
+    install_mixing,
+    merge_mix,
+    place_adapter,
+    tensor_bytes,
+    unmerged_mix,
+)
 from tessera.metrics import (
     ADAPTER_CACHE_BYTES,
     ADAPTER_CACHE_EVICTIONS,
@@ -36,13 +47,13 @@ from tessera.metrics import (
     ADAPTER_CACHE_MISSES,
 )
 from tessera.model.base import BaseModel
-from tessera.model.generate import prepare_mix
 from tessera.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
 MixKey = tuple[tuple[int, float], ...]
 _Key = tuple[str, Any]
+MAX_TRACKED_MIXES = 1024  # mixes whose use counts are kept for `merge_after`
 
 
 class UnknownVersionError(LookupError):
@@ -51,7 +62,7 @@ class UnknownVersionError(LookupError):
 
 @dataclass(frozen=True)
 class CachedAdapter:
-    """An adapter version as the cache holds it."""
+    """An adapter version as the cache holds it: its tensors on the model's device and dtype."""
 
     version_id: int
     name: str
@@ -62,13 +73,22 @@ class CachedAdapter:
 
 @dataclass(frozen=True)
 class PreparedMix:
-    """What a job runs with: the merged mix (None: the base alone), and what it cost."""
+    """What a job runs with: the active mix (None: the base alone), and what it cost."""
 
-    merged: MergedMix | None
+    active: ActiveMix | None
     adapters: tuple[CachedAdapter, ...]
     key: MixKey
-    cached: bool  # the merge was in the cache
+    cached: bool  # nothing had to be read from the store (nor merged)
     loaded: tuple[int, ...]  # version ids this call had to read from the object store
+
+    @property
+    def merged(self) -> ActiveMix | None:
+        """The active mix, under the name callers used when every mix was merged."""
+        return self.active
+
+    @property
+    def is_merged(self) -> bool:
+        return self.active is not None and bool(self.active.merged)
 
 
 @dataclass
@@ -78,8 +98,7 @@ class CacheStats:
     hits: int = 0
     misses: int = 0
     evictions: int = 0
-    mix_hits: int = 0
-    mix_misses: int = 0
+    merges: int = 0  # mixes merged because they were hot
     loads: list[int] = field(default_factory=list)  # version ids read from the store, in order
 
 
@@ -95,7 +114,7 @@ def mix_key(pins: Sequence[tuple[int, float]]) -> MixKey:
 
 
 class AdapterCache:
-    """Thread-safe LRU of adapter versions and merged mixes for one base model."""
+    """Thread-safe LRU of adapter versions (and hot merged mixes) for one base model."""
 
     def __init__(
         self,
@@ -104,15 +123,21 @@ class AdapterCache:
         sessions: sessionmaker[Session],
         store: ObjectStore,
         max_bytes: int,
+        merge_after: int = 0,
     ) -> None:
+        """`merge_after`: merge a mix once asked for that many times (0: never merge)."""
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be > 0, found {max_bytes}")
+        if merge_after < 0:
+            raise ValueError(f"merge_after must be >= 0, found {merge_after}")
         self.base = base
         self.spec = base.lora_spec
         self.sessions = sessions
         self.store = store
         self.max_bytes = max_bytes
+        self.merge_after = merge_after
         self.stats = CacheStats()
+        self._uses: OrderedDict[MixKey, int] = OrderedDict()
         self._entries: OrderedDict[_Key, _Entry] = OrderedDict()
         self._loading: dict[_Key, Future[_Entry]] = {}
         self._latest: dict[str, int] = {}
@@ -164,38 +189,70 @@ class AdapterCache:
         return cached, hit
 
     def mix(self, pins: Sequence[tuple[int, float]]) -> PreparedMix:
-        """The merged mix of (version id, weight) pairs, built once and cached."""
+        """The mix of (version id, weight) pairs over cached adapters: unmerged, or its merged
+        weights when it is hot (`merge_after`) and they fit in half the budget."""
         key = mix_key(pins)
         if not key:
-            return PreparedMix(merged=None, adapters=(), key=key, cached=True, loaded=())
+            return PreparedMix(active=None, adapters=(), key=key, cached=True, loaded=())
+        merged = self._cached_merge(key)
+        if merged is not None:
+            return PreparedMix(active=merged, adapters=(), key=key, cached=True, loaded=())
         loaded: list[int] = []
-
-        def build() -> _Entry:
-            adapters = []
-            for version_id, _ in key:
-                adapter, hit = self._get(version_id)
-                adapters.append(adapter)
-                if not hit:
-                    loaded.append(version_id)
-            weights = [w for _, w in key]
-            merged = prepare_mix(
-                self.base, [(a.adapter, w) for a, w in zip(adapters, weights, strict=True)]
+        adapters = []
+        for version_id, _ in key:
+            adapter, hit = self._get(version_id)
+            adapters.append(adapter)
+            if not hit:
+                loaded.append(version_id)
+        held = tuple(adapters)
+        mix = [(a.adapter, w) for a, (_, w) in zip(held, key, strict=True)]
+        label = "+".join(
+            f"{a.name}@v{a.version}x{w:g}" for a, (_, w) in zip(held, key, strict=True)
+        )
+        if self._is_hot(key) and self._merged_bytes(mix) <= self.max_bytes // 2:
+            entry, hit = self._get_or_load(
+                ("merged", key),
+                lambda: self._merge(mix, label),
             )
-            assert merged is not None
-            label = "+".join(
-                f"{a.name}@v{a.version}x{w:g}" for a, w in zip(adapters, weights, strict=True)
+            return PreparedMix(
+                entry.value, held, key, cached=hit and not loaded, loaded=tuple(loaded)
             )
-            merged = MergedMix(weights=merged.weights, label=label, nbytes=merged.nbytes)
-            return _Entry((merged, tuple(adapters)), merged.nbytes)
+        active = unmerged_mix(self.base.unet, self.spec, mix, label=label)
+        return PreparedMix(active, held, key, cached=not loaded, loaded=tuple(loaded))
 
-        entry, hit = self._get_or_load(("mix", key), build)
+    def _cached_merge(self, key: MixKey) -> ActiveMix | None:
+        if self.merge_after <= 0:
+            return None
         with self._lock:
-            if hit:
-                self.stats.mix_hits += 1
-            else:
-                self.stats.mix_misses += 1
-        merged, held = entry.value
-        return PreparedMix(merged=merged, adapters=held, key=key, cached=hit, loaded=tuple(loaded))
+            entry = self._entries.get(("merged", key))
+            if entry is None:
+                return None
+            self._entries.move_to_end(("merged", key))
+            merged: ActiveMix = entry.value
+            return merged
+
+    def _is_hot(self, key: MixKey) -> bool:
+        """Count one use of the mix; whether it has now been asked for `merge_after` times."""
+        if self.merge_after <= 0:
+            return False
+        with self._lock:
+            uses = self._uses.pop(key, 0) + 1
+            self._uses[key] = uses
+            while len(self._uses) > MAX_TRACKED_MIXES:
+                self._uses.popitem(last=False)
+        return uses >= self.merge_after
+
+    def _merge(self, mix: list[tuple[LoraAdapter, float]], label: str) -> _Entry:
+        merged = merge_mix(self.base.unet, self.spec, mix, label=label)
+        with self._lock:
+            self.stats.merges += 1
+        return _Entry(merged, merged.nbytes)
+
+    def _merged_bytes(self, mix: list[tuple[LoraAdapter, float]]) -> int:
+        """What merging would cost: a copy of every weight the mix touches."""
+        modules = {module for adapter, _ in mix for module in adapter.modules}
+        weights = [self.base.unet.get_submodule(module).weight for module in modules]
+        return tensor_bytes(weights)
 
     # -- hot swap -----------------------------------------------------------------------------
 
@@ -241,8 +298,9 @@ class AdapterCache:
             raise UnknownVersionError(f"no adapter version with id {version_id}")
         name, row = found
         data = self.store.get_bytes(row.object_key, expected_sha256=row.sha256)
-        adapter = validate_adapter_bytes(data, self.spec)
-        nbytes = sum(t.numel() * t.element_size() for t in adapter.tensors.values())
+        # Cast once, here: the host float32 copy is dropped, the adapter costs its own tensors.
+        adapter = place_adapter(self.base.unet, validate_adapter_bytes(data, self.spec))
+        nbytes = tensor_bytes(adapter.tensors)
         with self._lock:
             self.stats.loads.append(version_id)
         return _Entry(CachedAdapter(version_id, name, row.version, adapter, nbytes), nbytes)
@@ -297,4 +355,4 @@ def _uses_any(key: _Key, version_ids: set[int]) -> bool:
     kind, value = key
     if kind == "adapter":
         return value in version_ids
-    return any(version_id in version_ids for version_id, _ in value)
+    return any(version_id in version_ids for version_id, _ in value)  # a merged mix

@@ -41,7 +41,6 @@ from tessera.data.tensors import to_uint8
 from tessera.events import generation_channel
 from tessera.metrics import GENERATION_SECONDS
 from tessera.model.base import BaseModel
-from tessera.model.encoder import empty_prompt_embeds
 from tessera.model.generate import GenerationResult, generate, latents_to_bytes, seeded_latents
 from tessera.models import GenerationJob, JobState, utcnow
 from tessera.schemas import as_utc
@@ -199,7 +198,7 @@ def _generate(members: list[_Member], *, runtime: JobRuntime) -> list[dict[str, 
         prompts.append(encoded.prompt.float().expand(n, -1, -1))
         negative = encoded.negative
         if negative is None:
-            negative = empty_prompt_embeds(encoded.tokens)
+            negative = _empty_prompt(runtime.base, encoded.tokens)
         negatives.append(negative.float().expand(n, -1, -1))
         latents.append(seeded_latents(runtime.base, n, int(member.params["seed"])))
 
@@ -215,7 +214,7 @@ def _generate(members: list[_Member], *, runtime: JobRuntime) -> list[dict[str, 
         negative_embeds=torch.cat(negatives),
         start_latents=torch.cat(latents),
         stop_step=params.get("stop_at_step"),
-        merged=prepared.merged,
+        merged=prepared.active,
         progress=progress,
     )
     seconds = round(time.perf_counter() - started, 3)
@@ -234,8 +233,9 @@ def _generate(members: list[_Member], *, runtime: JobRuntime) -> list[dict[str, 
             {
                 **stored,
                 "adapters": [p.as_dict() for p in pins],
-                "mix": "base" if prepared.merged is None else prepared.merged.label,
+                "mix": "base" if prepared.active is None else prepared.active.label,
                 "mix_cached": prepared.cached,
+                "mix_merged": prepared.is_merged,
                 "loaded_from_store": list(prepared.loaded),
                 "worker": f"{socket.gethostname()}:{os.getpid()}",
                 "seconds": seconds,
@@ -243,6 +243,18 @@ def _generate(members: list[_Member], *, runtime: JobRuntime) -> list[dict[str, 
             }
         )
     return results
+
+
+def _empty_prompt(base: BaseModel, tokens: int) -> torch.Tensor:
+    """The model's empty prompt as `tokens` token states [1, tokens, width]: the first states of
+    its padded encoding (CLIP is causal and MiniLM masks the padding, so they are a prefix)."""
+    empty = base.prompts.empty().embeds
+    if empty.shape[1] < tokens:
+        raise ValueError(
+            f"the prompt has {tokens} tokens; the model's empty prompt has {empty.shape[1]}: "
+            "send negative_embeds of the same length"
+        )
+    return empty[:, :tokens]
 
 
 def fail_job(job_id: str, message: str, *, runtime: JobRuntime, step: int = 0) -> None:

@@ -4,13 +4,18 @@ its event listener. Built once per process (after fork), on first use or at proc
 from __future__ import annotations
 
 import logging
+import math
 import threading
+from typing import TYPE_CHECKING
 
 from services.inference.worker.cache import AdapterCache
 from services.inference.worker.listener import AdapterEventListener
 from services.inference.worker.runner import JobRuntime
 from tessera.config import Settings, get_settings
 from tessera.service.resources import Resources
+
+if TYPE_CHECKING:
+    from tessera.model.base import BaseModel
 
 log = logging.getLogger(__name__)
 
@@ -20,23 +25,39 @@ _runtime: JobRuntime | None = None
 _listener: AdapterEventListener | None = None
 
 
-def model_device() -> str:
-    """The accelerator when there is one: the base model and merged mixes live there."""
-    import torch
+# With TESSERA_ADAPTER_CACHE_BYTES unset: room for this many adapters of the spec's largest
+# rank in the model's dtype, when that is more than the setting's default.
+DEFAULT_CACHED_ADAPTERS = 8
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+
+def cache_bytes(settings: Settings, base: BaseModel) -> int:
+    """TESSERA_ADAPTER_CACHE_BYTES if set, else the larger of its default and room for
+    DEFAULT_CACHED_ADAPTERS adapters of rank `max_rank` for this model."""
+    if "adapter_cache_bytes" in settings.model_fields_set:
+        return settings.adapter_cache_bytes
+    spec = base.lora_spec
+    values = sum(
+        spec.max_rank * (shape[0] + math.prod(shape[1:])) for shape in spec.modules.values()
+    )
+    adapter = values * base.dtype.itemsize
+    return max(settings.adapter_cache_bytes, DEFAULT_CACHED_ADAPTERS * adapter)
 
 
 def build_runtime(settings: Settings, resources: Resources) -> JobRuntime:
-    """Load the base model and make an empty cache of TESSERA_ADAPTER_CACHE_BYTES."""
+    """Load the base model (TESSERA_DEVICE, TESSERA_DTYPE) and make an empty adapter cache."""
     from tessera.model.base import load_base_model
 
-    base = load_base_model(settings.base_model, device=model_device())
+    base = load_base_model(
+        settings.base_model,
+        device=settings.device,
+        dtype=settings.dtype,
+        targets=settings.lora_targets,
+    )
     cache = AdapterCache(
         base=base,
         sessions=resources.sessions,
         store=resources.store,
-        max_bytes=settings.adapter_cache_bytes,
+        max_bytes=cache_bytes(settings, base),
     )
     return JobRuntime(
         sessions=resources.sessions,

@@ -1,68 +1,126 @@
 """Applying a weighted mix of adapters to a shared UNet without changing it for anyone else.
 
-A *mix* is the list `[(adapter, weight), ...]`. `merge_mix` turns it into merged weights
-`W + sum_i weight_i * scale_i * B_i @ A_i` for each target layer, once per mix. `install_mixing`
-makes the UNet's target `nn.Linear` layers read the merged weight of the mix active in the
-*current context* (a `ContextVar`: per thread and per asyncio task), so two jobs on two threads
-with different mixes share one UNet and never see each other's adapters. A generation step
-then costs exactly what the base model costs (one matmul per layer, no extra LoRA branch).
+A *mix* is the list `[(adapter, weight), ...]`. `install_mixing` makes the UNet's target
+`nn.Linear` and `nn.Conv2d` layers read the mix active in the *current context* (a
+`ContextVar`: per thread and per asyncio task), so two jobs on two threads with different mixes
+share one UNet and never see each other's adapters.
+
+The default is *unmerged* (`unmerged_mix`): per target layer the mix holds its adapters' pairs
+(A, B, weight * scale), already on the layer's device and dtype, and the layer computes
+`base(x) + sum_i c_i * B_i(A_i(x))`. A mix then costs no memory of its own (it references the
+adapters' tensors) and a layer no adapter of the mix touches costs exactly the base.
+`merge_mix` builds merged weights `W + sum_i c_i * B_i @ A_i` instead: one matmul per layer, at
+the price of a copy of every weight the mix touches (357 MiB for SD-1.5's attention), so it is
+for a hot mix within a budget, never the default.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, cast
+from dataclasses import dataclass, field, replace
+from typing import cast
 
 import torch
+from torch.nn import functional
 
-from tessera.lora.adapter import LoraAdapter, LoraSpec
-
-if TYPE_CHECKING:
-    from collections.abc import Mapping
+from tessera.lora.adapter import A_SUFFIX, B_SUFFIX, LoraAdapter, LoraSpec
 
 Mix = Sequence[tuple[LoraAdapter, float]]
 
 
 @dataclass(frozen=True)
-class MergedMix:
-    """Merged target-layer weights for one mix; `label` says what it holds, for logs."""
+class LoraTerm:
+    """One adapter's share of one layer: `coeff * B(A(x))`, A and B on the layer's device."""
 
-    weights: Mapping[str, torch.Tensor]
+    a: torch.Tensor  # [r, in] or [r, in, kh, kw]
+    b: torch.Tensor  # [out, r] or [out, r, 1, 1]
+    coeff: float  # the mix weight times the adapter's alpha / rank
+
+
+@dataclass(frozen=True)
+class ActiveMix:
+    """What the target layers read in a context: per layer, LoRA terms or a merged weight.
+
+    `nbytes` counts the tensors this mix owns (merged weights, casts it had to make), not the
+    adapters' tensors it only references; `label` says what it holds, for logs.
+    """
+
+    terms: Mapping[str, tuple[LoraTerm, ...]] = field(default_factory=dict)
+    merged: Mapping[str, torch.Tensor] = field(default_factory=dict)
     label: str = "base"
-    nbytes: int = field(default=0)
+    nbytes: int = 0
+
+    @property
+    def weights(self) -> Mapping[str, torch.Tensor]:
+        """The merged weights (empty for an unmerged mix)."""
+        return self.merged
 
 
-_ACTIVE: ContextVar[MergedMix | None] = ContextVar("tessera_active_mix", default=None)
+MergedMix = ActiveMix  # the name callers used when every mix was merged
+
+_ACTIVE: ContextVar[ActiveMix | None] = ContextVar("tessera_active_mix", default=None)
 
 
 class MixedLinear(torch.nn.Linear):
-    """A target layer: uses the active mix's merged weight when it has one, else its own."""
+    """A target Linear: its own output plus the active mix's terms, or the mix's merged weight."""
 
     mix_key: str
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mix = _ACTIVE.get()
-        weight = None if mix is None else mix.weights.get(self.mix_key)
-        return torch.nn.functional.linear(x, self.weight if weight is None else weight, self.bias)
+        if mix is None:
+            return functional.linear(x, self.weight, self.bias)
+        merged = mix.merged.get(self.mix_key)
+        if merged is not None:
+            return functional.linear(x, merged, self.bias)
+        out = functional.linear(x, self.weight, self.bias)
+        for term in mix.terms.get(self.mix_key, ()):
+            out = out + functional.linear(functional.linear(x, term.a) * term.coeff, term.b)
+        return out
+
+
+class MixedConv2d(torch.nn.Conv2d):
+    """A target Conv2d: A as a conv with the layer's stride, padding and dilation, B as 1x1."""
+
+    mix_key: str
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mix = _ACTIVE.get()
+        if mix is None:
+            return self._conv_forward(x, self.weight, self.bias)
+        merged = mix.merged.get(self.mix_key)
+        if merged is not None:
+            return self._conv_forward(x, merged, self.bias)
+        out = self._conv_forward(x, self.weight, self.bias)
+        for term in mix.terms.get(self.mix_key, ()):
+            # _conv_forward applies this layer's padding mode too; lora_spec admits groups == 1.
+            out = out + functional.conv2d(self._conv_forward(x, term.a, None) * term.coeff, term.b)
+        return out
+
+
+_MIXED: dict[type[torch.nn.Module], type[torch.nn.Module]] = {
+    torch.nn.Linear: MixedLinear,
+    torch.nn.Conv2d: MixedConv2d,
+}
 
 
 def install_mixing(unet: torch.nn.Module, spec: LoraSpec) -> None:
-    """Make every target layer of `unet` a MixedLinear (idempotent; parameters untouched).
+    """Make every target layer of `unet` mix-aware (idempotent; parameters untouched).
 
     The class is swapped in place rather than the module replaced, so state-dict keys, the
     weights fingerprint and `save_pretrained` are unchanged.
     """
     for name in spec.modules:
         module = unet.get_submodule(name)
-        if type(module) is torch.nn.Linear:
-            module.__class__ = MixedLinear
+        mixed = _MIXED.get(type(module))
+        if mixed is not None:
+            module.__class__ = mixed
             cast(MixedLinear, module).mix_key = name
-        elif not isinstance(module, MixedLinear):
-            raise TypeError(f"{name}: expected nn.Linear, found {type(module).__name__}")
+        elif type(module) not in _MIXED.values():
+            raise TypeError(f"{name}: expected nn.Linear or nn.Conv2d, found {type(module)}")
 
 
 def check_compatible(adapter: LoraAdapter, spec: LoraSpec) -> None:
@@ -84,25 +142,66 @@ def check_weights(mix: Mix) -> None:
             raise ValueError(f"adapter {index}: weight must be finite and >= 0, found {weight}")
 
 
-def merge_mix(unet: torch.nn.Module, spec: LoraSpec, mix: Mix, label: str = "") -> MergedMix:
-    """Merged weights of the mix for every layer any of its adapters touches."""
+def place_adapter(unet: torch.nn.Module, adapter: LoraAdapter) -> LoraAdapter:
+    """The adapter with each pair on its target layer's device and dtype (a cache does this
+    once per adapter; tensors already there are kept, not copied)."""
+    tensors: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for module, a, b in adapter.pairs():
+            weight = cast(torch.Tensor, unet.get_submodule(module).weight)
+            tensors[module + A_SUFFIX] = a.to(weight.device, weight.dtype)
+            tensors[module + B_SUFFIX] = b.to(weight.device, weight.dtype)
+    return replace(adapter, tensors=tensors)
+
+
+def tensor_bytes(tensors: Sequence[torch.Tensor] | Mapping[str, torch.Tensor]) -> int:
+    """Bytes of the tensors' values (each tensor counted once)."""
+    values = tensors.values() if isinstance(tensors, Mapping) else tensors
+    unique = {id(t): t for t in values}
+    return sum(t.numel() * t.element_size() for t in unique.values())
+
+
+def unmerged_mix(unet: torch.nn.Module, spec: LoraSpec, mix: Mix, label: str = "") -> ActiveMix:
+    """The mix as LoRA terms per target layer; casts an adapter not yet on the model's device
+    and dtype (then `nbytes` counts the casts), else only references its tensors."""
+    _check(spec, mix)
+    terms: dict[str, list[LoraTerm]] = {}
+    owned: list[torch.Tensor] = []
+    for adapter, weight in mix:
+        if weight == 0:
+            continue
+        placed = place_adapter(unet, adapter)
+        owned += [t for k, t in placed.tensors.items() if t is not adapter.tensors[k]]
+        for module, a, b in placed.pairs():
+            terms.setdefault(module, []).append(LoraTerm(a, b, float(weight) * adapter.scale))
+    return ActiveMix(
+        terms={module: tuple(pairs) for module, pairs in terms.items()},
+        label=label or describe_mix(mix),
+        nbytes=tensor_bytes(owned),
+    )
+
+
+def merge_mix(unet: torch.nn.Module, spec: LoraSpec, mix: Mix, label: str = "") -> ActiveMix:
+    """Merged weights of the mix for every layer any of its adapters touches (a full copy of
+    each such weight: for a hot mix within a budget; `unmerged_mix` is the default)."""
+    _check(spec, mix)
+    touched = sorted({module for adapter, weight in mix if weight for module in adapter.modules})
+    merged: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for module in touched:
+            weight = cast(torch.Tensor, unet.get_submodule(module).weight)
+            total = weight.detach().float()  # summed in float32, cast once (fp16/bf16 models)
+            for adapter, share in mix:
+                if share and module + A_SUFFIX in adapter.tensors:
+                    total = total + adapter.delta(module).to(weight.device) * float(share)
+            merged[module] = total.to(weight.dtype)
+    return ActiveMix(merged=merged, label=label or describe_mix(mix), nbytes=tensor_bytes(merged))
+
+
+def _check(spec: LoraSpec, mix: Mix) -> None:
     check_weights(mix)
     for adapter, _ in mix:
         check_compatible(adapter, spec)
-    merged: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for adapter, weight in mix:
-            if weight == 0:
-                continue
-            for module in adapter.modules:
-                if module not in merged:
-                    layer = cast(torch.nn.Linear, unet.get_submodule(module))
-                    merged[module] = layer.weight.detach().clone()
-                target = merged[module]
-                delta = adapter.delta(module).to(target.device, target.dtype)
-                target.add_(delta, alpha=float(weight))
-    nbytes = sum(t.numel() * t.element_size() for t in merged.values())
-    return MergedMix(weights=merged, label=label or describe_mix(mix), nbytes=nbytes)
 
 
 def describe_mix(mix: Mix) -> str:
@@ -112,7 +211,7 @@ def describe_mix(mix: Mix) -> str:
 
 
 @contextlib.contextmanager
-def use_mix(mix: MergedMix | None) -> Iterator[None]:
+def use_mix(mix: ActiveMix | None) -> Iterator[None]:
     """Within the block, this thread's (or task's) forward passes use `mix` (None: the base)."""
     token = _ACTIVE.set(mix)
     try:
@@ -121,6 +220,6 @@ def use_mix(mix: MergedMix | None) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
-def active_mix() -> MergedMix | None:
+def active_mix() -> ActiveMix | None:
     """The mix in force in the current context."""
     return _ACTIVE.get()

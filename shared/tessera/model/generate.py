@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from tessera.lora.mixing import MergedMix, Mix, install_mixing, merge_mix, use_mix
+from tessera.lora.mixing import MergedMix, Mix, install_mixing, unmerged_mix, use_mix
 from tessera.model.base import BaseModel
 from tessera.model.conditioning import Conditioning
 from tessera.model.latents import decode_latents
@@ -91,11 +91,11 @@ def timesteps_for(base: BaseModel, steps: int, sampler: str = "ddim") -> torch.T
 
 
 def prepare_mix(base: BaseModel, mix: Mix) -> MergedMix | None:
-    """Merge a mix for this base (None for no adapters), installing mixing on first use."""
+    """The mix for this base, unmerged (None for no adapters); installs mixing on first use."""
     if not mix:
         return None
     install_mixing(base.unet, base.lora_spec)
-    return merge_mix(base.unet, base.lora_spec, mix)
+    return unmerged_mix(base.unet, base.lora_spec, mix)
 
 
 def as_conditioning(value: Conditioning | torch.Tensor) -> Conditioning:

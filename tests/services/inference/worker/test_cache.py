@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
@@ -14,6 +15,8 @@ from services.inference.worker.cache import AdapterCache, UnknownVersionError
 from services.inference.worker.listener import AdapterEventListener
 from tessera.config import Settings
 from tessera.lora import LoraSpec, random_adapter
+from tessera.lora.adapter import A_SUFFIX
+from tessera.lora.mixing import tensor_bytes
 from tessera.metrics import (
     ADAPTER_CACHE_BYTES,
     ADAPTER_CACHE_EVICTIONS,
@@ -29,8 +32,8 @@ RANK = 4
 
 
 def adapter_bytes(spec: LoraSpec) -> int:
-    """Host bytes of one rank-RANK adapter (float32 A and B for every target)."""
-    return sum(4 * RANK * (o + i) for o, i in spec.modules.values())
+    """Bytes of one rank-RANK adapter on the float32 CPU model (A and B for every target)."""
+    return sum(4 * RANK * (shape[0] + math.prod(shape[1:])) for shape in spec.modules.values())
 
 
 def make_cache(
@@ -69,7 +72,7 @@ def test_the_cache_keeps_the_most_recently_used_within_its_bytes(
     assert cache.nbytes == 2 * size == value(ADAPTER_CACHE_BYTES)
 
 
-def test_a_merged_mix_is_built_once_and_counts_in_the_budget(
+def test_a_mix_runs_unmerged_on_its_cached_adapters_and_costs_nothing_more(
     base_model: BaseModel, sessions: sessionmaker[Session], store: ObjectStore, spec: LoraSpec
 ) -> None:
     a = publish(sessions, store, "cluster:0", random_adapter(spec, RANK, 4.0, seed=1)).version_id
@@ -81,11 +84,51 @@ def test_a_merged_mix_is_built_once_and_counts_in_the_budget(
     other = cache.mix([(a, 1.0)])
 
     assert not first.cached and sorted(first.loaded) == sorted([a, b])
-    assert same.cached and same.merged is first.merged and same.loaded == ()
-    assert not other.cached and other.loaded == ()  # its adapter was already cached
-    assert first.merged is not None and other.merged is not None
-    assert cache.nbytes == 2 * adapter_bytes(spec) + first.merged.nbytes + other.merged.nbytes
-    assert cache.mix([]).merged is None  # the base model alone
+    assert same.cached and same.loaded == () and same.key == first.key
+    assert other.cached and other.loaded == ()  # its adapter was already cached
+    assert first.active is not None and not first.is_merged and first.active.nbytes == 0
+    # Each cached adapter costs its own tensors, and nothing else is kept: no copy of weights.
+    held = {v: cache.get(v).adapter.tensors for v in (a, b)}
+    assert cache.nbytes == 2 * adapter_bytes(spec) == sum(map(tensor_bytes, held.values()))
+    module = next(iter(spec.modules))
+    terms = first.active.terms[module]
+    assert {id(term.a) for term in terms} == {id(held[v][module + A_SUFFIX]) for v in (a, b)}
+    assert cache.mix([]).active is None  # the base model alone
+
+
+def test_a_hot_mix_is_merged_once_within_half_the_budget(
+    base_model: BaseModel, sessions: sessionmaker[Session], store: ObjectStore, spec: LoraSpec
+) -> None:
+    a = publish(sessions, store, "cluster:0", random_adapter(spec, RANK, 4.0, seed=1)).version_id
+    b = publish(sessions, store, "cluster:1", random_adapter(spec, RANK, 4.0, seed=2)).version_id
+    cache = AdapterCache(
+        base=base_model, sessions=sessions, store=store, max_bytes=64 * 1024 * 1024, merge_after=2
+    )
+    weights = tensor_bytes([base_model.unet.get_submodule(m).weight for m in spec.modules])
+    pins = [(a, 0.5), (b, 0.5)]
+
+    cold = cache.mix(pins)
+    hot = cache.mix(pins)
+    again = cache.mix(pins)
+
+    assert not cold.is_merged and hot.is_merged and again.active is hot.active
+    assert (hot.cached, again.cached, cache.stats.merges) == (False, True, 1)
+    assert hot.active is not None and hot.active.nbytes == weights
+    assert cache.nbytes == 2 * adapter_bytes(spec) + weights
+    prompt = tokens(2).float()
+    unmerged = generate(base_model, prompt, steps=2, seed=1, merged=cold.active).images
+    merged = generate(base_model, prompt, steps=2, seed=1, merged=hot.active).images
+    assert unmerged is not None and merged is not None
+    torch.testing.assert_close(unmerged, merged, atol=1e-4, rtol=0)
+
+    small = AdapterCache(
+        base=base_model,
+        sessions=sessions,
+        store=store,
+        max_bytes=2 * weights - 1,  # a merge would take more than half
+        merge_after=1,
+    )
+    assert not small.mix(pins).is_merged and small.stats.merges == 0
 
 
 def test_threads_asking_for_the_same_adapter_share_one_load(
@@ -141,9 +184,9 @@ def test_a_published_version_replaces_the_old_one_but_not_under_a_running_job(
     assert cache.resolve("cluster:0") == new.version_id
     assert cache.cached_versions() == [new.version_id]  # loaded ahead of the next job
     assert cache.mix([(new.version_id, 1.0)]).loaded == ()
-    # The job in flight still runs on the old version: its merge was not touched.
+    # The job in flight still runs on the old version: it holds the old tensors.
     prompt = tokens(2).float()
-    with_held = generate(base_model, prompt, steps=3, seed=1, merged=in_flight.merged).images
+    with_held = generate(base_model, prompt, steps=3, seed=1, merged=in_flight.active).images
     with_old = generate(base_model, prompt, [(old_adapter, 1.0)], steps=3, seed=1).images
     assert with_held is not None and with_old is not None
     torch.testing.assert_close(with_held, with_old, atol=2e-3, rtol=0)  # fp16 on the wire
