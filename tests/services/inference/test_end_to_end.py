@@ -183,10 +183,9 @@ def test_a_hybrid_generation_over_http_with_progress_over_sse(
 def _train(base: BaseModel, style: str, steps: int, lr: float) -> LoraAdapter:
     from tessera.data import style_dataset, to_tensor
     from tessera.lora.train import train_lora
-    from tessera.model.encoder import encode_prompts
 
     data = style_dataset(style, 128, 0)
-    captions, _ = encode_prompts(data.captions)
+    captions = base.prompts.encode(data.captions).embeds
     images = to_tensor(data.images)
     return train_lora(
         base, images, captions, rank=8, alpha=8.0, steps=steps, lr=lr, batch_size=16, seed=0
@@ -206,7 +205,6 @@ def test_a_hybrid_of_two_trained_cluster_adapters_carries_both_styles(
     from tessera.data import caption
     from tessera.data.evaluator import default_evaluator
     from tessera.lora.evidence import eval_subjects
-    from tessera.model.encoder import encode_prompts
     from tessera.model.generate import generate
 
     # Trained briefly, dots comes through weaker than gradient: the client weighs it up.
@@ -214,7 +212,7 @@ def test_a_hybrid_of_two_trained_cluster_adapters_carries_both_styles(
     for style, (name, _) in styles.items():
         publish(sessions, store, name, _train(base_model, style, steps=100, lr=5e-3))
     subjects = eval_subjects(2, seed=0)
-    prompts, _ = encode_prompts([caption(shape, colour) for shape, colour in subjects])
+    prompts = base_model.prompts.encode([caption(s, c) for s, c in subjects]).embeds
     mix = [{"adapter": name, "weight": weight} for name, weight in styles.values()]
     requests = [
         {
