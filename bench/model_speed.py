@@ -16,6 +16,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,6 @@ from tessera.data import style_dataset, to_tensor
 from tessera.lora import random_adapter
 from tessera.lora.train import train_lora
 from tessera.model.base import load_base_model
-from tessera.model.encoder import encode_prompts
 from tessera.model.generate import generate
 
 
@@ -50,12 +50,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("docs"))
+    parser.add_argument("--model", type=Path, default=None, help="default: TESSERA_BASE_MODEL")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    base = load_base_model()
+    base = load_base_model(args.model)
+    resolution = base.facts.resolution
     data = style_dataset("stripes", 16, 0)
     images = to_tensor(data.images)
-    tokens, _ = encode_prompts(data.captions)
+    captions = base.prompts.encode(data.captions)
     spec = base.lora_spec
     blend = [
         (random_adapter(spec, 8, 8.0, seed=1), 0.5),
@@ -63,13 +65,13 @@ def main(argv: list[str] | None = None) -> None:
     ]
     rows: list[dict[str, Any]] = []
     for batch in (1, 16):
-        # train_lora with 1 step includes copying the UNet and attaching peft: time 1 and 3
-        # steps and take the difference per step, which is the step itself.
+        # train_lora with 1 step includes attaching and removing peft: time 1 and 3 steps
+        # and take the difference per step, which is the step itself.
         one = timed(
-            lambda b=batch: train_lora(base, images, tokens, steps=1, batch_size=b), args.repeats
+            partial(train_lora, base, images, captions, steps=1, batch_size=batch), args.repeats
         )
         three = timed(
-            lambda b=batch: train_lora(base, images, tokens, steps=3, batch_size=b), args.repeats
+            partial(train_lora, base, images, captions, steps=3, batch_size=batch), args.repeats
         )
         step = (three["median_s"] - one["median_s"]) / 2
         rows.append(
@@ -81,24 +83,27 @@ def main(argv: list[str] | None = None) -> None:
             }
         )
     for batch in (1, 16):
-        prompt = tokens[:batch]
+        prompt = captions.rows(slice(0, batch))
         for label, mix in (("base, no adapter", []), ("2-adapter blend", blend)):
-            result = timed(lambda p=prompt, m=mix: generate(base, p, m, steps=20), args.repeats)
+            result = timed(partial(generate, base, prompt, mix, steps=20), args.repeats)
             rows.append({"what": f"20-step generation, {label}", "batch": batch, **result})
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     machine = (
         f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch "
-        f"threads; load average at the end {load} (this benchmark alone keeps it near 2)"
+        f"threads, model on {base.device.type}; load average at the end {load} (this "
+        "benchmark alone keeps it near 2)"
     )
-    report = {"machine": machine, "torch": torch.__version__, "rows": rows}
+    model = {"id": base.model_id, "family": base.facts.family, "resolution": resolution}
+    report = {"machine": machine, "torch": torch.__version__, "model": model, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_model.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
         "# Model speed (`make bench`: bench/model_speed.py)",
         "",
         f"Measured on this machine: {machine}, torch {torch.__version__}; median of "
-        f"{args.repeats} runs after a warm-up. The tiny model is 32x32 pixel space; generation "
-        "uses guidance 3 (two UNet passes per step).",
+        f"{args.repeats} runs after a warm-up. Model {base.model_id} ({base.facts.family}, "
+        f"{resolution}x{resolution}, {base.dtype}); generation uses guidance 3 (two UNet "
+        "passes per step).",
         "",
         "| what | batch | median seconds | per image |",
         "|---|---|---|---|",
@@ -112,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     lines += [
         "",
         f"`train_lora` also spends {statistics.median(setup):.3f} s once per call "
-        "copying the UNet and attaching the peft layers.",
+        "attaching and removing the peft layers.",
         "",
     ]
     (args.out / "bench_model.md").write_text("\n".join(lines))

@@ -26,8 +26,8 @@ from tessera.lora.adapter import LoraAdapter
 from tessera.lora.files import adapter_from_bytes, adapter_to_bytes
 from tessera.lora.train import train_lora
 from tessera.model.base import BaseModel, load_base_model
-from tessera.model.encoder import encode_prompts
 from tessera.model.generate import generate
+from tessera.model.latents import fit_images
 
 GRID_PROMPTS = 8
 
@@ -37,11 +37,16 @@ def eval_subjects(n: int, seed: int) -> list[tuple[str, str]]:
     return cycled_subjects(n, seed, "evidence-subjects")
 
 
-def save_grid(rows: list[torch.Tensor], labels: list[str], path: Path, scale: int = 4) -> None:
-    """One row per condition (base, style A, ...), same prompts in each column, labelled."""
+def save_grid(rows: list[torch.Tensor], labels: list[str], path: Path, tile: int = 128) -> None:
+    """One row per condition (base, style A, ...), same prompts in each column, labelled.
+
+    Images smaller than `tile` pixels are upscaled by a whole factor (nearest: pixels stay
+    sharp), so the tiny model's 32x32 show at 128; larger ones keep their size.
+    """
     from PIL import Image, ImageDraw
 
     arrays = [to_uint8(row) for row in rows]
+    scale = max(1, tile // arrays[0].shape[1])
     columns, h, w = arrays[0].shape[0], arrays[0].shape[1] * scale, arrays[0].shape[2] * scale
     margin, gap = 110, 4
     canvas = Image.new("RGB", (margin + columns * (w + gap), len(rows) * (h + gap)), "white")
@@ -50,8 +55,8 @@ def save_grid(rows: list[torch.Tensor], labels: list[str], path: Path, scale: in
         top = r * (h + gap)
         draw.text((6, top + h // 2 - 6), label, fill="black")
         for c, image in enumerate(array):
-            tile = Image.fromarray(image).resize((w, h), Image.Resampling.NEAREST)
-            canvas.paste(tile, (margin + c * (w + gap), top))
+            cell = Image.fromarray(image).resize((w, h), Image.Resampling.NEAREST)
+            canvas.paste(cell, (margin + c * (w + gap), top))
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
 
@@ -65,11 +70,10 @@ def _trained(base: BaseModel, style: str, args: argparse.Namespace) -> LoraAdapt
         saved = args.adapters / f"lora_evidence_{style}.safetensors"
         return adapter_from_bytes(saved.read_bytes(), base.lora_spec)
     data = style_dataset(style, args.images, args.seed)
-    tokens, _ = encode_prompts(data.captions)
     result = train_lora(
         base,
-        to_tensor(data.images),
-        tokens,
+        to_tensor(data.images),  # resized to the model's resolution by train_lora
+        base.prompts.encode(data.captions),
         rank=args.rank,
         alpha=args.alpha,
         steps=args.steps,
@@ -95,7 +99,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     evaluator = load_evaluator()
     style_a, style_b = args.styles
     subjects = eval_subjects(args.n, args.seed)
-    prompts, _ = encode_prompts([caption(s, c) for s, c in subjects])
+    prompts = base.prompts.encode([caption(s, c) for s, c in subjects])
 
     adapters: dict[str, LoraAdapter] = {}
     training: dict[str, dict[str, float]] = {}
@@ -125,7 +129,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ).images
         generation_seconds += time.perf_counter() - t0
         assert images is not None
-        scores = evaluator.evaluate(images, content=subjects)
+        scored = fit_images(images, evaluator.config.image_size)  # the evaluator's own size
+        scores = evaluator.evaluate(scored, content=subjects)
         conditions[name] = {
             f"share_{style_a}": scores.style_votes[style_a],
             f"share_{style_b}": scores.style_votes[style_b],
@@ -159,7 +164,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "generation_seconds": round(generation_seconds, 1),
         "wall_seconds": round(time.perf_counter() - started, 1),
         "adapters_reused": args.adapters is not None,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, CPU",
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"{base.device.type.upper()}",
     }
 
 

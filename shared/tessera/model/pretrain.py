@@ -1,6 +1,10 @@
 """Pretrain the bundled tiny base model on plain renderings of the synthetic captioned shapes.
 
 python -m tessera.model.pretrain --steps 1500 --batch-size 32 --device cpu --out DIR
+
+Without `--init` a fresh tiny model is written to DIR first; the trained UNet replaces it at
+the end, with the facts (fingerprint) recomputed. Captions are conditioned by the model's own
+text encoder (MiniLM token states).
 """
 
 from __future__ import annotations
@@ -10,23 +14,30 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from tessera.data import COLOUR_NAMES, SHAPES, caption, pretraining_batch, to_tensor
-from tessera.model.base import BaseModel, build_base_model, load_base_model, save_base_model
+from tessera.model.base import (
+    BUNDLED_MODEL,
+    BaseModel,
+    build_base_model,
+    load_base_model,
+    save_tiny_model,
+)
+
+if TYPE_CHECKING:
+    from tessera.model.conditioning import PromptEncoder
 
 ALL_CAPTIONS: tuple[str, ...] = tuple(caption(s, c) for s in SHAPES for c in COLOUR_NAMES)
 EMPTY_CAPTION = ""
 
 
-def caption_table() -> tuple[tuple[str, ...], torch.Tensor]:
-    """Every pretraining caption plus the empty one (last), and their token states."""
-    from tessera.model.encoder import encode_prompts
-
+def caption_table(prompts: PromptEncoder) -> tuple[tuple[str, ...], torch.Tensor]:
+    """Every pretraining caption plus the empty one (last), and the model's token states."""
     texts = (*ALL_CAPTIONS, EMPTY_CAPTION)
-    tokens, _ = encode_prompts(list(texts))
-    return texts, tokens
+    return texts, prompts.encode(list(texts)).embeds
 
 
 def load_caption_table(path: Path) -> tuple[tuple[str, ...], torch.Tensor]:
@@ -35,9 +46,9 @@ def load_caption_table(path: Path) -> tuple[tuple[str, ...], torch.Tensor]:
     return tuple(raw["texts"]), raw["tokens"].float()
 
 
-def save_caption_table(path: Path) -> None:
+def save_caption_table(path: Path, prompts: PromptEncoder) -> None:
     """Encode the captions here and store them for a run elsewhere."""
-    texts, tokens = caption_table()
+    texts, tokens = caption_table(prompts)
     torch.save({"texts": list(texts), "tokens": tokens}, path)
 
 
@@ -67,6 +78,7 @@ def pretrain(
     empty = index[EMPTY_CAPTION]
     tokens = tokens.to(device)
     unet = model.unet.to(device).train()
+    unet.requires_grad_(True)  # a loaded base is frozen; pretraining trains all of it
     scheduler = model.noise_scheduler
     optimiser = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-4)
     generator = torch.Generator().manual_seed(seed)
@@ -99,6 +111,7 @@ def pretrain(
             print(f"stopping at step {step + 1}: time limit {max_seconds:.0f}s", flush=True)
             break
     unet.eval()
+    unet.requires_grad_(False)
     return losses
 
 
@@ -127,11 +140,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.save_caption_embeds is not None:
-        save_caption_table(args.save_caption_embeds)
+        source = load_base_model(args.init or BUNDLED_MODEL, device="cpu", dtype="float32")
+        save_caption_table(args.save_caption_embeds, source.prompts)
         return
     torch.manual_seed(args.seed)
-    table = load_caption_table(args.caption_embeds) if args.caption_embeds else caption_table()
-    model = build_base_model() if args.init is None else load_base_model(args.init)
+    if args.init is None:
+        model = build_base_model(args.out)
+    else:
+        model = load_base_model(args.init, device="cpu", dtype="float32")
+    if args.caption_embeds is not None:
+        table = load_caption_table(args.caption_embeds)
+    else:
+        table = caption_table(model.prompts)
     start = time.perf_counter()
     losses = pretrain(
         model,
@@ -158,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
         "init": None if args.init is None else str(args.init),
     }
     runs = [*earlier_runs(args.init), {**run, "loss": losses}]
-    save_base_model(model, args.out, extra={"pretraining": run})
+    meta = {"model_id": model.model_id, "pretraining": run}
+    save_tiny_model(model.unet, model.noise_scheduler, args.out, meta)
     (args.out / "pretraining_log.json").write_text(json.dumps({"runs": runs}) + "\n")
     print(json.dumps(run), flush=True)
 

@@ -22,8 +22,7 @@ from tessera.data import caption, cycled_subjects, style_dataset, to_tensor
 from tessera.data.tensors import to_uint8
 from tessera.lora.adapter import TARGET_PRESETS
 from tessera.model.base import BaseModel, load_base_model
-from tessera.model.encoder import encode_prompts
-from tessera.model.sampling import sample
+from tessera.model.generate import generate
 
 
 def eval_subjects(n: int, seed: int) -> list[tuple[str, str]]:
@@ -34,10 +33,13 @@ def eval_subjects(n: int, seed: int) -> list[tuple[str, str]]:
 def generate_for(
     model: BaseModel, subjects: list[tuple[str, str]], steps: int, guidance: float, seed: int
 ) -> torch.Tensor:
-    """Sample one image per subject from its plain caption."""
-    tokens, _ = encode_prompts([caption(s, c) for s, c in subjects])
-    empty, _ = encode_prompts([""])
-    return sample(model, tokens, empty, steps=steps, guidance=guidance, seed=seed)
+    """Sample one image per subject from its plain caption (DDIM, guided against "")."""
+    prompts = model.prompts.encode([caption(s, c) for s, c in subjects])
+    images = generate(
+        model, prompts, steps=steps, guidance=guidance, seed=seed, sampler="ddim"
+    ).images
+    assert images is not None
+    return images
 
 
 def save_grid(images: torch.Tensor, path: Path, columns: int = 10, scale: int = 3) -> None:
@@ -98,7 +100,7 @@ def train_probe_lora(
     data = style_dataset(style, n_images, seed)
     images = to_tensor(data.images)
     captions = sorted(set(data.captions))
-    tokens, _ = encode_prompts(captions)
+    tokens = model.prompts.encode(captions).embeds
     ids = torch.tensor([captions.index(c) for c in data.captions])
     params = add_lora(model, rank, alpha)
     optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -152,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = load_base_model(args.model)
+    model = load_base_model(args.model, device="cpu", dtype="float32")
     if args.mode == "base":
         result = check_base(model, args.n, args.sample_steps, args.guidance, args.seed)
         if args.grid is not None:

@@ -76,7 +76,7 @@ def run_device_round(job: DeviceJob) -> DeviceRoundResult:
     """Sync from the server (or the device's own adapter when local), train, upload, evaluate."""
     from tessera.data.evaluator import default_evaluator
     from tessera.lora.train import denoising_loss
-    from tessera.model.encoder import encode_prompts
+    from tessera.model.latents import fit_images
     from tessera.sdk.device import DeviceClient
 
     base = _base()
@@ -98,10 +98,9 @@ def run_device_round(job: DeviceJob) -> DeviceRoundResult:
             synced.cluster,
         )
     batch = profile.samples(job.samples, seed=job.seed * 1000 + job.round_number)
-    tokens, _ = encode_prompts(batch.captions)
     result = client.train(
-        to_tensor(batch.images),
-        tokens,
+        to_tensor(batch.images),  # 32x32 renderings; train_lora resizes to the model's size
+        client.encode(batch.captions),
         start=start,
         rank=job.rank if start is None else None,
         steps=job.steps,
@@ -119,15 +118,18 @@ def run_device_round(job: DeviceJob) -> DeviceRoundResult:
             train_loss=train_loss,
         )
     heldout = profile.heldout(job.eval_images, seed=job.seed)
-    held_tokens, _ = encode_prompts(heldout.captions)
     held_images = to_tensor(heldout.images)
-    loss = denoising_loss(base, held_images, held_tokens, result.adapter, seed=job.seed)
+    held_captions = client.encode(heldout.captions)
+    loss = denoising_loss(base, held_images, held_captions, result.adapter, seed=job.seed)
     images = client.generate(
         heldout.captions, adapter=result.adapter, steps=job.eval_steps, seed=job.seed
     ).images
     assert images is not None
-    scores = default_evaluator().evaluate(
-        images, style=profile.style, content=list(zip(heldout.shapes, heldout.colours, strict=True))
+    evaluator = default_evaluator()
+    scores = evaluator.evaluate(
+        fit_images(images, evaluator.config.image_size),  # the model's resolution to its own
+        style=profile.style,
+        content=list(zip(heldout.shapes, heldout.colours, strict=True)),
     )
     return DeviceRoundResult(
         client_id=job.client_id,

@@ -96,10 +96,9 @@ def generation_grid(
 ) -> list[str]:
     """Rows: base, each cluster adapter, a 50/50 hybrid of the first two clusters; labels back."""
     from tessera.lora.evidence import save_grid
-    from tessera.model.encoder import encode_prompts
     from tessera.model.generate import generate
 
-    tokens, _ = encode_prompts(list(GRID_PROMPTS))
+    prompts = base.prompts.encode(list(GRID_PROMPTS))
     clusters = sorted(name for name in adapters if name.startswith("cluster:"))
     rows: list[tuple[str, list[tuple[LoraAdapter, float]]]] = [("base", [])]
     rows += [(name, [(adapters[name], 1.0)]) for name in clusters]
@@ -108,7 +107,7 @@ def generation_grid(
         rows.append((f"{a}+{b}", [(adapters[a], 0.5), (adapters[b], 0.5)]))
     images: list[torch.Tensor] = []
     for _, mix in rows:
-        result = generate(base, tokens, mix, steps=20, seed=seed).images
+        result = generate(base, prompts, mix, steps=20, seed=seed).images
         assert result is not None
         images.append(result)
     labels = [label for label, _ in rows]
