@@ -10,16 +10,20 @@ import torch
 from tessera.lora import random_adapter
 from tessera.lora.mixing import merge_mix
 from tessera.model.base import BaseModel
-from tessera.model.encoder import encode_prompts
-from tessera.model.generate import generate, prepare_mix
+from tessera.model.conditioning import Conditioning
+from tessera.model.generate import (
+    generate,
+    latents_from_bytes,
+    latents_to_bytes,
+    prepare_mix,
+)
 
 PROMPTS = ["a red circle", "a blue square"]
 
 
 @pytest.fixture(scope="module")
-def prompts() -> torch.Tensor:
-    tokens, _ = encode_prompts(PROMPTS)
-    return tokens
+def prompts(base_model: BaseModel) -> Conditioning:
+    return base_model.prompts.encode(PROMPTS)
 
 
 def adapters(base: BaseModel) -> tuple:
@@ -29,7 +33,7 @@ def adapters(base: BaseModel) -> tuple:
     )
 
 
-def test_images_are_deterministic_in_range(base_model: BaseModel, prompts: torch.Tensor) -> None:
+def test_images_are_deterministic_in_range(base_model: BaseModel, prompts: Conditioning) -> None:
     first = generate(base_model, prompts, steps=6, seed=5)
     second = generate(base_model, prompts, steps=6, seed=5)
 
@@ -41,7 +45,7 @@ def test_images_are_deterministic_in_range(base_model: BaseModel, prompts: torch
 
 @pytest.mark.parametrize("k", [1, 4, 7])
 def test_split_at_k_then_resume_equals_one_full_run(
-    base_model: BaseModel, prompts: torch.Tensor, k: int
+    base_model: BaseModel, prompts: Conditioning, k: int
 ) -> None:
     a, b = adapters(base_model)
     mix = [(a, 0.6), (b, 0.4)]
@@ -69,7 +73,7 @@ def test_blend_merges_weighted_deltas(base_model: BaseModel) -> None:
 
 
 def test_adapters_change_images_and_weight_zero_is_the_base(
-    base_model: BaseModel, prompts: torch.Tensor
+    base_model: BaseModel, prompts: Conditioning
 ) -> None:
     a, _ = adapters(base_model)
     plain = generate(base_model, prompts, steps=5, seed=2).images
@@ -82,7 +86,7 @@ def test_adapters_change_images_and_weight_zero_is_the_base(
 
 
 def test_concurrent_jobs_with_different_mixes_equal_each_alone(
-    base_model: BaseModel, prompts: torch.Tensor
+    base_model: BaseModel, prompts: Conditioning
 ) -> None:
     a, b = adapters(base_model)
     mixes = [[(a, 1.0)], [(b, 1.0)], [(a, 0.5), (b, 0.5)], []]
@@ -106,6 +110,43 @@ def test_concurrent_jobs_with_different_mixes_equal_each_alone(
         torch.testing.assert_close(results[index], expected, atol=1e-5, rtol=0)
 
 
+def test_token_embeds_and_the_default_negative_equal_the_explicit_conditioning(
+    base_model: BaseModel, prompts: Conditioning
+) -> None:
+    explicit = generate(
+        base_model, prompts, steps=4, seed=1, negative_embeds=base_model.prompts.empty()
+    )
+    plain = generate(base_model, prompts.embeds, steps=4, seed=1)
+
+    assert explicit.images is not None and plain.images is not None
+    assert torch.equal(explicit.images, plain.images)
+
+
+def test_a_stopped_run_hands_off_through_bytes(
+    base_model: BaseModel, prompts: Conditioning
+) -> None:
+    full = generate(base_model, prompts, steps=6, seed=4, sampler="euler")
+    head = generate(base_model, prompts, steps=6, seed=4, stop_step=2, sampler="euler")
+
+    handoff = latents_from_bytes(latents_to_bytes(head, guidance=2.5))
+    tail = generate(
+        base_model,
+        prompts,
+        steps=handoff.steps,
+        start_latents=handoff.latents,
+        start_step=handoff.step,
+        sampler=handoff.sampler,
+    )
+
+    assert head.sampler == "euler" and (handoff.step, handoff.steps) == (2, 6)
+    assert handoff.guidance == 2.5 and handoff.sampler == "euler"
+    assert torch.equal(handoff.latents, head.latents)
+    assert tail.images is not None and full.images is not None
+    torch.testing.assert_close(tail.images, full.images, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="hand-off"):
+        latents_from_bytes(b"not safetensors")
+
+
 @pytest.mark.parametrize(
     "kwargs, words",
     [
@@ -116,18 +157,18 @@ def test_concurrent_jobs_with_different_mixes_equal_each_alone(
     ],
 )
 def test_bad_arguments_are_refused(
-    base_model: BaseModel, prompts: torch.Tensor, kwargs: dict, words: str
+    base_model: BaseModel, prompts: Conditioning, kwargs: dict, words: str
 ) -> None:
     with pytest.raises(ValueError, match=words):
         generate(base_model, prompts, **kwargs)
 
 
-def test_bad_prompts_and_weights_are_refused(base_model: BaseModel, prompts: torch.Tensor) -> None:
+def test_bad_prompts_and_weights_are_refused(base_model: BaseModel, prompts: Conditioning) -> None:
     a, _ = adapters(base_model)
     with pytest.raises(ValueError, match=r"prompt_embeds must be \[n, T, 384\]"):
-        generate(base_model, prompts[:, :, :100], steps=2)
+        generate(base_model, prompts.embeds[:, :, :100], steps=2)
     with pytest.raises(ValueError, match="finite"):
-        generate(base_model, prompts * float("nan"), steps=2)
+        generate(base_model, prompts.embeds * float("nan"), steps=2)
     with pytest.raises(ValueError, match="weight must be finite and >= 0"):
         generate(base_model, prompts, [(a, -0.5)], steps=2)
     other = random_adapter(

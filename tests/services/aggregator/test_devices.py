@@ -14,17 +14,19 @@ from sqlalchemy.orm import Session
 from services.clustering.main import create_app as create_clustering_app
 from tessera.config import Settings
 from tessera.federation import GLOBAL_ADAPTER, cluster_adapter_name
-from tessera.model.encoder import EMBED_DIM, ENCODER_ID
+from tessera.model.encoder import MINILM_ID
 from tessera.models import AdapterKind, TaskEmbedding
 from tessera.storage import ObjectStore
 from tests.helpers import bearer, enrol
 from tests.services.aggregator.factories import make_clustering, publish
 from tests.services.aggregator.helpers import open_round
 
+TASK_WIDTH = 384  # MiniLM's vectors: the federation's task encoder in tests (`minilm`)
+
 
 def unit_vectors(count: int, seed: int, around: np.ndarray | None = None) -> list[list[float]]:
     rng = np.random.default_rng(seed)
-    x = rng.normal(size=(count, EMBED_DIM))
+    x = rng.normal(size=(count, TASK_WIDTH))
     if around is not None:
         x = around + 0.05 * x
     x /= np.linalg.norm(x, axis=1, keepdims=True)
@@ -45,7 +47,7 @@ def clustering_api(aggregator: TestClient, settings: Settings) -> Iterator[TestC
         yield client
 
 
-def _post_vectors(client: TestClient, token: str, vectors: list, encoder_id: str = ENCODER_ID):
+def _post_vectors(client: TestClient, token: str, vectors: list, encoder_id: str = MINILM_ID):
     return client.post(
         "/v1/devices/me/task-vectors",
         json={"encoder_id": encoder_id, "vectors": vectors},
@@ -57,7 +59,7 @@ def _post_vectors(client: TestClient, token: str, vectors: list, encoder_id: str
 def test_task_vectors_are_stored_and_the_device_assigned(
     aggregator: TestClient, operator_token: str, session: Session
 ) -> None:
-    centres = np.eye(EMBED_DIM)[:2] * 1.0
+    centres = np.eye(TASK_WIDTH)[:2] * 1.0
     devices = [enrol(aggregator, operator_token, f"edge-{i}") for i in range(4)]
 
     answers = [
@@ -105,12 +107,12 @@ def _unnormalised() -> list[list[float]]:
 @pytest.mark.parametrize(
     ("body", "expect"),
     [
-        ({"encoder_id": "openai/clip", "vectors": unit_vectors(1, 0)}, ["openai/clip", ENCODER_ID]),
-        ({"encoder_id": ENCODER_ID, "vectors": [[1.0] + [0.0] * 99]}, ["vector 0", "100", "384"]),
-        ({"encoder_id": ENCODER_ID, "vectors": _unnormalised()}, ["vector 2", "norm 2"]),
-        ({"encoder_id": ENCODER_ID, "vectors": []}, ["vectors"]),
-        ({"encoder_id": ENCODER_ID, "vectors": unit_vectors(33, 0)}, ["vectors"]),
-        ({"encoder_id": ENCODER_ID, "vectors": unit_vectors(1, 0), "text": "hi"}, ["text"]),
+        ({"encoder_id": "openai/clip", "vectors": unit_vectors(1, 0)}, ["task encoder", MINILM_ID]),
+        ({"encoder_id": MINILM_ID, "vectors": [[1.0] + [0.0] * 99]}, ["vector 0", "100", "384"]),
+        ({"encoder_id": MINILM_ID, "vectors": _unnormalised()}, ["vector 2", "norm 2"]),
+        ({"encoder_id": MINILM_ID, "vectors": []}, ["vectors"]),
+        ({"encoder_id": MINILM_ID, "vectors": unit_vectors(33, 0)}, ["vectors"]),
+        ({"encoder_id": MINILM_ID, "vectors": unit_vectors(1, 0), "text": "hi"}, ["text"]),
     ],
     ids=["encoder", "dimension", "norm", "none", "too-many", "extra-field"],
 )
@@ -128,9 +130,22 @@ def test_bad_task_vectors_are_422_and_nothing_is_stored(
     assert _stored_vectors(session, device["id"]) == 0
 
 
+def test_a_foreign_encoder_is_refused_without_echoing_its_id(
+    aggregator: TestClient, operator_token: str
+) -> None:
+    device = enrol(aggregator, operator_token, "edge-01")
+
+    response = _post_vectors(
+        aggregator, device["token"], unit_vectors(1, 0), encoder_id="<b>my-own-encoder</b>"
+    )
+
+    assert response.status_code == 422
+    assert MINILM_ID in response.text and "my-own-encoder" not in response.text
+
+
 def test_non_finite_values_are_422(aggregator: TestClient, operator_token: str) -> None:
     device = enrol(aggregator, operator_token, "edge-01")
-    content = f'{{"encoder_id": "{ENCODER_ID}", "vectors": [[NaN, 1.0]]}}'
+    content = f'{{"encoder_id": "{MINILM_ID}", "vectors": [[NaN, 1.0]]}}'
 
     response = aggregator.post(
         "/v1/devices/me/task-vectors",
@@ -143,7 +158,7 @@ def test_non_finite_values_are_422(aggregator: TestClient, operator_token: str) 
 
 
 def test_only_devices_upload_task_vectors(aggregator: TestClient, operator_token: str) -> None:
-    body = {"encoder_id": ENCODER_ID, "vectors": unit_vectors(1, 0)}
+    body = {"encoder_id": MINILM_ID, "vectors": unit_vectors(1, 0)}
 
     response = aggregator.post(
         "/v1/devices/me/task-vectors", json=body, headers=bearer(operator_token)

@@ -20,12 +20,12 @@ from tests.services.clustering.synthetic import DIM, blobs, directions, scatter,
 @pytest.fixture(scope="module")
 def encoded_devices() -> tuple[np.ndarray, list[str]]:
     """Task vectors of 16 simulated devices over 4 styles (mean of their encoded descriptions)."""
-    from tessera.model.encoder import encode_prompts
+    from tessera.model.encoder import encode_tasks
 
     devices = [make_device(style, i) for style in DEVICE_STYLES[:4] for i in range(4)]
-    _, pooled = encode_prompts([text for device in devices for text in device.descriptions])
+    vectors = encode_tasks([text for device in devices for text in device.descriptions]).numpy()
     owners = np.repeat(np.arange(len(devices)), [len(d.descriptions) for d in devices])
-    means = np.stack([pooled.numpy()[owners == i].mean(axis=0) for i in range(len(devices))])
+    means = np.stack([vectors[owners == i].mean(axis=0) for i in range(len(devices))])
     return unit(means), [device.style for device in devices]
 
 
