@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -181,3 +182,19 @@ def worker(base_settings: Settings, tmp_path_factory: pytest.TempPathFactory) ->
 def base_model() -> BaseModel:
     """The bundled tiny base model, loaded once (tests must not change its weights)."""
     return load_base_model()
+
+
+@pytest.fixture(scope="session")
+def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """A small random checkpoint folder of an architecture (sd1, sd2, sdxl), built once."""
+    from tessera.model.synthetic import build_random_folder
+
+    built: dict[str, Path] = {}
+
+    def folder(family: str) -> Path:
+        if family not in built:
+            path = tmp_path_factory.mktemp(f"model-{family}")
+            built[family] = build_random_folder(path, family)  # type: ignore[arg-type]
+        return built[family]
+
+    return folder

@@ -11,7 +11,7 @@ from tessera.models import JobState
 from tessera.schemas import FiniteFloat, Strict, UtcDatetime
 
 # Limits of one request. Sizes are not a constant: only the base model's native size is
-# accepted (32 for the bundled tiny model), see `services.inference.api.deps.ModelFacts`.
+# accepted (32 for the bundled tiny model): the model facts' `resolution`.
 MAX_STEPS = 100
 MAX_IMAGES = 8
 MAX_ADAPTERS = 8
@@ -40,11 +40,19 @@ class AdapterWeight(Strict):
 
 
 EMBEDS_DESCRIPTION = (
-    "Token embeddings of ONE prompt from the base model's text encoder, fp16, base64. "
-    "With embeds_format 'safetensors' (default): a safetensors file holding one F16 tensor "
-    "named 'prompt_embeds' of shape [T, width] or [1, T, width] (what `tessera device encode "
+    "Token embeddings of ONE prompt from the base model's own text encoder(s), fp16, base64. "
+    "With embeds_format 'safetensors' (default): a safetensors file holding an F16 tensor "
+    "named 'prompt_embeds' of shape [T, width] or [1, T, width] and, for a model with pooled "
+    "embeddings (SDXL), 'pooled_prompt_embeds' [P] or [1, P] (what `tessera device encode "
     "--out FILE` writes for one text). With 'f16le': the raw little-endian float16 values of "
-    f"a [T, width] array, row-major. width is the encoder's (384); 1 <= T <= {MAX_PROMPT_TOKENS}."
+    "a [T, width] array, row-major. width is the model's conditioning width (384 for the "
+    f"bundled model, 768 for SD-1.x, 1024 for SD-2.x, 2048 for SDXL); 1 <= T <= "
+    f"{MAX_PROMPT_TOKENS}."
+)
+POOLED_DESCRIPTION = (
+    "SDXL: the prompt's pooled text embeddings [P], fp16, base64, in embeds_format (f16le: P "
+    "raw float16 values; safetensors: one tensor 'pooled_prompt_embeds'), unless the "
+    "prompt_embeds file already holds them. Refused for a model without pooled embeddings."
 )
 
 
@@ -55,6 +63,11 @@ class GenerationCreate(Strict):
     negative_embeds: Annotated[
         str | None,
         Field(description="Optional negative prompt, same format and T as prompt_embeds."),
+    ] = None
+    pooled_prompt_embeds: Annotated[str | None, Field(description=POOLED_DESCRIPTION)] = None
+    negative_pooled_prompt_embeds: Annotated[
+        str | None,
+        Field(description="SDXL: the negative prompt's pooled embeddings, as above."),
     ] = None
     embeds_format: EmbedsFormat = EmbedsFormat.SAFETENSORS
     prompt: Annotated[
@@ -79,7 +92,8 @@ class GenerationCreate(Strict):
         list[FiniteFloat] | None,
         Field(
             max_length=MAX_POOLED_DIM,
-            description='The prompt\'s pooled, L2-normalised vector: required with "auto".',
+            description="The prompt's task-encoder vector (TESSERA_TASK_ENCODER, "
+            'L2-normalised; not the model\'s pooled embeddings): required with "auto".',
         ),
     ] = None
     top_k: Annotated[int, Field(ge=1, le=MAX_TOP_K, description="auto: clusters blended")] = 2
@@ -114,6 +128,10 @@ class GenerationCreate(Strict):
             )
         if self.negative_embeds is not None and self.prompt_embeds is None:
             raise ValueError("negative_embeds goes with prompt_embeds")
+        if self.pooled_prompt_embeds is not None and self.prompt_embeds is None:
+            raise ValueError("pooled_prompt_embeds goes with prompt_embeds")
+        if self.negative_pooled_prompt_embeds is not None and self.negative_embeds is None:
+            raise ValueError("negative_pooled_prompt_embeds goes with negative_embeds")
         if self.stop_at_step is not None and self.stop_at_step >= self.steps:
             raise ValueError(
                 f"stop_at_step must be in 1..steps-1 = 1..{self.steps - 1}, "

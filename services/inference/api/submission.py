@@ -14,11 +14,17 @@ import httpx
 from sqlalchemy.orm import Session
 
 from services.inference import mixes
-from services.inference.api.deps import ModelFacts
 from services.inference.api.schemas import MAX_SEED, GenerationCreate
-from services.inference.embeddings import EmbeddingError, EncodedPrompt, decode_embeds
+from services.inference.embeddings import (
+    EmbeddingError,
+    EncodedPrompt,
+    decode_embeds,
+    decode_pooled,
+)
 from services.inference.mixes import MixError, PinnedAdapter
 from tessera.config import Settings
+from tessera.model.facts import ModelFacts
+from tessera.model.generate import SPLITTABLE
 
 if TYPE_CHECKING:
     from tessera.model.conditioning import PromptEncoder
@@ -72,15 +78,25 @@ def plan_job(
     clustering: httpx.Client,
 ) -> JobPlan:
     """Check and resolve everything a request asks for; SubmissionError on the first problem."""
-    if body.size is not None and body.size not in facts.allowed_sizes:
+    if body.size is not None and body.size != facts.resolution:
         raise SubmissionError(
-            422, f"size {body.size} is not supported: this base model draws {facts.image_size}"
+            422, f"size {body.size} is not supported: this base model draws {facts.resolution}"
+        )
+    if body.stop_at_step is not None and settings.sampler not in SPLITTABLE:
+        raise SubmissionError(
+            422,
+            "stop_at_step needs a sampler whose steps resume exactly "
+            f"({', '.join(sorted(SPLITTABLE))}); this server samples with {settings.sampler} "
+            "(TESSERA_SAMPLER)",
         )
     encoded, pooled = _encoded_prompt(body, settings=settings, facts=facts)
     routing: dict[str, Any] | None = None
     try:
         if body.adapters == "auto":
-            vector = mixes.check_pooled(body.pooled if pooled is None else pooled, facts.embed_dim)
+            from tessera.model.encoder import task_encoder_info
+
+            width = task_encoder_info(settings.task_encoder).width
+            vector = mixes.check_pooled(body.pooled if pooled is None else pooled, width)
             version, weights = mixes.route(
                 clustering, settings, pooled=vector, top_k=body.top_k, temperature=body.temperature
             )
@@ -115,36 +131,35 @@ def prompt_encoder(base_model: str) -> PromptEncoder:
 def _encoded_prompt(
     body: GenerationCreate, *, settings: Settings, facts: ModelFacts
 ) -> tuple[EncodedPrompt, list[float] | None]:
-    """The prompt's token embeddings (decoded, or encoded here from plaintext) and, from
-    plaintext, its pooled vector."""
+    """The prompt's conditioning (decoded, or encoded here from plaintext) and, from
+    plaintext, its task vector for routing."""
     if body.prompt is not None:
         if not settings.allow_plaintext_prompts:
             raise SubmissionError(422, PLAINTEXT_DISABLED)
         from tessera.model.encoder import encode_tasks
 
         texts = [body.prompt] + ([body.negative_prompt] if body.negative_prompt is not None else [])
-        tokens = prompt_encoder(settings.base_model).encode(texts).embeds
-        pooled = encode_tasks(texts[:1])  # the routing vector comes from the task encoder
-        if tokens.shape[2] != facts.embed_dim:
-            raise SubmissionError(
-                422,
-                f"the server's encoder gives width {tokens.shape[2]}, the model needs "
-                f"{facts.embed_dim}: plaintext prompts cannot be used with this base model",
-            )
-        negative = tokens[1:2].half() if body.negative_prompt is not None else None
-        return EncodedPrompt(tokens[0:1].half(), negative), pooled[0].tolist()
+        encoded = prompt_encoder(settings.base_model).encode(texts)
+        vector = encode_tasks(texts[:1])  # the routing vector comes from the task encoder
+        half = encoded.embeds.half()
+        pooled = None if encoded.pooled is None else encoded.pooled.half()
+        with_negative = body.negative_prompt is not None
+        return (
+            EncodedPrompt(
+                prompt=half[0:1],
+                negative=half[1:2] if with_negative else None,
+                pooled=None if pooled is None else pooled[0:1],
+                negative_pooled=None if pooled is None or not with_negative else pooled[1:2],
+            ),
+            vector[0].tolist(),
+        )
     assert body.prompt_embeds is not None  # the schema requires one of the two
     try:
-        prompt = decode_embeds(
-            body.prompt_embeds, field="prompt_embeds", fmt=body.embeds_format, width=facts.embed_dim
-        )
-        negative = None
+        prompt, pooled = _decoded(body.prompt_embeds, body.pooled_prompt_embeds, "", body, facts)
+        negative = negative_pooled = None
         if body.negative_embeds is not None:
-            negative = decode_embeds(
-                body.negative_embeds,
-                field="negative_embeds",
-                fmt=body.embeds_format,
-                width=facts.embed_dim,
+            negative, negative_pooled = _decoded(
+                body.negative_embeds, body.negative_pooled_prompt_embeds, "negative_", body, facts
             )
     except EmbeddingError as error:
         raise SubmissionError(422, str(error)) from None
@@ -154,7 +169,38 @@ def _encoded_prompt(
             f"negative_embeds has {negative.shape[1]} tokens, prompt_embeds {prompt.shape[1]}: "
             "encode both to the same length",
         )
-    return EncodedPrompt(prompt, negative), None
+    return EncodedPrompt(prompt, negative, pooled, negative_pooled), None
+
+
+def _decoded(
+    embeds: str, pooled_field: str | None, prefix: str, body: GenerationCreate, facts: ModelFacts
+) -> tuple[Any, Any]:
+    """One prompt's token embeddings and pooled embeddings, checked against the model."""
+    name = f"{prefix}embeds" if prefix else "prompt_embeds"
+    pooled_name = f"{prefix}pooled_prompt_embeds"
+    fmt = body.embeds_format
+    tokens, pooled = decode_embeds(embeds, field=name, fmt=fmt, width=facts.cond_width)
+    if pooled_field is not None:
+        if pooled is not None:
+            raise EmbeddingError(f"{pooled_name}: given twice (also inside {name})")
+        width = facts.pooled_width or 0
+        if width == 0:
+            raise EmbeddingError(f"{pooled_name}: this base model takes no pooled embeddings")
+        pooled = decode_pooled(pooled_field, field=pooled_name, fmt=fmt, width=width)
+    if facts.pooled_width is None and pooled is not None:
+        raise EmbeddingError(f"{name}: this base model takes no pooled_prompt_embeds")
+    if facts.pooled_width is not None:
+        if pooled is None:
+            raise EmbeddingError(
+                f"{pooled_name}: this base model ({facts.family}) needs the prompt's pooled "
+                f"embeddings, {facts.pooled_width} values"
+            )
+        if pooled.shape[1] != facts.pooled_width:
+            raise EmbeddingError(
+                f"{pooled_name}: {pooled.shape[1]} values; this base model needs "
+                f"{facts.pooled_width}"
+            )
+    return tokens, pooled
 
 
 def _params(
@@ -168,7 +214,7 @@ def _params(
         "steps": body.steps,
         "guidance": body.guidance,
         "seed": body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1),
-        "size": facts.image_size,
+        "size": facts.resolution,
         "num_images": body.num_images,
         "stop_at_step": body.stop_at_step,
         "adapters": [pin.as_dict() for pin in pins],

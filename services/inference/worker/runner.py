@@ -41,6 +41,7 @@ from tessera.data.tensors import to_uint8
 from tessera.events import generation_channel
 from tessera.metrics import GENERATION_SECONDS
 from tessera.model.base import BaseModel
+from tessera.model.conditioning import Conditioning
 from tessera.model.generate import GenerationResult, generate, latents_to_bytes, seeded_latents
 from tessera.models import GenerationJob, JobState, utcnow
 from tessera.schemas import as_utc
@@ -195,11 +196,12 @@ def _generate(members: list[_Member], *, runtime: JobRuntime) -> list[dict[str, 
     counts = [member.images for member in members]
     prompts, negatives, latents = [], [], []
     for member, encoded, n in zip(members, inputs, counts, strict=True):
-        prompts.append(encoded.prompt.float().expand(n, -1, -1))
-        negative = encoded.negative
-        if negative is None:
+        prompts.append(Conditioning(encoded.prompt.float(), _float(encoded.pooled)).expand(n))
+        if encoded.negative is None:
             negative = _empty_prompt(runtime.base, encoded.tokens)
-        negatives.append(negative.float().expand(n, -1, -1))
+        else:
+            negative = Conditioning(encoded.negative.float(), _float(encoded.negative_pooled))
+        negatives.append(negative.expand(n))
         latents.append(seeded_latents(runtime.base, n, int(member.params["seed"])))
 
     def progress(step: int, steps: int) -> None:
@@ -208,10 +210,10 @@ def _generate(members: list[_Member], *, runtime: JobRuntime) -> list[dict[str, 
 
     output = generate(
         runtime.base,
-        torch.cat(prompts),
+        Conditioning.cat(prompts),
         steps=int(params["steps"]),
         guidance=guidance,
-        negative_embeds=torch.cat(negatives),
+        negative_embeds=Conditioning.cat(negatives),
         start_latents=torch.cat(latents),
         stop_step=params.get("stop_at_step"),
         merged=prepared.active,
@@ -226,6 +228,7 @@ def _generate(members: list[_Member], *, runtime: JobRuntime) -> list[dict[str, 
             latents=output.latents[offset : offset + n],
             step=output.step,
             steps=output.steps,
+            sampler=output.sampler,
         )
         offset += n
         stored = _store_output(member.job_id, part, guidance=guidance, runtime=runtime)
@@ -245,16 +248,20 @@ def _generate(members: list[_Member], *, runtime: JobRuntime) -> list[dict[str, 
     return results
 
 
-def _empty_prompt(base: BaseModel, tokens: int) -> torch.Tensor:
+def _empty_prompt(base: BaseModel, tokens: int) -> Conditioning:
     """The model's empty prompt as `tokens` token states [1, tokens, width]: the first states of
     its padded encoding (CLIP is causal and MiniLM masks the padding, so they are a prefix)."""
-    empty = base.prompts.empty().embeds
-    if empty.shape[1] < tokens:
+    empty = base.prompts.empty()
+    if empty.embeds.shape[1] < tokens:
         raise ValueError(
-            f"the prompt has {tokens} tokens; the model's empty prompt has {empty.shape[1]}: "
-            "send negative_embeds of the same length"
+            f"the prompt has {tokens} tokens; the model's empty prompt has "
+            f"{empty.embeds.shape[1]}: send negative_embeds of the same length"
         )
-    return empty[:, :tokens]
+    return Conditioning(empty.embeds[:, :tokens], empty.pooled)
+
+
+def _float(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.float()
 
 
 def fail_job(job_id: str, message: str, *, runtime: JobRuntime, step: int = 0) -> None:
