@@ -7,6 +7,7 @@ import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -18,11 +19,12 @@ from tessera.sim.run import SimConfig, SimReport
 from tessera.stack import StackInfo
 
 
-def demo_settings(data_dir: Path) -> Settings:
+def demo_settings(data_dir: Path, **values: Any) -> Settings:
     """Settings for a throwaway stack on free ports and embedded servers only."""
     ports = procs.free_ports(3)
     return embedded_settings(
         data_dir,
+        **values,
         aggregator_url=f"http://127.0.0.1:{ports[0]}",
         clustering_url=f"http://127.0.0.1:{ports[1]}",
         inference_url=f"http://127.0.0.1:{ports[2]}",

@@ -28,7 +28,7 @@ def run_on_fresh_stack(
     from tessera.stack import Stack
 
     shutil.rmtree(data_dir, ignore_errors=True)
-    settings = demo_settings(data_dir)
+    settings = demo_settings(data_dir, **({"base_model": config.model} if config.model else {}))
     stack = Stack(settings)
     try:
         info = stack.start()
@@ -65,6 +65,12 @@ def run_on_fresh_stack(
     help="Start a fresh stack on embedded servers, or use the one the settings point at.",
 )
 @click.option(
+    "--model",
+    type=click.Path(file_okay=False, exists=True),
+    default="",
+    help="Base model folder for the fresh stack and the devices (default: TESSERA_BASE_MODEL).",
+)
+@click.option(
     "--out", type=click.Path(file_okay=False, path_type=Path), default=Path(".tessera-sim")
 )
 def simulate_cmd(
@@ -76,6 +82,7 @@ def simulate_cmd(
     workers: int,
     seed: int,
     embedded: bool,
+    model: str,
     out: Path,
 ) -> None:
     """N virtual devices, K styles, R rounds, over HTTP; prints per-round figures."""
@@ -89,6 +96,7 @@ def simulate_cmd(
         steps=steps,
         workers=workers,
         seed=seed,
+        model=model,
     )
     if embedded:
         report = run_on_fresh_stack(config, out / "stack")

@@ -37,6 +37,7 @@ class DeviceJob:
     samples: int
     eval_images: int
     eval_steps: int
+    model: str = ""  # the base model folder; empty: TESSERA_BASE_MODEL
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,8 @@ def init_process(threads: int) -> None:
 
 
 @lru_cache(maxsize=1)
-def _base() -> BaseModel:
-    return load_base_model()
+def _base(model: str) -> BaseModel:
+    return load_base_model(model or None)
 
 
 @lru_cache(maxsize=64)
@@ -79,7 +80,7 @@ def run_device_round(job: DeviceJob) -> DeviceRoundResult:
     from tessera.model.latents import fit_images
     from tessera.sdk.device import DeviceClient
 
-    base = _base()
+    base = _base(job.model)
     profile = _profile(job.style, job.index, job.seed)
     client = DeviceClient(
         aggregator_url=job.aggregator_url,

@@ -50,6 +50,7 @@ class SimConfig:
     workers: int = 2
     seed: int = 0
     style_names: tuple[str, ...] = ()
+    model: str = ""  # base model folder for the stack and the devices; empty: the setting
 
     def chosen_styles(self) -> tuple[str, ...]:
         """The styles in play: given, else `styles` spread over the device styles."""
@@ -294,6 +295,7 @@ def _job(
         samples=config.samples,
         eval_images=config.eval_images,
         eval_steps=config.eval_steps,
+        model=config.model,
     )
 
 
