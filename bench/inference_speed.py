@@ -9,8 +9,9 @@ One run, on this machine, Tessera's inference path against diffusers + peft on t
     does before its first step. diffusers: `set_adapters(names, weights)` with the same
     adapters loaded into the UNet. The same random sequence of mixes for both.
 (b) *Cold load* of one adapter. Tessera: `AdapterCache.get` on a miss (database row, S3 GET
-    from the embedded SeaweedFS, sha256 check, full validation), and the same plus its first
-    merge into a mix. diffusers: `load_lora_weights` from a local safetensors file.
+    from the embedded SeaweedFS, sha256 check, full validation), and the same plus building
+    a mix on it (unmerged, as the worker serves it). diffusers: `load_lora_weights` from a
+    local safetensors file.
 (c) *Generation* (20 steps, guidance 3) with a 2-adapter 0.7/0.3 blend, relative to the base
     model with no adapter (the floor), at batch 1 and 16; diffusers runs the same loop with
     its two adapters active (unmerged LoRA branches).
@@ -61,7 +62,6 @@ from tessera.federation import CLUSTER_PREFIX
 from tessera.lora import LoraAdapter, random_adapter
 from tessera.lora.mixing import use_mix
 from tessera.model.base import BaseModel, load_base_model
-from tessera.model.encoder import encode_prompts
 from tessera.model.generate import generate, seeded_latents
 from tessera.models import AdapterKind, Round, RoundState
 from tessera.storage import ObjectStore
@@ -141,7 +141,7 @@ def tessera_switch(cache: AdapterCache, version_ids: list[int]) -> Callable[[Any
     def switch(mix: tuple[tuple[int, float], ...]) -> None:
         prepared = cache.mix([(version_ids[i], w) for i, w in mix])
         with use_mix(prepared.merged):
-            pass  # a job's first UNet call would run here, on the merged weights
+            pass  # a job's first UNet call would run here, under the (unmerged) mix
 
     return switch
 
@@ -263,12 +263,12 @@ def bench_generation(
     repeats: int,
     batches: Sequence[int],
 ) -> list[dict[str, Any]]:
-    tokens, _ = encode_prompts([f"a red circle number {i}" for i in range(max(batches))])
+    tokens = base.prompts.encode([f"a red circle number {i}" for i in range(max(batches))])
     merged = cache.mix([(ids[0], BLEND[0]), (ids[1], BLEND[1])]).merged
     pipe.set_adapters(["a0", "a1"], adapter_weights=list(BLEND))
     rows = []
     for batch in batches:
-        prompt = tokens[:batch]
+        prompt = tokens.rows(slice(0, batch))
         runs: dict[str, Callable[[], object]] = {
             "floor": lambda p=prompt: generate(base, p, steps=20),
             "tessera": lambda p=prompt: generate(base, p, steps=20, merged=merged),
@@ -301,12 +301,12 @@ def bench_grouping(
 ) -> dict[str, Any]:
     """`jobs` queued jobs of `images` images sharing a mix: run one after another (each job
     alone), against one UNet batch with each job's own seed (what a batching worker does)."""
-    tokens, _ = encode_prompts([f"a blue star number {i}" for i in range(jobs * images)])
+    tokens = base.prompts.encode([f"a blue star number {i}" for i in range(jobs * images)])
     merged = cache.mix([(ids[0], BLEND[0]), (ids[1], BLEND[1])]).merged
 
     def one_by_one() -> None:
         for job in range(jobs):
-            prompt = tokens[job * images : (job + 1) * images]
+            prompt = tokens.rows(slice(job * images, (job + 1) * images))
             generate(base, prompt, steps=20, seed=job, merged=merged)
 
     def batched() -> None:
@@ -402,7 +402,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "The last two columns time loading the adapter that brought the count to that row "
         "(Tessera: into the cache from the object store; diffusers: `load_lora_weights` into "
-        "the UNet). A Tessera switch to a mix not yet cached also merges it once: see (b).",
+        "the UNet). A Tessera mix is built unmerged on every switch: no merge to wait for.",
     ]
     lines += [
         "",
@@ -417,7 +417,7 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for key, label in (
         ("tessera_get", "Tessera: `AdapterCache.get`, a miss (DB row, S3 GET, sha256, validate)"),
-        ("tessera_get_and_merge", "Tessera: the same, then merged into a new mix"),
+        ("tessera_get_and_merge", "Tessera: the same, then a new (unmerged) mix on it"),
         ("diffusers_load_lora_weights", "diffusers: `load_lora_weights` from a local file"),
     ):
         lines.append(f"| {label} | {ms(cold[key]['median_s'])} | {ms(cold[key]['p95_s'])} |")
@@ -427,8 +427,9 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "20 steps, guidance 3 (two UNet passes per step), 32x32; median seconds of "
         f"{report['generation'][0]['repeats']} interleaved runs after a warm-up. Tessera runs "
-        "the cached merged mix; diffusers' UNet still holds every adapter loaded in (a), two of "
-        "them active, whose LoRA branches run beside each projection at every step.",
+        "the mix unmerged (LoRA terms beside each target layer); diffusers' UNet still holds "
+        "every adapter loaded in (a), two of them active, whose LoRA branches run beside each "
+        "projection at every step.",
         "",
         "| batch | floor s | Tessera blend s | Tessera / floor | diffusers blend s "
         "| diffusers / floor |",
