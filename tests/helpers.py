@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,22 @@ def run_cli(
         check=False,
         cwd=REPO_ROOT,
     )
+
+
+def stack_env(data_dir: Path) -> dict[str, str]:
+    """Embedded backends (no URLs) and free ports, in a data dir of the test's own."""
+    from tessera import procs
+
+    ports = procs.free_ports(3)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TESSERA_")}
+    env.update(
+        TESSERA_DATA_DIR=str(data_dir),
+        TESSERA_AGGREGATOR_URL=f"http://127.0.0.1:{ports[0]}",
+        TESSERA_CLUSTERING_URL=f"http://127.0.0.1:{ports[1]}",
+        TESSERA_INFERENCE_URL=f"http://127.0.0.1:{ports[2]}",
+        TESSERA_LOG_FORMAT="text",
+    )
+    return env
 
 
 def bearer(token: str) -> dict[str, str]:

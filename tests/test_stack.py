@@ -14,23 +14,9 @@ import httpx
 import pytest
 
 from tessera import procs
-from tests.helpers import REPO_ROOT, run_cli
+from tests.helpers import REPO_ROOT, run_cli, stack_env
 
 pytestmark = pytest.mark.slow
-
-
-def _stack_env(data_dir: Path) -> dict[str, str]:
-    """Embedded backends (no URLs) and free ports, in a data dir of the test's own."""
-    ports = procs.free_ports(3)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TESSERA_")}
-    env.update(
-        TESSERA_DATA_DIR=str(data_dir),
-        TESSERA_AGGREGATOR_URL=f"http://127.0.0.1:{ports[0]}",
-        TESSERA_CLUSTERING_URL=f"http://127.0.0.1:{ports[1]}",
-        TESSERA_INFERENCE_URL=f"http://127.0.0.1:{ports[2]}",
-        TESSERA_LOG_FORMAT="text",
-    )
-    return env
 
 
 def _processes_of(data_dir: Path) -> list[int]:
@@ -58,7 +44,7 @@ def _wait_for_no_processes(data_dir: Path, timeout: float = 30) -> list[int]:
 
 
 def test_up_detached_status_enrol_down(tmp_path: Path) -> None:
-    env = _stack_env(tmp_path / "stack")
+    env = stack_env(tmp_path / "stack")
 
     up = run_cli("up", "--detach", env=env)
     state = json.loads((tmp_path / "stack" / "stack.json").read_text())
@@ -84,7 +70,7 @@ def test_up_detached_status_enrol_down(tmp_path: Path) -> None:
 @pytest.mark.parametrize("how", ["ctrl-c", "kill -9"])
 def test_foreground_stack_leaves_no_orphans(tmp_path: Path, how: str) -> None:
     data_dir = tmp_path / "stack"
-    env = _stack_env(data_dir)
+    env = stack_env(data_dir)
     supervisor = subprocess.Popen(
         [sys.executable, "-m", "tessera.cli", "up"],
         env=env,

@@ -269,10 +269,9 @@ def demo(data_dir: str) -> None:
     run_demo(data_dir)
 
 
-if __name__ == "__main__":
-    main()
-
-
 main.add_command(device_group)
 main.add_command(model_group)
 main.add_command(simulate_cmd)
+
+if __name__ == "__main__":
+    main()
