@@ -340,3 +340,27 @@ def run(args: list[str]) -> None:
         main(args, standalone_mode=False)
     except SystemExit as exited:  # pragma: no cover - a failure shows the message
         assert exited.code in (0, None)
+
+
+def test_a_trained_adapter_exported_serves_as_in_tessera(folder: Path, tmp_path: Path) -> None:
+    """Trained by train_lora, served by Tessera's unmerged mixing, loaded by diffusers: one output."""
+    from tessera.lora.mixing import install_mixing, unmerged_mix, use_mix
+    from tessera.lora.train import train_lora
+    from tessera.model.base import load_base_model
+
+    base = load_base_model(folder, device="cpu", dtype="float32", targets="full")
+    captions = base.prompts.encode(["a red circle", "a blue square"])
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    trained = train_lora(base, images, captions, rank=4, steps=3, batch_size=2, lr=5e-2).adapter
+    install_mixing(base.unet, base.lora_spec)
+    with use_mix(unmerged_mix(base.unet, base.lora_spec, [(trained, 1.0)])):
+        served = unet_output(base.unet)
+    path = tmp_path / "trained.safetensors"
+    path.write_bytes(export_adapter(trained, "diffusers", dtype="float32"))
+    pipe = pipeline(folder)
+    plain = unet_output(pipe.unet)
+
+    pipe.load_lora_weights(str(path))
+
+    assert (served - plain).abs().max() > 1e-4  # training moved the output
+    torch.testing.assert_close(unet_output(pipe.unet), served, rtol=1e-4, atol=1e-4)
