@@ -31,6 +31,7 @@ class LogFormat(StrEnum):
 
 
 MiB = 1024 * 1024
+CUDA_INDEX = r"^cuda:\d+$"
 
 
 class Settings(BaseSettings):
@@ -78,10 +79,11 @@ class Settings(BaseSettings):
         description="Folder (diffusers layout) of the base model; default: the bundled tiny model.",
     )
 
-    device: Literal["auto", "cpu", "cuda", "mps"] | Annotated[str, Field(pattern=r"^cuda:\d+$")] = (
+    device: Literal["auto", "cpu", "cuda", "mps"] | Annotated[str, Field(pattern=CUDA_INDEX)] = (
         Field(
             default="auto",
-            description="Where models run: auto (cuda, else mps, else cpu), cpu, cuda, cuda:N, mps.",
+            description="Where models run: auto (cuda, else mps, else cpu), cpu, cuda, cuda:N, "
+            "mps.",
         )
     )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(

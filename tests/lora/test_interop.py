@@ -343,7 +343,7 @@ def run(args: list[str]) -> None:
 
 
 def test_a_trained_adapter_exported_serves_as_in_tessera(folder: Path, tmp_path: Path) -> None:
-    """Trained by train_lora, served by Tessera's unmerged mixing, loaded by diffusers: one output."""
+    """Trained by train_lora, served unmerged by Tessera, loaded by diffusers: one output."""
     from tessera.lora.mixing import install_mixing, unmerged_mix, use_mix
     from tessera.lora.train import train_lora
     from tessera.model.base import load_base_model

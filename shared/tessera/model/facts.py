@@ -113,7 +113,9 @@ def load_facts(folder: Path | str) -> ModelFacts:
             try:
                 write_facts(root, facts)
             except OSError as error:
-                log.warning("model facts not saved", extra={"folder": str(root), "error": str(error)})
+                log.warning(
+                    "model facts not saved", extra={"folder": str(root), "error": str(error)}
+                )
         _cache[str(root)] = facts
         return facts
 

@@ -128,8 +128,7 @@ def sync(state_dir: Path) -> None:
     "--data",
     type=click.Path(file_okay=False, exists=True, path_type=Path),
     default=None,
-    help="A folder of images (any size) with captions.jsonl, sidecar .txt files or "
-    "captions.json.",
+    help="A folder of images (any size) with captions.jsonl, sidecar .txt files or captions.json.",
 )
 @click.option("--images", default=32, show_default=True, help="Synthetic images (with --style).")
 @click.option("--steps", default=100, show_default=True)
@@ -137,6 +136,9 @@ def sync(state_dir: Path) -> None:
 @click.option("--lr", default=3e-3, show_default=True)
 @click.option("--rank", default=8, show_default=True, help="Only when starting from scratch.")
 @click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--gradient-checkpointing", is_flag=True, help="Trade compute for memory on a large UNet."
+)
 @click.option("--upload/--no-upload", default=True, help="Upload to the current round.")
 @dir_option
 def train(
@@ -148,6 +150,7 @@ def train(
     lr: float,
     rank: int,
     seed: int,
+    gradient_checkpointing: bool,
     upload: bool,
     state_dir: Path,
 ) -> None:
@@ -174,6 +177,7 @@ def train(
         batch_size=batch_size,
         lr=lr,
         seed=seed,
+        gradient_checkpointing=gradient_checkpointing,
         progress=True,
     )
     loss = float(np.mean(result.losses[-10:]))
@@ -251,7 +255,8 @@ def finish(latents: Path, prompts: tuple[str, ...], out: Path, state_dir: Path) 
     )
     save_grid([images], ["finished"], out)
     click.echo(
-        f"ran steps {handoff.step + 1}..{handoff.steps} here; {len(prompts)} images written to {out}"
+        f"ran steps {handoff.step + 1}..{handoff.steps} here; "
+        f"{len(prompts)} images written to {out}"
     )
 
 
