@@ -64,6 +64,19 @@ def _clip_config(vocab_size: int, width: int, *, projection: int | None = None) 
     )
 
 
+def _encoder_width(family: Family, tiny: bool, cond_width: int | None) -> int:
+    """One text encoder's width for a conditioning width (SDXL's two sit side by side)."""
+    if cond_width is None:
+        return 32 if tiny else 64
+    parts = 2 if family == "sdxl" else 1
+    if cond_width < 2 * parts or cond_width % (2 * parts):
+        raise ValueError(
+            f"cond_width must be a positive multiple of {2 * parts} for {family} "
+            f"(2 attention heads per encoder), found {cond_width}"
+        )
+    return cond_width // parts
+
+
 def _unet_config(family: Family, size: Size, cross_width: int, pooled: int) -> dict[str, Any]:
     if size == "full":
         config: dict[str, Any] = {"cross_attention_dim": cross_width}  # diffusers' default: SD-1.x
@@ -109,9 +122,19 @@ def _unet_config(family: Family, size: Size, cross_width: int, pooled: int) -> d
 
 
 def build_random_folder(
-    path: Path | str, family: Family, *, size: Size = "tiny", seed: int = 0
+    path: Path | str,
+    family: Family,
+    *,
+    size: Size = "tiny",
+    seed: int = 0,
+    cond_width: int | None = None,
 ) -> Path:
-    """Write a random `family` checkpoint folder at `path` with its pipeline's save_pretrained."""
+    """Write a random `family` checkpoint folder at `path` with its pipeline's save_pretrained.
+
+    `cond_width` sets the UNet's conditioning width (its `cross_attention_dim`, the text
+    encoders' width; SDXL splits it over its two): 768 makes an SD-1.5-sized UNet's to_k/to_v
+    as wide as the real one's. Default: 32 (tiny) or 64 (full), small text encoders.
+    """
     import diffusers
     import torch
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -119,7 +142,7 @@ def build_random_folder(
     out = Path(path)
     torch.manual_seed(seed)
     tiny = size == "tiny"
-    width = 32 if tiny else 64
+    width = _encoder_width(family, tiny, cond_width)
     vocab = write_clip_tokenizer(out / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
     text_encoder = CLIPTextModel(_clip_config(vocab, width))
