@@ -97,3 +97,9 @@ def embedded_backends(data_dir: Path) -> Iterator[tuple[sessionmaker[Session], O
         yield db.session_factory(db.create_db_engine(url)), store
     finally:
         devstack.stop()
+
+
+def resident_bytes() -> int:
+    """This process's resident set size now (Linux `/proc/self/statm`), in bytes."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE")
