@@ -46,7 +46,7 @@ def weighted_mean(updates: list[WeightedUpdate], spec: LoraSpec = SPEC) -> dict[
 
 
 def assert_products(adapter: LoraAdapter, expected: dict[str, torch.Tensor]) -> None:
-    assert adapter.modules == sorted(expected)
+    assert list(adapter.modules) == sorted(expected)
     for module, want in expected.items():
         got = adapter.delta(module).double()
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -119,7 +121,7 @@ def test_dead_directions_of_an_init_are_revived_without_changing_the_start(
         tensors[module + ".lora_A.weight"][3] = 0
         tensors[module + ".lora_B.weight"] = tensors[module + ".lora_B.weight"].clone()
         tensors[module + ".lora_B.weight"][:, 3] = 0
-    init = type(trained)(**{**trained.__dict__, "tensors": tensors})
+    init = dataclasses.replace(trained, tensors=tensors)
 
     result = train_lora(base_model, *stripes, init=init, steps=1, lr=0.0, batch_size=2)
 

@@ -217,7 +217,7 @@ class AdapterCache:
             return PreparedMix(
                 entry.value, held, key, cached=hit and not loaded, loaded=tuple(loaded)
             )
-        active = unmerged_mix(self.base.unet, self.spec, mix, label=label)
+        active = unmerged_mix(self.base.unet, self.spec, mix, label=label, placed=True)
         return PreparedMix(active, held, key, cached=not loaded, loaded=tuple(loaded))
 
     def _cached_merge(self, key: MixKey) -> ActiveMix | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -112,10 +113,12 @@ class LoraAdapter:
         """The factor peft applies to `B @ A`."""
         return self.alpha / self.rank
 
-    @property
-    def modules(self) -> list[str]:
-        """The adapted module names, sorted."""
-        return sorted(key[: -len(A_SUFFIX)] for key in self.tensors if key.endswith(A_SUFFIX))
+    @cached_property
+    def modules(self) -> tuple[str, ...]:
+        """The adapted module names, sorted (computed once: a mix reads them on every switch)."""
+        return tuple(
+            sorted(key[: -len(A_SUFFIX)] for key in self.tensors if key.endswith(A_SUFFIX))
+        )
 
     def pair(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of one module as stored: [rank, in], [out, rank] or the conv layout."""

@@ -161,18 +161,29 @@ def tensor_bytes(tensors: Sequence[torch.Tensor] | Mapping[str, torch.Tensor]) -
     return sum(t.numel() * t.element_size() for t in unique.values())
 
 
-def unmerged_mix(unet: torch.nn.Module, spec: LoraSpec, mix: Mix, label: str = "") -> ActiveMix:
+def unmerged_mix(
+    unet: torch.nn.Module, spec: LoraSpec, mix: Mix, label: str = "", *, placed: bool = False
+) -> ActiveMix:
     """The mix as LoRA terms per target layer; casts an adapter not yet on the model's device
-    and dtype (then `nbytes` counts the casts), else only references its tensors."""
+    and dtype (then `nbytes` counts the casts), else only references its tensors.
+
+    `placed=True` says every adapter already went through `place_adapter` (a cache's adapters
+    do, once, when loaded): the mix then only references them, which keeps a switch between
+    cached mixes at microseconds however large the UNet.
+    """
     _check(spec, mix)
     terms: dict[str, list[LoraTerm]] = {}
     owned: list[torch.Tensor] = []
     for adapter, weight in mix:
         if weight == 0:
             continue
-        placed = place_adapter(unet, adapter)
-        owned += [t for k, t in placed.tensors.items() if t is not adapter.tensors[k]]
-        for module, a, b in placed.pairs():
+        if not placed:
+            adapter_on_device = place_adapter(unet, adapter)
+            owned += [
+                t for k, t in adapter_on_device.tensors.items() if t is not adapter.tensors[k]
+            ]
+            adapter = adapter_on_device
+        for module, a, b in adapter.pairs():
             terms.setdefault(module, []).append(LoraTerm(a, b, float(weight) * adapter.scale))
     return ActiveMix(
         terms={module: tuple(pairs) for module, pairs in terms.items()},
