@@ -151,7 +151,9 @@ def place_adapter(unet: torch.nn.Module, adapter: LoraAdapter) -> LoraAdapter:
             weight = cast(torch.Tensor, unet.get_submodule(module).weight)
             tensors[module + A_SUFFIX] = a.to(weight.device, weight.dtype)
             tensors[module + B_SUFFIX] = b.to(weight.device, weight.dtype)
-    return replace(adapter, tensors=tensors)
+    placed = replace(adapter, tensors=tensors)
+    _ = placed.modules  # sorted here, once, rather than on the first switch that uses it
+    return placed
 
 
 def tensor_bytes(tensors: Sequence[torch.Tensor] | Mapping[str, torch.Tensor]) -> int:
