@@ -1,8 +1,9 @@
 """What a new user with their own Stable Diffusion checkpoint does, through the CLI (slow).
 
 `TESSERA_BASE_MODEL=FOLDER tessera up`, enrol a device, encode its task, sync, train on a folder
-of ordinary PNG and JPEG images of any size with captions, and ask the inference API for a
-blended generation; the folder is a random SD-1.5-like checkpoint built offline.
+of ordinary PNG and JPEG images of any size with captions, ask the inference API for a blended
+generation, and finish a split one on the device; the folder is a random SD-1.5-like checkpoint
+built offline.
 """
 
 from __future__ import annotations
@@ -95,6 +96,18 @@ def test_a_checkpoint_goes_through_every_command(tmp_path: Path, model_folder) -
         )
         assert finished["state"] == "succeeded", finished.get("error")
         png = httpx.get(finished["result"]["images"][0]["url"]).content
+        split = httpx.post(
+            f"{inference}/v1/generations", json={**body, "stop_at_step": 2}, headers=headers
+        )
+        stopped = _wait(
+            f"{inference}/v1/generations/{split.json()['id']}", headers, {"succeeded", "failed"}
+        )
+        handoff = tmp_path / "handoff.safetensors"
+        handoff.write_bytes(httpx.get(stopped["result"]["latents_url"]).content)
+        finish = run_cli(
+            "device", "finish", str(handoff), "a red circle", "--out",
+            str(tmp_path / "finished.png"), *device, env=env,
+        )  # fmt: skip
         local = run_cli(
             "device", "generate", "a red circle", "--steps", "3", "--out",
             str(tmp_path / "local.png"), *device, env=env,
@@ -102,11 +115,13 @@ def test_a_checkpoint_goes_through_every_command(tmp_path: Path, model_folder) -
     finally:
         down = run_cli("down", env=env)
 
-    for step in (enrolled, encoded, synced, trained, prompt, local):
+    for step in (enrolled, encoded, synced, trained, prompt, local, finish):
         assert step.returncode == 0, step.stderr + step.stdout
     assert "uploaded to round" in trained.stdout
     assert {v["name"] for v in published["published"]} >= {"global", "cluster:0"}
     with Image.open(io.BytesIO(png)) as image:
         assert image.size == (16, 16)
     assert (tmp_path / "local.png").stat().st_size > 0
+    assert "ran steps 3..3 here" in finish.stdout
+    assert (tmp_path / "finished.png").stat().st_size > 0
     assert down.returncode == 0

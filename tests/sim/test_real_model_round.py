@@ -1,10 +1,12 @@
-"""A federation round and generations over the real services on an SD-1.5-like checkpoint.
+"""A federation round and generations over the real services on an SDXL-like checkpoint.
 
-A random SD-1.x folder (CLIP text encoder, VAE, PNDM scheduler; built offline by the pipeline's
-own save_pretrained) is the base model of a fresh stack: devices encode with CLIP, train through
-the VAE, upload; the worker aggregates and publishes; the inference service generates a blend of
-the two cluster adapters, an `auto` mix, and a split run that a device finishes. What the random
-model draws means nothing; every step must run (slow).
+A random SDXL folder (two CLIP text encoders, pooled embeddings and `add_time_ids`, a VAE, an
+Euler scheduler; built offline by the pipeline's own save_pretrained) is the base model of a
+fresh stack: devices encode with both encoders, train through the VAE, upload; the worker
+aggregates and publishes; the inference service generates a blend of the two cluster adapters,
+an `auto` mix, and a split run that a device finishes. What the random model draws means
+nothing; every step must run (slow). The SD-1.x path runs through the CLI in
+tests/test_new_user.py.
 """
 
 from __future__ import annotations
@@ -34,10 +36,13 @@ PROMPT = "a red circle in stripes"
 
 
 def _embeds(conditioning: Any) -> str:
+    """What `tessera device encode --out` writes: token and pooled embeddings of one prompt."""
     from safetensors.torch import save
 
-    data = save({"prompt_embeds": conditioning.embeds[0].half().contiguous()})
-    return base64.b64encode(data).decode()
+    tensors = {"prompt_embeds": conditioning.embeds[0].half().contiguous()}
+    if conditioning.pooled is not None:
+        tensors["pooled_prompt_embeds"] = conditioning.pooled[0].half().contiguous()
+    return base64.b64encode(save(tensors)).decode()
 
 
 def _wait(client: httpx.Client, url: str, job_id: str) -> dict[str, Any]:
@@ -51,8 +56,8 @@ def _wait(client: httpx.Client, url: str, job_id: str) -> dict[str, Any]:
     raise AssertionError(f"job {job_id} did not finish")
 
 
-def test_a_round_and_generations_on_an_sd1_checkpoint(tmp_path: Path, model_folder) -> None:
-    folder = model_folder("sd1")
+def test_a_round_and_generations_on_an_sdxl_checkpoint(tmp_path: Path, model_folder) -> None:
+    folder = model_folder("sdxl")
     base = load_base_model(folder, device="cpu", dtype="float32")
     conditioning = base.prompts.encode([PROMPT])
     checked: dict[str, Any] = {}
@@ -85,6 +90,11 @@ def test_a_round_and_generations_on_an_sd1_checkpoint(tmp_path: Path, model_fold
             json={"prompt_embeds": _embeds(type(conditioning)(torch.zeros(1, 77, 384)))},
         )
         checked["wrong_width"] = (wrong.status_code, wrong.json()["detail"])
+        no_pooled = client.post(
+            f"{url}/v1/generations",
+            json={"prompt_embeds": _embeds(type(conditioning)(conditioning.embeds))},
+        )
+        checked["no_pooled"] = (no_pooled.status_code, no_pooled.json()["detail"])
 
     config = SimConfig(
         devices=4,
@@ -119,4 +129,6 @@ def test_a_round_and_generations_on_an_sd1_checkpoint(tmp_path: Path, model_fold
     )
     assert finished.images is not None and finished.images.shape == (1, 3, 16, 16)
     status, detail = checked["wrong_width"]
-    assert status == 422 and "32" in detail
+    assert status == 422 and str(base.facts.cond_width) in detail
+    status, detail = checked["no_pooled"]
+    assert status == 422 and "pooled" in detail
