@@ -1,10 +1,12 @@
 """The inference service on SD-2.x-like and SDXL-like checkpoints: requests are checked against
-the model's facts (conditioning width, pooled embeddings), and a worker runs the blend."""
+the model's facts (conditioning width, pooled embeddings), a worker runs the blend, and a newly
+published version is hot-swapped in."""
 
 from __future__ import annotations
 
 import base64
 
+import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -17,6 +19,7 @@ from services.inference.worker.runner import JobRuntime, run_generation
 from tessera.config import Settings
 from tessera.lora import random_adapter
 from tessera.model.base import load_base_model
+from tessera.models import GenerationJob
 from tessera.storage import ObjectStore
 from tests.helpers import bearer
 from tests.services.inference.helpers import images_of, publish
@@ -79,6 +82,19 @@ def test_a_blend_on_a_real_architecture(
             headers=headers,
         )
 
+        cache = AdapterCache(base=base, sessions=sessions, store=store, max_bytes=64 * MiB)
+        runtime = JobRuntime(sessions=sessions, store=store, redis=broker, base=base, cache=cache)
+        summary = run_generation(accepted.json()["id"], runtime=runtime)
+        # Hot swap: a new version of one cluster adapter is published and announced.
+        swapped = random_adapter(base.lora_spec, 4, 4.0, seed=23, std=0.2)
+        cache.refresh(publish(sessions, store, f"cluster:{first}", swapped).event(round_id=0))
+        again = api.post(
+            "/v1/generations",
+            json={"prompt_embeds": _b64(**tensors), "adapters": mix, "steps": 3, "seed": 1},
+            headers=headers,
+        )
+        after_swap = run_generation(again.json()["id"], runtime=runtime)
+
     assert accepted.status_code == 202, accepted.text
     assert wrong_width.status_code == 422
     assert str(base.facts.cond_width) in wrong_width.json()["detail"]
@@ -88,9 +104,13 @@ def test_a_blend_on_a_real_architecture(
     else:
         assert only_tokens.status_code == 202
         assert extra_pooled.status_code == 422 and "no pooled" in extra_pooled.json()["detail"]
-    cache = AdapterCache(base=base, sessions=sessions, store=store, max_bytes=64 * MiB)
-    runtime = JobRuntime(sessions=sessions, store=store, redis=broker, base=base, cache=cache)
-    summary = run_generation(accepted.json()["id"], runtime=runtime)
     assert summary["state"] == "succeeded", summary
     images = images_of(store, sessions, accepted.json()["id"])
     assert images.shape == (1, 16, 16, 3)
+    assert after_swap["state"] == "succeeded", after_swap
+    with sessions() as session:
+        job = session.get(GenerationJob, again.json()["id"])
+        assert job is not None
+        pinned = {pin["adapter"]: pin["version"] for pin in job.result["adapters"]}
+        assert pinned[f"cluster:{first}"] == 2 and job.result["loaded_from_store"] == []
+    assert not np.array_equal(images_of(store, sessions, again.json()["id"]), images)
