@@ -2,8 +2,11 @@
 
 `TESSERA_BASE_MODEL=FOLDER tessera up`, enrol a device, encode its task, sync, train on a folder
 of ordinary PNG and JPEG images of any size with captions, ask the inference API for a blended
-generation, and finish a split one on the device; the folder is a random SD-1.5-like checkpoint
-built offline.
+generation and an `auto` one, and finish a split one on the device. The folder is a random
+SDXL-like checkpoint built offline (two text encoders, pooled embeddings and `add_time_ids`, a
+VAE): the most demanding of the family; SD-1.x and SD-2.x run the same services in
+tests/services/inference/test_architectures.py and every model path in
+tests/model/test_architectures.py.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tessera.model.encoder import encode_tasks
 from tests.helpers import bearer, run_cli, stack_env
 
 pytestmark = pytest.mark.slow
@@ -37,6 +41,14 @@ def _images(folder: Path) -> Path:
     return folder
 
 
+def _tokens_only(conditioning: Path) -> str:
+    """The conditioning file without its pooled embeddings, base64 (what an SDXL model refuses)."""
+    from safetensors.torch import load, save
+
+    tensors = load(conditioning.read_bytes())
+    return base64.b64encode(save({"prompt_embeds": tensors["prompt_embeds"]})).decode()
+
+
 def _wait(url: str, headers: dict[str, str], done: set[str], timeout: float = 240) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -49,7 +61,7 @@ def _wait(url: str, headers: dict[str, str], done: set[str], timeout: float = 24
 
 def test_a_checkpoint_goes_through_every_command(tmp_path: Path, model_folder) -> None:
     env = stack_env(tmp_path / "stack")
-    env["TESSERA_BASE_MODEL"] = str(model_folder("sd1"))
+    env["TESSERA_BASE_MODEL"] = str(model_folder("sdxl"))
     device = ["--dir", str(tmp_path / "device")]
     up = run_cli("up", "--detach", env=env)
     assert up.returncode == 0, up.stderr + up.stdout
@@ -96,6 +108,19 @@ def test_a_checkpoint_goes_through_every_command(tmp_path: Path, model_folder) -
         )
         assert finished["state"] == "succeeded", finished.get("error")
         png = httpx.get(finished["result"]["images"][0]["url"]).content
+        routed = httpx.post(
+            f"{inference}/v1/generations",
+            json={**body, "adapters": "auto", "pooled": encode_tasks(["a red circle"])[0].tolist()},
+            headers=headers,
+        )
+        auto = _wait(
+            f"{inference}/v1/generations/{routed.json()['id']}", headers, {"succeeded", "failed"}
+        )
+        without_pooled = httpx.post(
+            f"{inference}/v1/generations",
+            json={**body, "prompt_embeds": _tokens_only(conditioning)},
+            headers=headers,
+        )
         split = httpx.post(
             f"{inference}/v1/generations", json={**body, "stop_at_step": 2}, headers=headers
         )
@@ -123,5 +148,8 @@ def test_a_checkpoint_goes_through_every_command(tmp_path: Path, model_folder) -
         assert image.size == (16, 16)
     assert (tmp_path / "local.png").stat().st_size > 0
     assert "ran steps 3..3 here" in finish.stdout
+    assert auto["state"] == "succeeded", auto.get("error")
+    assert auto["routing"]["clusters"] and auto["routing"]["clusters"][0]["weight"] > 0
+    assert without_pooled.status_code == 422 and "pooled" in without_pooled.json()["detail"]
     assert (tmp_path / "finished.png").stat().st_size > 0
     assert down.returncode == 0

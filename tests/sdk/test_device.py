@@ -91,7 +91,7 @@ def test_full_round_from_the_device_side(
     opened = aggregator.post("/v1/rounds", json={"min_updates": 2}, headers=operator).json()
     synced = device.sync()
     data = style_dataset("stripes", 4, 0)
-    tokens, _ = device.encode(data.captions)
+    tokens = device.encode(data.captions)
     result = device.train(to_tensor(data.images), tokens, rank=4, steps=2, batch_size=2)
     receipt = device.upload_update(opened["id"], result.adapter, num_samples=4, train_loss=0.1)
     replaced = device.upload_update(opened["id"], result.adapter, num_samples=4)

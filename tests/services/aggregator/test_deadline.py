@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
 from services.aggregator import closing
-from services.aggregator.deps import base_model_facts
+from services.aggregator.deps import get_base_model_facts
 from services.aggregator.main import create_app
 from tessera.config import Settings
 from tessera.events import TASK_AGGREGATE_ROUND
@@ -42,7 +42,7 @@ def test_the_loop_closes_rounds_past_their_deadline(
     monkeypatch.setattr(closing, "DEADLINE_CHECK_INTERVAL_S", 0.05)
     operator = bearer(operator_token)
     data = lora_file(spec)
-    base_model_facts(settings.base_model)  # loaded before the clock starts
+    get_base_model_facts(settings)  # loaded before the clock starts
     with TestClient(create_app(settings)) as client:
         device = enrol(client, operator_token, "edge-01")
         empty = open_round(client, operator, deadline_s=0.3)
@@ -69,7 +69,7 @@ def test_reading_a_round_past_its_deadline_closes_it(
 ) -> None:
     monkeypatch.setattr(closing, "DEADLINE_CHECK_INTERVAL_S", 3600)  # the loop sleeps
     first, second = lora_file(spec, 1), lora_file(spec, 2)
-    base_model_facts(settings.base_model)
+    get_base_model_facts(settings)
     round_ = open_round(aggregator, operator, deadline_s=1.0, min_updates=10)
     uploaded = upload(aggregator, device["token"], round_["id"], device["id"], first)
     time.sleep(1.1)

@@ -1,4 +1,4 @@
-"""The inference service on SD-2.x-like and SDXL-like checkpoints: requests are checked against
+"""The inference service on SD-1.x-, SD-2.x- and SDXL-like checkpoints: requests are checked against
 the model's facts (conditioning width, pooled embeddings), a worker runs the blend, and a newly
 published version is hot-swapped in."""
 
@@ -31,7 +31,7 @@ def _b64(**tensors: torch.Tensor) -> str:
     return base64.b64encode(save({k: v.half().contiguous() for k, v in tensors.items()})).decode()
 
 
-@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_a_blend_on_a_real_architecture(
     family: str,
     model_folder,
@@ -44,7 +44,7 @@ def test_a_blend_on_a_real_architecture(
     folder = model_folder(family)
     base = load_base_model(folder, device="cpu", dtype="float32")
     ours = settings.model_copy(update={"base_model": str(folder)})
-    first, second = (71, 72) if family == "sd2" else (81, 82)  # labels no other test uses
+    first, second = {"sd1": (61, 62), "sd2": (71, 72), "sdxl": (81, 82)}[family]  # unused labels
     for seed, name in ((21, f"cluster:{first}"), (22, f"cluster:{second}")):
         publish(sessions, store, name, random_adapter(base.lora_spec, 4, 4.0, seed=seed, std=0.2))
     conditioning = base.prompts.encode(["a red circle in stripes"])
