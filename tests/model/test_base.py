@@ -20,6 +20,7 @@ from tessera.model.base import (
 )
 from tessera.model.encoder import MINILM, task_encoder_info
 from tessera.model.facts import TESSERA_FILE, ModelFacts, inspect_model, load_facts
+from tessera.model.generate import make_scheduler
 from tessera.model.layout import INDEX_FILE, PIXEL_PIPELINE, ModelFolderError, read_layout
 
 MAX_BYTES = 20 * 1024 * 1024
@@ -90,7 +91,7 @@ def test_loads_and_runs_one_denoising_step_at_batch_two(base_model: BaseModel) -
     facts = base_model.facts
     x = torch.randn(2, *facts.sample_shape)
     context = torch.randn(2, facts.cond_length, facts.cond_width)
-    scheduler = base_model.sample_scheduler
+    scheduler = make_scheduler(base_model, "ddim")
     scheduler.set_timesteps(20)
     t = scheduler.timesteps[0]
 

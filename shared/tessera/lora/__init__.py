@@ -11,7 +11,6 @@ from tessera.lora.adapter import (
     preset_targets,
     random_adapter,
     unflatten_pair,
-    weights_fingerprint,
     zeros_like_spec,
 )
 from tessera.lora.files import (
@@ -38,6 +37,5 @@ __all__ = [
     "read_header",
     "unflatten_pair",
     "validate_adapter_bytes",
-    "weights_fingerprint",
     "zeros_like_spec",
 ]

@@ -10,7 +10,6 @@ peft's) layout: A [rank, in, kh, kw], B [out, rank, 1, 1]. The update a module r
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -193,18 +192,6 @@ def lora_spec(
         max_rank=max_rank,
         targets=targets,
     )
-
-
-def weights_fingerprint(module: torch.nn.Module) -> str:
-    """sha256 over every parameter's name, dtype, shape and bytes: which base weights these are."""
-    import torch
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        data = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}:{data.dtype}:{tuple(data.shape)};".encode())
-        digest.update(data.view(-1).view(dtype=torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def zeros_like_spec(spec: LoraSpec, rank: int, alpha: float) -> LoraAdapter:

@@ -59,8 +59,6 @@ class ActiveMix:
         return self.merged
 
 
-MergedMix = ActiveMix  # the name callers used when every mix was merged
-
 _ACTIVE: ContextVar[ActiveMix | None] = ContextVar("tessera_active_mix", default=None)
 
 

@@ -115,13 +115,6 @@ class BaseModel:
             return copy.deepcopy(self.vae).float()
         return self.vae
 
-    @cached_property
-    def sample_scheduler(self) -> Any:
-        """DDIM on the training schedule: deterministic, so split generation resumes exactly."""
-        import diffusers
-
-        return diffusers.DDIMScheduler.from_config(self.noise_scheduler.config)
-
 
 def resolve_device(name: str | None = None) -> str:
     """`auto` (or None: the setting) to cuda when present, else mps when present, else cpu."""

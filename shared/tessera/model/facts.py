@@ -191,32 +191,25 @@ def unet_fingerprint(layout: ModelLayout) -> str:
     from safetensors import safe_open
 
     digest = hashlib.sha256()
-    files = _weight_files(layout)
+    opened: dict[Path, Any] = {}  # each file opened (safetensors) or mapped (.bin) once
     tensors: dict[str, Path] = {}
-    for path in files:
+    for path in _weight_files(layout):
         if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt") as handle:
-                tensors.update((name, path) for name in handle.keys())  # noqa: SIM118
+            opened[path] = safe_open(str(path), framework="pt")
+            names = list(opened[path].keys())
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            tensors.update((name, path) for name in state)
-    handles: dict[Path, Any] = {}
-    try:
-        for name in sorted(tensors):
-            path = tensors[name]
-            if path.suffix == ".safetensors":
-                if path not in handles:
-                    handles[path] = safe_open(str(path), framework="pt")
-                tensor = handles[path].get_tensor(name)
-            else:
-                tensor = torch.load(path, map_location="cpu", weights_only=True, mmap=True)[name]
-            digest.update(f"{name}:{tuple(tensor.shape)};".encode())
-            flat = tensor.reshape(-1)
-            for start in range(0, flat.numel(), _HASH_CHUNK):
-                chunk = flat[start : start + _HASH_CHUNK].to(torch.float16).contiguous()
-                digest.update(chunk.view(torch.uint8).numpy().tobytes())
-    finally:
-        handles.clear()
+            opened[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            names = list(opened[path])
+        tensors.update((name, path) for name in names)
+    for name in sorted(tensors):
+        path = tensors[name]
+        handle = opened[path]
+        tensor = handle.get_tensor(name) if path.suffix == ".safetensors" else handle[name]
+        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
+        flat = tensor.reshape(-1)
+        for start in range(0, flat.numel(), _HASH_CHUNK):
+            chunk = flat[start : start + _HASH_CHUNK].to(torch.float16).contiguous()
+            digest.update(chunk.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from tessera.lora.mixing import MergedMix, Mix, install_mixing, unmerged_mix, use_mix
+from tessera.lora.mixing import ActiveMix, Mix, install_mixing, unmerged_mix, use_mix
 from tessera.model.base import BaseModel
 from tessera.model.conditioning import Conditioning
 from tessera.model.latents import decode_latents
@@ -82,15 +82,7 @@ def make_scheduler(base: BaseModel, sampler: str) -> Any:
     return scheduler
 
 
-def timesteps_for(base: BaseModel, steps: int, sampler: str = "ddim") -> torch.Tensor:
-    """The timesteps of a `steps`-step schedule."""
-    scheduler = make_scheduler(base, sampler)
-    scheduler.set_timesteps(steps)
-    timesteps: torch.Tensor = scheduler.timesteps
-    return timesteps
-
-
-def prepare_mix(base: BaseModel, mix: Mix) -> MergedMix | None:
+def prepare_mix(base: BaseModel, mix: Mix) -> ActiveMix | None:
     """The mix for this base, unmerged (None for no adapters); installs mixing on first use."""
     if not mix:
         return None
@@ -116,7 +108,7 @@ def generate(
     start_latents: torch.Tensor | None = None,
     start_step: int = 0,
     stop_step: int | None = None,
-    merged: MergedMix | None = None,
+    merged: ActiveMix | None = None,
     progress: Progress | None = None,
     sampler: str | None = None,
 ) -> GenerationResult:
