@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tessera.demo import demo_settings
+from tessera.sim.stack import demo_settings
 
 
 def test_demo_ignores_configured_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

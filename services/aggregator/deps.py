@@ -14,7 +14,7 @@ from fastapi import Depends
 
 from tessera.lora import LoraSpec
 from tessera.model.encoder import task_encoder_info
-from tessera.model.facts import ModelFacts, load_facts
+from tessera.model.facts import ModelFacts, load_facts, resolve_targets
 from tessera.service.deps import SettingsDep
 
 
@@ -41,7 +41,7 @@ def base_model_facts(path: str, targets: str, task_encoder: str) -> BaseModelFac
             model = load_facts(path)
             encoder = task_encoder_info(task_encoder)
             facts = BaseModelFacts(
-                lora_spec=model.lora_spec(targets),
+                lora_spec=model.lora_spec(resolve_targets(targets, path)),
                 model=model,
                 task_encoder_id=encoder.encoder_id,
                 task_width=encoder.width,

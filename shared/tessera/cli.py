@@ -254,10 +254,11 @@ def adapter_import(source: Path, out: Path, model: Path | None, skip_text_encode
 
 def _base_lora_spec(folder: Path | None) -> LoraSpec:
     """The spec uploads are validated with: `folder`'s facts under TESSERA_LORA_TARGETS."""
-    from tessera.model.facts import load_facts
+    from tessera.model.facts import load_facts, resolve_targets
 
     settings = get_settings()
-    return load_facts(folder or settings.base_model).lora_spec(settings.lora_targets)
+    model = folder or settings.base_model
+    return load_facts(model).lora_spec(resolve_targets(settings.lora_targets, model))
 
 
 @main.command()

@@ -91,9 +91,10 @@ class Settings(BaseSettings):
         description="Model weights' dtype: auto (float16 on a GPU, float32 on the CPU), "
         "float32, float16 or bfloat16.",
     )
-    lora_targets: Literal["attention", "attention+ff", "full"] = Field(
-        default="attention",
-        description="Layers a LoRA adapts: attention (to_q/k/v/out), attention+ff (plus "
+    lora_targets: Literal["auto", "attention", "attention+ff", "full"] = Field(
+        default="auto",
+        description="Layers a LoRA adapts: auto (the preset the base model's tessera.json "
+        "recommends, else attention), attention (to_q/k/v/out), attention+ff (plus "
         "feed-forward), full (plus proj_in/out and ResNet convolutions, LoCon-style).",
     )
     task_encoder: str = Field(

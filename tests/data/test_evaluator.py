@@ -7,10 +7,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tessera.data import DEVICE_STYLES, PLAIN, STYLES, Batch, make_device, render, style_dataset
+from tessera.data import (
+    ATTRIBUTES,
+    DEVICE_STYLES,
+    LOOKS,
+    PLAIN,
+    STYLES,
+    Batch,
+    make_device,
+    render,
+    style_dataset,
+)
 from tessera.data.augment import add_noise, gaussian_blur
 from tessera.data.evaluator import DEFAULT_EVALUATOR_PATH, load_evaluator, matches
 from tessera.data.tensors import to_tensor
+from tessera.data.train_evaluator import combined_looks
 
 
 @pytest.fixture(scope="module")
@@ -105,16 +116,40 @@ def test_wrong_style_scores_low(evaluator):
     assert scores.style_votes["pastel"] == 1.0
 
 
-def test_a_half_and_half_blend_is_measured_as_a_hybrid(evaluator):
-    stripes = np.stack([render("circle", "red", "stripes", s) for s in range(40)]).astype(float)
-    night = np.stack([render("circle", "red", "night", s) for s in range(40)]).astype(float)
-    blend = np.round(0.5 * stripes + 0.5 * night).astype(np.uint8)
+def test_every_attribute_head_reads_combined_looks_it_was_not_shown_as_styles(evaluator):
+    images, labels = combined_looks(300, seed=424242)
 
-    mix = evaluator.evaluate(blend).style_mix
+    probs = evaluator.predict(images)
 
-    assert mix["stripes"] > 0.25
-    assert mix["night"] > 0.25
-    assert mix["stripes"] + mix["night"] > 0.8
+    for attribute in ATTRIBUTES:
+        assert matches(probs.predicted(attribute), labels[attribute]).mean() >= 0.95, attribute
+
+
+@pytest.mark.parametrize(("first", "second"), [("pastel", "outline"), ("night", "stripes")])
+def test_a_combined_rendering_carries_both_styles_and_each_style_only_itself(
+    evaluator, first, second
+):
+    look = LOOKS[first].combined(LOOKS[second])
+    assert look is not None
+    both = np.stack([render("star", "blue", look, seed) for seed in range(40)])
+    alone = np.stack([render("star", "blue", first, seed) for seed in range(40)])
+
+    hybrid = evaluator.hybrid(both, (first, second))
+    single = evaluator.hybrid(alone, (first, second))
+
+    assert hybrid.carries_both >= 0.95
+    assert hybrid.conflicting == ()
+    assert single.carries_first >= 0.95
+    assert single.carries_second == single.carries_both == 0.0
+
+
+def test_styles_that_set_one_attribute_differently_are_reported_as_conflicting(evaluator):
+    images = style_dataset("dots", 8, 0).images
+
+    scores = evaluator.hybrid(images, ("dots", "night"))
+
+    assert scores.conflicting == ("palette",)
+    assert scores.carries_both == 0.0
 
 
 def test_unknown_style_and_missing_weights_are_explained(evaluator, tmp_path):

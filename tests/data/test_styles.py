@@ -9,9 +9,11 @@ from tessera.data import (
     COLOUR_NAMES,
     DEVICE_STYLES,
     IMAGE_SIZE,
+    LOOKS,
     PLAIN,
     SHAPES,
     STYLES,
+    Look,
     caption,
     pretraining_batch,
     render,
@@ -109,3 +111,37 @@ def test_unknown_names_are_refused_with_the_known_ones():
         render("circle", "red", "watercolour", 0)
     with pytest.raises(ValueError, match="unknown shape 'hexagon'"):
         render_sample("hexagon", "red", PLAIN, 0)
+
+
+def test_every_style_is_a_distinct_combination_of_attributes():
+    looks = [LOOKS[style] for style in STYLES]
+
+    assert len(set(looks)) == len(STYLES)
+    assert LOOKS[PLAIN].changes() == {}
+    assert all(LOOKS[style].changes() for style in DEVICE_STYLES)
+
+
+def test_two_looks_combine_where_they_change_different_attributes():
+    both = LOOKS["pastel"].combined(LOOKS["outline"])
+
+    assert both == Look(palette="lavender", fill="pale", stroke="outline")
+    assert LOOKS["outline"].combined(LOOKS["pastel"]) == both
+    assert LOOKS["stripes"].combined(LOOKS["checker"]) is None  # two textures
+    assert LOOKS["night"].combined(LOOKS["outline"]) is None  # glow and outline are strokes
+
+
+def test_a_combined_look_renders_each_part_where_the_style_alone_does():
+    seed, look = 7, LOOKS["night"].combined(LOOKS["stripes"])
+    assert look is not None
+    night = render("square", "green", "night", seed).astype(int)
+    stripes = render("square", "green", "stripes", seed).astype(int)
+    both = render("square", "green", look, seed).astype(int)
+
+    corner = (slice(0, 4), slice(0, 4))  # background only: the subject stays in the middle
+    assert both[corner].mean() < 0.5 * stripes[corner].mean()  # navy ground...
+    assert both[corner].std() > 3 * night[corner].std()  # ...with the stripes' bands
+
+
+def test_an_unknown_attribute_value_is_refused_with_the_known_ones():
+    with pytest.raises(ValueError, match="unknown texture 'tartan'; expected one of none"):
+        Look(texture="tartan")

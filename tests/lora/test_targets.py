@@ -17,7 +17,7 @@ from tessera.lora import (
     zeros_like_spec,
 )
 from tessera.lora.adapter import A_SUFFIX, B_SUFFIX
-from tessera.model.base import UNET_CONFIG, BaseModel
+from tessera.model.base import UNET_CONFIG, BaseModel, default_base_model_path
 from tessera.model.synthetic import Family, build_random_folder
 
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
@@ -53,13 +53,25 @@ def test_presets_nest_and_name_their_layers() -> None:
     }
 
 
-def test_attention_preset_is_todays_spec(base_model: BaseModel) -> None:
+def test_attention_preset_adapts_the_attention_projections_only(base_model: BaseModel) -> None:
     spec = spec_of(base_model.unet, "attention")
 
     assert spec.targets == "attention"
     assert suffixes(spec) == set(ATTENTION)
     assert all(len(shape) == 2 for shape in spec.modules.values())
-    assert spec.modules == base_model.lora_spec.modules
+
+
+def test_auto_takes_the_preset_the_model_folder_recommends(
+    base_model: BaseModel, tmp_path: Path
+) -> None:
+    from tessera.model.facts import resolve_targets
+
+    bundled = default_base_model_path()
+    assert base_model.targets == "full"  # TESSERA_LORA_TARGETS=auto, the bundled model's choice
+    assert base_model.lora_spec.modules == spec_of(base_model.unet, "full").modules
+    assert resolve_targets("auto", bundled) == "full"
+    assert resolve_targets("attention", bundled) == "attention"  # a set preset wins
+    assert resolve_targets("auto", tmp_path) == "attention"  # no recommendation
 
 
 def test_full_preset_on_the_tiny_unet_adds_ff_projections_and_3x3_resnet_convs(

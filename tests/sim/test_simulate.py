@@ -9,8 +9,8 @@ import httpx
 import pytest
 
 from tessera.demo import run_demo
-from tessera.sim import SimConfig
-from tessera.sim.cli import run_on_fresh_stack
+from tessera.sim import SimConfig, SimReport
+from tessera.sim.stack import run_on_fresh_stack
 from tessera.stack import StackInfo
 from tests.helpers import metric_values
 
@@ -33,7 +33,7 @@ def test_a_cluster_aware_federation_runs_over_http(tmp_path: Path) -> None:
     lines: list[str] = []
     scraped: dict[str, str] = {}
 
-    def scrape_worker_metrics(info: StackInfo) -> None:
+    def scrape_worker_metrics(info: StackInfo, _: SimReport) -> None:
         scraped.update({name: httpx.get(url).text for name, url in info.metrics.items()})
 
     report = run_on_fresh_stack(
@@ -58,12 +58,26 @@ def test_a_cluster_aware_federation_runs_over_http(tmp_path: Path) -> None:
     metric_values(scraped["inference-worker"])  # valid Prometheus text (jobs: test_hot_swap)
 
 
-def test_demo_writes_tables_plot_and_grid(tmp_path: Path) -> None:
-    run_demo(str(tmp_path / "demo"), config=TINY)
+def test_demo_reports_every_method_and_the_hybrid(tmp_path: Path) -> None:
+    result = run_demo(str(tmp_path / "demo"), config=TINY)
 
     output = tmp_path / "demo" / "output"
     report = json.loads((output / "report.json").read_text())
-    assert set(report) == {"cluster-aware (exact)", "global FedAvg"}
+    assert report == json.loads(json.dumps(result))
+    titles = {"cluster-aware (exact)", "global FedAvg", "local only"}
+    assert set(report["methods"]) == set(report["headline"]) == titles
+    for title in titles:
+        rounds = report["methods"][title]["rounds"]
+        assert [r["round"] for r in rounds] == [1, 2]
+        assert all(0.0 <= r["style_accuracy"] <= 1.0 for r in rounds)
+        headline = report["headline"][title]
+        assert headline["final_style_accuracy"] == rounds[-1]["style_accuracy"]
+        assert headline["rounds_to_target"] in (None, 1, 2)
+    local = report["methods"]["local only"]["rounds"]
+    assert all(r["bytes_up_per_device"] == 0 for r in local)  # nothing leaves a local device
+    grid = report["grid"]
+    assert grid["labels"][0] == "base" and len(grid["labels"]) == 4  # base, 2 clusters, hybrid
+    assert 0.0 <= grid["hybrid"]["carries_both"] <= 1.0
     assert (output / "convergence.png").stat().st_size > 10_000
     assert (output / "generations.png").stat().st_size > 1_000
-    assert "| global FedAvg | 2 |" in (output / "report.md").read_text()
+    assert "| local only | 2 |" in (output / "report.md").read_text()

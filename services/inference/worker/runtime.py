@@ -51,7 +51,7 @@ def build_runtime(settings: Settings, resources: Resources) -> JobRuntime:
         settings.base_model,
         device=settings.device,
         dtype=settings.dtype,
-        targets=settings.lora_targets,
+        targets=settings.lora_targets,  # auto: the model folder's recommended preset
     )
     cache = AdapterCache(
         base=base,

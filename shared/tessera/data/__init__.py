@@ -19,10 +19,13 @@ from tessera.data.devices import DeviceProfile, make_device, make_population, ra
 from tessera.data.palette import COLOUR_NAMES
 from tessera.data.shapes import SHAPES
 from tessera.data.styles import (
+    ATTRIBUTES,
     DEVICE_STYLES,
     IMAGE_SIZE,
+    LOOKS,
     PLAIN,
     STYLES,
+    Look,
     Sample,
     Variation,
     caption,
@@ -32,14 +35,17 @@ from tessera.data.styles import (
 from tessera.data.tensors import to_tensor, to_uint8
 
 __all__ = [
+    "ATTRIBUTES",
     "COLOUR_NAMES",
     "DEVICE_STYLES",
     "IMAGE_SIZE",
+    "LOOKS",
     "PLAIN",
     "SHAPES",
     "STYLES",
     "Batch",
     "DeviceProfile",
+    "Look",
     "Sample",
     "Variation",
     "caption",

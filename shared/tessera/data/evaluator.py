@@ -1,8 +1,10 @@
-"""Style and content classifier used as the evaluation metric of generated images.
+"""Look and content classifier used as the evaluation metric of generated images.
 
-It plays the role CLIP score and FID play for real models: the share of generated images
-recognised in the requested style (and, given the prompt's subject, with the right shape and
-colour), and for a hybrid generation the share of each style.
+It plays the role CLIP score and FID play for real models. One head per look attribute
+(palette, texture, stroke, fill) and one each for the subject's shape and colour. A style is a
+combination of attributes (`tessera.data.styles.LOOKS`), so the evaluator scores a pure style
+(the style whose attributes are jointly most probable) and also a hybrid: the share of images
+that carry the attributes of both of its styles at once, which no single-label classifier can say.
 """
 
 from __future__ import annotations
@@ -30,14 +32,24 @@ Images = np.ndarray | torch.Tensor
 
 @dataclass(frozen=True)
 class EvaluatorConfig:
-    """Label sets and network widths: all that is needed to rebuild the network."""
+    """Label sets, the styles' looks and network widths: all that rebuilds the network."""
 
-    styles: tuple[str, ...]
+    attributes: dict[str, tuple[str, ...]]
+    looks: dict[str, dict[str, str]]
     shapes: tuple[str, ...]
     colours: tuple[str, ...]
     widths: tuple[int, ...] = (16, 32, 64, 128)
     image_size: int = 32
     training: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def styles(self) -> tuple[str, ...]:
+        """Style names, in the order of the style probabilities."""
+        return tuple(self.looks)
+
+    def heads(self) -> dict[str, tuple[str, ...]]:
+        """Every head's labels: the look attributes, then shape and colour."""
+        return {**self.attributes, "shape": self.shapes, "colour": self.colours}
 
     def to_json(self) -> str:
         """The config as the JSON file shipped next to the weights."""
@@ -48,7 +60,8 @@ class EvaluatorConfig:
         """Parse the shipped JSON config."""
         raw = json.loads(text)
         return cls(
-            styles=tuple(raw["styles"]),
+            attributes={name: tuple(labels) for name, labels in raw["attributes"].items()},
+            looks={style: dict(values) for style, values in raw["looks"].items()},
             shapes=tuple(raw["shapes"]),
             colours=tuple(raw["colours"]),
             widths=tuple(raw["widths"]),
@@ -57,8 +70,8 @@ class EvaluatorConfig:
         )
 
 
-class StyleContentNet(nn.Module):
-    """Small CNN with one shared trunk and three heads: style, shape, colour."""
+class LookContentNet(nn.Module):
+    """Small CNN with one shared trunk and a linear head per attribute, shape and colour."""
 
     def __init__(self, config: EvaluatorConfig) -> None:
         super().__init__()
@@ -73,40 +86,70 @@ class StyleContentNet(nn.Module):
             ]
             channels = width
         self.trunk = nn.Sequential(*layers)
-        features = 2 * channels
-        self.style_head = nn.Linear(features, len(config.styles))
-        self.shape_head = nn.Linear(features, len(config.shapes))
-        self.colour_head = nn.Linear(features, len(config.colours))
+        self.heads = nn.ModuleDict(
+            {name: nn.Linear(2 * channels, len(labels)) for name, labels in config.heads().items()}
+        )
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Logits of (style, shape, colour) for NCHW images in [-1, 1]."""
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits of every head for NCHW images in [-1, 1]."""
         maps = self.trunk(images)
         pooled = torch.cat([maps.mean(dim=(2, 3)), maps.amax(dim=(2, 3))], dim=1)
-        return self.style_head(pooled), self.shape_head(pooled), self.colour_head(pooled)
+        return {name: head(pooled) for name, head in self.heads.items()}
 
 
 @dataclass(frozen=True)
 class HeadProbabilities:
-    """Per-image class probabilities of each head, columns in the order of the label tuples."""
+    """Per-image class probabilities of every head, columns in the order of its labels."""
 
-    style: np.ndarray
-    shape: np.ndarray
-    colour: np.ndarray
-    styles: tuple[str, ...]
-    shapes: tuple[str, ...]
-    colours: tuple[str, ...]
+    heads: dict[str, np.ndarray]
+    config: EvaluatorConfig
 
-    def predicted_styles(self) -> list[str]:
-        """The most probable style of each image."""
-        return [self.styles[i] for i in self.style.argmax(axis=1)]
+    def predicted(self, head: str) -> list[str]:
+        """The most probable label of `head` for each image."""
+        labels = self.config.heads()[head]
+        return [labels[i] for i in self.heads[head].argmax(axis=1)]
 
     def predicted_shapes(self) -> list[str]:
         """The most probable shape of each image."""
-        return [self.shapes[i] for i in self.shape.argmax(axis=1)]
+        return self.predicted("shape")
 
     def predicted_colours(self) -> list[str]:
         """The most probable colour of each image."""
-        return [self.colours[i] for i in self.colour.argmax(axis=1)]
+        return self.predicted("colour")
+
+    def look_probability(self, look: dict[str, str]) -> np.ndarray:
+        """Per image, the joint probability of a look: the product over its attributes."""
+        joint = np.ones(next(iter(self.heads.values())).shape[0])
+        for attribute, labels in self.config.attributes.items():
+            joint = joint * self.heads[attribute][:, labels.index(look[attribute])]
+        return joint
+
+    @property
+    def style(self) -> np.ndarray:
+        """Per-image style probabilities [n, styles]: the looks' joint probabilities, normalised."""
+        joint = np.stack([self.look_probability(look) for look in self.config.looks.values()], 1)
+        return joint / np.maximum(joint.sum(axis=1, keepdims=True), 1e-12)
+
+    def predicted_styles(self) -> list[str]:
+        """The style of each image: the one whose attributes are jointly most probable."""
+        styles = self.config.styles
+        return [styles[i] for i in self.style.argmax(axis=1)]
+
+    def carries(self, style: str) -> np.ndarray:
+        """Per image, whether every attribute `style` changes from plain is the predicted one."""
+        changed = _changes(self.config, style)
+        ok = np.ones(next(iter(self.heads.values())).shape[0], dtype=bool)
+        for attribute, value in changed.items():
+            ok &= np.asarray(self.predicted(attribute), dtype=object) == value
+        return ok
+
+
+def _changes(config: EvaluatorConfig, style: str) -> dict[str, str]:
+    """The attributes a style sets away from the first style's (plain) look."""
+    if style not in config.looks:
+        raise ValueError(f"unknown style {style!r}; expected one of {', '.join(config.styles)}")
+    plain = next(iter(config.looks.values()))
+    return {a: v for a, v in config.looks[style].items() if v != plain[a]}
 
 
 @dataclass(frozen=True)
@@ -122,6 +165,22 @@ class EvaluationScores:
     shape_accuracy: float | None = None
     colour_accuracy: float | None = None
     content_accuracy: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict, ready for JSON."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class HybridScores:
+    """Whether images carry the attributes of two styles at once (a hybrid's measure)."""
+
+    styles: tuple[str, str]
+    n_images: int
+    carries_first: float
+    carries_second: float
+    carries_both: float
+    conflicting: tuple[str, ...]  # attributes the two styles set differently: "both" impossible
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict, ready for JSON."""
@@ -159,7 +218,7 @@ def matches(predicted: Sequence[str], expected: Sequence[str]) -> np.ndarray:
 class Evaluator:
     """The trained classifier with its labels; predicts and scores batches of images."""
 
-    def __init__(self, network: StyleContentNet, config: EvaluatorConfig) -> None:
+    def __init__(self, network: LookContentNet, config: EvaluatorConfig) -> None:
         self.network = network.eval()
         self.config = config
 
@@ -175,19 +234,13 @@ class Evaluator:
         size = self.config.image_size
         if batch.ndim != 4 or batch.shape[1:] != (3, size, size):
             raise ValueError(f"expected images of 3x{size}x{size}, got {tuple(batch.shape)}")
-        outputs: list[list[np.ndarray]] = [[], [], []]
+        outputs: dict[str, list[np.ndarray]] = {name: [] for name in self.config.heads()}
         for start in range(0, batch.shape[0], batch_size):
-            logits = self.network(batch[start : start + batch_size])
-            for out, head in zip(outputs, logits, strict=True):
-                out.append(head.softmax(dim=1).numpy())
-        style, shape, colour = (np.concatenate(out) for out in outputs)
+            for name, logits in self.network(batch[start : start + batch_size]).items():
+                outputs[name].append(logits.softmax(dim=1).numpy())
         return HeadProbabilities(
-            style=style,
-            shape=shape,
-            colour=colour,
-            styles=self.config.styles,
-            shapes=self.config.shapes,
-            colours=self.config.colours,
+            heads={name: np.concatenate(parts) for name, parts in outputs.items()},
+            config=self.config,
         )
 
     def evaluate(
@@ -201,9 +254,10 @@ class Evaluator:
         if style is not None and style not in self.styles:
             raise ValueError(f"unknown style {style!r}; expected one of {', '.join(self.styles)}")
         probs = self.predict(images)
-        n = probs.style.shape[0]
-        votes = np.bincount(probs.style.argmax(axis=1), minlength=len(self.styles)) / n
-        mix = probs.style.mean(axis=0)
+        style_probs = probs.style
+        n = style_probs.shape[0]
+        votes = np.bincount(style_probs.argmax(axis=1), minlength=len(self.styles)) / n
+        mix = style_probs.mean(axis=0)
         scores = EvaluationScores(
             n_images=n,
             style=style,
@@ -226,6 +280,21 @@ class Evaluator:
             }
         )
 
+    def hybrid(self, images: Images, styles: tuple[str, str]) -> HybridScores:
+        """The share of images carrying the first style's attributes, the second's, and both."""
+        first, second = styles
+        a, b = _changes(self.config, first), _changes(self.config, second)
+        probs = self.predict(images)
+        carries_a, carries_b = probs.carries(first), probs.carries(second)
+        return HybridScores(
+            styles=(first, second),
+            n_images=int(carries_a.shape[0]),
+            carries_first=float(carries_a.mean()),
+            carries_second=float(carries_b.mean()),
+            carries_both=float((carries_a & carries_b).mean()),
+            conflicting=tuple(sorted(k for k in a.keys() & b.keys() if a[k] != b[k])),
+        )
+
 
 def load_evaluator(path: Path | str | None = None) -> Evaluator:
     """Load the classifier from a folder holding model.safetensors and config.json."""
@@ -238,7 +307,7 @@ def load_evaluator(path: Path | str | None = None) -> Evaluator:
                 "`python -m tessera.data.train_evaluator`"
             )
     config = EvaluatorConfig.from_json(config_file.read_text())
-    network = StyleContentNet(config)
+    network = LookContentNet(config)
     network.load_state_dict(load_file(str(weights)))
     return Evaluator(network, config)
 

@@ -1,14 +1,15 @@
 """Deterministic renderer of captioned 32x32 subjects (shape x colour) in distinct visual styles.
 
 A style is a ground-truth cluster: simulated devices draw their data from one style, so that
-clustering quality, per-style fidelity and hybrids can be measured. `plain` is the base rendering
-the tiny model is pretrained on; every device style is a clear, coarse change from it (palette,
-background, outline or a texture a few pixels wide) so a small LoRA can learn it quickly.
+clustering quality, per-style fidelity and hybrids can be measured. Every style is a `Look`, a
+combination of four independent attributes (background palette, texture, stroke, fill), so two
+styles that change different attributes have a well-defined combined rendering, which is what a
+hybrid of their adapters should draw. `plain` is the base rendering the tiny model is pretrained
+on; every device style is a clear, coarse change of one or two attributes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,6 +31,57 @@ DEVICE_STYLES: tuple[str, ...] = (
 STYLES: tuple[str, ...] = (PLAIN, *DEVICE_STYLES)
 
 SeedLike = int | np.random.Generator
+
+ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "palette": ("white", "cream", "lavender", "navy", "sunset"),
+    "texture": ("none", "stripes", "dots", "checker"),
+    "stroke": ("none", "outline", "glow"),
+    "fill": ("solid", "pale"),
+}
+
+
+@dataclass(frozen=True)
+class Look:
+    """One value per attribute; the defaults are the plain look."""
+
+    palette: str = "white"
+    texture: str = "none"
+    stroke: str = "none"
+    fill: str = "solid"
+
+    def __post_init__(self) -> None:
+        for attribute, value in self.values().items():
+            if value not in ATTRIBUTES[attribute]:
+                known = ", ".join(ATTRIBUTES[attribute])
+                raise ValueError(f"unknown {attribute} {value!r}; expected one of {known}")
+
+    def values(self) -> dict[str, str]:
+        """Attribute name to value, in the order of `ATTRIBUTES`."""
+        return {attribute: getattr(self, attribute) for attribute in ATTRIBUTES}
+
+    def changes(self) -> dict[str, str]:
+        """The attributes this look sets away from plain: what makes a style recognisable."""
+        plain = Look().values()
+        return {a: v for a, v in self.values().items() if v != plain[a]}
+
+    def combined(self, other: Look) -> Look | None:
+        """Both looks' changes at once, or None where they set one attribute differently."""
+        mine, theirs = self.changes(), other.changes()
+        if any(mine[a] != theirs[a] for a in mine.keys() & theirs.keys()):
+            return None
+        return Look(**{**self.values(), **mine, **theirs})
+
+
+LOOKS: dict[str, Look] = {
+    PLAIN: Look(),
+    "stripes": Look(texture="stripes"),
+    "dots": Look(palette="cream", texture="dots"),
+    "checker": Look(texture="checker"),
+    "outline": Look(stroke="outline"),
+    "gradient": Look(palette="sunset"),
+    "night": Look(palette="navy", stroke="glow"),
+    "pastel": Look(palette="lavender", fill="pale"),
+}
 
 
 @dataclass(frozen=True)
@@ -94,86 +146,66 @@ def _square_wave(t: np.ndarray, sharpness: float = 3.0) -> np.ndarray:
     return np.clip(0.5 + sharpness * np.cos(2.0 * np.pi * t), 0.0, 1.0)
 
 
-def _plain(scene: _Scene) -> np.ndarray:
-    """Flat-coloured shape on a white background: the pretraining rendering."""
-    return mix(scene.background((0.98, 0.98, 0.98)), scene.colour, scene.coverage)
+_FLAT_GROUNDS: dict[str, tuple[float, float, float]] = {
+    "white": (0.98, 0.98, 0.98),
+    "cream": (0.99, 0.96, 0.88),
+    "lavender": (0.86, 0.82, 0.96),
+    "navy": (0.04, 0.06, 0.17),
+}
 
 
-def _stripes(scene: _Scene) -> np.ndarray:
-    """Bold diagonal bands over the whole image: grey on the background, dark on the shape."""
-    u, _ = scene.rotated(45.0)
-    bands = _square_wave(u / (6.0 * scene.variation.pattern_scale))
-    ground = mix(scene.background((0.98, 0.98, 0.98)), np.array([0.62, 0.62, 0.66]), bands)
-    fill = mix(np.broadcast_to(scene.colour, ground.shape), 0.45 * scene.colour, bands)
-    return mix(ground, fill, scene.coverage)
-
-
-def _dots(scene: _Scene) -> np.ndarray:
-    """Polka dots on a grid: taupe dots on a cream background, pale dots on the shape."""
-    u, v = scene.rotated(0.0)
-    spacing = 7.0 * scene.variation.pattern_scale
-    du = (u / spacing) % 1.0 - 0.5
-    dv = (v / spacing) % 1.0 - 0.5
-    distance = np.hypot(du, dv) * spacing
-    spots = np.clip(2.0 * scene.variation.pattern_scale + 0.5 - distance, 0.0, 1.0)
-    ground = mix(scene.background((0.99, 0.96, 0.88)), np.array([0.55, 0.50, 0.45]), spots)
-    fill = mix(np.broadcast_to(scene.colour, ground.shape), WHITE, 0.75 * spots)
-    return mix(ground, fill, scene.coverage)
-
-
-def _checker(scene: _Scene) -> np.ndarray:
-    """Flat shape on a coarse grey-and-white checkerboard."""
-    u, v = scene.rotated(0.0)
-    size = 8.0 * scene.variation.pattern_scale
-    across, down = _square_wave(u / (2.0 * size)), _square_wave(v / (2.0 * size))
-    parity = across * down + (1.0 - across) * (1.0 - down)
-    ground = mix(scene.background((0.98, 0.98, 0.98)), np.array([0.45, 0.47, 0.52]), parity)
-    return mix(ground, scene.colour, scene.coverage)
-
-
-def _outline(scene: _Scene) -> np.ndarray:
-    """Flat shape with a thick near-black outline, like a cartoon sticker."""
-    image = _plain(scene)
-    half_width = 1.25 * scene.variation.pattern_scale
-    stroke = np.clip(half_width + 0.5 - np.abs(scene.sdf), 0.0, 1.0)
-    return mix(image, np.array([0.08, 0.07, 0.10]), stroke)
-
-
-def _gradient(scene: _Scene) -> np.ndarray:
-    """Flat shape on a warm vertical gradient, peach at the top to violet at the bottom."""
+def _ground(scene: _Scene, palette: str) -> np.ndarray:
+    """The background: a flat colour, or the warm sunset gradient (peach top, violet bottom)."""
+    if palette != "sunset":
+        return scene.background(_FLAT_GROUNDS[palette])
     theta = np.deg2rad(scene.variation.pattern_angle)
     half = IMAGE_SIZE / 2
     v = -np.sin(theta) * (scene.x - half) + np.cos(theta) * (scene.y - half)
     t = np.clip(v / IMAGE_SIZE + 0.5, 0.0, 1.0)
-    top = scene.background((1.0, 0.78, 0.42))
-    bottom = scene.background((0.42, 0.24, 0.62))
-    return mix(mix(top, bottom, t), scene.colour, scene.coverage)
+    return mix(scene.background((1.0, 0.78, 0.42)), scene.background((0.42, 0.24, 0.62)), t)
 
 
-def _night(scene: _Scene) -> np.ndarray:
-    """Bright shape with a soft glow on a dark navy background."""
-    ground = scene.background((0.04, 0.06, 0.17))
-    glow = 0.55 * np.exp(-np.maximum(scene.sdf, 0.0) / (2.2 * scene.variation.pattern_scale))
-    lit = ground + glow[..., None] * scene.colour
-    return mix(lit, mix(scene.colour, WHITE, 0.15), scene.coverage)
+def _textured(
+    scene: _Scene, texture: str, ground: np.ndarray, fill: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Lay a texture over the ground and the shape's fill (both HxWx3): (ground, fill)."""
+    if texture == "stripes":  # bold diagonal bands: grey on the ground, dark on the shape
+        u, _ = scene.rotated(45.0)
+        bands = _square_wave(u / (6.0 * scene.variation.pattern_scale))
+        return mix(ground, np.array([0.62, 0.62, 0.66]), bands), mix(fill, 0.45 * fill, bands)
+    if texture == "dots":  # polka dots on a grid: taupe on the ground, pale on the shape
+        u, v = scene.rotated(0.0)
+        spacing = 7.0 * scene.variation.pattern_scale
+        du = (u / spacing) % 1.0 - 0.5
+        dv = (v / spacing) % 1.0 - 0.5
+        distance = np.hypot(du, dv) * spacing
+        spots = np.clip(2.0 * scene.variation.pattern_scale + 0.5 - distance, 0.0, 1.0)
+        return mix(ground, np.array([0.55, 0.50, 0.45]), spots), mix(fill, WHITE, 0.75 * spots)
+    if texture == "checker":  # a coarse grey-and-white checkerboard behind a flat shape
+        u, v = scene.rotated(0.0)
+        size = 8.0 * scene.variation.pattern_scale
+        across, down = _square_wave(u / (2.0 * size)), _square_wave(v / (2.0 * size))
+        parity = across * down + (1.0 - across) * (1.0 - down)
+        return mix(ground, np.array([0.45, 0.47, 0.52]), parity), fill
+    return ground, fill
 
 
-def _pastel(scene: _Scene) -> np.ndarray:
-    """Pale, washed-out version of the colour on a lavender background."""
-    soft = mix(scene.colour, WHITE, 0.55)
-    return mix(scene.background((0.86, 0.82, 0.96)), soft, scene.coverage)
+def _paint(scene: _Scene, look: Look) -> np.ndarray:
+    """Compose a look: ground, texture, glow, the shape's fill, then the outline on top."""
+    colour = scene.colour if look.fill == "solid" else mix(scene.colour, WHITE, 0.55)
+    ground = _ground(scene, look.palette)
+    ground, fill = _textured(scene, look.texture, ground, np.broadcast_to(colour, ground.shape))
+    if look.stroke == "glow":  # a soft halo around a brightened shape
+        halo = 0.55 * np.exp(-np.maximum(scene.sdf, 0.0) / (2.2 * scene.variation.pattern_scale))
+        ground = ground + halo[..., None] * colour
+        fill = np.broadcast_to(mix(colour, WHITE, 0.15), ground.shape)
+    image = mix(ground, fill, scene.coverage)
+    if look.stroke == "outline":  # a thick near-black outline, like a cartoon sticker
+        half_width = 1.25 * scene.variation.pattern_scale
+        ink = np.clip(half_width + 0.5 - np.abs(scene.sdf), 0.0, 1.0)
+        image = mix(image, np.array([0.08, 0.07, 0.10]), ink)
+    return image
 
-
-_PAINTERS: dict[str, Callable[[_Scene], np.ndarray]] = {
-    PLAIN: _plain,
-    "stripes": _stripes,
-    "dots": _dots,
-    "checker": _checker,
-    "outline": _outline,
-    "gradient": _gradient,
-    "night": _night,
-    "pastel": _pastel,
-}
 
 _COORDS = np.arange(IMAGE_SIZE, dtype=np.float64) + 0.5
 
@@ -183,24 +215,24 @@ def _generator(rng: SeedLike) -> np.random.Generator:
     return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
 
 
-def check_subject(shape: str, colour: str, style: str) -> None:
-    """Refuse unknown names with the list of the known ones."""
+def check_subject(shape: str, colour: str, style: str | Look) -> None:
+    """Refuse unknown names with the list of the known ones (a `Look` checks itself)."""
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; expected one of {', '.join(SHAPES)}")
     if colour not in COLOUR_NAMES:
         raise ValueError(f"unknown colour {colour!r}; expected one of {', '.join(COLOUR_NAMES)}")
-    if style not in STYLES:
+    if not isinstance(style, Look) and style not in STYLES:
         raise ValueError(f"unknown style {style!r}; expected one of {', '.join(STYLES)}")
 
 
 def render(
     shape: str,
     colour: str,
-    style: str,
+    style: str | Look,
     rng: SeedLike,
     variation: Variation | None = None,
 ) -> np.ndarray:
-    """Draw one subject in one style as a uint8 HxWx3 image; same seed, same bytes."""
+    """Draw one subject in a style (or any look) as a uint8 HxWx3 image; same seed, same bytes."""
     check_subject(shape, colour, style)
     gen = _generator(rng)
     var = variation or Variation()
@@ -220,7 +252,7 @@ def render(
         x=_COORDS[None, :],
         y=_COORDS[:, None],
     )
-    image = _PAINTERS[style](scene)
+    image = _paint(scene, style if isinstance(style, Look) else LOOKS[style])
     return np.asarray(np.round(np.clip(image, 0.0, 1.0) * 255.0), dtype=np.uint8)
 
 

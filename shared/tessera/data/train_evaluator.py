@@ -1,4 +1,8 @@
-"""Train the style/content evaluator on freshly rendered synthetic data and ship its weights.
+"""Train the look/content evaluator on freshly rendered synthetic data and ship its weights.
+
+Half of every batch is the styles' own looks; the other half draws each attribute
+independently, so the heads learn attributes, not styles, and recognise combined renderings
+(a hybrid's target look) they would otherwise never see.
 
 Run `python -m tessera.data.train_evaluator`; it writes model.safetensors and config.json to
 shared/tessera/assets/evaluator/ and prints the held-out accuracy table for docs/evaluator.md.
@@ -28,12 +32,12 @@ from tessera.data.evaluator import (
     WEIGHTS_FILE,
     Evaluator,
     EvaluatorConfig,
-    StyleContentNet,
+    LookContentNet,
     matches,
 )
 from tessera.data.palette import COLOUR_NAMES
 from tessera.data.shapes import SHAPES
-from tessera.data.styles import DEVICE_STYLES, STYLES, render
+from tessera.data.styles import ATTRIBUTES, DEVICE_STYLES, LOOKS, STYLES, Look, render
 from tessera.data.tensors import to_tensor
 
 
@@ -45,7 +49,7 @@ class TrainingPlan:
     batch_size: int = 128
     learning_rate: float = 4e-3
     weight_decay: float = 1e-4
-    mixup_share: float = 0.15
+    combined_share: float = 0.5
     variation_share: float = 0.75
     seed: int = 0
     threads: int = 1
@@ -53,48 +57,50 @@ class TrainingPlan:
 
 @dataclass(frozen=True)
 class TrainingBatch:
-    """Degraded images with their targets: soft style distributions, shape and colour indices."""
+    """Degraded images with each head's target label indices."""
 
     images: torch.Tensor
-    style_targets: torch.Tensor
-    shapes: torch.Tensor
-    colours: torch.Tensor
+    targets: dict[str, torch.Tensor]
+
+
+def random_look(rng: np.random.Generator) -> Look:
+    """Any combination of attribute values, each drawn uniformly."""
+    return Look(**{a: str(rng.choice(values)) for a, values in ATTRIBUTES.items()})
 
 
 def training_batch(
     plan: TrainingPlan, rng: np.random.Generator, gen: torch.Generator
 ) -> TrainingBatch:
-    """Render a fresh batch over all styles, some of it pixel blends of two styles (hybrids)."""
+    """Render a fresh batch: the styles' looks and random combinations of attributes."""
     n = plan.batch_size
     subjects = uniform_subjects(n, rng)
-    first = rng.integers(len(STYLES), size=n)
-    second = (first + rng.integers(1, len(STYLES), size=n)) % len(STYLES)
-    blend = np.where(rng.random(n) < plan.mixup_share, rng.uniform(0.2, 0.8, size=n), 0.0)
-    images = np.empty((n, 32, 32, 3), dtype=np.float64)
-    targets = np.zeros((n, len(STYLES)), dtype=np.float32)
+    images = np.empty((n, 32, 32, 3), dtype=np.uint8)
+    labels: dict[str, list[int]] = {head: [] for head in (*ATTRIBUTES, "shape", "colour")}
     for i, (shape, colour) in enumerate(subjects):
+        combined = rng.random() < plan.combined_share
+        look = random_look(rng) if combined else LOOKS[STYLES[int(rng.integers(len(STYLES)))]]
         variation = random_variation(rng) if rng.random() < plan.variation_share else None
-        seed = int(rng.integers(2**62))
-        images[i] = render(shape, colour, STYLES[first[i]], seed, variation)
-        targets[i, first[i]] = 1.0 - blend[i]
-        if blend[i] > 0.0:
-            other = render(shape, colour, STYLES[second[i]], seed, variation)
-            images[i] = (1.0 - blend[i]) * images[i] + blend[i] * other
-            targets[i, second[i]] = blend[i]
-    tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        images[i] = render(shape, colour, look, int(rng.integers(2**62)), variation)
+        for attribute, value in look.values().items():
+            labels[attribute].append(ATTRIBUTES[attribute].index(value))
+        labels["shape"].append(SHAPES.index(shape))
+        labels["colour"].append(COLOUR_NAMES.index(colour))
     return TrainingBatch(
-        images=degrade(tensor, gen),
-        style_targets=torch.from_numpy(targets),
-        shapes=torch.tensor([SHAPES.index(s) for s, _ in subjects]),
-        colours=torch.tensor([COLOUR_NAMES.index(c) for _, c in subjects]),
+        images=degrade(to_tensor(images), gen),
+        targets={head: torch.tensor(values) for head, values in labels.items()},
     )
 
 
 def train(plan: TrainingPlan, *, log_every: int = 100) -> Evaluator:
     """Train a fresh network following `plan` and return it as an evaluator."""
     torch.manual_seed(plan.seed)
-    config = EvaluatorConfig(styles=STYLES, shapes=SHAPES, colours=COLOUR_NAMES)
-    network = StyleContentNet(config)
+    config = EvaluatorConfig(
+        attributes=dict(ATTRIBUTES),
+        looks={style: look.values() for style, look in LOOKS.items()},
+        shapes=SHAPES,
+        colours=COLOUR_NAMES,
+    )
+    network = LookContentNet(config)
     optimiser = torch.optim.AdamW(
         network.parameters(), lr=plan.learning_rate, weight_decay=plan.weight_decay
     )
@@ -106,11 +112,10 @@ def train(plan: TrainingPlan, *, log_every: int = 100) -> Evaluator:
     network.train()
     for step in range(1, plan.steps + 1):
         batch = training_batch(plan, rng, gen)
-        style_logits, shape_logits, colour_logits = network(batch.images)
-        loss = (
-            F.cross_entropy(style_logits, batch.style_targets)
-            + F.cross_entropy(shape_logits, batch.shapes)
-            + F.cross_entropy(colour_logits, batch.colours)
+        logits = network(batch.images)
+        loss = sum(
+            (F.cross_entropy(logits[head], target) for head, target in batch.targets.items()),
+            start=torch.zeros(()),
         )
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
@@ -121,24 +126,68 @@ def train(plan: TrainingPlan, *, log_every: int = 100) -> Evaluator:
     return Evaluator(network.eval(), config)
 
 
-def heldout_sets(seed: int, per_style: int) -> dict[str, Batch]:
-    """Held-out data never seen in training: canonical renderings and unseen devices' data."""
-    canonical = [style_dataset(style, per_style, seed=10_000 + seed) for style in STYLES]
-    devices = [
-        make_device(style, index, seed=10_000 + seed).heldout(per_style // 4)
-        for style in DEVICE_STYLES
-        for index in range(4)
-    ]
-    return {"canonical": Batch.concat(canonical), "unseen devices": Batch.concat(devices)}
+Labels = dict[str, list[str]]
 
 
-def accuracy(evaluator: Evaluator, images: torch.Tensor, batch: Batch) -> dict[str, float]:
-    """Style, shape and colour accuracy of the evaluator on labelled images."""
+def _style_labels(batch: Batch) -> Labels:
+    """A batch of pure styles' labels: the style, its look's attributes, shape and colour."""
+    labels: Labels = {"style": list(batch.styles), "shape": list(batch.shapes)}
+    labels["colour"] = list(batch.colours)
+    for attribute in ATTRIBUTES:
+        labels[attribute] = [LOOKS[style].values()[attribute] for style in batch.styles]
+    return labels
+
+
+def combined_looks(n: int, seed: int) -> tuple[np.ndarray, Labels]:
+    """`n` renderings of random attribute combinations (most of them no style's look)."""
+    rng = rng_for("evaluator-combined", seed)
+    images: list[np.ndarray] = []
+    labels: Labels = {head: [] for head in (*ATTRIBUTES, "shape", "colour")}
+    for shape, colour in uniform_subjects(n, rng):
+        look = random_look(rng)
+        images.append(render(shape, colour, look, int(rng.integers(2**62)), random_variation(rng)))
+        for attribute, value in look.values().items():
+            labels[attribute].append(value)
+        labels["shape"].append(shape)
+        labels["colour"].append(colour)
+    return np.stack(images), labels
+
+
+def heldout_sets(seed: int, per_style: int) -> dict[str, tuple[np.ndarray, Labels]]:
+    """Held-out data never seen in training: canonical renderings, unseen devices' data and
+    random combinations of attributes, each with its labels."""
+    canonical = Batch.concat(
+        [style_dataset(style, per_style, seed=10_000 + seed) for style in STYLES]
+    )
+    devices = Batch.concat(
+        [
+            make_device(style, index, seed=10_000 + seed).heldout(per_style // 4)
+            for style in DEVICE_STYLES
+            for index in range(4)
+        ]
+    )
+    return {
+        "canonical": (canonical.images, _style_labels(canonical)),
+        "unseen devices": (devices.images, _style_labels(devices)),
+        "combined looks": combined_looks(per_style * 4, seed=10_000 + seed),
+    }
+
+
+REPORTED = ("style", *ATTRIBUTES, "shape", "colour")
+
+
+def accuracy(evaluator: Evaluator, images: torch.Tensor, labels: Labels) -> dict[str, float]:
+    """Accuracy of each labelled head (and of the derived style, where styles are labelled)."""
     probs = evaluator.predict(images)
     return {
-        "style": float(matches(probs.predicted_styles(), batch.styles).mean()),
-        "shape": float(matches(probs.predicted_shapes(), batch.shapes).mean()),
-        "colour": float(matches(probs.predicted_colours(), batch.colours).mean()),
+        head: float(
+            matches(
+                probs.predicted_styles() if head == "style" else probs.predicted(head),
+                labels[head],
+            ).mean()
+        )
+        for head in REPORTED
+        if head in labels
     }
 
 
@@ -146,26 +195,25 @@ def heldout_report(evaluator: Evaluator, *, seed: int = 0, per_style: int = 200)
     """Accuracy per head on held-out sets: clean, degraded as in training, and degraded harder."""
     report: dict[str, Any] = {}
     gen = torch.Generator().manual_seed(10_000 + seed)
-    for name, batch in heldout_sets(seed, per_style).items():
-        clean = to_tensor(batch.images)
-        report[f"{name}, clean"] = accuracy(evaluator, clean, batch) | {"n": len(batch)}
-        degraded = degrade(clean, gen)
-        report[f"{name}, degraded"] = accuracy(evaluator, degraded, batch) | {"n": len(batch)}
+    for name, (images, labels) in heldout_sets(seed, per_style).items():
+        clean = to_tensor(images)
+        n = {"n": len(images)}
+        report[f"{name}, clean"] = accuracy(evaluator, clean, labels) | n
+        report[f"{name}, degraded"] = accuracy(evaluator, degrade(clean, gen), labels) | n
         harsh = degrade(clean, gen, max_blur=1.8, max_noise=0.25, colour_strength=0.12)
-        report[f"{name}, harsher than training"] = accuracy(evaluator, harsh, batch) | {
-            "n": len(batch)
-        }
+        report[f"{name}, harsher than training"] = accuracy(evaluator, harsh, labels) | n
     return report
 
 
 def markdown_table(report: dict[str, Any]) -> str:
-    """The held-out report as a markdown table."""
-    lines = ["| held-out set | images | style | shape | colour |", "|---|---|---|---|---|"]
+    """The held-out report as a markdown table (a dash where a set has no such label)."""
+    lines = [
+        f"| held-out set | images | {' | '.join(REPORTED)} |",
+        "|---|---|" + "---|" * len(REPORTED),
+    ]
     for name, row in report.items():
-        lines.append(
-            f"| {name} | {row['n']} | {row['style']:.3f} | {row['shape']:.3f} "
-            f"| {row['colour']:.3f} |"
-        )
+        cells = " | ".join(f"{row[h]:.3f}" if h in row else "-" for h in REPORTED)
+        lines.append(f"| {name} | {row['n']} | {cells} |")
     return "\n".join(lines)
 
 

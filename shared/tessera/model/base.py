@@ -13,7 +13,14 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tessera.model.facts import TESSERA_FILE, ModelFacts, inspect_model, load_facts, write_facts
+from tessera.model.facts import (
+    TESSERA_FILE,
+    ModelFacts,
+    inspect_model,
+    load_facts,
+    resolve_targets,
+    write_facts,
+)
 from tessera.model.layout import INDEX_FILE, PIXEL_PIPELINE, SOURCE_FILE, ModelLayout, read_layout
 
 if TYPE_CHECKING:
@@ -156,11 +163,11 @@ def default_base_model_path() -> Path:
     return Path(get_settings().base_model)
 
 
-def default_targets() -> str:
-    """The LoRA target preset of this federation (`TESSERA_LORA_TARGETS`)."""
+def default_targets(folder: Path) -> str:
+    """The LoRA target preset of this federation (`TESSERA_LORA_TARGETS`) for `folder`."""
     from tessera.config import get_settings
 
-    return get_settings().lora_targets
+    return resolve_targets(get_settings().lora_targets, folder)
 
 
 def load_base_model(
@@ -188,7 +195,7 @@ def load_base_model(
         noise_scheduler=_training_scheduler(layout),
         vae=vae,
         layout=layout,
-        targets=targets or default_targets(),
+        targets=resolve_targets(targets, folder) if targets else default_targets(folder),
     )
 
 

@@ -286,3 +286,13 @@ def _read_meta(folder: Path) -> dict[str, Any]:
     except json.JSONDecodeError:
         return {}
     return meta
+
+
+def resolve_targets(setting: str, folder: Path | str) -> str:
+    """A LoRA target preset from TESSERA_LORA_TARGETS: `auto` takes the one the model folder
+    recommends in its tessera.json (`"lora": {"targets": ...}`), else `attention`."""
+    if setting != "auto":
+        return setting
+    recommended = _read_meta(Path(folder)).get("lora", {})
+    targets = recommended.get("targets") if isinstance(recommended, dict) else None
+    return targets if targets in PRESETS else "attention"

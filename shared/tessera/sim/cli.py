@@ -3,49 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
-from tessera.sim.run import METHODS, SimConfig, SimReport, simulate
-
-if TYPE_CHECKING:
-    from tessera.stack import StackInfo
-
-
-def run_on_fresh_stack(
-    config: SimConfig,
-    data_dir: Path,
-    *,
-    log: Callable[[str], None] = click.echo,
-    after: Callable[[StackInfo], None] | None = None,
-) -> SimReport:
-    """Start a stack on embedded servers in `data_dir`, simulate, call `after(info)`, stop."""
-    from tessera.demo import demo_settings
-    from tessera.stack import Stack
-
-    shutil.rmtree(data_dir, ignore_errors=True)
-    settings = demo_settings(data_dir, **({"base_model": config.model} if config.model else {}))
-    stack = Stack(settings)
-    try:
-        info = stack.start()
-        log(f"   stack up ({', '.join(info.urls)}); logs in {info.log_dir}")
-        report = simulate(
-            config,
-            aggregator_url=settings.aggregator_url,
-            clustering_url=settings.clustering_url,
-            operator_token=info.operator_token,
-            work_dir=data_dir / "devices",
-            log=log,
-        )
-        if after is not None:
-            after(info)
-        return report
-    finally:
-        stack.stop()
+from tessera.sim.run import METHODS, SimConfig, simulate
+from tessera.sim.stack import run_on_fresh_stack
 
 
 @click.command(name="simulate")

@@ -64,7 +64,8 @@ def init_process(threads: int) -> None:
 
 
 @lru_cache(maxsize=1)
-def _base(model: str) -> BaseModel:
+def cached_base(model: str) -> BaseModel:
+    """The base model of a process, loaded once (`model` empty: TESSERA_BASE_MODEL)."""
     return load_base_model(model or None)
 
 
@@ -80,7 +81,7 @@ def run_device_round(job: DeviceJob) -> DeviceRoundResult:
     from tessera.model.latents import fit_images
     from tessera.sdk.device import DeviceClient
 
-    base = _base(job.model)
+    base = cached_base(job.model)
     profile = _profile(job.style, job.index, job.seed)
     client = DeviceClient(
         aggregator_url=job.aggregator_url,
@@ -98,7 +99,7 @@ def run_device_round(job: DeviceJob) -> DeviceRoundResult:
             synced.start_version_id,
             synced.cluster,
         )
-    batch = profile.samples(job.samples, seed=job.seed * 1000 + job.round_number)
+    batch = profile.samples(job.samples, seed=job.seed)  # the device's own images, every round
     result = client.train(
         to_tensor(batch.images),  # 32x32 renderings; train_lora resizes to the model's size
         client.encode(batch.captions),

@@ -13,8 +13,6 @@ from tessera.lora import LoraAdapter, adapter_from_bytes
 from tessera.model.base import BaseModel
 from tessera.sim.run import SimReport
 
-GRID_PROMPTS = ("a red circle", "a blue square", "a green triangle", "a yellow star")
-
 
 def cluster_table(report: SimReport) -> str:
     """Found clusters against the true styles of their members."""
@@ -43,8 +41,10 @@ def comparison_table(reports: dict[str, SimReport]) -> str:
     return "\n".join(lines)
 
 
-def plot_convergence(reports: dict[str, SimReport], png: Path) -> None:
-    """Held-out loss and style accuracy per round, one line per method."""
+def plot_convergence(
+    reports: dict[str, SimReport], png: Path, *, target: float | None = None
+) -> None:
+    """Held-out loss and style accuracy per round, one line per method (and the target)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,7 +62,9 @@ def plot_convergence(reports: dict[str, SimReport], png: Path) -> None:
         ax.set_xlabel("round")
         ax.set_xticks(rounds)
         ax.legend(fontsize=8)
-    style_ax.set_ylim(0, 1)
+    style_ax.set_ylim(0, 1.02)
+    if target is not None:
+        style_ax.axhline(target, color="grey", linestyle=":", linewidth=1)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png)
@@ -91,25 +93,62 @@ def published_adapters(
     return adapters
 
 
+def cluster_styles(report: SimReport) -> dict[str, str]:
+    """Each found cluster's adapter name and the true style most of its members have."""
+    return {
+        f"cluster:{c['label']}": max(c["true_styles"].items(), key=lambda item: item[1])[0]
+        for c in report.clusters
+        if c["true_styles"]
+    }
+
+
 def generation_grid(
-    base: BaseModel, adapters: dict[str, LoraAdapter], png: Path, seed: int = 0
-) -> list[str]:
-    """Rows: base, each cluster adapter, a 50/50 hybrid of the first two clusters; labels back."""
+    base: BaseModel,
+    adapters: dict[str, LoraAdapter],
+    report: SimReport,
+    png: Path,
+    *,
+    images: int = 16,
+    shown: int = 8,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Rows: base, each cluster's adapter, a 50/50 hybrid of two clusters whose styles combine.
+
+    Every row draws the same `images` prompts and noise; the first `shown` go in the PNG, and
+    all are scored: each cluster row for its style, the hybrid row (and both of its parents)
+    for carrying both styles' attributes.
+    """
+    from tessera.data import caption, cycled_subjects
+    from tessera.data.evaluator import default_evaluator
     from tessera.lora.evidence import save_grid
     from tessera.model.generate import generate
+    from tessera.model.latents import fit_images
+    from tessera.sim.hybrid import hybrid_pair
 
-    prompts = base.prompts.encode(list(GRID_PROMPTS))
-    clusters = sorted(name for name in adapters if name.startswith("cluster:"))
+    subjects = cycled_subjects(images, seed, "sim-grid")
+    prompts = base.prompts.encode([caption(shape, colour) for shape, colour in subjects])
+    styles = {name: style for name, style in cluster_styles(report).items() if name in adapters}
     rows: list[tuple[str, list[tuple[LoraAdapter, float]]]] = [("base", [])]
-    rows += [(name, [(adapters[name], 1.0)]) for name in clusters]
-    if len(clusters) >= 2:
-        a, b = clusters[:2]
-        rows.append((f"{a}+{b}", [(adapters[a], 0.5), (adapters[b], 0.5)]))
-    images: list[torch.Tensor] = []
-    for _, mix in rows:
+    rows += [(f"{name} ({style})", [(adapters[name], 1.0)]) for name, style in styles.items()]
+    by_style = {style: name for name, style in styles.items()}
+    pair = hybrid_pair(tuple(by_style))
+    if pair is not None:
+        a, b = (by_style[style] for style in pair)
+        rows.append((f"50/50 {pair[0]}+{pair[1]}", [(adapters[a], 0.5), (adapters[b], 0.5)]))
+    evaluator = default_evaluator()
+    drawn: dict[str, torch.Tensor] = {}
+    for label, mix in rows:
         result = generate(base, prompts, mix, steps=20, seed=seed).images
         assert result is not None
-        images.append(result)
-    labels = [label for label, _ in rows]
-    save_grid(images, labels, png)
-    return labels
+        drawn[label] = fit_images(result, evaluator.config.image_size)
+    save_grid([rows_images[:shown] for rows_images in drawn.values()], list(drawn), png)
+    scores: dict[str, Any] = {"labels": list(drawn), "style_accuracy": {}}
+    for name, style in styles.items():
+        label = f"{name} ({style})"
+        scores["style_accuracy"][label] = evaluator.evaluate(drawn[label], style=style).style_share
+    if pair is not None:
+        hybrid = evaluator.hybrid(drawn[rows[-1][0]], pair).to_dict()
+        hybrid["first_alone"] = evaluator.hybrid(drawn[f"{a} ({pair[0]})"], pair).carries_both
+        hybrid["second_alone"] = evaluator.hybrid(drawn[f"{b} ({pair[1]})"], pair).carries_both
+        scores["hybrid"], scores["hybrid_label"] = hybrid, rows[-1][0]
+    return scores

@@ -5,6 +5,10 @@ Methods:
 - `fedavg`: cluster-aware, but A and B averaged separately (the generic-FL maths);
 - `global`: one adapter for everybody by plain FedAvg (what generic FL frameworks give);
 - `local`: no federation: each device keeps training its own adapter.
+
+Each device owns a few images (`samples`, the same every round) drawn from its style with its
+personal variation, and spends the same budget in every method: `steps` at `batch_size` per
+round, from the adapter it was served.
 """
 
 from __future__ import annotations
@@ -42,9 +46,10 @@ class SimConfig:
     batch_size: int = 8
     lr: float = 5e-3
     rank: int = 8
-    samples: int = 32
+    samples: int = 32  # the device's own images, the same in every round
     eval_images: int = 8
     eval_steps: int = 20
+    hybrid_images: int = 0  # per round, images of a 50/50 blend of two styles' adapters
     lam: float = 0.2
     temperature: float = 0.1
     workers: int = 2
@@ -86,6 +91,7 @@ class RoundReport:
     bytes_down_per_device: float
     seconds: float
     published: list[str] = field(default_factory=list)
+    hybrid: dict[str, Any] | None = None  # HybridScores of the blend, when measured
 
 
 @dataclass
@@ -99,6 +105,10 @@ class SimReport:
     rounds: list[RoundReport]
     seconds: float
 
+    def rounds_to(self, style_accuracy: float) -> int | None:
+        """The first round whose style accuracy reaches the target, None if none does."""
+        return next((r.round for r in self.rounds if r.style_accuracy >= style_accuracy), None)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON."""
         return asdict(self)
@@ -110,6 +120,7 @@ class Operator:
     def __init__(self, *, aggregator_url: str, clustering_url: str, token: str):
         self.aggregator = httpx.Client(base_url=aggregator_url, timeout=60)
         self.clustering = httpx.Client(base_url=clustering_url, timeout=120)
+        self.token = token
         self.headers = {"Authorization": f"Bearer {token}"}
 
     def _ok(self, response: httpx.Response) -> Any:
@@ -205,6 +216,8 @@ def simulate(
                 state = operator.wait_published(round_id)
                 published = [f"{v['name']} v{v['version']}" for v in state["published"]]
             report = _summarise(number, results, time.perf_counter() - round_started, published)
+            if config.hybrid_images:
+                report.hybrid = _hybrid(config, styles, devices, found, operator, work_dir)
             reports.append(report)
             log(
                 f"   round {number}: held-out loss {report.heldout_loss:.4f}, style accuracy "
@@ -223,6 +236,51 @@ def simulate(
         rounds=reports,
         seconds=time.perf_counter() - started,
     )
+
+
+def _hybrid(
+    config: SimConfig,
+    styles: tuple[str, ...],
+    devices: list[Device],
+    found: dict[int, int],
+    operator: Operator,
+    work_dir: Path,
+) -> dict[str, Any] | None:
+    """Score a 50/50 blend of the adapters two styles' devices are served this round."""
+    from tessera.sim.devices import cached_base
+    from tessera.sim.hybrid import hybrid_pair, hybrid_score, style_adapter
+    from tessera.sim.report import published_adapters
+
+    pair = hybrid_pair(styles)
+    if pair is None:
+        return None
+    base = cached_base(config.model)
+    published = {}
+    if config.method != "local":
+        published = published_adapters(str(operator.aggregator.base_url), operator.token, base)
+    members = [(d.name, d.style, found.get(d.client_id)) for d in devices]
+    adapters = [
+        style_adapter(
+            style,
+            method=config.method,
+            members=members,
+            published=published,
+            work_dir=work_dir,
+            base=base,
+        )
+        for style in pair
+    ]
+    if adapters[0] is None or adapters[1] is None:
+        return None
+    scores = hybrid_score(
+        base,
+        (adapters[0], adapters[1]),
+        pair,
+        images=config.hybrid_images,
+        steps=config.eval_steps,
+        seed=config.seed,
+    )
+    return scores.to_dict()
 
 
 def _enrol(
