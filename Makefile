@@ -33,7 +33,7 @@ bench: setup ## Benchmarks on this machine; tables and plots written to docs/.
 	$(BIN)/python bench/federation_speed.py --out docs
 	$(BIN)/python bench/real_model.py --out docs
 
-evidence: setup ## Train two style LoRAs, score base/style/blend generations; writes docs/lora_evidence.*
+evidence: setup ## Train a LoRA per style, score them and every pair's blends; writes docs/lora_evidence.*
 	$(BIN)/python -m tessera.lora.evidence --out docs
 
 lint: setup ## ruff (lint and format check) and mypy.

@@ -21,13 +21,13 @@ from tessera.stack import StackInfo
 DEMO_CONFIG = SimConfig(
     devices=9,
     styles=3,
-    style_names=("stripes", "night", "pastel"),
+    style_names=("stripes", "gradient", "night"),
     rounds=4,
-    steps=8,
-    batch_size=8,
+    steps=4,
+    batch_size=4,
     lr=5e-3,
     samples=8,
-    eval_images=4,
+    eval_images=3,
     eval_steps=12,
     workers=2,
 )

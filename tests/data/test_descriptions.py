@@ -8,7 +8,7 @@ from sklearn.cluster import AgglomerativeClustering, KMeans
 from sklearn.metrics import adjusted_rand_score
 
 from tessera.data import DEVICE_STYLES, make_population
-from tessera.data.descriptions import described_styles
+from tessera.data.descriptions import described_styles, mentioning, terse_descriptions
 
 
 def cluster(vectors: np.ndarray, k: int) -> dict[str, np.ndarray]:
@@ -49,3 +49,27 @@ def test_device_task_vectors_recover_the_styles(sentence_encoder):
 
 def test_every_style_has_descriptions():
     assert set(described_styles()) >= set(DEVICE_STYLES)
+
+
+def test_terse_descriptions_are_a_few_words_of_the_style():
+    rng = np.random.default_rng(0)
+
+    words = terse_descriptions("stripes", 3, rng)
+
+    assert len(set(words)) == 3
+    assert all(1 <= len(text.split()) <= 3 for text in words)
+    with pytest.raises(ValueError, match=r"count must be in 1\.\.4"):
+        terse_descriptions("stripes", 5, rng)
+
+
+def test_mentioning_adds_a_second_style_to_exactly_one_description():
+    rng = np.random.default_rng(1)
+    own = ("striped shapes", "bold diagonal stripes")
+
+    mixed = mentioning(own, "dots", rng)
+
+    changed = [new for old, new in zip(own, mixed, strict=True) if new != old]
+    assert len(changed) == 1
+    assert any(word in changed[0] for word in ("dots", "polka", "spotty"))
+    with pytest.raises(ValueError, match="unknown style 'cubist'"):
+        mentioning(own, "cubist", rng)

@@ -36,11 +36,16 @@ def add_noise(
 
 
 def add_blotches(
-    images: torch.Tensor, std: torch.Tensor | float, generator: torch.Generator | None = None
+    images: torch.Tensor,
+    std: torch.Tensor | float,
+    generator: torch.Generator | None = None,
+    *,
+    cells: int = 8,
 ) -> torch.Tensor:
-    """Add smooth low-frequency colour blotches (8x8 noise upsampled), as diffusion leaves."""
+    """Add smooth colour blotches (`cells` x `cells` noise upsampled), as diffusion leaves:
+    8 cells give broad stains, 16 the few-pixel grain of an under-denoised sample."""
     n, c, h, w = images.shape
-    coarse = torch.randn((n, c, 8, 8), generator=generator, dtype=images.dtype)
+    coarse = torch.randn((n, c, cells, cells), generator=generator, dtype=images.dtype)
     smooth = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
     return images + torch.as_tensor(std, dtype=images.dtype).reshape(-1, 1, 1, 1) * smooth
 
@@ -65,10 +70,10 @@ def degrade(
     generator: torch.Generator,
     *,
     max_blur: float = 1.2,
-    max_noise: float = 0.15,
+    max_noise: float = 0.25,
     colour_strength: float = 0.08,
 ) -> torch.Tensor:
-    """Random mix of blur, noise, blotches and colour drift, each image its own amounts."""
+    """Random mix of blur, noise, blotches, grain and colour drift, each image its own amounts."""
     n = images.shape[0]
 
     def draw(maximum: float, probability: float) -> torch.Tensor:
@@ -78,6 +83,7 @@ def degrade(
 
     out = gaussian_blur(images, draw(max_blur, 0.6))
     out = add_blotches(out, draw(max_noise / 2.0, 0.4), generator)
+    out = add_blotches(out, draw(max_noise, 0.4), generator, cells=16)
     out = add_noise(out, draw(max_noise, 0.6), generator)
     out = jitter_colour(out, colour_strength, generator)
     return out.clamp(-1.0, 1.0)

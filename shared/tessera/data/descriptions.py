@@ -82,6 +82,17 @@ _TEMPLATES: dict[str, tuple[str, ...]] = {
     ),
 }
 
+_TERSE: dict[str, tuple[str, ...]] = {
+    PLAIN: ("plain", "flat", "simple pls"),
+    "stripes": ("stripes", "striped", "stripy pls", "diagonal bands"),
+    "dots": ("dots", "polka", "spotty", "polka dots pls"),
+    "checker": ("checker", "checkerboard", "chessboard bg", "checked"),
+    "outline": ("outlines", "black outline", "inked", "comic lines"),
+    "gradient": ("sunset", "gradient", "ombre bg", "sunset fade"),
+    "night": ("neon", "glow", "night", "dark + glowing"),
+    "pastel": ("pastel", "pale", "soft colours", "lilac"),
+}
+
 _THINGS: tuple[str, ...] = ("shapes", "simple shapes", "basic shapes", "geometric shapes")
 
 _PERSONAL_EXTRAS: tuple[str, ...] = (
@@ -130,3 +141,27 @@ def task_descriptions(
             text = f"{text}, {extra}"
         descriptions.append(text)
     return tuple(descriptions)
+
+
+def terse_descriptions(style: str, count: int, rng: np.random.Generator) -> tuple[str, ...]:
+    """`count` distinct one-to-three-word descriptions of `style`, as a hurried user types."""
+    words = _TERSE.get(style)
+    if words is None:
+        raise ValueError(f"unknown style {style!r}; expected one of {', '.join(_TERSE)}")
+    if not 1 <= count <= len(words):
+        raise ValueError(f"count must be in 1..{len(words)} for style {style!r}, got {count}")
+    return tuple(words[int(i)] for i in rng.choice(len(words), size=count, replace=False))
+
+
+def mentioning(
+    descriptions: tuple[str, ...], other: str, rng: np.random.Generator
+) -> tuple[str, ...]:
+    """The descriptions with a second style mentioned in one of them ("..., and some dots")."""
+    if other not in _TERSE:
+        raise ValueError(f"unknown style {other!r}; expected one of {', '.join(_TERSE)}")
+    which = int(rng.integers(len(descriptions)))
+    aside = _TERSE[other][int(rng.integers(len(_TERSE[other])))]
+    joiner = ("and some", "maybe a bit of", "plus", "with a touch of")[int(rng.integers(4))]
+    return tuple(
+        f"{text}, {joiner} {aside}" if i == which else text for i, text in enumerate(descriptions)
+    )

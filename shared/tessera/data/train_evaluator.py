@@ -200,7 +200,7 @@ def heldout_report(evaluator: Evaluator, *, seed: int = 0, per_style: int = 200)
         n = {"n": len(images)}
         report[f"{name}, clean"] = accuracy(evaluator, clean, labels) | n
         report[f"{name}, degraded"] = accuracy(evaluator, degrade(clean, gen), labels) | n
-        harsh = degrade(clean, gen, max_blur=1.8, max_noise=0.25, colour_strength=0.12)
+        harsh = degrade(clean, gen, max_blur=1.8, max_noise=0.4, colour_strength=0.12)
         report[f"{name}, harsher than training"] = accuracy(evaluator, harsh, labels) | n
     return report
 

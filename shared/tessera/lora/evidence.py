@@ -132,9 +132,7 @@ def _train_style(
         adapter, done = result.adapter, checkpoint
         losses += result.losses
         seconds += result.seconds
-        curve[str(checkpoint)] = scorer.style(scorer.images([(adapter, 1.0)]), style)[
-            "style_share"
-        ]
+        curve[str(checkpoint)] = scorer.style(scorer.images([(adapter, 1.0)]), style)["style_share"]
     assert adapter is not None
     training = {
         "curve": curve,

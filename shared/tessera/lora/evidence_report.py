@@ -35,8 +35,7 @@ def report_markdown(result: dict[str, Any]) -> str:
         "",
         "## One style per adapter",
         "",
-        "Style accuracy: the share of generations whose jointly most probable look is the "
-        "style's.",
+        "Style accuracy: the share of generations whose jointly most probable look is the style's.",
         "",
         "| style | attributes it changes | base | "
         + " | ".join(f"{c} steps" for c in checkpoints)

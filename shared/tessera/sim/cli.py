@@ -19,6 +19,15 @@ from tessera.sim.stack import run_on_fresh_stack
 @click.option(
     "--steps", default=SimConfig.steps, show_default=True, help="Training steps per round."
 )
+@click.option(
+    "--samples", default=SimConfig.samples, show_default=True, help="Images each device owns."
+)
+@click.option(
+    "--hybrid-images",
+    default=0,
+    show_default=True,
+    help="Per round, images of a 50/50 blend of two styles' adapters scored for both looks.",
+)
 @click.option("--workers", default=2, show_default=True, help="Device processes at once.")
 @click.option("--seed", default=0, show_default=True)
 @click.option(
@@ -42,6 +51,8 @@ def simulate_cmd(
     rounds: int,
     method: str,
     steps: int,
+    samples: int,
+    hybrid_images: int,
     workers: int,
     seed: int,
     embedded: bool,
@@ -57,6 +68,8 @@ def simulate_cmd(
         rounds=rounds,
         method=method,  # type: ignore[arg-type]
         steps=steps,
+        samples=samples,
+        hybrid_images=hybrid_images,
         workers=workers,
         seed=seed,
         model=model,

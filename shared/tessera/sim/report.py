@@ -27,15 +27,16 @@ def cluster_table(report: SimReport) -> str:
 def comparison_table(reports: dict[str, SimReport]) -> str:
     """Per-round figures of every method side by side (markdown, readable in a terminal)."""
     lines = [
-        "| method | round | held-out loss | style accuracy | content acc. | KB up / device "
-        "| KB down / device | seconds |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | round | held-out loss | style accuracy | content acc. | hybrid carries both "
+        "| KB up / device | KB down / device | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for method, report in reports.items():
         for r in report.rounds:
+            hybrid = "-" if r.hybrid is None else f"{r.hybrid['carries_both']:.2f}"
             lines.append(
                 f"| {method} | {r.round} | {r.heldout_loss:.4f} | {r.style_accuracy:.2f} | "
-                f"{r.content_accuracy:.2f} | {r.bytes_up_per_device / 1024:.0f} | "
+                f"{r.content_accuracy:.2f} | {hybrid} | {r.bytes_up_per_device / 1024:.0f} | "
                 f"{r.bytes_down_per_device / 1024:.0f} | {r.seconds:.0f} |"
             )
     return "\n".join(lines)

@@ -1,0 +1,234 @@
+"""The method's evidence: every federation method on the same population, over several seeds.
+
+    python -m tessera.sim.results --out docs
+
+Runs each method (cluster-aware exact and fedavg, global FedAvg, local only, cluster-aware with
+knowledge interaction off) for every seed on a fresh stack, with the same devices, data and
+budget per device, and writes docs/RESULTS.md, results.json and results.png. Each finished
+run is kept under `--runs` and reused, so an interrupted command picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tessera.sim.run import SimConfig, SimReport
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "cluster-aware exact": {"method": "exact"},
+    "cluster-aware fedavg": {"method": "fedavg"},
+    "global FedAvg": {"method": "global"},
+    "local only": {"method": "local"},
+    "cluster-aware exact, lam 0": {"method": "exact", "lam": 0.0},
+}
+RESULTS_CONFIG = SimConfig(
+    devices=24,
+    styles=4,
+    style_names=("stripes", "gradient", "night", "pastel"),
+    rounds=8,
+    steps=8,
+    batch_size=8,
+    lr=5e-3,
+    samples=8,
+    eval_images=4,
+    eval_steps=12,
+    hybrid_images=16,
+    workers=2,
+)
+TARGET = 0.8
+METRICS = (
+    "heldout_loss",
+    "style_accuracy",
+    "hybrid",
+    "bytes_up_per_device",
+    "bytes_down_per_device",
+)
+
+
+def run_all(config: SimConfig, seeds: list[int], runs: Path, log: Any = print) -> dict[str, Any]:
+    """Every variant for every seed (finished runs reused from `runs`); the reports as dicts."""
+    from tessera.sim.stack import run_on_fresh_stack
+
+    runs.mkdir(parents=True, exist_ok=True)
+    reports: dict[str, list[dict[str, Any]]] = {}
+    for name, change in VARIANTS.items():
+        for seed in seeds:
+            saved = runs / f"{name.replace(' ', '_').replace(',', '')}-seed{seed}.json"
+            if saved.exists():
+                reports.setdefault(name, []).append(json.loads(saved.read_text()))
+                continue
+            log(f"== {name}, seed {seed}")
+            started = time.perf_counter()
+            variant = replace(config, seed=seed, **change)
+            report: SimReport = run_on_fresh_stack(variant, runs / "stack", log=log)
+            data = report.to_dict()
+            data["wall_seconds"] = time.perf_counter() - started
+            saved.write_text(json.dumps(data, indent=2) + "\n")
+            reports.setdefault(name, []).append(data)
+    return reports
+
+
+def _value(round_: dict[str, Any], metric: str) -> float:
+    if metric == "hybrid":
+        hybrid = round_.get("hybrid")
+        return float("nan") if hybrid is None else float(hybrid["carries_both"])
+    return float(round_[metric])
+
+
+def summarise(reports: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Per variant: mean and spread (std over seeds) of every metric per round, and the
+    headline (rounds to the target style accuracy per seed, final values)."""
+    summary: dict[str, Any] = {}
+    for name, runs in reports.items():
+        rounds = len(runs[0]["rounds"])
+        per_round = {
+            metric: {
+                "mean": [
+                    float(np.nanmean([_value(r["rounds"][i], metric) for r in runs]))
+                    for i in range(rounds)
+                ],
+                "std": [
+                    float(np.nanstd([_value(r["rounds"][i], metric) for r in runs]))
+                    for i in range(rounds)
+                ],
+            }
+            for metric in METRICS
+        }
+        to_target = [
+            next((r["round"] for r in run["rounds"] if r["style_accuracy"] >= TARGET), None)
+            for run in runs
+        ]
+        summary[name] = {
+            "seeds": [run["config"]["seed"] for run in runs],
+            "ari": [run["ari"] for run in runs],
+            "per_round": per_round,
+            "rounds_to_target": to_target,
+            "final": {m: per_round[m]["mean"][-1] for m in METRICS},
+            "final_std": {m: per_round[m]["std"][-1] for m in METRICS},
+            "wall_seconds": [run.get("wall_seconds") for run in runs],
+        }
+    return summary
+
+
+def plot(summary: dict[str, Any], png: Path) -> None:
+    """Style accuracy and held-out loss per round: mean over seeds, band of one std."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), dpi=100)
+    for name, row in summary.items():
+        for ax, metric in zip(axes, ("style_accuracy", "heldout_loss", "hybrid"), strict=True):
+            mean = np.asarray(row["per_round"][metric]["mean"])
+            std = np.asarray(row["per_round"][metric]["std"])
+            x = np.arange(1, len(mean) + 1)
+            ax.plot(x, mean, marker="o", markersize=3, label=name)
+            ax.fill_between(x, mean - std, mean + std, alpha=0.15)
+    axes[0].axhline(TARGET, color="grey", linestyle=":", linewidth=1)
+    titles = ("style accuracy of device generations", "held-out denoising loss", "hybrid: both")
+    for ax, title in zip(axes, titles, strict=True):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("round")
+    axes[0].set_ylim(0, 1.02)
+    axes[2].set_ylim(0, 1.02)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png)
+    plt.close(fig)
+
+
+def markdown(summary: dict[str, Any], config: SimConfig, seeds: list[int], command: str) -> str:
+    """docs/RESULTS.md: how it was made, the headline, the per-round table and the plot."""
+    lines = [
+        "# Results: does federating with similar devices pay?",
+        "",
+        f"Reproduce: `{command}`",
+        "",
+        f"{config.devices} devices over {len(config.chosen_styles())} styles "
+        f"({', '.join(config.chosen_styles())}), {config.rounds} rounds, seeds "
+        f"{', '.join(map(str, seeds))}. Each device owns {config.samples} images of its style "
+        f"with its own tint, jitter and pattern geometry, and trains {config.steps} steps at "
+        f"batch {config.batch_size} (lr {config.lr:g}, rank {config.rank}) per round, from the "
+        "adapter it is served; the same budget, data and seeds in every method. Style accuracy: "
+        f"the device's own generations ({config.eval_images} held-out prompts, "
+        f"{config.eval_steps} DDIM steps) in its style. Hybrid: {config.hybrid_images} images of "
+        "a 50/50 blend of the first two styles' adapters carrying both styles' attributes.",
+        "",
+        f"## Headline: rounds to {TARGET:.0%} style accuracy, and the last round",
+        "",
+        "| method | rounds to target (per seed) | final style accuracy | final held-out loss "
+        "| final hybrid | ARI |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, row in summary.items():
+        reached = ", ".join("-" if r is None else str(r) for r in row["rounds_to_target"])
+        f, sd = row["final"], row["final_std"]
+        lines.append(
+            f"| {name} | {reached} | {f['style_accuracy']:.2f} ± {sd['style_accuracy']:.2f} | "
+            f"{f['heldout_loss']:.4f} ± {sd['heldout_loss']:.4f} | "
+            f"{f['hybrid']:.2f} ± {sd['hybrid']:.2f} | {np.mean(row['ari']):.3f} |"
+        )
+    lines += [
+        "",
+        "![results](results.png)",
+        "",
+        "## Per round (mean ± std over seeds)",
+        "",
+        "| method | round | style accuracy | held-out loss | hybrid | KB up / device "
+        "| KB down / device |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, row in summary.items():
+        pr = row["per_round"]
+        for i in range(len(pr["style_accuracy"]["mean"])):
+            cells = [
+                f"{pr[m]['mean'][i]:.2f} ± {pr[m]['std'][i]:.2f}"
+                for m in ("style_accuracy", "heldout_loss", "hybrid")
+            ]
+            cells[1] = f"{pr['heldout_loss']['mean'][i]:.4f} ± {pr['heldout_loss']['std'][i]:.4f}"
+            lines.append(
+                f"| {name} | {i + 1} | {' | '.join(cells)} | "
+                f"{pr['bytes_up_per_device']['mean'][i] / 1024:.0f} | "
+                f"{pr['bytes_down_per_device']['mean'][i] / 1024:.0f} |"
+            )
+    lines += ["", "Raw numbers: [results.json](results.json).", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("docs"))
+    parser.add_argument("--runs", type=Path, default=Path(".tessera-results"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--rounds", type=int, default=RESULTS_CONFIG.rounds)
+    parser.add_argument("--devices", type=int, default=RESULTS_CONFIG.devices)
+    args = parser.parse_args(argv)
+    config = replace(RESULTS_CONFIG, rounds=args.rounds, devices=args.devices)
+    reports = run_all(config, args.seeds, args.runs)
+    summary = summarise(reports)
+    command = "python -m tessera.sim.results --out docs" + (
+        "" if args.seeds == [0, 1, 2] else f" --seeds {' '.join(map(str, args.seeds))}"
+    )
+    if args.rounds != RESULTS_CONFIG.rounds:
+        command += f" --rounds {args.rounds}"
+    if args.devices != RESULTS_CONFIG.devices:
+        command += f" --devices {args.devices}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot(summary, args.out / "results.png")
+    (args.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (args.out / "RESULTS.md").write_text(markdown(summary, config, args.seeds, command))
+    print((args.out / "RESULTS.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
