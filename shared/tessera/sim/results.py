@@ -82,6 +82,14 @@ def _value(round_: dict[str, Any], metric: str) -> float:
     return float(round_[metric])
 
 
+def _spread(values: list[float]) -> tuple[float, float]:
+    """Mean and std over seeds of the values measured (NaN where none was)."""
+    measured = [v for v in values if not np.isnan(v)]
+    if not measured:
+        return float("nan"), float("nan")
+    return float(np.mean(measured)), float(np.std(measured))
+
+
 def summarise(reports: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Per variant: mean and spread (std over seeds) of every metric per round, and the
     headline (rounds to the target style accuracy per seed, final values)."""
@@ -91,11 +99,11 @@ def summarise(reports: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         per_round = {
             metric: {
                 "mean": [
-                    float(np.nanmean([_value(r["rounds"][i], metric) for r in runs]))
+                    _spread([_value(r["rounds"][i], metric) for r in runs])[0]
                     for i in range(rounds)
                 ],
                 "std": [
-                    float(np.nanstd([_value(r["rounds"][i], metric) for r in runs]))
+                    _spread([_value(r["rounds"][i], metric) for r in runs])[1]
                     for i in range(rounds)
                 ],
             }

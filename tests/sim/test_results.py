@@ -1,0 +1,55 @@
+"""The results runner's summary: means and spreads over seeds, rounds to target, the page."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tessera.sim.results import RESULTS_CONFIG, VARIANTS, markdown, plot, summarise
+
+
+def fake_run(seed: int, accuracies: list[float], loss: float) -> dict:
+    rounds = [
+        {
+            "round": i + 1,
+            "heldout_loss": loss / (i + 1),
+            "style_accuracy": accuracy,
+            "hybrid": {"carries_both": accuracy / 2} if i else None,
+            "bytes_up_per_device": 1024.0,
+            "bytes_down_per_device": 2048.0 if i else 0.0,
+        }
+        for i, accuracy in enumerate(accuracies)
+    ]
+    return {"config": {"seed": seed}, "ari": 1.0, "rounds": rounds, "wall_seconds": 1.0}
+
+
+def test_summary_averages_seeds_and_counts_rounds_to_the_target(tmp_path: Path) -> None:
+    reports = {
+        "cluster-aware exact": [fake_run(0, [0.5, 0.9], 0.2), fake_run(1, [0.7, 0.7], 0.4)],
+        "global FedAvg": [fake_run(0, [0.5, 0.6], 0.3), fake_run(1, [0.5, 0.5], 0.3)],
+    }
+
+    summary = summarise(reports)
+
+    ours = summary["cluster-aware exact"]
+    assert ours["rounds_to_target"] == [2, None]
+    assert ours["per_round"]["style_accuracy"]["mean"] == pytest.approx([0.6, 0.8])
+    assert ours["per_round"]["style_accuracy"]["std"] == pytest.approx([0.1, 0.1])
+    assert ours["per_round"]["hybrid"]["mean"][1] == pytest.approx(0.4)  # round 1 had none
+    assert ours["final"]["heldout_loss"] == pytest.approx(0.15)
+    assert summary["global FedAvg"]["rounds_to_target"] == [None, None]
+    page = markdown(summary, RESULTS_CONFIG, [0, 1], "python -m tessera.sim.results")
+    assert "Reproduce: `python -m tessera.sim.results`" in page
+    assert "| cluster-aware exact | 2, - | 0.80 ± 0.10 |" in page
+    plot(summary, tmp_path / "results.png")
+    assert (tmp_path / "results.png").stat().st_size > 10_000
+
+
+def test_every_method_the_issue_names_is_a_variant() -> None:
+    methods = {(v["method"], v.get("lam")) for v in VARIANTS.values()}
+
+    assert methods == {("exact", None), ("fedavg", None), ("global", None), ("local", None),
+                       ("exact", 0.0)}  # fmt: skip
+    assert RESULTS_CONFIG.devices == 24 and len(RESULTS_CONFIG.chosen_styles()) == 4
+    assert RESULTS_CONFIG.rounds == 8
