@@ -188,7 +188,7 @@ def _train(base: BaseModel, style: str, steps: int, lr: float) -> LoraAdapter:
     captions = base.prompts.encode(data.captions).embeds
     images = to_tensor(data.images)
     return train_lora(
-        base, images, captions, rank=8, alpha=8.0, steps=steps, lr=lr, batch_size=16, seed=0
+        base, images, captions, rank=8, alpha=8.0, steps=steps, lr=lr, batch_size=8, seed=0
     ).adapter
 
 
@@ -210,7 +210,7 @@ def test_a_hybrid_of_two_trained_cluster_adapters_carries_both_styles(
 
     styles = {"gradient": ("cluster:0", 0.5), "stripes": ("cluster:1", 0.5)}
     for style, (name, _) in styles.items():
-        publish(sessions, store, name, _train(base_model, style, steps=100, lr=5e-3))
+        publish(sessions, store, name, _train(base_model, style, steps=40, lr=5e-3))
     subjects = eval_subjects(2, seed=0)
     prompts = base_model.prompts.encode([caption(s, c) for s, c in subjects]).embeds
     mix = [{"adapter": name, "weight": weight} for name, weight in styles.values()]

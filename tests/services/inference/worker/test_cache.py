@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from services.inference.worker.cache import AdapterCache, UnknownVersionError
 from services.inference.worker.listener import AdapterEventListener
 from tessera.config import Settings
-from tessera.lora import LoraSpec, random_adapter
+from tessera.lora import LoraSpec, adapter_from_bytes, adapter_to_bytes, random_adapter
 from tessera.lora.adapter import A_SUFFIX
 from tessera.lora.mixing import tensor_bytes
 from tessera.metrics import (
@@ -178,7 +178,8 @@ def test_a_published_version_replaces_the_old_one_but_not_under_a_running_job(
     assert cache.resolve("cluster:0") == old.version_id
     in_flight = cache.mix([(old.version_id, 1.0)])  # what a running job holds
 
-    new = publish(sessions, store, "cluster:0", random_adapter(spec, RANK, 4.0, seed=6, std=0.2))
+    new_adapter = random_adapter(spec, RANK, 4.0, seed=6, std=0.2)
+    new = publish(sessions, store, "cluster:0", new_adapter)
     cache.refresh(new.event(round_id=0))
 
     assert cache.resolve("cluster:0") == new.version_id
@@ -187,9 +188,12 @@ def test_a_published_version_replaces_the_old_one_but_not_under_a_running_job(
     # The job in flight still runs on the old version: it holds the old tensors.
     prompt = tokens(2).float()
     with_held = generate(base_model, prompt, steps=3, seed=1, merged=in_flight.active).images
-    with_old = generate(base_model, prompt, [(old_adapter, 1.0)], steps=3, seed=1).images
-    assert with_held is not None and with_old is not None
-    torch.testing.assert_close(with_held, with_old, atol=2e-3, rtol=0)  # fp16 on the wire
+    as_published = adapter_from_bytes(adapter_to_bytes(old_adapter), spec)  # fp16 on the wire
+    with_old = generate(base_model, prompt, [(as_published, 1.0)], steps=3, seed=1).images
+    with_new = generate(base_model, prompt, [(new_adapter, 1.0)], steps=3, seed=1).images
+    assert with_held is not None and with_old is not None and with_new is not None
+    torch.testing.assert_close(with_held, with_old, atol=1e-4, rtol=0)
+    assert (with_held - with_new).abs().max() > 1e-2
 
 
 def test_the_listener_refreshes_the_cache_on_a_published_event(
