@@ -17,9 +17,10 @@ pytestmark = pytest.mark.slow
 
 # The demo's federation with two devices per style instead of three (to keep the suite short)
 # and twice the evaluation images (the style accuracy of 18 images moves by 0.1 from round to
-# round). In the demo runs measured for docs/federation.md, cluster-aware devices averaged 0.1
-# to 0.2 more style accuracy than global FedAvg's over rounds 2-4 and ended with a held-out loss
-# 10-15% lower; the margin asserted is below that spread.
+# round). In the two demo configurations measured (9 devices, docs/federation.md; and 6 devices
+# at 3 steps a round), cluster-aware devices averaged 0.10 and 0.16 more style accuracy than
+# global FedAvg's over rounds 2-4 and ended with a held-out loss 16% lower; the margin asserted
+# is half the smaller gap.
 METHOD = replace(DEMO_CONFIG, devices=6, eval_images=6, seed=0)
 MARGIN = 0.05
 
