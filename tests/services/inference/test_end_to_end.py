@@ -248,6 +248,6 @@ def test_a_hybrid_of_two_trained_cluster_adapters_carries_both_styles(
     base = default_evaluator().hybrid(base_images, pair)
 
     print(f"hybrid: {hybrid}; base model: {base}")
-    assert hybrid.carries_both >= 0.25, hybrid
+    assert hybrid.carries_both >= 0.5, hybrid  # measured 0.75
     assert base.carries_both == 0.0, base
     assert hybrid.carries_first > base.carries_first and hybrid.carries_second > 0.25
