@@ -155,8 +155,9 @@ def _pair(
     evaluator = scorer.evaluator
     conflicting = LOOKS[first].combined(LOOKS[second]) is None
     weights = [(0.5, 0.5)] if conflicting else list(BLEND_WEIGHTS)
-    rows: dict[str, dict[str, Any]] = {f"{first} alone": {}}
-    rows[f"{first} alone"] = evaluator.hybrid(alone[first], pair).to_dict()
+    rows: dict[str, dict[str, Any]] = {
+        f"{first} alone": evaluator.hybrid(alone[first], pair).to_dict()
+    }
     images: dict[str, torch.Tensor] = {}
     for a, b in weights:
         label = f"{a:g}/{b:g}"

@@ -96,19 +96,12 @@ def summarise(reports: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for name, runs in reports.items():
         rounds = len(runs[0]["rounds"])
-        per_round = {
-            metric: {
-                "mean": [
-                    _spread([_value(r["rounds"][i], metric) for r in runs])[0]
-                    for i in range(rounds)
-                ],
-                "std": [
-                    _spread([_value(r["rounds"][i], metric) for r in runs])[1]
-                    for i in range(rounds)
-                ],
-            }
-            for metric in METRICS
-        }
+        per_round: dict[str, dict[str, list[float]]] = {}
+        for metric in METRICS:
+            spreads = [
+                _spread([_value(r["rounds"][i], metric) for r in runs]) for i in range(rounds)
+            ]
+            per_round[metric] = {"mean": [m for m, _ in spreads], "std": [sd for _, sd in spreads]}
         to_target = [
             next((r["round"] for r in run["rounds"] if r["style_accuracy"] >= TARGET), None)
             for run in runs
