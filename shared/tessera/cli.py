@@ -263,11 +263,19 @@ def _base_lora_spec(folder: Path | None) -> LoraSpec:
 
 @main.command()
 @click.option("--data-dir", default=".tessera-demo", show_default=True, help="Scratch folder.")
-def demo(data_dir: str) -> None:
+@click.option(
+    "--docs",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Also write federation.md and its two images here (the committed docs/ page).",
+)
+def demo(data_dir: str, docs: Path | None) -> None:
     """Run the whole system on embedded defaults, show it working, and stop it."""
-    from tessera.demo import run_demo
+    from tessera.demo import run_demo, write_docs
 
-    run_demo(data_dir)
+    result = run_demo(data_dir)
+    if docs is not None:
+        write_docs(result, Path(data_dir) / "output", docs)
 
 
 main.add_command(device_group)

@@ -19,7 +19,7 @@ from tessera.sim.run import SimConfig, SimReport
 from tessera.stack import StackInfo
 
 DEMO_CONFIG = SimConfig(
-    devices=9,
+    devices=6,
     styles=3,
     style_names=("stripes", "gradient", "night"),
     rounds=4,
@@ -42,6 +42,7 @@ TARGET = 0.8  # style accuracy the demo's headline counts rounds to
 def run_demo(data_dir: str, config: SimConfig = DEMO_CONFIG) -> dict[str, Any]:
     """Simulate the federation once per method on fresh stacks; print and write the results."""
     from tessera.sim.report import cluster_table, comparison_table, plot_convergence
+    from tessera.sim.run import device_pool
     from tessera.sim.stack import run_on_fresh_stack
 
     folder = Path(data_dir).resolve()
@@ -59,16 +60,18 @@ def run_demo(data_dir: str, config: SimConfig = DEMO_CONFIG) -> dict[str, Any]:
         f"round, for {config.rounds} rounds, in every method",
         bold=True,
     )
-    for method, title in DEMO_METHODS.items():
-        click.secho(f"== {title}, on a fresh stack (Valkey, SeaweedFS, SQLite)", bold=True)
-        run_config = replace(config, method=method)  # type: ignore[arg-type]
-        after = None
-        if method == "exact":
+    with device_pool(config.workers) as pool:
+        for method, title in DEMO_METHODS.items():
+            where = "no server" if method == "local" else "a fresh stack (Valkey, S3, SQLite)"
+            click.secho(f"== {title}, on {where}", bold=True)
+            run_config = replace(config, method=method)  # type: ignore[arg-type]
+            after = None
+            if method == "exact":
 
-            def after(info: StackInfo, report: SimReport, report_dir: Path = output) -> None:
-                grid.update(_grid(info, report, report_dir))
+                def after(info: StackInfo, report: SimReport, report_dir: Path = output) -> None:
+                    grid.update(_grid(info, report, report_dir))
 
-        reports[title] = run_on_fresh_stack(run_config, folder / method, after=after)
+            reports[title] = run_on_fresh_stack(run_config, folder / method, after=after, pool=pool)
     exact = reports[DEMO_METHODS["exact"]]
     click.secho("== Clusters found vs true styles", bold=True)
     click.echo(cluster_table(exact))
@@ -125,3 +128,15 @@ def _grid(info: StackInfo, report: SimReport, output: Path) -> dict[str, Any]:
     base = load_base_model()
     adapters = published_adapters(info.urls["aggregator"], info.operator_token, base)
     return generation_grid(base, adapters, report, output / "generations.png")
+
+
+def write_docs(result: dict[str, Any], output: Path, docs: Path) -> None:
+    """docs/federation.md and its convergence plot and generation grid, from a demo's output."""
+    from tessera.demo_page import federation_page
+
+    docs.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(output / "convergence.png", docs / "federation_convergence.png")
+    shutil.copyfile(output / "generations.png", docs / "federation_generations.png")
+    page = federation_page(result, target=TARGET, command=f"tessera demo --docs {docs}")
+    (docs / "federation.md").write_text(page)
+    click.echo(f"   {docs / 'federation.md'} and its two images written")

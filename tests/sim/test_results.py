@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from tessera.sim.results import RESULTS_CONFIG, VARIANTS, markdown, plot, summarise
+from tessera.sim.results import RESULTS_CONFIG, VARIANTS, markdown, plot, run_file, summarise
 
 
 def fake_run(seed: int, accuracies: list[float], loss: float) -> dict:
@@ -53,3 +54,14 @@ def test_every_method_the_issue_names_is_a_variant() -> None:
                        ("exact", 0.0)}  # fmt: skip
     assert RESULTS_CONFIG.devices == 24 and len(RESULTS_CONFIG.chosen_styles()) == 4
     assert RESULTS_CONFIG.rounds == 8
+
+
+def test_a_saved_run_is_found_only_under_the_same_settings(tmp_path: Path) -> None:
+    variant = replace(RESULTS_CONFIG, seed=1)
+
+    same = run_file(tmp_path, "local only", replace(RESULTS_CONFIG, seed=1))
+    other = run_file(tmp_path, "local only", replace(variant, lr=variant.lr / 2))
+
+    assert same == run_file(tmp_path, "local only", variant)
+    assert same.name.startswith("local_only-seed1-")
+    assert other != same

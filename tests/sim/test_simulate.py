@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tessera.demo import run_demo
+from tessera.demo import run_demo, write_docs
 from tessera.sim import SimConfig, SimReport
 from tessera.sim.stack import run_on_fresh_stack
 from tessera.stack import StackInfo
@@ -73,11 +73,23 @@ def test_demo_reports_every_method_and_the_hybrid(tmp_path: Path) -> None:
         headline = report["headline"][title]
         assert headline["final_style_accuracy"] == rounds[-1]["style_accuracy"]
         assert headline["rounds_to_target"] in (None, 1, 2)
-    local = report["methods"]["local only"]["rounds"]
-    assert all(r["bytes_up_per_device"] == 0 for r in local)  # nothing leaves a local device
+    local = report["methods"]["local only"]
+    assert all(r["bytes_up_per_device"] == 0 for r in local["rounds"])  # nothing leaves it
+    assert local["ari"] is None and local["clusters"] == []  # no server, nothing clustered
+    assert report["methods"]["cluster-aware (exact)"]["ari"] == pytest.approx(1.0)
     grid = report["grid"]
     assert grid["labels"][0] == "base" and len(grid["labels"]) == 4  # base, 2 clusters, hybrid
     assert 0.0 <= grid["hybrid"]["carries_both"] <= 1.0
     assert (output / "convergence.png").stat().st_size > 10_000
     assert (output / "generations.png").stat().st_size > 1_000
     assert "| local only | 2 |" in (output / "report.md").read_text()
+
+    write_docs(result, output, tmp_path / "docs")
+
+    page = (tmp_path / "docs" / "federation.md").read_text()
+    ours = report["headline"]["cluster-aware (exact)"]
+    assert f"| cluster-aware (exact) | {ours['rounds_to_target'] or 'not reached'} | " in page
+    assert f"{ours['final_style_accuracy']:.2f} | {ours['final_heldout_loss']:.4f} |" in page
+    assert f"{grid['hybrid']['carries_both']:.0%} of its" in page
+    assert "- Against global FedAvg:" in page and "- Against local only:" in page
+    assert (tmp_path / "docs" / "federation_generations.png").exists()

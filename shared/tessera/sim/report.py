@@ -16,6 +16,8 @@ from tessera.sim.run import SimReport
 
 def cluster_table(report: SimReport) -> str:
     """Found clusters against the true styles of their members."""
+    if report.ari is None:
+        return "   no clustering: every device trained alone"
     lines = [f"   clusters found vs true styles (ARI {report.ari:.3f})"]
     lines.append(f"   {'cluster':>7}  {'size':>4}  true styles of its members")
     for cluster in report.clusters:

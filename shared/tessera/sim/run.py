@@ -16,7 +16,7 @@ from __future__ import annotations
 import multiprocessing
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -101,7 +101,7 @@ class SimReport:
     config: dict[str, Any]
     devices: list[dict[str, Any]]
     clusters: list[dict[str, Any]]
-    ari: float
+    ari: float | None  # None where nothing was clustered (local only)
     rounds: list[RoundReport]
     seconds: float
 
@@ -164,6 +164,18 @@ class Operator:
         )
 
 
+def device_pool(workers: int) -> ProcessPoolExecutor:
+    """Processes that run device rounds, each with its base model loaded once; reusable across
+    simulations (the demo runs every method in one pool)."""
+    from tessera.sim.devices import init_process
+
+    threads = max(1, 2 // workers)
+    context = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(
+        workers, mp_context=context, initializer=init_process, initargs=(threads,)
+    )
+
+
 def simulate(
     config: SimConfig,
     *,
@@ -172,11 +184,10 @@ def simulate(
     operator_token: str,
     work_dir: Path,
     log: Callable[[str], None] = print,
+    pool: Executor | None = None,
 ) -> SimReport:
     """Run the whole simulation against live services and return what it measured."""
     from sklearn.metrics import adjusted_rand_score
-
-    from tessera.sim.devices import init_process, run_device_round
 
     started = time.perf_counter()
     operator = Operator(
@@ -198,31 +209,9 @@ def simulate(
         for c in clustering["clusters"]
     ]
     log(f"   clustering v{clustering['version']}: {len(clusters)} clusters, ARI {ari:.3f}")
-    reports: list[RoundReport] = []
-    context = multiprocessing.get_context("spawn")
-    threads = max(1, 2 // config.workers)
-    with ProcessPoolExecutor(
-        config.workers, mp_context=context, initializer=init_process, initargs=(threads,)
-    ) as pool:
-        for number in range(1, config.rounds + 1):
-            round_started = time.perf_counter()
-            round_id = None
-            if config.method != "local":
-                round_id = operator.open_round(_round_config(config, len(devices)))["id"]
-            jobs = [_job(config, d, number, round_id, aggregator_url, work_dir) for d in devices]
-            results = list(pool.map(run_device_round, jobs))
-            published: list[str] = []
-            if round_id is not None:
-                state = operator.wait_published(round_id)
-                published = [f"{v['name']} v{v['version']}" for v in state["published"]]
-            report = _summarise(number, results, time.perf_counter() - round_started, published)
-            if config.hybrid_images:
-                report.hybrid = _hybrid(config, styles, devices, found, operator, work_dir)
-            reports.append(report)
-            log(
-                f"   round {number}: held-out loss {report.heldout_loss:.4f}, style accuracy "
-                f"{report.style_accuracy:.2f}, {report.seconds:.0f}s"
-            )
+    serving = operator if config.method != "local" else None  # local: enrolled, never served
+    federation = _Federation(config, styles, devices, found, work_dir, serving, aggregator_url)
+    rounds = federation.run(pool, log)
     for device in devices:
         operator.disable(device.client_id)
     return SimReport(
@@ -233,9 +222,85 @@ def simulate(
         ],
         clusters=clusters,
         ari=ari,
-        rounds=reports,
+        rounds=rounds,
         seconds=time.perf_counter() - started,
     )
+
+
+def simulate_local(
+    config: SimConfig,
+    *,
+    work_dir: Path,
+    log: Callable[[str], None] = print,
+    pool: Executor | None = None,
+) -> SimReport:
+    """The `local` method: the same devices, each training alone; no server is involved."""
+    if config.method != "local":
+        raise ValueError(f"simulate_local runs the local method, not {config.method!r}")
+    started = time.perf_counter()
+    styles = config.chosen_styles()
+    devices = [
+        Device(i + 1, f"local-{i:03d}", "", styles[i % len(styles)], i // len(styles))
+        for i in range(config.devices)
+    ]
+    log(f"   {len(devices)} devices over {', '.join(styles)}, each training alone (no server)")
+    rounds = _Federation(config, styles, devices, {}, work_dir).run(pool, log)
+    return SimReport(
+        config=asdict(config),
+        devices=[{"client_id": d.client_id, "style": d.style, "cluster": None} for d in devices],
+        clusters=[],
+        ari=None,
+        rounds=rounds,
+        seconds=time.perf_counter() - started,
+    )
+
+
+@dataclass
+class _Federation:
+    """The round loop shared by every method: open a round (unless local), run each device's
+    round in the pool, wait for the aggregate, summarise."""
+
+    config: SimConfig
+    styles: tuple[str, ...]
+    devices: list[Device]
+    found: dict[int, int]
+    work_dir: Path
+    operator: Operator | None = None
+    aggregator_url: str = ""
+
+    def run(self, pool: Executor | None, log: Callable[[str], None]) -> list[RoundReport]:
+        if pool is None:
+            with device_pool(self.config.workers) as own:
+                return self.run(own, log)
+        return [self._round(number, pool, log) for number in range(1, self.config.rounds + 1)]
+
+    def _round(self, number: int, pool: Executor, log: Callable[[str], None]) -> RoundReport:
+        from tessera.sim.devices import run_device_round
+
+        config, operator = self.config, self.operator
+        started = time.perf_counter()
+        round_id = None
+        if operator is not None:
+            round_id = operator.open_round(_round_config(config, len(self.devices)))["id"]
+        jobs = [
+            _job(config, d, number, round_id, self.aggregator_url, self.work_dir)
+            for d in self.devices
+        ]
+        results = list(pool.map(run_device_round, jobs))
+        published: list[str] = []
+        if operator is not None and round_id is not None:
+            state = operator.wait_published(round_id)
+            published = [f"{v['name']} v{v['version']}" for v in state["published"]]
+        report = _summarise(number, results, time.perf_counter() - started, published)
+        if config.hybrid_images:
+            report.hybrid = _hybrid(
+                config, self.styles, self.devices, self.found, operator, self.work_dir
+            )
+        log(
+            f"   round {number}: held-out loss {report.heldout_loss:.4f}, style accuracy "
+            f"{report.style_accuracy:.2f}, {report.seconds:.0f}s"
+        )
+        return report
 
 
 def _hybrid(
@@ -243,7 +308,7 @@ def _hybrid(
     styles: tuple[str, ...],
     devices: list[Device],
     found: dict[int, int],
-    operator: Operator,
+    operator: Operator | None,
     work_dir: Path,
 ) -> dict[str, Any] | None:
     """Score a 50/50 blend of the adapters two styles' devices are served this round."""
@@ -256,7 +321,7 @@ def _hybrid(
         return None
     base = cached_base(config.model)
     published = {}
-    if config.method != "local":
+    if operator is not None:
         published = published_adapters(str(operator.aggregator.base_url), operator.token, base)
     members = [(d.name, d.style, found.get(d.client_id)) for d in devices]
     adapters = [

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +17,7 @@ import click
 from tessera import procs
 from tessera.config import LogFormat, Settings
 from tessera.devstack import embedded_settings
-from tessera.sim.run import SimConfig, SimReport, simulate
+from tessera.sim.run import SimConfig, SimReport, simulate, simulate_local
 
 if TYPE_CHECKING:
     from tessera.stack import StackInfo
@@ -41,12 +42,16 @@ def run_on_fresh_stack(
     *,
     log: Callable[[str], None] = click.echo,
     after: Callable[[StackInfo, SimReport], None] | None = None,
+    pool: Executor | None = None,
 ) -> SimReport:
     """Start a stack on embedded servers in `data_dir`, simulate, call `after(info, report)`
-    while the stack still runs, stop it."""
+    while the stack still runs, stop it. The local method needs no stack: its devices train
+    alone in `data_dir` (and `after` is not called). Device rounds run in `pool` when given."""
     from tessera.stack import Stack
 
     shutil.rmtree(data_dir, ignore_errors=True)
+    if config.method == "local":
+        return simulate_local(config, work_dir=data_dir / "devices", log=log, pool=pool)
     settings = demo_settings(data_dir, **({"base_model": config.model} if config.model else {}))
     stack = Stack(settings)
     try:
@@ -59,6 +64,7 @@ def run_on_fresh_stack(
             operator_token=info.operator_token,
             work_dir=data_dir / "devices",
             log=log,
+            pool=pool,
         )
         if after is not None:
             after(info, report)
