@@ -8,6 +8,7 @@ from fastapi import HTTPException, Request, status
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tessera.lora import LoraFileError
+from tessera.lora.files import KNOWN_KEY
 from tessera.metrics import UPDATES_REJECTED, RejectionReason
 
 # Every path under it gets the upload size limit instead of the JSON one (see create_app).
@@ -45,7 +46,7 @@ def rejection_reason(error: LoraFileError) -> RejectionReason:
         return RejectionReason.WRONG_BASE_MODEL
     if error.key == "rank" or isinstance(error.expected, list):
         return RejectionReason.WRONG_SHAPE  # a rank out of range, or a tensor of the wrong shape
-    if error.found == "an unknown key":
+    if error.expected == KNOWN_KEY:
         return RejectionReason.UNKNOWN_KEYS
     if error.expected == "0 NaN/inf":
         return RejectionReason.NOT_FINITE

@@ -163,9 +163,9 @@ class UpdateReceipt(BaseModel):
 
 
 class UpdateRejection(BaseModel):
-    """Why a LoRA file was refused: the offending key, what was expected and what was found."""
+    """Why a LoRA file was refused: the offending key ("" for the file as a whole) and what was
+    expected. What was found is left out: errors never echo the input."""
 
     detail: str
     key: str
     expected: Any
-    found: Any

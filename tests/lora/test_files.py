@@ -127,14 +127,26 @@ def test_metadata_failures_name_key_expected_and_found(
     assert error.key == key
     assert error.expected == expected
     assert key in str(error) and "expected" in str(error) and "found" in str(error)
+    assert error.public.startswith(key) and "found" not in error.public
 
 
-def test_unknown_key_is_named() -> None:
+@pytest.mark.parametrize("alpha", ["nan", "inf", "-inf", "1e400"])
+def test_a_non_finite_alpha_is_refused_without_echoing_it(alpha: str) -> None:
+    error = failure(blob(alpha=alpha))
+
+    assert (error.key, error.expected) == ("alpha", "> 0")
+    assert error.public == "alpha: alpha must be positive and finite (expected > 0)"
+
+
+def test_unknown_key_is_found_but_never_public() -> None:
     values = tensors()
     values["blocks.9.attn1.to_q.lora_A.weight"] = torch.zeros(4, 24, dtype=torch.float16)
+
     error = failure(blob(values))
-    assert error.key == "blocks.9.attn1.to_q.lora_A.weight"
-    assert "unknown key" in str(error)
+
+    assert error.key == ""
+    assert "unknown key" in error.public and "blocks.9" not in error.public
+    assert "blocks.9.attn1.to_q.lora_A.weight" in str(error)
 
 
 def test_missing_key_is_named() -> None:
@@ -251,7 +263,8 @@ def test_another_preset_is_refused_naming_both() -> None:
 
     error = caught.value
     assert (error.key, error.expected, error.found) == ("targets", "full", "attention")
-    assert "'attention'" in str(error) and "'full'" in str(error)
+    assert "'full'" in error.public and "attention" not in error.public
+    assert "found attention" in str(error)
 
 
 def test_a_file_without_a_preset_is_read_as_attention() -> None:
@@ -292,8 +305,14 @@ def entry_with(**fields: object) -> bytes:
         (entry_with(dtype=16), "dtype must be a string"),
         (entry_with(dtype=None), "dtype must be a string"),
         (entry_with(dtype=["F16"]), "dtype must be a string"),
+        (entry_with(data_offsets=None), "data_offsets must be"),
+        (entry_with(data_offsets=[0]), "data_offsets must be"),
+        (entry_with(data_offsets=[192, 0]), "data_offsets must be"),
+        (entry_with(data_offsets=[-1, 192]), "data_offsets must be"),
+        (entry_with(data_offsets="0-192"), "data_offsets must be"),
         (raw(json.dumps({KEY_A: [1, 2]}).encode()), "malformed tensor entry"),
         (raw(json.dumps({KEY_A: {"dtype": "F16"}}).encode()), "malformed tensor entry"),
+        (raw(json.dumps({KEY_A: {"dtype": "F16", "shape": [4]}}).encode()), "malformed tensor"),
     ],
     ids=[
         "deep-array",
@@ -308,8 +327,14 @@ def entry_with(**fields: object) -> bytes:
         "dtype-int",
         "dtype-null",
         "dtype-list",
+        "offsets-null",
+        "offsets-one",
+        "offsets-reversed",
+        "offsets-negative",
+        "offsets-string",
         "entry-list",
         "entry-no-shape",
+        "entry-no-offsets",
     ],
 )
 def test_malformed_headers_give_a_lora_file_error(data: bytes, words: str) -> None:
@@ -317,6 +342,35 @@ def test_malformed_headers_give_a_lora_file_error(data: bytes, words: str) -> No
         read_header(data)
 
     assert caught.value.key in ("", KEY_A)
-    assert words in str(failure(data))
     with pytest.raises(LoraFileError, match=words):
         adapter_from_bytes(data)
+
+
+def with_entry(**fields: object) -> bytes:
+    """A valid file whose KEY_A entry has `fields` replaced."""
+    data = blob()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    header[KEY_A].update(fields)
+    return raw(json.dumps(header).encode()) + data[8 + length :]
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"shape": 4}, "shape must list non-negative integers"),
+        ({"shape": None}, "shape must list non-negative integers"),
+        ({"dtype": 16}, "dtype must be a string"),
+        ({"data_offsets": [10, 0]}, "data_offsets must be"),
+    ],
+    ids=["shape-int", "shape-null", "dtype-int", "offsets-reversed"],
+)
+def test_the_validator_refuses_a_malformed_entry_naming_the_key(
+    fields: dict[str, object], words: str
+) -> None:
+    data = with_entry(**fields)
+
+    error = failure(data)
+
+    assert error.key == KEY_A
+    assert words in error.public

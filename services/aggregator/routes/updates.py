@@ -222,10 +222,7 @@ async def upload_update(
     except LoraFileError as error:
         reject(rejection_reason(error))
         rejection = UpdateRejection(
-            detail=str(error),
-            key=error.key,
-            expected=jsonable_encoder(error.expected),
-            found=jsonable_encoder(error.found),
+            detail=error.public, key=error.key, expected=jsonable_encoder(error.expected)
         )
         return JSONResponse(rejection.model_dump(), status_code=422)
     if replaced:

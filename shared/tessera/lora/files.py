@@ -2,7 +2,8 @@
 
 Every upload goes through `validate_adapter_bytes` before anything is stored: it reads the
 header first (keys, dtypes, shapes, metadata) and only then the values, and each failure names
-the key, what was expected and what was found.
+the key, what was expected and what was found. An API answers with `LoraFileError.public`,
+which leaves out what was found: errors never echo the input.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import reprlib
 import struct
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tessera.lora.adapter import (
     A_SUFFIX,
@@ -39,10 +40,16 @@ _RESERVED = {
     "dtype",
 }
 MAX_HEADER_BYTES = 1 << 20
+KNOWN_KEY = "one of the base model's target modules + .lora_A.weight / .lora_B.weight"
+"""What an unknown key's error expected (the file's name for it is never public)."""
 
 
 class LoraFileError(ValueError):
-    """An adapter file that cannot be accepted; `key`, `expected` and `found` say why."""
+    """An adapter file that cannot be accepted; `key`, `expected` and `found` say why.
+
+    `key` is a metadata name or one of the base model's keys (never a name taken from the file)
+    when the error comes from `validate_adapter_bytes`; `public` is the message without `found`.
+    """
 
     def __init__(
         self, message: str, *, key: str = "", expected: object = None, found: object = None
@@ -50,12 +57,15 @@ class LoraFileError(ValueError):
         self.key = key
         self.expected = expected
         self.found = found
-        detail = message
-        if key:
-            detail = f"{key}: {detail}"
-        if expected is not None or found is not None:
-            detail = f"{detail} (expected {expected}, found {found})"
-        super().__init__(detail)
+        named = f"{key}: {message}" if key else message
+        expected_fact = [] if expected is None else [f"expected {expected}"]
+        found_fact = [] if found is None else [f"found {found}"]
+        self.public = _with_facts(named, expected_fact)
+        super().__init__(_with_facts(named, expected_fact + found_fact))
+
+
+def _with_facts(message: str, facts: list[str]) -> str:
+    return f"{message} ({', '.join(facts)})" if facts else message
 
 
 def adapter_to_bytes(adapter: LoraAdapter, dtype: str = "float16") -> bytes:
@@ -95,8 +105,17 @@ def adapter_from_bytes(
 def read_header(data: bytes) -> tuple[dict[str, dict], dict[str, str]]:
     """The tensor entries and the metadata of a safetensors blob, without reading the values.
 
-    Each entry is checked to carry a string `dtype` and a `shape` of non-negative integers.
+    Each entry is checked to carry a string `dtype`, a `shape` of non-negative integers and
+    `data_offsets` [begin, end].
     """
+    header, metadata = _parse_header(data)
+    for key, entry in header.items():
+        _check_header_entry(key, entry)
+    return header, metadata
+
+
+def _parse_header(data: bytes) -> tuple[dict[str, Any], dict[str, str]]:
+    """The header's JSON object (entries unchecked) and its string metadata."""
     if len(data) < 8:
         raise LoraFileError("not a safetensors file", expected=">= 8 bytes", found=len(data))
     (length,) = struct.unpack("<Q", data[:8])
@@ -108,8 +127,12 @@ def read_header(data: bytes) -> tuple[dict[str, dict], dict[str, str]]:
         )
     try:
         header = json.loads(data[8 : 8 + length])
-    except ValueError as exc:  # bad JSON, bad UTF-8, or an integer past Python's digit limit
-        raise LoraFileError(f"safetensors header is not valid JSON: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise LoraFileError(
+            f"safetensors header is not valid JSON: {exc.msg} at byte {exc.pos}"
+        ) from None
+    except ValueError:  # bad UTF-8, or an integer past Python's digit limit
+        raise LoraFileError("safetensors header is not valid UTF-8 JSON") from None
     except RecursionError:
         raise LoraFileError("safetensors header is nested too deeply") from None
     if not isinstance(header, dict):
@@ -117,18 +140,21 @@ def read_header(data: bytes) -> tuple[dict[str, dict], dict[str, str]]:
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise LoraFileError("__metadata__ must map names to strings")
-    for key, entry in header.items():
-        _check_header_entry(key, entry)
     return header, metadata
 
 
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _check_header_entry(key: str, entry: object) -> None:
-    """A tensor entry needs a string dtype and a shape listing non-negative integers."""
-    if not isinstance(entry, dict) or "dtype" not in entry or "shape" not in entry:
+    """A tensor entry needs a string dtype, a shape listing non-negative integers and
+    data_offsets [begin, end] with 0 <= begin <= end."""
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
         raise LoraFileError(
             "malformed tensor entry",
             key=key,
-            expected="an object with dtype and shape",
+            expected="an object with dtype, shape and data_offsets",
             found=reprlib.repr(entry),
         )
     if not isinstance(entry["dtype"], str):
@@ -139,14 +165,25 @@ def _check_header_entry(key: str, entry: object) -> None:
             found=reprlib.repr(entry["dtype"]),
         )
     shape = entry["shape"]
-    if not isinstance(shape, list) or not all(
-        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
-    ):
+    if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
         raise LoraFileError(
             "shape must list non-negative integers",
             key=key,
             expected="a list of integers >= 0",
             found=reprlib.repr(shape),
+        )
+    offsets = entry["data_offsets"]
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(_is_count(n) for n in offsets)
+        and offsets[0] <= offsets[1]
+    ):
+        raise LoraFileError(
+            "data_offsets must be [begin, end]",
+            key=key,
+            expected="two integers, 0 <= begin <= end",
+            found=reprlib.repr(offsets),
         )
 
 
@@ -160,7 +197,9 @@ def validate_adapter_bytes(
     """
     if max_bytes is not None and len(data) > max_bytes:
         raise LoraFileError("file is too large", expected=f"<= {max_bytes} bytes", found=len(data))
-    header, metadata = read_header(data)
+    # The keys are checked against the spec before their entries, so that an error names only
+    # the spec's keys, never one taken from the file.
+    header, metadata = _parse_header(data)
     found_format = metadata.get("format")
     if found_format != FILE_FORMAT:
         raise LoraFileError(
@@ -180,7 +219,7 @@ def validate_adapter_bytes(
     found_targets = metadata.get("targets", DEFAULT_TARGETS)
     if found_targets != spec.targets:
         raise LoraFileError(
-            f"adapter targets preset {found_targets!r}; this base takes preset {spec.targets!r}",
+            f"adapter targets another preset; this base takes preset {spec.targets!r}",
             key="targets",
             expected=spec.targets,
             found=found_targets,
@@ -193,6 +232,7 @@ def validate_adapter_bytes(
     _check_keys(header, spec)
     dtype = metadata.get("dtype")
     for key, entry in sorted(header.items()):
+        _check_header_entry(key, entry)
         _check_entry(key, entry, spec, rank, dtype)
     adapter = _build(data, metadata, rank, alpha)
     for key, tensor in sorted(adapter.tensors.items()):
@@ -231,9 +271,8 @@ def _check_keys(header: Mapping[str, object], spec: LoraSpec) -> None:
     if unknown:
         raise LoraFileError(
             f"unknown key for base model {spec.base_model_id} ({len(unknown)} unknown)",
-            key=unknown[0],
-            expected="one of the base model's target modules + .lora_A.weight / .lora_B.weight",
-            found="an unknown key",
+            expected=KNOWN_KEY,
+            found=unknown[0],
         )
     missing = sorted(expected - found)
     if missing:
