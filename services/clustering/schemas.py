@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, Field
 
 from services.clustering.algorithms import Method
-from tessera.schemas import Strict
+from tessera.schemas import RowId, Strict
 
 MAX_VECTOR_DIM = 4096
 
@@ -43,7 +43,7 @@ class ClusteringOut(BaseModel):
 
 
 class AssignmentCreate(Strict):
-    client_id: Annotated[int, Field(ge=1)]
+    client_id: RowId
 
 
 class AssignmentOut(BaseModel):

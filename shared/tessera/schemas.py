@@ -10,6 +10,11 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 from tessera.federation import RoundConfig
 from tessera.models import AdapterKind, Role, RoundState
 
+MAX_ROW_ID = 2**31 - 1
+RowId = Annotated[int, Field(ge=1, le=MAX_ROW_ID)]
+"""A table row's id, as a path parameter or a field: the tables' integer keys are 32-bit on
+PostgreSQL, so a larger id is a 422 rather than a database error."""
+
 
 class Strict(BaseModel):
     """Base for request bodies: unknown fields are an error, not silently dropped."""

@@ -103,6 +103,21 @@ def test_wrong_path_parameter_type_is_422(aggregator: TestClient, operator_token
     assert response.json()["detail"][0]["loc"] == ["path", "client_id"]
 
 
+@pytest.mark.parametrize("client_id", [0, 2**31, 2**63])
+def test_client_ids_outside_the_database_range_are_422(
+    aggregator: TestClient, operator_token: str, client_id: int
+) -> None:
+    token = bearer(operator_token)
+
+    for response in (
+        aggregator.get(f"/v1/clients/{client_id}", headers=token),
+        aggregator.patch(f"/v1/clients/{client_id}", json={"disabled": True}, headers=token),
+        aggregator.post(f"/v1/clients/{client_id}/token", headers=token),
+    ):
+        assert response.status_code == 422, response.text
+        assert response.json()["detail"][0]["loc"] == ["path", "client_id"]
+
+
 def test_unknown_client_is_404(aggregator: TestClient, operator_token: str) -> None:
     response = aggregator.patch(
         "/v1/clients/999999", json={"disabled": True}, headers=bearer(operator_token)

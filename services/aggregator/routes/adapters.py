@@ -8,7 +8,7 @@ from services.aggregator import crud
 from services.aggregator.views import adapter_download, version_out
 from tessera.federation import personal_adapter_name
 from tessera.models import Adapter, AdapterKind, AdapterVersion, Role
-from tessera.schemas import AdapterDownload, AdapterOut
+from tessera.schemas import AdapterDownload, AdapterOut, RowId
 from tessera.service.auth import GeneratorDep, Principal, PrincipalDep
 from tessera.service.deps import SessionDep, SettingsDep, StoreDep
 
@@ -78,7 +78,7 @@ def latest_adapter_version(
     responses={404: {"description": "no such version"}},
 )
 def get_adapter_version(
-    version_id: int,
+    version_id: RowId,
     principal: PrincipalDep,
     session: SessionDep,
     store: StoreDep,

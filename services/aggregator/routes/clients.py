@@ -7,7 +7,7 @@ from sqlalchemy.exc import IntegrityError
 
 from services.aggregator import crud
 from tessera.models import Client, Role
-from tessera.schemas import ClientCreate, ClientOut, ClientPatch, ClientWithToken
+from tessera.schemas import ClientCreate, ClientOut, ClientPatch, ClientWithToken, RowId
 from tessera.service.auth import OperatorDep, PrincipalDep
 from tessera.service.deps import SessionDep, SettingsDep
 
@@ -64,13 +64,13 @@ def whoami(principal: PrincipalDep, session: SessionDep) -> ClientOut:
 
 
 @router.get("/{client_id}", summary="One client")
-def get_client(client_id: int, _operator: OperatorDep, session: SessionDep) -> ClientOut:
+def get_client(client_id: RowId, _operator: OperatorDep, session: SessionDep) -> ClientOut:
     return ClientOut.model_validate(_get_client(session, client_id))
 
 
 @router.patch("/{client_id}", summary="Disable or re-enable a client")
 def patch_client(
-    client_id: int, body: ClientPatch, _operator: OperatorDep, session: SessionDep
+    client_id: RowId, body: ClientPatch, _operator: OperatorDep, session: SessionDep
 ) -> ClientOut:
     client = crud.set_disabled(
         session=session, client=_get_client(session, client_id), disabled=body.disabled
@@ -81,7 +81,7 @@ def patch_client(
 
 @router.post("/{client_id}/token", summary="Rotate a client's token (the new one is shown once)")
 def rotate_client_token(
-    client_id: int, _operator: OperatorDep, session: SessionDep, settings: SettingsDep
+    client_id: RowId, _operator: OperatorDep, session: SessionDep, settings: SettingsDep
 ) -> ClientWithToken:
     client = _get_client(session, client_id)
     token = crud.rotate_token(

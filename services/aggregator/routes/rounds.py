@@ -18,7 +18,7 @@ from services.aggregator.closing import EnqueueError, close_if_due, close_round
 from services.aggregator.views import round_out
 from tessera.federation import RoundConfig
 from tessera.models import Role, Round, RoundState, utcnow
-from tessera.schemas import RoundOut
+from tessera.schemas import RoundOut, RowId
 from tessera.service.auth import OperatorDep, Principal, require_role
 from tessera.service.deps import CeleryDep, SessionDep
 
@@ -97,7 +97,7 @@ def current_round(_caller: OperatorOrDeviceDep, session: SessionDep, celery: Cel
 
 @router.get("/{round_id}", summary="One round and its progress towards quorum")
 def read_round(
-    round_id: int, _caller: OperatorOrDeviceDep, session: SessionDep, celery: CeleryDep
+    round_id: RowId, _caller: OperatorOrDeviceDep, session: SessionDep, celery: CeleryDep
 ) -> RoundOut:
     round_ = get_round(session, round_id)
     close_if_due(session=session, celery=celery, round_=round_)
@@ -110,7 +110,7 @@ def read_round(
     responses={409: {"description": "the round is not collecting, or has no updates"}},
 )
 def close(
-    round_id: int, _operator: OperatorDep, session: SessionDep, celery: CeleryDep
+    round_id: RowId, _operator: OperatorDep, session: SessionDep, celery: CeleryDep
 ) -> RoundOut:
     round_ = get_round(session, round_id)
     if round_.state != RoundState.COLLECTING:
@@ -136,7 +136,7 @@ def close(
     summary="Cancel a collecting round; its updates are never aggregated",
     responses={409: {"description": "the round is not collecting"}},
 )
-def cancel(round_id: int, operator: OperatorDep, session: SessionDep) -> RoundOut:
+def cancel(round_id: RowId, operator: OperatorDep, session: SessionDep) -> RoundOut:
     round_ = get_round(session, round_id)
     cancelled = crud.move_round(
         session=session,

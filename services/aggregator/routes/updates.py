@@ -36,7 +36,7 @@ from tessera.federation import RoundConfig, update_key
 from tessera.lora import LoraFileError, LoraSpec, validate_adapter_bytes
 from tessera.metrics import UPDATES_RECEIVED, RejectionReason
 from tessera.models import AdapterVersion, RoundState, utcnow
-from tessera.schemas import UpdateReceipt, UpdateRejection
+from tessera.schemas import RowId, UpdateReceipt, UpdateRejection
 from tessera.service.auth import DeviceDep
 from tessera.service.deps import CeleryDep, SessionDep, SettingsDep, StoreDep
 from tessera.storage import ObjectStore, StorageError
@@ -179,8 +179,8 @@ def _store_update(
     },
 )
 async def upload_update(
-    round_id: int,
-    client_id: int,
+    round_id: RowId,
+    client_id: RowId,
     request: Request,
     response: Response,
     device: DeviceDep,
@@ -193,7 +193,7 @@ async def upload_update(
         int, Query(ge=1, le=MAX_NUM_SAMPLES, description="training samples behind the update")
     ],
     base_version_id: Annotated[
-        int | None, Query(ge=1, description="the adapter version training started from")
+        RowId | None, Query(description="the adapter version training started from")
     ] = None,
     train_loss: Annotated[
         float | None, Query(ge=0, allow_inf_nan=False, description="final training loss")

@@ -9,6 +9,7 @@ from services.clustering import crud
 from services.clustering.routes.errors import concurrent_write, http_error
 from services.clustering.schemas import AssignmentCreate, AssignmentOut
 from tessera.models import Assignment, Clustering, Role
+from tessera.schemas import RowId
 from tessera.service.auth import OperatorDep, PrincipalDep
 from tessera.service.deps import SessionDep
 
@@ -54,7 +55,7 @@ def assign(body: AssignmentCreate, _operator: OperatorDep, session: SessionDep) 
         404: {"description": "no clustering, or the client has no assignment in it"},
     },
 )
-def get_assignment(client_id: int, principal: PrincipalDep, session: SessionDep) -> AssignmentOut:
+def get_assignment(client_id: RowId, principal: PrincipalDep, session: SessionDep) -> AssignmentOut:
     is_self = principal.role == Role.DEVICE and principal.client_id == client_id
     if principal.role != Role.OPERATOR and not is_self:
         raise HTTPException(

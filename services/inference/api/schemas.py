@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, Field, StringConstraints, model_validator
+from pydantic import AfterValidator, BaseModel, Field, StringConstraints, model_validator
 
 from services.inference.embeddings import MAX_PROMPT_TOKENS, EmbedsFormat
 from tessera.models import JobState
-from tessera.schemas import FiniteFloat, Strict, UtcDatetime
+from tessera.schemas import MAX_ROW_ID, FiniteFloat, RowId, Strict, UtcDatetime
 
 # Limits of one request. Sizes are not a constant: only the base model's native size is
 # accepted (32 for the bundled tiny model): the model facts' `resolution`.
@@ -24,16 +24,25 @@ MAX_SEED = 2**32 - 1
 MAX_IDEMPOTENCY_KEY_CHARS = 128
 MAX_POOLED_DIM = 4096
 
+
+def _id_in_range(ref: str) -> str:
+    """A version id given as digits must fit the table's key, like one given as a number."""
+    if ref.isdigit() and not 1 <= int(ref) <= MAX_ROW_ID:
+        raise ValueError(f"a version id must be between 1 and {MAX_ROW_ID}")
+    return ref
+
+
 AdapterRef = Annotated[
     str,
     StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9:._-]*$"),
+    AfterValidator(_id_in_range),
 ]
 
 
 class AdapterWeight(Strict):
     """One adapter of an explicit mix and its weight."""
 
-    adapter: AdapterRef | int = Field(
+    adapter: AdapterRef | RowId = Field(
         description='"global", "cluster:<label>", or a published version id (e.g. "17" or 17)'
     )
     weight: Annotated[float, Field(ge=0.0, le=MAX_ADAPTER_WEIGHT, allow_inf_nan=False)]

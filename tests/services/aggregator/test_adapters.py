@@ -45,6 +45,18 @@ def test_missing_adapters_are_404(aggregator: TestClient, device: dict) -> None:
     assert "31" in by_id.json()["detail"]
 
 
+def test_version_ids_outside_the_database_range_are_422(
+    aggregator: TestClient, device: dict
+) -> None:
+    for version_id in (0, 2**31, 2**63):
+        response = aggregator.get(
+            f"/v1/adapter-versions/{version_id}", headers=bearer(device["token"])
+        )
+
+        assert response.status_code == 422, response.text
+        assert response.json()["detail"][0]["loc"] == ["path", "version_id"]
+
+
 def test_a_device_reads_only_its_own_personal_adapter(
     aggregator: TestClient, device: dict, other_device: dict, session: Session, store: ObjectStore
 ) -> None:

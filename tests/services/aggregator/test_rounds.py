@@ -89,6 +89,19 @@ def test_unknown_rounds_are_404(aggregator: TestClient, operator: dict) -> None:
         assert "77" in response.json()["detail"]
 
 
+@pytest.mark.parametrize("round_id", [0, 2**31, 2**63, 2**64])
+def test_round_ids_outside_the_database_range_are_422(
+    aggregator: TestClient, operator: dict, round_id: int
+) -> None:
+    for response in (
+        aggregator.get(f"/v1/rounds/{round_id}", headers=operator),
+        aggregator.post(f"/v1/rounds/{round_id}/close", headers=operator),
+        aggregator.post(f"/v1/rounds/{round_id}/cancel", headers=operator),
+    ):
+        assert response.status_code == 422, response.text
+        assert response.json()["detail"][0]["loc"] == ["path", "round_id"]
+
+
 def test_list_rounds_newest_first(aggregator: TestClient, operator: dict) -> None:
     for _ in range(3):
         round_ = open_round(aggregator, operator)

@@ -300,6 +300,8 @@ def test_bytes_that_are_not_safetensors_are_422(
         ({"train_loss": "nan"}, "train_loss"),
         ({"train_loss": "inf"}, "train_loss"),
         ({"base_version_id": 0}, "base_version_id"),
+        ({"base_version_id": 2**31}, "base_version_id"),
+        ({"base_version_id": 2**63}, "base_version_id"),
     ],
 )
 def test_bad_metadata_is_422_naming_the_field(
@@ -325,6 +327,22 @@ def test_bad_metadata_is_422_naming_the_field(
     assert response.status_code == 422, response.text
     assert any(e["loc"] == ["query", field] for e in response.json()["detail"])
     assert nothing_stored(session, store, round_["id"], device["id"])
+
+
+@pytest.mark.parametrize("big", [2**31, 2**63])
+def test_path_ids_outside_the_database_range_are_422(
+    aggregator: TestClient, operator: dict, device: dict, spec: LoraSpec, big: int
+) -> None:
+    round_ = open_round(aggregator, operator)
+
+    for round_id, client_id, field in (
+        (big, device["id"], "round_id"),
+        (round_["id"], big, "client_id"),
+    ):
+        response = upload(aggregator, device["token"], round_id, client_id, lora_file(spec))
+
+        assert response.status_code == 422, response.text
+        assert response.json()["detail"][0]["loc"] == ["path", field]
 
 
 def test_an_unknown_base_version_is_422(

@@ -421,6 +421,21 @@ def test_assignment_refusals(
     )
 
 
+@pytest.mark.parametrize("client_id", [0, 2**31, 2**63])
+def test_client_ids_outside_the_database_range_are_422(
+    clustering_api: TestClient, settings: Settings, client_id: int
+) -> None:
+    assigned = clustering_api.post(
+        "/v1/assignments", json={"client_id": client_id}, headers=operator(settings)
+    )
+    read = clustering_api.get(f"/v1/assignments/{client_id}", headers=operator(settings))
+
+    assert assigned.status_code == 422, assigned.text
+    assert assigned.json()["detail"][0]["loc"] == ["body", "client_id"]
+    assert read.status_code == 422, read.text
+    assert read.json()["detail"][0]["loc"] == ["path", "client_id"]
+
+
 @pytest.mark.parametrize(
     ("body", "field", "problem"),
     [

@@ -158,6 +158,14 @@ BAD_REQUESTS: dict[str, tuple[dict[str, Any], str]] = {
     ),
     "unknown adapter": ({"adapters": [{"adapter": "cluster:9", "weight": 1}]}, "cluster:9"),
     "unknown version id": ({"adapters": [{"adapter": "987654", "weight": 1}]}, "987654"),
+    "version id past the range": (
+        {"adapters": [{"adapter": 2**63, "weight": 1}]},
+        "less than or equal to 2147483647",
+    ),
+    "version id digits past the range": (
+        {"adapters": [{"adapter": str(2**63), "weight": 1}]},
+        "a version id must be between 1 and 2147483647",
+    ),
     "nan weight": ({"adapters": [{"adapter": "cluster:0", "weight": NAN}]}, "weight"),
     "infinite weight": ({"adapters": [{"adapter": "cluster:0", "weight": "__INF__"}]}, "weight"),
     "negative weight": ({"adapters": [{"adapter": "cluster:0", "weight": -0.5}]}, "weight"),
