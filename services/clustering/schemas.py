@@ -8,7 +8,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, Field
 
 from services.clustering.algorithms import Method
-from tessera.schemas import RowId, Strict
+from tessera.federation import Temperature
+from tessera.schemas import FiniteFloat, RowId, Strict
 
 MAX_VECTOR_DIM = 4096
 
@@ -56,8 +57,8 @@ class AssignmentOut(BaseModel):
 class RouteRequest(Strict):
     """An encoded prompt: a pooled, L2-normalised vector as wide as the centroids."""
 
-    vector: Annotated[list[float], Field(min_length=1, max_length=MAX_VECTOR_DIM)]
-    temperature: Annotated[float, Field(gt=0.0, le=100.0)] = 0.1
+    vector: Annotated[list[FiniteFloat], Field(min_length=1, max_length=MAX_VECTOR_DIM)]
+    temperature: Temperature = 0.1
     top_k: Annotated[int, Field(ge=1, le=64)] = 2
 
 

@@ -15,6 +15,11 @@ GLOBAL_ADAPTER = "global"
 CLUSTER_PREFIX = "cluster:"
 PERSONAL_PREFIX = "personal:"
 
+MIN_TEMPERATURE = 1e-3
+Temperature = Annotated[float, Field(ge=MIN_TEMPERATURE, le=100.0, allow_inf_nan=False)]
+"""A softmax temperature over cosine similarities: at least 1e-3, so that cosine / temperature
+stays far from overflowing (a subnormal one makes every weight NaN)."""
+
 
 class RoundConfig(BaseModel):
     """How a round collects and aggregates; stored as JSON on the round."""
@@ -32,11 +37,11 @@ class RoundConfig(BaseModel):
     rank: Annotated[int, Field(ge=1, le=64)] = 8
     min_updates: Annotated[int, Field(ge=1, le=100_000)] = 1
     min_updates_per_cluster: Annotated[int, Field(ge=0, le=100_000)] = 0
-    deadline_s: Annotated[float | None, Field(gt=0, le=7 * 24 * 3600)] = None
-    lam: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+    deadline_s: Annotated[float | None, Field(gt=0, le=7 * 24 * 3600, allow_inf_nan=False)] = None
+    lam: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] = Field(
         default=0.2, description="share of the neighbours in each cluster adapter (0: off)"
     )
-    temperature: Annotated[float, Field(gt=0.0, le=100.0)] = Field(
+    temperature: Temperature = Field(
         default=0.1, description="softmax temperature over centroid cosine similarity"
     )
 

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints, model_validator
 
 from services.inference.embeddings import MAX_PROMPT_TOKENS, EmbedsFormat
+from tessera.federation import Temperature
 from tessera.models import JobState
 from tessera.schemas import MAX_ROW_ID, FiniteFloat, RowId, Strict, UtcDatetime
 
@@ -106,9 +107,7 @@ class GenerationCreate(Strict):
         ),
     ] = None
     top_k: Annotated[int, Field(ge=1, le=MAX_TOP_K, description="auto: clusters blended")] = 2
-    temperature: Annotated[
-        float, Field(gt=0.0, le=100.0, allow_inf_nan=False, description="auto: softmax temp.")
-    ] = 0.1
+    temperature: Annotated[Temperature, Field(description="auto: softmax temperature")] = 0.1
     steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] = 20
     guidance: Annotated[float, Field(ge=MIN_GUIDANCE, le=MAX_GUIDANCE, allow_inf_nan=False)] = 3.0
     seed: Annotated[

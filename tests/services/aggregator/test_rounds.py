@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from services.aggregator import closing
 from tessera.config import Settings
 from tessera.events import TASK_AGGREGATE_ROUND
 from tessera.lora import LoraSpec
-from tessera.models import RoundState
+from tessera.models import Round, RoundState
 from tessera.queue import make_celery
 from tests.helpers import bearer, enrol
 from tests.services.aggregator.factories import make_clustering
@@ -62,6 +66,31 @@ def test_a_bad_config_is_422(
 
     assert response.status_code == 422
     assert field in [e["loc"][-1] for e in response.json()["detail"]]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "problem"),
+    [
+        ("temperature", 1e-320, "greater than or equal to 0.001"),
+        ("temperature", math.nan, "finite number"),
+        ("lam", math.nan, "finite number"),
+        ("deadline_s", math.inf, "finite number"),
+    ],
+)
+def test_a_config_float_must_be_finite_and_sensible(
+    aggregator: TestClient, operator: dict, session: Session, field: str, value: float, problem: str
+) -> None:
+    body = json.dumps({field: value})  # json.dumps writes NaN and Infinity, which FastAPI reads
+
+    response = aggregator.post(
+        "/v1/rounds", content=body, headers={**operator, "Content-Type": "application/json"}
+    )
+
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["body", field]
+    assert problem in error["msg"]
+    assert session.scalar(select(func.count()).select_from(Round)) == 0
 
 
 def test_devices_read_rounds_but_do_not_run_them(

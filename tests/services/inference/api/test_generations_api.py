@@ -183,6 +183,10 @@ BAD_REQUESTS: dict[str, tuple[dict[str, Any], str]] = {
         {"adapters": [{"adapter": f"cluster:{i}", "weight": 1} for i in range(9)]},
         "adapters",
     ),
+    "subnormal temperature": (
+        {"adapters": "auto", "temperature": 1e-320},
+        "greater than or equal to 0.001",
+    ),
     "zero steps": ({"steps": 0}, "steps"),
     "too many steps": ({"steps": 101}, "steps"),
     "too many images": ({"num_images": 9}, "num_images"),
