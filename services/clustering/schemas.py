@@ -30,7 +30,9 @@ class ClusteringCreate(Strict):
 class ClusterOut(BaseModel):
     label: int
     size: int
-    members: list[int] = Field(description="client ids assigned to the cluster")
+    members: list[int] | None = Field(
+        description="client ids assigned to the cluster: for operators only (null otherwise)"
+    )
 
 
 class ClusteringOut(BaseModel):

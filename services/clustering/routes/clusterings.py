@@ -9,15 +9,18 @@ from sqlalchemy.orm import Session
 from services.clustering import crud
 from services.clustering.routes.errors import concurrent_write, http_error
 from services.clustering.schemas import ClusteringCreate, ClusteringOut, ClusterOut
-from tessera.models import Clustering
+from tessera.models import Clustering, Role
 from tessera.service.auth import GeneratorDep, OperatorDep
 from tessera.service.deps import SessionDep
 
 router = APIRouter(prefix="/v1/clusterings", tags=["clusterings"])
 
 
-def clustering_out(session: Session, clustering: Clustering) -> ClusteringOut:
-    members = crud.members_of(session=session, clustering=clustering)
+def clustering_out(
+    session: Session, clustering: Clustering, *, with_members: bool = True
+) -> ClusteringOut:
+    """The clustering; without `with_members`, each cluster's members are left out (null)."""
+    members = crud.members_of(session=session, clustering=clustering) if with_members else None
     return ClusteringOut(
         id=clustering.id,
         version=clustering.version,
@@ -25,7 +28,11 @@ def clustering_out(session: Session, clustering: Clustering) -> ClusteringOut:
         params=clustering.params,
         metrics=clustering.metrics,
         clusters=[
-            ClusterOut(label=c.label, size=c.size, members=members.get(c.label, []))
+            ClusterOut(
+                label=c.label,
+                size=c.size,
+                members=None if members is None else members.get(c.label, []),
+            )
             for c in crud.clusters_of(session=session, clustering=clustering)
         ],
         created_at=clustering.created_at,
@@ -65,12 +72,14 @@ def create_clustering(
 
 @router.get(
     "/current",
-    summary="The current clustering: clusters, sizes and members",
+    summary="The current clustering: clusters and sizes, and for operators their members",
+    description="A generation client sees each cluster's label and size; which device is in "
+    "which cluster (`members`) is for operators only, null for other callers.",
     responses={404: {"description": "no clustering yet"}},
 )
-def get_current_clustering(_caller: GeneratorDep, session: SessionDep) -> ClusteringOut:
+def get_current_clustering(caller: GeneratorDep, session: SessionDep) -> ClusteringOut:
     try:
         clustering = crud.require_current_clustering(session=session)
     except crud.ClusteringStateError as error:
         raise http_error(error) from error
-    return clustering_out(session, clustering)
+    return clustering_out(session, clustering, with_members=caller.role == Role.OPERATOR)

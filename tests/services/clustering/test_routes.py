@@ -264,6 +264,24 @@ def test_a_device_reads_only_its_own_assignment(
     assert by_operator.json()["label"] == labels[other.id]
 
 
+def test_a_generation_client_sees_cluster_sizes_but_no_device_ids(
+    clustering_api: TestClient, settings: Settings, session: Session, fleet: list[Member]
+) -> None:
+    recluster(clustering_api, settings, k=3)
+    generator = add_client(session, settings, "gen", Role.GENERATOR)
+
+    seen = clustering_api.get("/v1/clusterings/current", headers=bearer(generator.token))
+    full = clustering_api.get("/v1/clusterings/current", headers=operator(settings))
+
+    assert seen.status_code == 200, seen.text
+    clusters = seen.json()["clusters"]
+    assert [(c["label"], c["size"]) for c in clusters] == [
+        (c["label"], c["size"]) for c in full.json()["clusters"]
+    ]
+    assert all(c["members"] is None for c in clusters)
+    assert sorted(labels_by_client(full.json())) == sorted(m.id for m in fleet)
+
+
 def test_route_weights_sum_to_one_and_favour_the_prompts_cluster(
     clustering_api: TestClient, settings: Settings, session: Session, fleet: list[Member]
 ) -> None:
