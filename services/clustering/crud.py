@@ -105,7 +105,7 @@ def client_direction(*, session: Session, client_id: int) -> Vectors | None:
         return None
     vectors = [task_vector_from_bytes(row.vector, dim=row.dim) for row in rows]
     if len({v.shape[0] for v in vectors}) > 1:
-        raise MixedDimensionsError(f"client {client_id} has task vectors of different dimensions")
+        raise MixedDimensionsError("the client has task vectors of different dimensions")
     return task_direction(vectors)
 
 
@@ -169,7 +169,7 @@ def current_assignment(*, session: Session, client_id: int) -> tuple[Clustering,
     assignment = assignment_in(session=session, clustering=clustering, client_id=client_id)
     if assignment is None:
         raise NoClusteringError(
-            f"client {client_id} has no assignment in clustering version {clustering.version}"
+            f"the client has no assignment in clustering version {clustering.version}"
         )
     return clustering, assignment
 
@@ -288,17 +288,17 @@ def assign_device(*, session: Session, client_id: int) -> Assignment:
     """
     client = session.get(Client, client_id)
     if client is None:
-        raise UnknownClientError(f"no client with id {client_id}")
+        raise UnknownClientError("no such client")
     if client.role != Role.DEVICE:
         raise NotADeviceError(
-            f"client {client_id} is a {client.role.value}: only devices are assigned to clusters"
+            f"the client is a {client.role.value}: only devices are assigned to clusters"
         )
     if client.disabled:
-        raise NotADeviceError(f"client {client_id} is disabled: only enabled devices are assigned")
+        raise NotADeviceError("the client is disabled: only enabled devices are assigned")
     direction = client_direction(session=session, client_id=client_id)
     if direction is None:
         raise NoTaskVectorsError(
-            f"client {client_id} has uploaded no task vectors: upload them before assignment"
+            "the client has uploaded no task vectors: upload them before assignment"
         )
     clustering = current_clustering(session=session)
     if clustering is None:
@@ -320,7 +320,7 @@ def assign_device(*, session: Session, client_id: int) -> Assignment:
     centroids = {label: task_vector_from_bytes(c.centroid) for label, c in clusters.items()}
     if any(centroid.shape[0] != direction.shape[0] for centroid in centroids.values()):
         raise MixedDimensionsError(
-            f"client {client_id}'s task vectors have {direction.shape[0]} dimensions, the "
+            f"the client's task vectors have {direction.shape[0]} dimensions, the "
             f"centroids of clustering version {clustering.version} another: recluster first"
         )
     label, similarity = assign_nearest(direction, centroids)

@@ -167,12 +167,10 @@ def _load_checked(
     if not isinstance(shape, list):
         raise EmbeddingError(f"{field}: the {name} entry has no shape")
     if len(shape) == ndim[1] and shape[0] != 1:
-        raise EmbeddingError(f"{field}: {name} holds {shape[0]} prompts; a request carries one")
+        raise EmbeddingError(f"{field}: {name} holds several prompts; a request carries one")
     if len(shape) not in ndim or shape[-1] != width or width < 1:
         rows = "[T, width] or [1, T, width]" if ndim == (2, 3) else "[width] or [1, width]"
-        raise EmbeddingError(
-            f"{field}: {name} must have shape {rows} with width {width}, found {shape}"
-        )
+        raise EmbeddingError(f"{field}: {name} must have shape {rows} with width {width}")
     try:
         tensor: torch.Tensor = load(raw)[name]
     except SafetensorError:

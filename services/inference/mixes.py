@@ -60,11 +60,11 @@ def pin_explicit(
 ) -> list[PinnedAdapter]:
     """Each (name or version id, weight) pinned to a version; MixError(422) names an unknown one."""
     pinned = []
-    for ref, weight in requested:
+    for index, (ref, weight) in enumerate(requested):
         found = crud.find_version(session=session, ref=ref)
         if found is None:
-            what = "no adapter version with id" if ref.isdigit() else "no published adapter named"
-            raise MixError(422, f"unknown adapter {ref!r}: {what} {ref!r}")
+            what = "version has this id" if ref.isdigit() else "adapter has this name"
+            raise MixError(422, f"adapters[{index}] is unknown: no published {what}")
         name, version = found
         pinned.append(PinnedAdapter(name, version.version, version.id, float(weight)))
     ids = [p.version_id for p in pinned]
@@ -83,8 +83,7 @@ def check_pooled(pooled: Sequence[float] | None, width: int) -> list[float]:
     if abs(norm - 1.0) > NORM_TOLERANCE:
         raise MixError(
             422,
-            f"pooled has L2 norm {norm:.6g}; send an L2-normalised vector "
-            f"(norm 1 within {NORM_TOLERANCE:g})",
+            f"pooled is not L2-normalised: send a vector of norm 1 (within {NORM_TOLERANCE:g})",
         )
     return list(pooled)
 

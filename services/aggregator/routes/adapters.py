@@ -65,7 +65,7 @@ def latest_adapter_version(
 ) -> AdapterDownload:
     return _download(
         crud.latest_version(session=session, name=name),
-        f"adapter {name!r} has no published version",
+        "no such adapter, or no version of it is published yet",
         principal,
         store,
         settings,
@@ -86,7 +86,7 @@ def get_adapter_version(
 ) -> AdapterDownload:
     return _download(
         crud.get_version(session=session, version_id=version_id),
-        f"no adapter version with id {version_id}",
+        "no such adapter version",
         principal,
         store,
         settings,

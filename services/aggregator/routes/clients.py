@@ -17,7 +17,7 @@ router = APIRouter(prefix="/v1/clients", tags=["clients"])
 def _get_client(session: SessionDep, client_id: int) -> Client:
     client = session.get(Client, client_id)
     if client is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no client with id {client_id}")
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no such client")
     return client
 
 
@@ -41,7 +41,7 @@ def enrol_client(
     except (crud.NameTakenError, IntegrityError) as error:
         session.rollback()
         raise HTTPException(
-            status.HTTP_409_CONFLICT, detail=f"a client named {body.name!r} already exists"
+            status.HTTP_409_CONFLICT, detail="another client already has this name"
         ) from error
     return ClientWithToken(**ClientOut.model_validate(client).model_dump(), token=token)
 

@@ -45,8 +45,8 @@ def _check_vectors(body: TaskVectorsIn, base_model: BaseModelFacts) -> None:
         if abs(norm - 1.0) > NORM_TOLERANCE:
             raise HTTPException(
                 status.HTTP_422_UNPROCESSABLE_CONTENT,
-                detail=f"vector {index} has L2 norm {norm:.6g}; "
-                f"send L2-normalised vectors (norm 1 within {NORM_TOLERANCE:g})",
+                detail=f"vector {index} is not L2-normalised: "
+                f"send vectors of norm 1 (within {NORM_TOLERANCE:g})",
             )
 
 

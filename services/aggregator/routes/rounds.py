@@ -30,14 +30,14 @@ OperatorOrDeviceDep = Annotated[Principal, require_role(Role.OPERATOR, Role.DEVI
 def get_round(session: Session, round_id: int) -> Round:
     round_ = session.get(Round, round_id)
     if round_ is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no round with id {round_id}")
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no such round")
     return round_
 
 
 def not_collecting(round_: Round) -> HTTPException:
     return HTTPException(
         status.HTTP_409_CONFLICT,
-        detail=f"round {round_.number} (id {round_.id}) is {round_.state.value}, not collecting",
+        detail=f"round {round_.number} is {round_.state.value}, not collecting",
     )
 
 
@@ -118,8 +118,7 @@ def close(
     if crud.count_updates(session=session, round_id=round_id) == 0:
         raise HTTPException(
             status.HTTP_409_CONFLICT,
-            detail=f"round {round_.number} (id {round_id}) has no updates to aggregate; "
-            "cancel it instead",
+            detail=f"round {round_.number} has no updates to aggregate; cancel it instead",
         )
     try:
         if not close_round(session=session, celery=celery, round_id=round_id, why="operator"):

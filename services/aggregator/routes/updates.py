@@ -70,7 +70,7 @@ def _check_round(session: Session, celery: Celery, round_id: int) -> None:
         reject(RejectionReason.ROUND_NOT_OPEN)
         raise HTTPException(
             status.HTTP_409_CONFLICT,
-            detail=f"round {round_.number} (id {round_.id}) is past its deadline",
+            detail=f"round {round_.number} is past its deadline",
         )
     session.rollback()  # end the read transaction before the body arrives
 
@@ -93,7 +93,7 @@ def _store_update(
     ):
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
-            detail=f"base_version_id {meta.base_version_id} is not a published adapter version",
+            detail="base_version_id is not a published adapter version",
         )
     validate_adapter_bytes(data, spec)  # raises LoraFileError: nothing is stored
     key = update_key(round_id, client_id)

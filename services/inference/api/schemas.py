@@ -141,17 +141,14 @@ class GenerationCreate(Strict):
         if self.negative_pooled_prompt_embeds is not None and self.negative_embeds is None:
             raise ValueError("negative_pooled_prompt_embeds goes with negative_embeds")
         if self.stop_at_step is not None and self.stop_at_step >= self.steps:
-            raise ValueError(
-                f"stop_at_step must be in 1..steps-1 = 1..{self.steps - 1}, "
-                f"found {self.stop_at_step}"
-            )
+            raise ValueError(f"stop_at_step must be in 1..steps-1 = 1..{self.steps - 1}")
         if isinstance(self.adapters, list):
             if self.adapters and not any(a.weight > 0 for a in self.adapters):
                 raise ValueError("at least one adapter weight must be > 0")
             refs = [str(a.adapter) for a in self.adapters]
-            repeated = sorted({ref for ref in refs if refs.count(ref) > 1})
-            if repeated:
-                raise ValueError(f"adapter {repeated[0]!r} is listed more than once")
+            repeated = next((i for i, ref in enumerate(refs) if ref in refs[:i]), None)
+            if repeated is not None:
+                raise ValueError(f"adapters[{repeated}] repeats an adapter listed before it")
         return self
 
 

@@ -80,7 +80,7 @@ def plan_job(
     """Check and resolve everything a request asks for; SubmissionError on the first problem."""
     if body.size is not None and body.size != facts.resolution:
         raise SubmissionError(
-            422, f"size {body.size} is not supported: this base model draws {facts.resolution}"
+            422, f"size is not supported: this base model draws {facts.resolution} only"
         )
     if body.stop_at_step is not None and settings.sampler not in SPLITTABLE:
         raise SubmissionError(

@@ -109,7 +109,7 @@ def _unnormalised() -> list[list[float]]:
     [
         ({"encoder_id": "openai/clip", "vectors": unit_vectors(1, 0)}, ["task encoder", MINILM_ID]),
         ({"encoder_id": MINILM_ID, "vectors": [[1.0] + [0.0] * 99]}, ["vector 0", "100", "384"]),
-        ({"encoder_id": MINILM_ID, "vectors": _unnormalised()}, ["vector 2", "norm 2"]),
+        ({"encoder_id": MINILM_ID, "vectors": _unnormalised()}, ["vector 2", "not L2-normalised"]),
         ({"encoder_id": MINILM_ID, "vectors": []}, ["vectors"]),
         ({"encoder_id": MINILM_ID, "vectors": unit_vectors(33, 0)}, ["vectors"]),
         ({"encoder_id": MINILM_ID, "vectors": unit_vectors(1, 0), "text": "hi"}, ["text"]),

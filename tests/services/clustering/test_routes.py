@@ -424,7 +424,7 @@ def test_assignment_refusals(
         )
         return response.status_code, response.json()["detail"]
 
-    assert assign(99_999) == (404, "no client with id 99999")
+    assert assign(99_999) == (404, "no such client")
     status, detail = assign(silent.id)
     assert status == 404
     assert "has uploaded no task vectors" in detail
@@ -433,10 +433,7 @@ def test_assignment_refusals(
     assert "is a generator" in detail
     unassigned = clustering_api.get(f"/v1/assignments/{silent.id}", headers=operator(settings))
     assert unassigned.status_code == 404
-    assert (
-        f"client {silent.id} has no assignment in clustering version 1"
-        in (unassigned.json()["detail"])
-    )
+    assert "the client has no assignment in clustering version 1" in (unassigned.json()["detail"])
 
 
 @pytest.mark.parametrize("client_id", [0, 2**31, 2**63])

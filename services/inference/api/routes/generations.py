@@ -77,7 +77,7 @@ def _job_for(session: Session, job_id: str, principal: Principal) -> GenerationJ
     if job is None or (
         principal.role is not Role.OPERATOR and job.client_id != principal.client_id
     ):
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no generation job {job_id!r}")
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no such generation job")
     return job
 
 

@@ -142,7 +142,7 @@ def test_an_empty_mix_is_the_base_model(api: TestClient, generator: tuple[int, s
 BAD_REQUESTS: dict[str, tuple[dict[str, Any], str]] = {
     "wrong width": ({"prompt_embeds": embeds_b64(tokens(width=100))}, "shape"),
     "wrong dtype": ({"prompt_embeds": embeds_b64(tokens().float())}, "dtype must be F16"),
-    "two prompts": ({"prompt_embeds": embeds_b64(tokens().expand(2, -1, -1))}, "2 prompts"),
+    "two prompts": ({"prompt_embeds": embeds_b64(tokens().expand(2, -1, -1))}, "several"),
     "too many tokens": ({"prompt_embeds": embeds_b64(tokens(length=78))}, "78 tokens"),
     "wrong tensor name": ({"prompt_embeds": embeds_b64(tokens(), "tokens")}, "prompt_embeds"),
     "not safetensors": ({"prompt_embeds": "aGVsbG8gd29ybGQ="}, "not a safetensors"),
@@ -156,8 +156,14 @@ BAD_REQUESTS: dict[str, tuple[dict[str, Any], str]] = {
         {"negative_embeds": embeds_b64(tokens(length=8))},
         "negative_embeds has 8 tokens",
     ),
-    "unknown adapter": ({"adapters": [{"adapter": "cluster:9", "weight": 1}]}, "cluster:9"),
-    "unknown version id": ({"adapters": [{"adapter": "987654", "weight": 1}]}, "987654"),
+    "unknown adapter": (
+        {"adapters": [{"adapter": "cluster:9", "weight": 1}]},
+        "adapters[0] is unknown: no published adapter has this name",
+    ),
+    "unknown version id": (
+        {"adapters": [{"adapter": "987654", "weight": 1}]},
+        "adapters[0] is unknown: no published version has this id",
+    ),
     "version id past the range": (
         {"adapters": [{"adapter": 2**63, "weight": 1}]},
         "less than or equal to 2147483647",
@@ -177,7 +183,7 @@ BAD_REQUESTS: dict[str, tuple[dict[str, Any], str]] = {
                 {"adapter": "cluster:0", "weight": 1},
             ]
         },
-        "more than once",
+        "adapters[1] repeats an adapter listed before it",
     ),
     "nine adapters": (
         {"adapters": [{"adapter": f"cluster:{i}", "weight": 1} for i in range(9)]},
