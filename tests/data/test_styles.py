@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from tessera.data import (
+    ATTRIBUTES,
     COLOUR_NAMES,
     DEVICE_STYLES,
     IMAGE_SIZE,
@@ -20,6 +21,8 @@ from tessera.data import (
     render_sample,
     style_dataset,
 )
+from tessera.data.datasets import PRETRAINING_LOOK
+from tessera.data.styles import PRETRAINING_LOOKS, look_caption
 
 
 def test_render_gives_identical_bytes_for_the_same_seed():
@@ -145,3 +148,30 @@ def test_a_combined_look_renders_each_part_where_the_style_alone_does():
 def test_an_unknown_attribute_value_is_refused_with_the_known_ones():
     with pytest.raises(ValueError, match="unknown texture 'tartan'; expected one of none"):
         Look(texture="tartan")
+
+
+def test_pretraining_looks_are_every_combination_but_the_styles_own():
+    looks = set(PRETRAINING_LOOKS)
+    combinations = np.prod([len(values) for values in ATTRIBUTES.values()])
+
+    assert len(looks) == len(PRETRAINING_LOOKS) == combinations - len(STYLES)
+    assert not looks & set(LOOKS.values())
+    for attribute, values in ATTRIBUTES.items():  # the base sees every value of every attribute
+        assert {look.values()[attribute] for look in looks} == set(values)
+
+
+def test_a_pretraining_look_is_captioned_with_what_changes_and_plain_stays_plain():
+    batch = pretraining_batch(400, 5, look_share=0.5)
+
+    looks = [i for i, style in enumerate(batch.styles) if style == PRETRAINING_LOOK]
+    assert 150 < len(looks) < 250
+    assert set(batch.styles) == {PLAIN, PRETRAINING_LOOK}
+    for i, text in enumerate(batch.captions):
+        subject = caption(batch.shapes[i], batch.colours[i])
+        if i in looks:
+            assert text.startswith(subject + ", ") and len(text) > len(subject) + 2
+        else:
+            assert text == subject
+    assert look_caption("star", "red", Look(palette="navy", stroke="glow")) == (
+        "a red star, on navy, glowing"
+    )

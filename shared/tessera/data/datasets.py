@@ -11,11 +11,22 @@ import numpy as np
 
 from tessera.data.palette import COLOUR_NAMES
 from tessera.data.shapes import SHAPES
-from tessera.data.styles import PLAIN, Sample, Variation, check_subject, render_sample
+from tessera.data.styles import (
+    PLAIN,
+    PRETRAINING_LOOKS,
+    Sample,
+    Variation,
+    check_subject,
+    look_caption,
+    render,
+    render_sample,
+)
 from tessera.data.tensors import to_tensor
 
 if TYPE_CHECKING:
     import torch
+
+PRETRAINING_LOOK = "pretraining look"  # the style label of a sample drawn in a pretraining look
 
 
 def rng_for(*keys: int | str) -> np.random.Generator:
@@ -121,9 +132,24 @@ def cycled_subjects(n: int, seed: int, tag: str) -> list[tuple[str, str]]:
     return [pairs[order[i % len(pairs)]] for i in range(n)]
 
 
-def pretraining_batch(n: int, seed: int) -> Batch:
-    """`n` plain renderings of uniformly drawn subjects: the base model's pretraining data."""
-    return style_dataset(PLAIN, n, seed)
+def pretraining_batch(n: int, seed: int, *, look_share: float = 0.0) -> Batch:
+    """`n` renderings of uniformly drawn subjects: the base model's pretraining data. Plain
+    with plain captions, except a `look_share` of them drawn in one of `PRETRAINING_LOOKS`
+    (never a style's own look) with a caption that names it."""
+    if look_share <= 0.0:
+        return style_dataset(PLAIN, n, seed)
+    rng = rng_for("pretraining-looks", seed)
+    samples = []
+    for shape, colour in uniform_subjects(n, rng):
+        if rng.random() >= look_share:
+            samples.append(render_sample(shape, colour, PLAIN, rng))
+            continue
+        look = PRETRAINING_LOOKS[int(rng.integers(len(PRETRAINING_LOOKS)))]
+        image = render(shape, colour, look, rng)
+        samples.append(
+            Sample(image, look_caption(shape, colour, look), shape, colour, PRETRAINING_LOOK)
+        )
+    return Batch.from_samples(samples)
 
 
 def style_dataset(style: str, n: int, seed: int, variation: Variation | None = None) -> Batch:

@@ -141,6 +141,36 @@ def caption(shape: str, colour: str) -> str:
     return f"{article(colour)} {colour} {shape}"
 
 
+LOOK_WORDS: dict[str, dict[str, str]] = {
+    "palette": {"white": "", "cream": "on cream", "lavender": "on lavender", "navy": "on navy",
+                "sunset": "on a sunset gradient"},
+    "texture": {"none": "", "stripes": "with stripes", "dots": "with dots",
+                "checker": "with a checkerboard"},
+    "stroke": {"none": "", "outline": "outlined", "glow": "glowing"},
+    "fill": {"solid": "", "pale": "pale"},
+}  # fmt: skip
+
+
+def look_caption(shape: str, colour: str, look: Look) -> str:
+    """A caption that names the look too (pretraining only: device captions never do)."""
+    words = [LOOK_WORDS[a][v] for a, v in look.values().items() if LOOK_WORDS[a][v]]
+    return ", ".join([caption(shape, colour), *words])
+
+
+def _all_looks() -> tuple[Look, ...]:
+    from itertools import product
+
+    return tuple(Look(*values) for values in product(*ATTRIBUTES.values()))
+
+
+# Every combination of attributes except the styles' own looks: what the base model learns to
+# draw when a caption names it, so that a style is a new combination of things it can draw,
+# as a real base model can draw stripes and a cream background before any LoRA.
+PRETRAINING_LOOKS: tuple[Look, ...] = tuple(
+    look for look in _all_looks() if look not in set(LOOKS.values())
+)
+
+
 def _square_wave(t: np.ndarray, sharpness: float = 3.0) -> np.ndarray:
     """Soft 0/1 bands with period 1 in `t`, anti-aliased so they survive resizing."""
     return np.clip(0.5 + sharpness * np.cos(2.0 * np.pi * t), 0.0, 1.0)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from tessera.data import COLOUR_NAMES, SHAPES, caption, pretraining_batch, to_tensor
+from tessera.data.styles import PRETRAINING_LOOKS, look_caption
 from tessera.model.base import (
     BUNDLED_MODEL,
     BaseModel,
@@ -30,7 +31,10 @@ from tessera.model.base import (
 if TYPE_CHECKING:
     from tessera.model.conditioning import PromptEncoder
 
-ALL_CAPTIONS: tuple[str, ...] = tuple(caption(s, c) for s in SHAPES for c in COLOUR_NAMES)
+ALL_CAPTIONS: tuple[str, ...] = (
+    *(caption(s, c) for s in SHAPES for c in COLOUR_NAMES),
+    *(look_caption(s, c, look) for look in PRETRAINING_LOOKS for s in SHAPES for c in COLOUR_NAMES),
+)
 EMPTY_CAPTION = ""
 
 
@@ -70,6 +74,7 @@ def pretrain(
     seed: int,
     device: str,
     dropout: float = 0.1,
+    look_share: float = 0.0,
     max_seconds: float | None = None,
 ) -> list[float]:
     """Denoising (epsilon) training with caption dropout for classifier-free guidance."""
@@ -85,7 +90,7 @@ def pretrain(
     losses: list[float] = []
     start = time.perf_counter()
     for step in range(steps):
-        batch = pretraining_batch(batch_size, seed=seed * 1_000_003 + step)
+        batch = pretraining_batch(batch_size, seed=seed * 1_000_003 + step, look_share=look_share)
         images = to_tensor(batch.images)
         ids = torch.tensor([index[c] for c in batch.captions])
         drop = torch.rand(batch_size, generator=generator) < dropout
@@ -133,6 +138,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-minutes", type=float, default=None)
+    parser.add_argument(
+        "--look-share",
+        type=float,
+        default=0.5,
+        help="share of each batch drawn in a pretraining look, with a caption naming it",
+    )
     parser.add_argument("--caption-embeds", type=Path, default=None)
     parser.add_argument("--save-caption-embeds", type=Path, default=None)
     parser.add_argument("--init", type=Path, default=None, help="continue from this model folder")
@@ -161,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         lr=args.lr,
         seed=args.seed,
         device=args.device,
+        look_share=args.look_share,
         max_seconds=None if args.max_minutes is None else args.max_minutes * 60,
     )
     wall = time.perf_counter() - start
@@ -172,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         "seed": args.seed,
         "device": args.device,
         "threads": args.threads,
+        "look_share": args.look_share,
         "wall_seconds": round(wall, 1),
         "seconds_per_step": round(wall / max(1, len(losses)), 4),
         "parameters": sum(p.numel() for p in model.unet.parameters()),
