@@ -65,6 +65,17 @@ def jitter_colour(
     return images * contrast + brightness + channel_shift
 
 
+def dim(
+    images: torch.Tensor, amount: torch.Tensor | float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Pull each image towards a random dark-to-mid grey by `amount` (0 = none): the murky
+    exposure of an undertrained sampler, which must not read as a texture or a palette."""
+    n = images.shape[0]
+    grey = torch.rand((n, 1, 1, 1), generator=generator, dtype=images.dtype) * 0.6 - 0.5
+    share = torch.as_tensor(amount, dtype=images.dtype).reshape(-1, 1, 1, 1)
+    return images * (1.0 - share) + grey * share
+
+
 def degrade(
     images: torch.Tensor,
     generator: torch.Generator,
@@ -72,8 +83,10 @@ def degrade(
     max_blur: float = 1.2,
     max_noise: float = 0.25,
     colour_strength: float = 0.08,
+    max_dim: float = 0.4,
 ) -> torch.Tensor:
-    """Random mix of blur, noise, blotches, grain and colour drift, each image its own amounts."""
+    """Random mix of blur, noise, blotches, grain, dimming and colour drift, each image its
+    own amounts."""
     n = images.shape[0]
 
     def draw(maximum: float, probability: float) -> torch.Tensor:
@@ -85,5 +98,6 @@ def degrade(
     out = add_blotches(out, draw(max_noise / 2.0, 0.4), generator)
     out = add_blotches(out, draw(max_noise, 0.4), generator, cells=16)
     out = add_noise(out, draw(max_noise, 0.6), generator)
+    out = dim(out, draw(max_dim, 0.5), generator)
     out = jitter_colour(out, colour_strength, generator)
     return out.clamp(-1.0, 1.0)

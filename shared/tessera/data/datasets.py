@@ -12,8 +12,10 @@ import numpy as np
 from tessera.data.palette import COLOUR_NAMES
 from tessera.data.shapes import SHAPES
 from tessera.data.styles import (
+    ATTRIBUTES,
     PLAIN,
     PRETRAINING_LOOKS,
+    Look,
     Sample,
     Variation,
     check_subject,
@@ -144,12 +146,27 @@ def pretraining_batch(n: int, seed: int, *, look_share: float = 0.0) -> Batch:
         if rng.random() >= look_share:
             samples.append(render_sample(shape, colour, PLAIN, rng))
             continue
-        look = PRETRAINING_LOOKS[int(rng.integers(len(PRETRAINING_LOOKS)))]
+        look = _pretraining_look(rng)
         image = render(shape, colour, look, rng)
         samples.append(
             Sample(image, look_caption(shape, colour, look), shape, colour, PRETRAINING_LOOK)
         )
     return Batch.from_samples(samples)
+
+
+def _pretraining_look(rng: np.random.Generator) -> Look:
+    """A look for pretraining: each attribute keeps its plain value half the time, else takes
+    any other, so that looks changing one or two attributes are common and attributes vary
+    independently; never a style's own look."""
+    allowed = set(PRETRAINING_LOOKS)
+    while True:
+        values = {
+            attribute: options[0] if rng.random() < 0.5 else str(rng.choice(options[1:]))
+            for attribute, options in ATTRIBUTES.items()
+        }
+        look = Look(**values)
+        if look in allowed:
+            return look
 
 
 def style_dataset(style: str, n: int, seed: int, variation: Variation | None = None) -> Batch:

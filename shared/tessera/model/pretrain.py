@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -192,6 +193,10 @@ def main(argv: list[str] | None = None) -> None:
     }
     runs = [*earlier_runs(args.init), {**run, "loss": losses}]
     meta = {"model_id": model.model_id, "pretraining": run}
+    kept = args.out / "tessera.json"
+    if args.init is not None and not kept.exists():  # keep what the init folder says of itself
+        args.out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(args.init / "tessera.json", kept)
     save_tiny_model(model.unet, model.noise_scheduler, args.out, meta)
     (args.out / "pretraining_log.json").write_text(json.dumps({"runs": runs}) + "\n")
     print(json.dumps(run), flush=True)
