@@ -20,9 +20,11 @@ def test_evidence_script_writes_json_markdown_grid_and_adapters(tmp_path: Path) 
     pairs = {tuple(p["styles"]): p for p in result["pairs"]}
     assert set(pairs) == {("night", "stripes"), ("night", "outline"), ("stripes", "outline")}
     assert pairs[("night", "outline")]["conflicting"] == ["stroke"]
-    assert set(pairs[("night", "outline")]["rows"]) == {"night alone", "0.5/0.5", "outline alone"}
+    assert set(pairs[("night", "outline")]["rows"]) == {
+        "night alone", "1/1", "outline alone", "0.5/0.5"
+    }  # fmt: skip
     assert set(pairs[("night", "stripes")]["rows"]) == {
-        "night alone", "0.7/0.3", "0.5/0.5", "0.3/0.7", "stripes alone"
+        "night alone", "1/0.5", "1/1", "0.5/1", "stripes alone", "0.5/0.5"
     }  # fmt: skip
     for row in pairs[("night", "stripes")]["rows"].values():
         assert 0 <= row["carries_both"] <= min(row["carries_first"], row["carries_second"])

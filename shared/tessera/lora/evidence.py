@@ -34,7 +34,10 @@ from tessera.model.latents import fit_images
 
 GRID_PROMPTS = 8
 GRID_HYBRIDS = 4
-BLEND_WEIGHTS = ((0.7, 0.3), (0.5, 0.5), (0.3, 0.7))
+HYBRID = (1.0, 1.0)  # the equal hybrid (tessera.sim.hybrid.HYBRID_WEIGHTS)
+BLEND_WEIGHTS = ((1.0, 0.5), HYBRID, (0.5, 1.0))  # the split moving from first to second
+CONVEX = (0.5, 0.5)  # the convex blend, reported beside: it halves each adapter
+HYBRID_LABEL, CONVEX_LABEL = "1/1", "0.5/0.5"
 
 
 def eval_subjects(n: int, seed: int) -> list[tuple[str, str]]:
@@ -150,11 +153,12 @@ def _pair(
     alone: dict[str, torch.Tensor],
     pair: tuple[str, str],
 ) -> dict[str, Any]:
-    """Hybrid scores of a pair: each adapter alone, and every blend (50/50 only if conflicting)."""
+    """Hybrid scores of a pair: each adapter alone, every blend of `BLEND_WEIGHTS` (only the
+    equal hybrid where the styles conflict) and the convex 50/50 blend."""
     first, second = pair
     evaluator = scorer.evaluator
     conflicting = LOOKS[first].combined(LOOKS[second]) is None
-    weights = [(0.5, 0.5)] if conflicting else list(BLEND_WEIGHTS)
+    weights = [HYBRID] if conflicting else list(BLEND_WEIGHTS)
     rows: dict[str, dict[str, Any]] = {
         f"{first} alone": evaluator.hybrid(alone[first], pair).to_dict()
     }
@@ -166,6 +170,8 @@ def _pair(
     rows[f"{second} alone"] = evaluator.hybrid(alone[second], pair).to_dict()
     firsts = [row["carries_first"] for row in rows.values()]
     seconds = [row["carries_second"] for row in rows.values()]
+    convex = scorer.images([(adapters[first], CONVEX[0]), (adapters[second], CONVEX[1])])
+    rows[CONVEX_LABEL] = evaluator.hybrid(convex, pair).to_dict()
     monotonic = all(x >= y for x, y in pairwise(firsts)) and all(
         x <= y for x, y in pairwise(seconds)
     )
@@ -174,7 +180,7 @@ def _pair(
         "conflicting": rows[f"{first} alone"]["conflicting"],
         "rows": rows,
         "monotonic": monotonic,
-        "images_5050": images["0.5/0.5"],
+        "images_hybrid": images[HYBRID_LABEL],
     }
 
 
@@ -203,15 +209,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pairs = [_pair(scorer, adapters, alone, pair) for pair in combinations(args.styles, 2)]
     if args.out is not None:
         hybrids = [p for p in pairs if not p["conflicting"]]
-        hybrids.sort(key=lambda p: -p["rows"]["0.5/0.5"]["carries_both"])
+        hybrids.sort(key=lambda p: -p["rows"][HYBRID_LABEL]["carries_both"])
         rows = [base_images[:GRID_PROMPTS]] + [alone[s][:GRID_PROMPTS] for s in args.styles]
-        rows += [p["images_5050"][:GRID_PROMPTS] for p in hybrids[:GRID_HYBRIDS]]
+        rows += [p["images_hybrid"][:GRID_PROMPTS] for p in hybrids[:GRID_HYBRIDS]]
         labels = ["base", *(f"{s} LoRA" for s in args.styles)]
-        labels += [f"50/50 {p['styles'][0]}+{p['styles'][1]}" for p in hybrids[:GRID_HYBRIDS]]
+        labels += [f"{p['styles'][0]}+{p['styles'][1]} 1/1" for p in hybrids[:GRID_HYBRIDS]]
         save_grid(rows, labels, args.out / "lora_evidence.png")
     return {
         "styles": styles,
-        "pairs": [{k: v for k, v in p.items() if k != "images_5050"} for p in pairs],
+        "pairs": [{k: v for k, v in p.items() if k != "images_hybrid"} for p in pairs],
         "settings": {
             k: v for k, v in vars(args).items() if k not in {"out", "model", "progress", "adapters"}
         },

@@ -59,20 +59,23 @@ def report_markdown(result: dict[str, Any]) -> str:
         "changes. Columns give that share for each adapter alone, then for the blends "
         "(first/second weight). Where the two styles set the same attribute differently "
         "(say two backgrounds), no image can carry both: those pairs are listed with their "
-        "conflict and only the 50/50 blend was drawn. Monotonic: the share of images carrying "
-        "the first style's attributes never rises, and the second's never falls, as the weight "
-        "moves from the first adapter to the second.",
+        "conflict and only the equal hybrid was drawn. The equal hybrid (1/1) stacks both "
+        "adapters at full strength; 1/0.5 and 0.5/1 move the split; the convex 0.5/0.5 blend, "
+        "which halves each adapter, is the last column. Monotonic: the share of images "
+        "carrying the first style's attributes never rises, and the second's never falls, "
+        "from the first adapter alone through 1/0.5, 1/1 and 0.5/1 to the second alone.",
         "",
-        "| pair | conflict | first alone | 0.7/0.3 | 0.5/0.5 | 0.3/0.7 | second alone "
+        "| pair | conflict | first alone | 1/0.5 | 1/1 | 0.5/1 | second alone | 0.5/0.5 "
         "| first's attrs, by weight | second's attrs, by weight | monotonic |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for pair in result["pairs"]:
         a, b = pair["styles"]
         rows = pair["rows"]
         both = [rows.get(key, {}).get("carries_both") for key in _columns(a, b)]
-        firsts = "/".join(f"{r['carries_first']:.2f}" for r in rows.values())
-        seconds = "/".join(f"{r['carries_second']:.2f}" for r in rows.values())
+        split = [rows[key] for key in _columns(a, b)[:-1] if key in rows]
+        firsts = "/".join(f"{r['carries_first']:.2f}" for r in split)
+        seconds = "/".join(f"{r['carries_second']:.2f}" for r in split)
         conflict = ", ".join(pair["conflicting"]) or "-"
         lines.append(
             f"| {a} + {b} | {conflict} | {' | '.join(_share(v) for v in both)} | "
@@ -80,7 +83,7 @@ def report_markdown(result: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "Grid rows: base, each style's adapter, then the 50/50 blends that carried both styles "
+        "Grid rows: base, each style's adapter, then the equal hybrids that carried both styles "
         "most often; columns: the first prompts, the same noise in every row.",
         "",
         "![grid](lora_evidence.png)",
@@ -92,7 +95,7 @@ def report_markdown(result: dict[str, Any]) -> str:
 
 
 def _columns(a: str, b: str) -> list[str]:
-    return [f"{a} alone", "0.7/0.3", "0.5/0.5", "0.3/0.7", f"{b} alone"]
+    return [f"{a} alone", "1/0.5", "1/1", "0.5/1", f"{b} alone", "0.5/0.5"]
 
 
 def _yes(value: bool) -> str:

@@ -26,7 +26,7 @@ from tessera.sim.stack import run_on_fresh_stack
     "--hybrid-images",
     default=0,
     show_default=True,
-    help="Per round, images of a 50/50 blend of two styles' adapters scored for both looks.",
+    help="Per round, images of the equal hybrid of two styles' adapters, scored for both looks.",
 )
 @click.option("--workers", default=2, show_default=True, help="Device processes at once.")
 @click.option("--seed", default=0, show_default=True)

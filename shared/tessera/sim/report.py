@@ -115,7 +115,7 @@ def generation_grid(
     shown: int = 8,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Rows: base, each cluster's adapter, a 50/50 hybrid of two clusters whose styles combine.
+    """Rows: base, each cluster's adapter, the equal hybrid of two clusters whose styles combine.
 
     Every row draws the same `images` prompts and noise; the first `shown` go in the PNG, and
     all are scored: each cluster row for its style, the hybrid row (and both of its parents)
@@ -126,7 +126,7 @@ def generation_grid(
     from tessera.lora.evidence import save_grid
     from tessera.model.generate import generate
     from tessera.model.latents import fit_images
-    from tessera.sim.hybrid import hybrid_pair
+    from tessera.sim.hybrid import HYBRID_WEIGHTS, hybrid_pair
 
     subjects = cycled_subjects(images, seed, "sim-grid")
     prompts = base.prompts.encode([caption(shape, colour) for shape, colour in subjects])
@@ -137,7 +137,9 @@ def generation_grid(
     pair = hybrid_pair(tuple(by_style))
     if pair is not None:
         a, b = (by_style[style] for style in pair)
-        rows.append((f"50/50 {pair[0]}+{pair[1]}", [(adapters[a], 0.5), (adapters[b], 0.5)]))
+        wa, wb = HYBRID_WEIGHTS
+        mix = [(adapters[a], wa), (adapters[b], wb)]
+        rows.append((f"{pair[0]} {wa:g} + {pair[1]} {wb:g}", mix))
     evaluator = default_evaluator()
     drawn: dict[str, torch.Tensor] = {}
     for label, mix in rows:

@@ -182,7 +182,7 @@ def markdown(summary: dict[str, Any], config: SimConfig, seeds: list[int], comma
         "adapter it is served; the same budget, data and seeds in every method. Style accuracy: "
         f"the device's own generations ({config.eval_images} held-out prompts, "
         f"{config.eval_steps} DDIM steps) in its style. Hybrid: {config.hybrid_images} images of "
-        "a 50/50 blend of the first two styles' adapters carrying both styles' attributes.",
+        "the equal hybrid (both at full strength) of the first two styles' adapters carrying both.",
         "",
         f"## Headline: rounds to {TARGET:.0%} style accuracy, and the last round",
         "",

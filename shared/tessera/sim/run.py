@@ -49,7 +49,7 @@ class SimConfig:
     samples: int = 32  # the device's own images, the same in every round
     eval_images: int = 8
     eval_steps: int = 20
-    hybrid_images: int = 0  # per round, images of a 50/50 blend of two styles' adapters
+    hybrid_images: int = 0  # per round, images of the equal hybrid of two styles' adapters
     lam: float = 0.2
     temperature: float = 0.1
     workers: int = 2
@@ -311,7 +311,7 @@ def _hybrid(
     operator: Operator | None,
     work_dir: Path,
 ) -> dict[str, Any] | None:
-    """Score a 50/50 blend of the adapters two styles' devices are served this round."""
+    """Score the equal hybrid of the adapters two styles' devices are served this round."""
     from tessera.sim.devices import cached_base
     from tessera.sim.hybrid import hybrid_pair, hybrid_score, style_adapter
     from tessera.sim.report import published_adapters

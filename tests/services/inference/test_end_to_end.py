@@ -208,7 +208,7 @@ def test_a_hybrid_of_two_trained_cluster_adapters_carries_both_styles(
     from tessera.lora.evidence import eval_subjects
     from tessera.model.generate import generate
 
-    styles = {"gradient": ("cluster:0", 0.5), "stripes": ("cluster:1", 0.5)}
+    styles = {"gradient": ("cluster:0", 1.0), "stripes": ("cluster:1", 1.0)}  # the equal hybrid
     for style, (name, _) in styles.items():
         publish(sessions, store, name, _train(base_model, style, steps=40, lr=5e-3))
     subjects = eval_subjects(2, seed=0)
