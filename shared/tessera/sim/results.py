@@ -55,10 +55,26 @@ METRICS = (
 )
 
 
+def measured_with(model: str) -> dict[str, str]:
+    """What a run's numbers depend on beyond its configuration: the base model's weights and
+    the evaluator's (`model` empty: the configured base model)."""
+    from tessera.config import get_settings
+    from tessera.data.evaluator import DEFAULT_EVALUATOR_PATH, WEIGHTS_FILE
+    from tessera.model.facts import load_facts
+
+    weights = (DEFAULT_EVALUATOR_PATH / WEIGHTS_FILE).read_bytes()
+    return {
+        "base": load_facts(model or get_settings().base_model).fingerprint,
+        "evaluator": hashlib.sha256(weights).hexdigest(),
+    }
+
+
 def run_file(runs: Path, name: str, variant: SimConfig) -> Path:
     """Where a finished run of `variant` is kept: named by variant and seed, and by a digest of
-    its whole configuration, so a run made under other settings is never reused."""
-    digest = hashlib.sha256(json.dumps(asdict(variant), sort_keys=True).encode()).hexdigest()
+    its whole configuration, base model and evaluator, so a run made under other settings or
+    with other weights is never reused."""
+    keyed = {"config": asdict(variant), "measured_with": measured_with(variant.model)}
+    digest = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()
     slug = name.replace(" ", "_").replace(",", "")
     return runs / f"{slug}-seed{variant.seed}-{digest[:10]}.json"
 
