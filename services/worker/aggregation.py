@@ -1,9 +1,9 @@
 """Aggregating a round's grouped updates into the adapters it publishes (no database here).
 
-Updates stream from the object store one at a time into the aggregation maths; an update whose
-object is missing, fails its sha256, does not parse, or does not match the round's other
-updates (base model, modules, shapes; for fedavg, the round's rank) is excluded and the rest
-aggregate.
+Updates stream from the object store (a few read ahead by threads) into the aggregation maths,
+which reads them once per pass and keeps none; an update whose object is missing, fails its
+sha256, does not parse, or does not match the round's other updates (base model, modules,
+shapes; for fedavg, the round's rank) is excluded and the rest aggregate.
 
 Choices:
 - scope `global`: all updates form one group; only the `global` adapter is published.
@@ -21,7 +21,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -44,6 +46,7 @@ from tessera.models import AdapterKind
 from tessera.storage import ChecksumMismatchError, ObjectNotFoundError, ObjectStore
 
 log = logging.getLogger(__name__)
+_Loaded = tuple[LoraAdapter | None, str]
 
 
 @dataclass(frozen=True)
@@ -145,8 +148,17 @@ class _Compatibility:
         return None
 
 
+PREFETCH = 4
+"""Updates read from the object store ahead of the maths, each by its own thread."""
+
+
 class _UpdateStream:
-    """A group's updates, loaded one at a time from the object store; bad ones are skipped."""
+    """A group's updates read from the object store, a few ahead; bad ones are skipped.
+
+    Re-iterable: the first pass decides which updates are used (and records the others as
+    excluded); each later pass (the exact maths reads the updates a few times, never keeping
+    them) reads the used ones again, and fails if one no longer reads as it did.
+    """
 
     def __init__(
         self,
@@ -160,13 +172,19 @@ class _UpdateStream:
         self._store = store
         self._compatibility = compatibility
         self._excluded = excluded
+        self._read = False
         self.used: list[UpdateRef] = []
         self.skipped = 0
 
     def __iter__(self) -> Iterator[WeightedUpdate]:
-        for ref in self._refs:
-            adapter, reason = self._load(ref)
-            if adapter is None:
+        if self._read:
+            yield from self._again()
+            return
+        self._read = True
+        for ref, (adapter, reason) in _prefetched(self._refs, self._load):
+            if adapter is not None:
+                reason = self._compatibility.problem(adapter) or ""
+            if adapter is None or reason:
                 log.warning(
                     "update excluded",
                     extra={"update_id": ref.id, "client_id": ref.client_id, "reason": reason},
@@ -177,20 +195,40 @@ class _UpdateStream:
             self.used.append(ref)
             yield WeightedUpdate(adapter, float(ref.num_samples))
 
+    def _again(self) -> Iterator[WeightedUpdate]:
+        for ref, (adapter, reason) in _prefetched(self.used, self._load):
+            if adapter is None:
+                raise RuntimeError(f"update {ref.id} changed while the round aggregated: {reason}")
+            yield WeightedUpdate(adapter, float(ref.num_samples))
+
     def _load(self, ref: UpdateRef) -> tuple[LoraAdapter | None, str]:
         if ref.num_samples <= 0:
             return None, f"num_samples is {ref.num_samples}; an update needs at least 1"
         try:
             data = self._store.get_bytes(ref.object_key, expected_sha256=ref.sha256)
-            adapter = adapter_from_bytes(data)
+            return adapter_from_bytes(data), ""
         except ObjectNotFoundError:
             return None, f"object {ref.object_key!r} is missing"
         except ChecksumMismatchError as error:
             return None, f"object {ref.object_key!r} fails its sha256 (found {error.found})"
         except LoraFileError as error:
             return None, f"object {ref.object_key!r} is not a readable adapter: {error}"
-        problem = self._compatibility.problem(adapter)
-        return (None, problem) if problem else (adapter, "")
+
+
+def _prefetched(
+    refs: Sequence[UpdateRef], load: Callable[[UpdateRef], _Loaded]
+) -> Iterator[tuple[UpdateRef, _Loaded]]:
+    """(ref, load(ref)) in order, with up to PREFETCH loads running ahead in threads."""
+    with ThreadPoolExecutor(PREFETCH, thread_name_prefix="update-read") as pool:
+        ahead: deque[tuple[UpdateRef, Future[_Loaded]]] = deque()
+        for ref in refs:
+            ahead.append((ref, pool.submit(load, ref)))
+            if len(ahead) > PREFETCH:
+                done, future = ahead.popleft()
+                yield done, future.result()
+        while ahead:
+            done, future = ahead.popleft()
+            yield done, future.result()
 
 
 def aggregate_plan(plan: RoundPlan, *, store: ObjectStore) -> RoundAggregate:

@@ -15,13 +15,14 @@ its own layout, A [r, in, kh, kw] and B [out, r, 1, 1]; fedavg averages the tens
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 import torch
 
 from tessera.lora.adapter import A_SUFFIX, B_SUFFIX, LoraAdapter, pair_shapes, unflatten_pair
+from tessera.lora.lowrank import DEFAULT_SKETCH, Chunk, LowRankSum, SketchOptions
 
 K = TypeVar("K", bound=Hashable)
 
@@ -36,11 +37,16 @@ class WeightedUpdate:
 
 @dataclass(frozen=True)
 class ExactResult:
-    """A re-factorised adapter and the share of squared singular values its rank kept."""
+    """A re-factorised adapter and the share of squared singular values its rank kept.
+
+    `sketched`: some module's range was sketched narrower than the module, so the result is
+    the range finder's approximation and its energy an estimate; otherwise both are exact.
+    """
 
     adapter: LoraAdapter
     energy_kept: float
     module_energy: Mapping[str, float] = field(default_factory=dict)
+    sketched: bool = False
 
 
 @dataclass(frozen=True)
@@ -178,52 +184,107 @@ def aggregate_fedavg(updates: Iterable[WeightedUpdate], *, rank: int | None = No
     )
 
 
-def _factorise(
-    product: torch.Tensor, *, rank: int, scale: float
-) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """Best rank-`rank` (A, B) with `scale * B @ A ~ product`, plus kept and total energy."""
-    out_features, in_features = product.shape
-    u, s, vh = torch.linalg.svd(product, full_matrices=False)
-    k = min(rank, s.numel())
-    energy = s.square()
-    root = (s[:k] / scale).sqrt()
-    a = torch.zeros(rank, in_features, dtype=torch.float64)
-    b = torch.zeros(out_features, rank, dtype=torch.float64)
-    a[:k] = root[:, None] * vh[:k]
-    b[:, :k] = u[:, :k] * root
-    return a.float(), b.float(), float(energy[:k].sum()), float(energy.sum())
+CHUNK_RANK = 64
+"""Updates are fed to the maths in chunks of about this summed rank (bounded memory, few calls)."""
 
 
-def _exact(
-    updates: Iterable[WeightedUpdate], *, rank: int, alpha: float | None, method: str
-) -> ExactResult:
-    """Sum the weighted (flattened) products, normalise, re-factorise each module to `rank`."""
+def _check_target(rank: int, alpha: float | None) -> float:
+    """The result's alpha (default `rank`), after checking rank and alpha."""
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
     alpha = float(rank) if alpha is None else alpha
     if not math.isfinite(alpha) or alpha <= 0:
         raise ValueError(f"alpha must be finite and > 0, got {alpha}")
-    sums: dict[str, torch.Tensor] = {}
+    return alpha
+
+
+def _flat_pairs(adapter: LoraAdapter) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {module: adapter.flat_pair(module) for module in adapter.modules}
+
+
+class _Chunker:
+    """Groups (flat pairs, factor) of consecutive updates into chunks of about CHUNK_RANK."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]] = []
+        self._rank = 0
+
+    def push(self, adapter: LoraAdapter, factor: float) -> bool:
+        """Add one update; True when the chunk is full (then `flush` it)."""
+        self.pending.append((_flat_pairs(adapter), factor))
+        self._rank += adapter.rank
+        return self._rank >= CHUNK_RANK
+
+    def flush(self) -> Chunk:
+        chunk, self.pending, self._rank = self.pending, [], 0
+        return chunk
+
+
+def _again(updates: Iterable[WeightedUpdate], reference: _Reference) -> Iterator[Chunk]:
+    """The same updates once more, checked against the first pass's reference, in chunks."""
+    chunker = _Chunker()
+    for index, update in enumerate(updates):
+        reference.check(update.adapter, index=index)
+        if update.weight > 0 and chunker.push(update.adapter, update.weight * update.adapter.scale):
+            yield chunker.flush()
+    if chunker.pending:
+        yield chunker.flush()
+
+
+def _exact(
+    updates: Iterable[WeightedUpdate],
+    *,
+    rank: int,
+    alpha: float | None,
+    method: str,
+    options: SketchOptions,
+) -> ExactResult:
+    """Stream the updates into a LowRankSum (more passes if it needs them); build the adapter."""
+    alpha = _check_target(rank, alpha)
+    one_shot = isinstance(updates, Iterator)
+    kept: list[WeightedUpdate] = []  # a one-shot iterator cannot be read twice: keep its factors
+    chunker = _Chunker()
+    state: dict[str, LowRankSum] = {}
 
     def add(adapter: LoraAdapter, weight: float, index: int) -> None:
-        if weight == 0:
-            return
-        for module in adapter.modules:
-            a, b = adapter.flat_pair(module)
-            term = (_float64(b) @ _float64(a)) * (adapter.scale * weight)
-            sums[module] = sums[module] + term if module in sums else term
+        if index == 0:
+            shapes = {
+                m: (int(b.shape[0]), int(a.shape[1])) for m, (a, b) in _flat_pairs(adapter).items()
+            }
+            state["sum"] = LowRankSum(shapes, rank=rank, options=options)
+        if one_shot:
+            kept.append(WeightedUpdate(adapter, weight))
+        if weight > 0 and chunker.push(adapter, weight * adapter.scale):
+            state["sum"].add(chunker.flush())
 
     reference, total, count = _stream(updates, add)
+    low_rank = state["sum"]
+    low_rank.add(chunker.flush())
+    source: Iterable[WeightedUpdate] = kept if one_shot else updates
+    passes = (_again(source, reference) for _ in range(low_rank.passes_left))
+    truncated = low_rank.finish(passes)
+    kept.clear()
     tensors: dict[str, torch.Tensor] = {}
     module_energy: dict[str, float] = {}
     kept_all = total_all = 0.0
-    for module in sorted(sums):
-        a, b, kept, energy = _factorise(sums.pop(module) / total, rank=rank, scale=alpha / rank)
-        a, b = unflatten_pair(reference.shapes[module], a, b)
+    scale = alpha / rank
+    for module in sorted(truncated):
+        part = truncated[module]
+        s = part.singular / total
+        k = min(rank, s.numel())
+        root = (s[:k] / scale).sqrt()
+        a = torch.zeros(rank, part.right.shape[1], dtype=torch.float64)
+        b = torch.zeros(part.left.shape[0], rank, dtype=torch.float64)
+        a[:k] = root[:, None] * part.right[:k]
+        b[:, :k] = part.left[:, :k] * root
+        a, b = unflatten_pair(reference.shapes[module], a.float(), b.float())
         tensors[module + A_SUFFIX], tensors[module + B_SUFFIX] = a, b
-        module_energy[module] = kept / energy if energy > 0 else 1.0
-        kept_all, total_all = kept_all + kept, total_all + energy
+        energy = part.total_energy / total**2
+        kept_energy = float(s[:k].square().sum())
+        module_energy[module] = min(1.0, kept_energy / energy) if energy > 0 else 1.0
+        kept_all, total_all = kept_all + kept_energy, total_all + max(energy, kept_energy)
     energy_kept = kept_all / total_all if total_all > 0 else 1.0
+    extra = {"method": method, "updates": str(count), "energy_kept": f"{energy_kept:.6f}"}
     adapter = LoraAdapter(
         tensors=tensors,
         rank=rank,
@@ -231,28 +292,40 @@ def _exact(
         base_model_id=reference.base_model_id,
         base_model_hash=reference.base_model_hash,
         target_modules=reference.target_modules,
-        extra={"method": method, "updates": str(count), "energy_kept": f"{energy_kept:.6f}"},
+        extra=extra,
         targets=reference.targets,
     )
-    return ExactResult(adapter=adapter, energy_kept=energy_kept, module_energy=module_energy)
+    sketched = any(part.estimated for part in truncated.values())
+    return ExactResult(adapter, energy_kept, module_energy, sketched=sketched)
 
 
 def aggregate_exact(
-    updates: Iterable[WeightedUpdate], *, rank: int, alpha: float | None = None
+    updates: Iterable[WeightedUpdate],
+    *,
+    rank: int,
+    alpha: float | None = None,
+    options: SketchOptions = DEFAULT_SKETCH,
 ) -> ExactResult:
     """The weighted mean of the updates' products, re-factorised to `rank` (any input ranks).
 
-    The result's alpha defaults to `rank` (scale 1); singular values are split evenly, as
-    sqrt(S / scale), between B and A.
+    Exact while the summed input rank fits `options.exact_rank` (or the sketch spans the whole
+    module); beyond, a randomized range finder with `options` (see `tessera.lora.lowrank`).
+    A re-iterable (a list, a store-backed stream) is read once per pass; a one-shot iterator's
+    factors are kept for the later passes. The result's alpha defaults to `rank` (scale 1);
+    singular values are split evenly, as sqrt(S / scale), between B and A.
     """
-    return _exact(updates, rank=rank, alpha=alpha, method="exact")
+    return _exact(updates, rank=rank, alpha=alpha, method="exact", options=options)
 
 
 def global_adapter(
-    clusters: Iterable[WeightedUpdate], *, rank: int, alpha: float | None = None
+    clusters: Iterable[WeightedUpdate],
+    *,
+    rank: int,
+    alpha: float | None = None,
+    options: SketchOptions = DEFAULT_SKETCH,
 ) -> ExactResult:
     """The one adapter for everyone: cluster adapters averaged exactly, weighted by size."""
-    return _exact(clusters, rank=rank, alpha=alpha, method="global")
+    return _exact(clusters, rank=rank, alpha=alpha, method="global", options=options)
 
 
 def neighbour_weights(
@@ -293,6 +366,7 @@ def neighbour_blend(
     temperature: float,
     rank: int,
     alpha: float | None = None,
+    options: SketchOptions = DEFAULT_SKETCH,
 ) -> dict[K, ExactResult]:
     """Each cluster's adapter mixed with its neighbours': (1 - lam) own + lam * similar others.
 
@@ -311,7 +385,7 @@ def neighbour_blend(
     for c, own in clusters.items():
         mix = [WeightedUpdate(own, 1.0 - lam)]
         mix += [WeightedUpdate(clusters[j], lam * p) for j, p in weights[c].items()]
-        result = _exact(mix, rank=rank, alpha=alpha, method="neighbour_blend")
+        result = _exact(mix, rank=rank, alpha=alpha, method="neighbour_blend", options=options)
         extra = {**result.adapter.extra, "lam": str(lam), "temperature": str(temperature)}
         blended[c] = replace(result, adapter=replace(result.adapter, extra=extra))
     return blended

@@ -1,0 +1,173 @@
+"""Streamed exact aggregation against the dense reference: exact paths, sketch error, memory."""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from tessera.lora.adapter import A_SUFFIX, B_SUFFIX, LoraAdapter, LoraSpec, random_adapter
+from tessera.lora.aggregate import (
+    CHUNK_RANK,
+    WeightedUpdate,
+    aggregate_exact,
+    global_adapter,
+    neighbour_blend,
+    neighbour_weights,
+)
+from tessera.lora.aggregate_dense import aggregate_exact_dense, relative_error
+from tessera.lora.lowrank import PROBES, LowRankSum, SketchOptions
+
+# wider than the default sketch (rank + 8), so only the stacked path or a sketch can be exact
+WIDE = LoraSpec(
+    base_model_id="test/wide",
+    base_model_hash="hash-w",
+    modules={
+        "a.to_q": (48, 40),
+        "b.to_q": (48, 40),  # same shape as a.to_q: one batch
+        "c.to_k": (32, 56),
+        "d.conv1": (24, 8, 3, 3),
+    },
+    targets="full",
+)
+SKETCH_ONLY = SketchOptions(exact_rank=0)  # every update goes through the range sketch
+
+
+def update(rank: int, seed: int, weight: float = 1.0, alpha: float | None = None) -> WeightedUpdate:
+    adapter = random_adapter(WIDE, rank, float(rank) if alpha is None else alpha, seed=seed)
+    return WeightedUpdate(adapter, weight)
+
+
+def assert_same_products(got: LoraAdapter, want: LoraAdapter, tolerance: float = 1e-5) -> None:
+    assert got.modules == want.modules
+    for module in want.modules:
+        expected = want.delta(module).double()
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(
+            got.delta(module).double(), expected, rtol=0, atol=tolerance * scale
+        )
+
+
+def test_stacked_path_is_exact_for_mixed_ranks_weights_and_conv_pairs() -> None:
+    updates = [update(r, seed=r, weight=w, alpha=a) for r, w, a in ((2, 1.0, 8.0), (3, 4.0, 3.0))]
+    updates += [update(4, seed=9, weight=0.5), update(1, seed=7, weight=0.0)]
+
+    result = aggregate_exact(iter(updates), rank=6)
+    reference = aggregate_exact_dense(updates, rank=6)
+
+    assert not result.sketched
+    assert_same_products(result.adapter, reference.adapter)
+    assert result.energy_kept == pytest.approx(reference.energy_kept, abs=1e-9)
+    assert result.adapter.pair("d.conv1")[0].shape == (6, 8, 3, 3)
+
+
+def test_sketch_is_exact_when_the_mean_has_low_rank() -> None:
+    basis = torch.randn(48, 3, generator=torch.Generator().manual_seed(0))
+    updates = []
+    for seed in range(12):  # 12 rank-3 updates, all with B in one 3-dimensional column space
+        adapter = update(3, seed=seed).adapter
+        mixed = torch.randn(3, 3, generator=torch.Generator().manual_seed(100 + seed))
+        tensors = {**adapter.tensors, "a.to_q" + B_SUFFIX: basis @ mixed}
+        updates.append(WeightedUpdate(LoraAdapter(**{**adapter.__dict__, "tensors": tensors}), 1))
+
+    result = aggregate_exact(updates, rank=4, options=SKETCH_ONLY)
+    reference = aggregate_exact_dense(updates, rank=4)
+
+    assert result.sketched
+    a_only = ("a.to_q",)
+    for module in a_only:
+        want = reference.adapter.delta(module).double()
+        got = result.adapter.delta(module).double()
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+        assert result.module_energy[module] == pytest.approx(1.0, abs=1e-9)
+
+
+def decaying(seed: int, rank: int = 4) -> WeightedUpdate:
+    """A shared strong direction plus a small update of its own: a cluster's typical spectrum."""
+    shared = random_adapter(WIDE, rank, float(rank), seed=1000)
+    own = random_adapter(WIDE, rank, float(rank), seed=seed)
+    tensors = {
+        key: shared.tensors[key] + (0.5 if key.endswith(A_SUFFIX) else 0.3) * own.tensors[key]
+        for key in shared.tensors
+    }
+    return WeightedUpdate(LoraAdapter(**{**shared.__dict__, "tensors": tensors}), 1.0 + seed % 3)
+
+
+def test_sketch_error_against_the_dense_truncation_stays_within_1e_3() -> None:
+    updates = [decaying(seed) for seed in range(40)]  # summed rank 160 > exact_rank 64
+
+    result = aggregate_exact(updates, rank=4)
+    rough = aggregate_exact(
+        updates, rank=4, options=SketchOptions(oversample=0, power_iterations=0)
+    )
+    reference = aggregate_exact_dense(updates, rank=4)
+
+    assert result.sketched
+    error = relative_error(result.adapter, reference.adapter)
+    assert error <= 1e-3
+    assert relative_error(rough.adapter, reference.adapter) > 10 * error
+    assert result.energy_kept == pytest.approx(reference.energy_kept, abs=0.02)
+
+
+def test_global_adapter_and_blend_agree_with_the_dense_reference() -> None:
+    clusters = {c: update(4, seed=i).adapter for i, c in enumerate("abc")}
+    centroids = {"a": [1.0, 0.0], "b": [0.8, 0.3], "c": [-0.5, 1.0]}
+    weights = neighbour_weights(centroids, temperature=0.5)
+
+    overall = global_adapter(
+        [WeightedUpdate(a, 2.0 + i) for i, a in enumerate(clusters.values())], rank=8
+    )
+    blended = neighbour_blend(clusters, centroids, lam=0.4, temperature=0.5, rank=8)
+
+    want = aggregate_exact_dense(
+        [WeightedUpdate(a, 2.0 + i) for i, a in enumerate(clusters.values())], rank=8
+    )
+    assert_same_products(overall.adapter, want.adapter)
+    for c, result in blended.items():
+        mix = [WeightedUpdate(clusters[c], 0.6)]
+        mix += [WeightedUpdate(clusters[j], 0.4 * p) for j, p in weights[c].items()]
+        assert_same_products(result.adapter, aggregate_exact_dense(mix, rank=8).adapter)
+
+
+class Regenerated:
+    """A re-iterable source that builds each update when asked, as a store-backed stream does."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.alive = self.peak = 0
+
+    def __iter__(self) -> Iterator[WeightedUpdate]:
+        for seed in range(self.count):
+            adapter = update(4, seed=seed).adapter
+            self.alive += 1
+            self.peak = max(self.peak, self.alive)
+            weakref.finalize(adapter, self._gone)
+            yield WeightedUpdate(adapter, 1.0 + seed % 4)
+
+    def _gone(self) -> None:
+        self.alive -= 1
+
+
+@pytest.mark.parametrize("count", [10, 120])
+def test_memory_does_not_grow_with_the_number_of_updates(count: int) -> None:
+    source = Regenerated(count)
+    shapes = {m: (s[0], math.prod(s[1:])) for m, s in WIDE.modules.items()}
+    low_rank = LowRankSum(shapes, rank=4, options=SketchOptions())
+    bound = sum((64 + 4) * (out + inner) + (4 + 8 + PROBES) * out for out, inner in shapes.values())
+    held = []
+    updates = [u.adapter for u in Regenerated(count)]
+    for start in range(0, count, 5):
+        low_rank.add(
+            [({m: a.flat_pair(m) for m in a.modules}, 1.0) for a in updates[start : start + 5]]
+        )
+        held.append(low_rank.state_values)
+
+    result = aggregate_exact(source, rank=4)
+
+    assert max(held) <= bound
+    assert source.peak <= CHUNK_RANK // 4 + 1 and source.alive == 0
+    assert result.adapter.extra["updates"] == str(count)
+    assert result.sketched == (count * 4 > 64)
