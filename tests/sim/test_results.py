@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from tessera.sim.results import RESULTS_CONFIG, VARIANTS, markdown, plot, run_file, summarise
+from tessera.sim.results import RESULTS_CONFIG, VARIANTS, run_file, summarise
+from tessera.sim.results_page import markdown, plot
 
 
 def fake_run(seed: int, accuracies: list[float], loss: float) -> dict:
@@ -65,3 +67,45 @@ def test_a_saved_run_is_found_only_under_the_same_settings(tmp_path: Path) -> No
     assert same == run_file(tmp_path, "local only", variant)
     assert same.name.startswith("local_only-seed1-")
     assert other != same
+
+
+def test_the_verdict_is_computed_from_the_runs() -> None:
+    reports = {
+        "cluster-aware exact": [fake_run(0, [0.5, 0.9], 0.2), fake_run(1, [0.6, 0.8], 0.2)],
+        "global FedAvg": [fake_run(0, [0.5, 0.6], 0.3), fake_run(1, [0.5, 0.4], 0.3)],
+        "local only": [fake_run(0, [0.6, 0.9], 0.3), fake_run(1, [0.4, 0.5], 0.3)],
+    }
+
+    page = markdown(summarise(reports), RESULTS_CONFIG, [0, 1], "cmd")
+
+    assert "claim) holds for cluster-aware exact:** +0.20 mean style accuracy" in page
+    assert "ahead in 2 of 2 seeds, +0.35 in the last round" in page
+    assert "global FedAvg never reaches 80% within 2 rounds" in page
+    assert "| local only | 0.60 ± 0.15 | +0.10 | 1 of 2 | +0.20 |" in page
+    assert "**Against training alone**, cluster-aware exact is +0.10" in page
+    assert "Not reaching 80% in any seed** within 2 rounds" in page
+
+
+def test_a_claim_that_the_runs_contradict_is_called_so() -> None:
+    reports = {
+        "cluster-aware exact": [fake_run(0, [0.5, 0.6], 0.2), fake_run(1, [0.4, 0.5], 0.2)],
+        "global FedAvg": [fake_run(0, [0.5, 0.9], 0.3), fake_run(1, [0.5, 0.8], 0.3)],
+    }
+
+    page = markdown(summarise(reports), RESULTS_CONFIG, [0, 1], "cmd")
+
+    assert "claim) does not hold for cluster-aware exact" in page
+
+
+def test_the_page_reports_clustering_cases_per_algorithm(tmp_path: Path) -> None:
+    cases = tmp_path / "clustering_cases.json"
+    rows = [
+        {"case": "terse", "seed": s, "method": "kmeans", "k selection": "silhouette", "ari": a}
+        for s, a in enumerate([0.5, 0.7])
+    ]
+    cases.write_text(json.dumps(rows))
+    reports = {"global FedAvg": [fake_run(0, [0.5, 0.6], 0.3)]}
+
+    page = markdown(summarise(reports), RESULTS_CONFIG, [0], "cmd", cases=cases)
+
+    assert "| terse | kmeans | silhouette | 0.600 (0.500) |" in page

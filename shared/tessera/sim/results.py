@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from tessera.sim.results_page import TARGET, markdown, plot
 from tessera.sim.run import SimConfig
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -45,7 +46,6 @@ RESULTS_CONFIG = SimConfig(
     hybrid_images=16,
     workers=2,
 )
-TARGET = 0.8
 METRICS = (
     "heldout_loss",
     "style_accuracy",
@@ -147,100 +147,14 @@ def summarise(reports: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "ari": [run["ari"] for run in runs],
             "per_round": per_round,
             "rounds_to_target": to_target,
+            "mean_accuracy": [
+                float(np.mean([r["style_accuracy"] for r in run["rounds"]])) for run in runs
+            ],
             "final": {m: per_round[m]["mean"][-1] for m in METRICS},
             "final_std": {m: per_round[m]["std"][-1] for m in METRICS},
             "wall_seconds": [run.get("wall_seconds") for run in runs],
         }
     return summary
-
-
-def plot(summary: dict[str, Any], png: Path) -> None:
-    """Style accuracy and held-out loss per round: mean over seeds, band of one std."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), dpi=100)
-    for name, row in summary.items():
-        for ax, metric in zip(axes, ("style_accuracy", "heldout_loss", "hybrid"), strict=True):
-            mean = np.asarray(row["per_round"][metric]["mean"])
-            std = np.asarray(row["per_round"][metric]["std"])
-            x = np.arange(1, len(mean) + 1)
-            ax.plot(x, mean, marker="o", markersize=3, label=name)
-            ax.fill_between(x, mean - std, mean + std, alpha=0.15)
-    axes[0].axhline(TARGET, color="grey", linestyle=":", linewidth=1)
-    titles = ("style accuracy of device generations", "held-out denoising loss", "hybrid: both")
-    for ax, title in zip(axes, titles, strict=True):
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("round")
-    axes[0].set_ylim(0, 1.02)
-    axes[2].set_ylim(0, 1.02)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png)
-    plt.close(fig)
-
-
-def markdown(summary: dict[str, Any], config: SimConfig, seeds: list[int], command: str) -> str:
-    """docs/RESULTS.md: how it was made, the headline, the per-round table and the plot."""
-    lines = [
-        "# Results: does federating with similar devices pay?",
-        "",
-        f"Reproduce: `{command}`",
-        "",
-        f"{config.devices} devices over {len(config.chosen_styles())} styles "
-        f"({', '.join(config.chosen_styles())}), {config.rounds} rounds, seeds "
-        f"{', '.join(map(str, seeds))}. Each device owns {config.samples} images of its style "
-        f"with its own tint, jitter and pattern geometry, and trains {config.steps} steps at "
-        f"batch {config.batch_size} (lr {config.lr:g}, rank {config.rank}) per round, from the "
-        "adapter it is served; the same budget, data and seeds in every method. Style accuracy: "
-        f"the device's own generations ({config.eval_images} held-out prompts, "
-        f"{config.eval_steps} DDIM steps) in its style. Hybrid: {config.hybrid_images} images of "
-        "the equal hybrid (both at full strength) of the first two styles' adapters carrying both.",
-        "",
-        f"## Headline: rounds to {TARGET:.0%} style accuracy, and the last round",
-        "",
-        "| method | rounds to target (per seed) | final style accuracy | final held-out loss "
-        "| final hybrid | ARI |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, row in summary.items():
-        reached = ", ".join("-" if r is None else str(r) for r in row["rounds_to_target"])
-        f, sd = row["final"], row["final_std"]
-        aris = [a for a in row["ari"] if a is not None]
-        ari = f"{np.mean(aris):.3f}" if aris else "- (no clustering)"
-        lines.append(
-            f"| {name} | {reached} | {f['style_accuracy']:.2f} ± {sd['style_accuracy']:.2f} | "
-            f"{f['heldout_loss']:.4f} ± {sd['heldout_loss']:.4f} | "
-            f"{f['hybrid']:.2f} ± {sd['hybrid']:.2f} | {ari} |"
-        )
-    lines += [
-        "",
-        "![results](results.png)",
-        "",
-        "## Per round (mean ± std over seeds)",
-        "",
-        "| method | round | style accuracy | held-out loss | hybrid | KB up / device "
-        "| KB down / device |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, row in summary.items():
-        pr = row["per_round"]
-        for i in range(len(pr["style_accuracy"]["mean"])):
-            cells = [
-                f"{pr[m]['mean'][i]:.2f} ± {pr[m]['std'][i]:.2f}"
-                for m in ("style_accuracy", "heldout_loss", "hybrid")
-            ]
-            cells[1] = f"{pr['heldout_loss']['mean'][i]:.4f} ± {pr['heldout_loss']['std'][i]:.4f}"
-            lines.append(
-                f"| {name} | {i + 1} | {' | '.join(cells)} | "
-                f"{pr['bytes_up_per_device']['mean'][i] / 1024:.0f} | "
-                f"{pr['bytes_down_per_device']['mean'][i] / 1024:.0f} |"
-            )
-    lines += ["", "Raw numbers: [results.json](results.json).", ""]
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -270,7 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     plot(summary, args.out / "results.png")
     (args.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (args.out / "RESULTS.md").write_text(markdown(summary, config, args.seeds, command))
+    page = markdown(summary, config, args.seeds, command, cases=args.out / "clustering_cases.json")
+    (args.out / "RESULTS.md").write_text(page)
     print((args.out / "RESULTS.md").read_text())
 
 
