@@ -120,8 +120,14 @@ class Settings(BaseSettings):
     )
 
     # Limits.
-    max_upload_bytes: Annotated[int, Field(gt=0)] = Field(
-        default=64 * MiB, description="Largest LoRA update accepted, in bytes."
+    max_upload_bytes: Annotated[int, Field(gt=0)] | None = Field(
+        default=None,
+        description="Largest LoRA update accepted, in bytes; unset: the base model's largest "
+        "valid update (every target module at the highest rank, float32) plus its header.",
+    )
+    upload_read_timeout_s: Annotated[float, Field(gt=0, le=3600)] = Field(
+        default=30.0,
+        description="Seconds an upload may go without sending a byte before it is refused.",
     )
     max_request_bytes: Annotated[int, Field(gt=0)] = Field(
         default=4 * MiB, description="Largest JSON request body accepted, in bytes."
@@ -138,6 +144,15 @@ class Settings(BaseSettings):
     adapter_cache_bytes: Annotated[int, Field(gt=0)] = Field(
         default=256 * MiB,
         description="Bytes of adapters and merged adapter mixes an inference process caches.",
+    )
+    max_streams_per_client: Annotated[int, Field(ge=1, le=1000)] = Field(
+        default=4, description="Progress streams (server-sent events) one client may hold open."
+    )
+    generation_jobs_per_client: Annotated[int, Field(ge=1)] = Field(
+        default=8, description="Generation jobs one client may have queued or running at once."
+    )
+    generation_queue_cap: Annotated[int, Field(ge=1)] = Field(
+        default=256, description="Generation jobs queued or running at once, all clients together."
     )
     inference_max_batch_images: Annotated[int, Field(ge=1, le=256)] = Field(
         default=16,
