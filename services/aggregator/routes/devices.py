@@ -15,9 +15,10 @@ from services.aggregator.views import adapter_download, round_brief
 from tessera.config import Settings
 from tessera.federation import GLOBAL_ADAPTER, cluster_adapter_name
 from tessera.schemas import DeviceAssignment, TaskVectorsIn, TaskVectorsStored
-from tessera.service.auth import DeviceDep
+from tessera.service.auth import DeviceDep, service_headers
 from tessera.service.deps import ClusteringHttpDep, SessionDep, SettingsDep, StoreDep
 from tessera.storage import ObjectStore
+from tessera.tokens import ServiceScope
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def _request_assignment(http: httpx.Client, settings: Settings, client_id: int) 
         response = http.post(
             "/v1/assignments",
             json={"client_id": client_id},
-            headers={"Authorization": f"Bearer {settings.operator_token.get_secret_value()}"},
+            headers=service_headers(settings, ServiceScope.ASSIGN),
         )
     except httpx.HTTPError as error:
         log.warning(

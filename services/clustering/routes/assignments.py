@@ -10,7 +10,7 @@ from services.clustering.routes.errors import concurrent_write, http_error
 from services.clustering.schemas import AssignmentCreate, AssignmentOut
 from tessera.models import Assignment, Clustering, Role
 from tessera.schemas import RowId
-from tessera.service.auth import OperatorDep, PrincipalDep
+from tessera.service.auth import AssignerDep, PrincipalDep
 from tessera.service.deps import SessionDep
 
 router = APIRouter(prefix="/v1/assignments", tags=["assignments"])
@@ -33,7 +33,7 @@ def assignment_out(clustering: Clustering, assignment: Assignment) -> Assignment
         409: {"description": "not an enabled device, or vectors of another dimension"},
     },
 )
-def assign(body: AssignmentCreate, _operator: OperatorDep, session: SessionDep) -> AssignmentOut:
+def assign(body: AssignmentCreate, _caller: AssignerDep, session: SessionDep) -> AssignmentOut:
     try:
         assignment = crud.assign_device(session=session, client_id=body.client_id)
         session.commit()

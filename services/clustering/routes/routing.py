@@ -7,7 +7,7 @@ from fastapi import APIRouter, HTTPException, status
 from services.clustering import crud
 from services.clustering.routes.errors import http_error
 from services.clustering.schemas import ClusterWeight, RouteOut, RouteRequest
-from tessera.service.auth import PrincipalDep
+from tessera.service.auth import RouterDep
 from tessera.service.deps import SessionDep
 
 router = APIRouter(prefix="/v1/route", tags=["routing"])
@@ -21,7 +21,7 @@ router = APIRouter(prefix="/v1/route", tags=["routing"])
         422: {"description": "the vector is not finite, unit-norm or as wide as the centroids"},
     },
 )
-def route_prompt(body: RouteRequest, _caller: PrincipalDep, session: SessionDep) -> RouteOut:
+def route_prompt(body: RouteRequest, _caller: RouterDep, session: SessionDep) -> RouteOut:
     try:
         clustering, weights = crud.route_vector(
             session=session, vector=body.vector, temperature=body.temperature, top_k=body.top_k

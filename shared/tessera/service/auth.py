@@ -1,4 +1,8 @@
-"""Bearer-token authentication and role checks for every service."""
+"""Bearer-token authentication and role checks for every service.
+
+Service tokens (`tessera.tokens.service_token`) pass only where a route names their scope
+(`require_role(..., scope=...)`); everywhere else, including `PrincipalDep`, they are 403.
+"""
 
 from __future__ import annotations
 
@@ -9,20 +13,23 @@ from fastapi import Depends, HTTPException, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 
+from tessera.config import Settings
 from tessera.models import Client, Role
-from tessera.service.deps import SessionDep, SettingsDep
-from tessera.tokens import hash_token, tokens_equal
+from tessera.service.deps import ResourcesDep, SessionDep, SettingsDep
+from tessera.tokens import ServiceScope, hash_token, service_scope, service_token, tokens_equal
 
 _bearer = HTTPBearer(auto_error=False, description="A client token, or the operator token")
 
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is calling: an enrolled client, or the bootstrap operator (client_id None)."""
+    """Who is calling: an enrolled client, the bootstrap operator (client_id None), or another
+    service with a scoped token (role None, `scope` set)."""
 
     client_id: int | None
     name: str
-    role: Role
+    role: Role | None
+    scope: ServiceScope | None = None
 
 
 BOOTSTRAP_OPERATOR = Principal(client_id=None, name="bootstrap-operator", role=Role.OPERATOR)
@@ -34,18 +41,22 @@ def _unauthorized(detail: str) -> HTTPException:
     )
 
 
-def authenticate(
-    settings: SettingsDep,
-    session: SessionDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Principal:
-    """The caller behind the bearer token; 401 if it is missing, unknown or disabled."""
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def identify(settings: SettingsDep, session: SessionDep, credentials: Credentials) -> Principal:
+    """The caller behind the bearer token, services included; 401 if it is missing, unknown
+    or disabled."""
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise _unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
     token = credentials.credentials
     if tokens_equal(token, settings.operator_token.get_secret_value()):
         return BOOTSTRAP_OPERATOR
-    token_hash = hash_token(token, secret=settings.token_secret.get_secret_value())
+    secret = settings.token_secret.get_secret_value()
+    scope = service_scope(token, secret=secret)
+    if scope is not None:
+        return Principal(client_id=None, name=f"service:{scope.value}", role=None, scope=scope)
+    token_hash = hash_token(token, secret=secret)
     client = session.scalar(select(Client).where(Client.token_hash == token_hash))
     if client is None:
         raise _unauthorized("invalid bearer token")
@@ -54,20 +65,53 @@ def authenticate(
     return Principal(client_id=client.id, name=client.name, role=client.role)
 
 
+CallerDep = Annotated[Principal, Depends(identify)]
+
+
+def _service_refused(principal: Principal) -> HTTPException:
+    scope = principal.scope.value if principal.scope else ""
+    return HTTPException(
+        status.HTTP_403_FORBIDDEN,
+        detail=f"a service token of scope {scope} is not accepted on this endpoint",
+    )
+
+
+def authenticate(caller: CallerDep) -> Principal:
+    """An enrolled client or the bootstrap operator; a service token is 403 here."""
+    if caller.role is None:
+        raise _service_refused(caller)
+    return caller
+
+
 PrincipalDep = Annotated[Principal, Depends(authenticate)]
 
 
-def require_role(*roles: Role) -> object:
-    """A dependency that lets only callers with one of `roles` through (403 otherwise)."""
+def authenticate_briefly(resources: ResourcesDep, credentials: Credentials) -> Principal:
+    """`authenticate` on a session of its own, closed at once: for a response that outlives
+    its handler (a stream), which must not hold a database connection while it runs."""
+    with resources.sessions() as session:
+        return authenticate(identify(resources.settings, session, credentials))
+
+
+StreamPrincipalDep = Annotated[Principal, Depends(authenticate_briefly)]
+
+
+def require_role(*roles: Role, scope: ServiceScope | None = None) -> object:
+    """A dependency that lets only callers with one of `roles` through, or a service token
+    of `scope` (403 otherwise)."""
     allowed = ", ".join(role.value for role in roles)
 
-    def check(principal: PrincipalDep) -> Principal:
-        if principal.role not in roles:
+    def check(caller: CallerDep) -> Principal:
+        if scope is not None and caller.scope is scope:
+            return caller
+        if caller.role is None:
+            raise _service_refused(caller)
+        if caller.role not in roles:
             raise HTTPException(
                 status.HTTP_403_FORBIDDEN,
-                detail=f"this endpoint needs role {allowed}; the token is a {principal.role.value}",
+                detail=f"this endpoint needs role {allowed}; the token is a {caller.role.value}",
             )
-        return principal
+        return caller
 
     return Depends(check)
 
@@ -75,3 +119,14 @@ def require_role(*roles: Role) -> object:
 OperatorDep = Annotated[Principal, require_role(Role.OPERATOR)]
 DeviceDep = Annotated[Principal, require_role(Role.DEVICE)]
 GeneratorDep = Annotated[Principal, require_role(Role.GENERATOR, Role.OPERATOR)]
+AssignerDep = Annotated[Principal, require_role(Role.OPERATOR, scope=ServiceScope.ASSIGN)]
+RouterDep = Annotated[
+    Principal,
+    require_role(Role.DEVICE, Role.GENERATOR, Role.OPERATOR, scope=ServiceScope.ROUTE),
+]
+
+
+def service_headers(settings: Settings, scope: ServiceScope) -> dict[str, str]:
+    """The Authorization header of a call to another service under `scope`."""
+    token = service_token(scope, secret=settings.token_secret.get_secret_value())
+    return {"Authorization": f"Bearer {token}"}

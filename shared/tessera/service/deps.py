@@ -61,7 +61,7 @@ CLUSTERING_TIMEOUT_S = 10.0
 
 
 def make_clustering_http(settings: Settings) -> httpx.Client:
-    """The client for the clustering service (requests carry the operator token themselves)."""
+    """The client for the clustering service (each request carries its scoped service token)."""
     return httpx.Client(base_url=settings.clustering_url, timeout=CLUSTERING_TIMEOUT_S)
 
 
