@@ -1,7 +1,9 @@
 """Turning a requested mix into pinned adapter versions, explicitly or by routing the prompt.
 
 A job is pinned at submit time: it records the version id of every adapter it blends, so it
-runs on exactly those versions whatever is published while it waits or runs.
+runs on exactly those versions whatever is published while it waits or runs. Weights are
+rounded to WEIGHT_DECIMALS places, here and in the adapter cache's keys: mixes that differ by
+less are one mix (one batch, one cached merge), and no float noise can make a cache miss.
 """
 
 from __future__ import annotations
@@ -18,10 +20,18 @@ from sqlalchemy.orm import Session
 from services.inference import crud
 from tessera.config import Settings
 from tessera.federation import GLOBAL_ADAPTER, cluster_adapter_name
+from tessera.service.auth import service_headers
+from tessera.tokens import ServiceScope
 
 log = logging.getLogger(__name__)
 
 NORM_TOLERANCE = 1e-3
+WEIGHT_DECIMALS = 2
+
+
+def quantise_weight(weight: float) -> float:
+    """A mix weight rounded to WEIGHT_DECIMALS places (the nearest float to that decimal)."""
+    return round(float(weight), WEIGHT_DECIMALS)
 
 
 @dataclass(frozen=True)
@@ -66,10 +76,16 @@ def pin_explicit(
             what = "version has this id" if ref.isdigit() else "adapter has this name"
             raise MixError(422, f"adapters[{index}] is unknown: no published {what}")
         name, version = found
-        pinned.append(PinnedAdapter(name, version.version, version.id, float(weight)))
+        pinned.append(PinnedAdapter(name, version.version, version.id, quantise_weight(weight)))
     ids = [p.version_id for p in pinned]
     if len(set(ids)) != len(ids):
         raise MixError(422, "the mix names the same adapter version twice")
+    if pinned and not any(p.weight > 0 for p in pinned):
+        raise MixError(
+            422,
+            f"every adapter weight rounds to 0 (weights are rounded to {WEIGHT_DECIMALS} "
+            "decimal places): give at least one a weight of 0.005 or more",
+        )
     return pinned
 
 
@@ -96,7 +112,7 @@ def route(
         response = http.post(
             "/v1/route",
             json={"vector": pooled, "top_k": top_k, "temperature": temperature},
-            headers={"Authorization": f"Bearer {settings.operator_token.get_secret_value()}"},
+            headers=service_headers(settings, ServiceScope.ROUTE),
         )
     except httpx.HTTPError as error:
         log.warning("clustering service unreachable", extra={"error": type(error).__name__})
@@ -132,8 +148,9 @@ def pin_routed(
             found.append((cluster_adapter_name(label), version, weight))
     total = sum(weight for *_, weight in found)
     if found and total > 0:
-        pins = [PinnedAdapter(n, v.version, v.id, w / total) for n, v, w in found]
-        return pins, missing
+        pins = [PinnedAdapter(n, v.version, v.id, quantise_weight(w / total)) for n, v, w in found]
+        if any(p.weight > 0 for p in pins):
+            return pins, missing
     fallback = crud.latest_version(session=session, name=GLOBAL_ADAPTER)
     if fallback is None:
         raise MixError(

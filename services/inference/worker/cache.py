@@ -6,7 +6,8 @@ Everything it keeps counts in one byte budget (TESSERA_ADAPTER_CACHE_BYTES):
   validated against the base model's LoRA spec, then cast once to the model's device and dtype:
   it costs its own A and B tensors there, nothing else;
 - optionally (`merge_after`), the *merged* weights of a mix asked for that many times, keyed by
-  the sorted (version id, weight) pairs, when they take at most half the budget.
+  the sorted (version id, weight) pairs, weights quantised (`mix_key`), when they take at most
+  half the budget. A merged mix owns only its merged weights, never its adapters' tensors.
 
 A mix is served unmerged by default (`tessera.lora.mixing.unmerged_mix`): it references its
 cached adapters' tensors, is built per call in microseconds and owns no memory, so no mix ever
@@ -27,9 +28,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.inference import crud
+from services.inference.mixes import quantise_weight
 from tessera.lora import LoraAdapter
 from tessera.lora.files import validate_adapter_bytes
 from tessera.lora.mixing import (
@@ -109,8 +112,10 @@ class _Entry:
 
 
 def mix_key(pins: Sequence[tuple[int, float]]) -> MixKey:
-    """The canonical key of a mix: (version id, weight) pairs with weight > 0, sorted."""
-    return tuple(sorted((int(v), float(w)) for v, w in pins if w > 0))
+    """The canonical key of a mix: (version id, quantised weight) pairs with weight > 0, sorted;
+    the mix runs with the quantised weights, so one key is one mix."""
+    quantised = ((int(v), quantise_weight(w)) for v, w in pins)
+    return tuple(sorted((v, w) for v, w in quantised if w > 0))
 
 
 class AdapterCache:
@@ -151,6 +156,22 @@ class AdapterCache:
     def nbytes(self) -> int:
         with self._lock:
             return self._bytes
+
+    def held_bytes(self) -> int:
+        """A recount: bytes of every tensor the entries reference, each counted once (what
+        `nbytes` says, if every entry is accounted for)."""
+        with self._lock:
+            tensors: list[torch.Tensor] = []
+            for entry in self._entries.values():
+                if isinstance(entry.value, CachedAdapter):
+                    tensors += entry.value.adapter.tensors.values()
+                else:  # a merged mix: its merged weights, and any adapter term it kept
+                    mix: ActiveMix = entry.value
+                    tensors += mix.merged.values()
+                    tensors += [
+                        t for terms in mix.terms.values() for x in terms for t in (x.a, x.b)
+                    ]
+        return tensor_bytes(tensors)
 
     def cached_versions(self) -> list[int]:
         """Version ids of the adapters held now, least recently used first."""

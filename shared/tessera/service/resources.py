@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import redis
+import redis.asyncio as aioredis
 from celery import Celery
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -14,6 +15,8 @@ from tessera import db
 from tessera.config import Settings
 from tessera.queue import make_celery
 from tessera.storage import ObjectStore
+
+REDIS_TIMEOUT_S = 2
 
 
 @dataclass
@@ -36,8 +39,20 @@ class Resources:
             raise ValueError("TESSERA_REDIS_URL is not set (`tessera up` starts an embedded one)")
         return redis.Redis.from_url(
             self.settings.redis_url,
-            socket_timeout=2,
-            socket_connect_timeout=2,
+            socket_timeout=REDIS_TIMEOUT_S,
+            socket_connect_timeout=REDIS_TIMEOUT_S,
+            health_check_interval=10,
+        )
+
+    @cached_property
+    def async_redis(self) -> aioredis.Redis:
+        """Redis for the event loop (server-sent events); bound to the loop that first uses it."""
+        if not self.settings.redis_url:
+            raise ValueError("TESSERA_REDIS_URL is not set (`tessera up` starts an embedded one)")
+        return aioredis.Redis.from_url(
+            self.settings.redis_url,
+            socket_timeout=REDIS_TIMEOUT_S,
+            socket_connect_timeout=REDIS_TIMEOUT_S,
             health_check_interval=10,
         )
 
@@ -60,3 +75,9 @@ class Resources:
             self.redis.close()
         if self.opened("celery"):
             self.celery.close()
+
+    async def aclose(self) -> None:
+        """Close the event loop's handles, then the others."""
+        if self.opened("async_redis"):
+            await self.async_redis.aclose()
+        self.close()

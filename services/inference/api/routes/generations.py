@@ -2,30 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
+from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Header, HTTPException, Response, status
-from fastapi.responses import StreamingResponse
+import anyio
+from fastapi import APIRouter, FastAPI, Header, HTTPException, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
+from redis.exceptions import RedisError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from services.inference import crud
+from services.inference.api.admission import AdmissionError, admit
 from services.inference.api.deps import ModelFactsDep
-from services.inference.api.progress_stream import job_events
+from services.inference.api.progress_stream import DB_THREADS, job_events
 from services.inference.api.schemas import (
     MAX_IDEMPOTENCY_KEY_CHARS,
     GenerationCreate,
     GenerationOut,
 )
+from services.inference.api.stream_slots import StreamSlots
 from services.inference.api.submission import SubmissionError, plan_job, request_fingerprint
 from services.inference.api.views import job_view
 from services.inference.embeddings import input_to_bytes
 from services.inference.queue_depth import record_queue_depth
+from tessera.config import Settings
 from tessera.events import INFERENCE_QUEUE, TASK_GENERATE
 from tessera.models import GenerationJob, JobState, Role
-from tessera.service.auth import GeneratorDep, Principal, PrincipalDep
+from tessera.service.auth import GeneratorDep, Principal, PrincipalDep, StreamPrincipalDep
 from tessera.service.deps import (
     CeleryDep,
     ClusteringHttpDep,
@@ -35,11 +43,14 @@ from tessera.service.deps import (
     SettingsDep,
     StoreDep,
 )
+from tessera.service.resources import Resources
 from tessera.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
+
+STREAM_RETRY_AFTER_S = 5
 
 CREATE_DESCRIPTION = """
 Queue a generation with one base model and a blend of LoRA adapters.
@@ -63,6 +74,9 @@ is published meanwhile.
 (32 for the bundled model). `stop_at_step` k (1..steps-1) makes a split job: the server runs k
 steps and returns the latents and scheduler state for `tessera device finish`.
 
+**Quotas.** A client may have TESSERA_GENERATION_JOBS_PER_CLIENT jobs queued or running, the
+service TESSERA_GENERATION_QUEUE_CAP; beyond either, 429 with `Retry-After` (seconds).
+
 **Idempotency.** A request with an `Idempotency-Key` header (at most 128 characters) that
 repeats one of the same client's earlier keys returns that job (200) instead of a new one; the
 same key with a different request is a 409.
@@ -79,6 +93,19 @@ def _job_for(session: Session, job_id: str, principal: Principal) -> GenerationJ
     ):
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no such generation job")
     return job
+
+
+def _admit(session: Session, settings: Settings, client_id: int, *, lock: bool) -> None:
+    """429 with Retry-After when the client or the queue is at its cap."""
+    try:
+        admit(session=session, settings=settings, client_id=client_id, lock=lock)
+    except AdmissionError as error:
+        session.rollback()
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            detail=error.detail,
+            headers={"Retry-After": str(error.retry_after_s)},
+        ) from None
 
 
 def _replay(
@@ -103,6 +130,7 @@ def _replay(
         403: {"description": "not a generator or operator client"},
         409: {"description": "Idempotency-Key reused for another request; no clustering yet"},
         413: {"description": "request body too large"},
+        429: {"description": "the client's or the queue's job cap is reached; see Retry-After"},
         422: {
             "description": "bad embeddings, unknown adapter, weights or limits; the field is named"
         },
@@ -144,12 +172,14 @@ def create_generation(
         if existing is not None:
             response.status_code = status.HTTP_200_OK
             return _replay(existing, body, store=store, expires_s=expires_s)
+    _admit(session, settings, principal.client_id, lock=False)  # refused early, before work
     try:
         plan = plan_job(
             body, session=session, settings=settings, facts=facts, clustering=clustering
         )
     except SubmissionError as error:
         raise HTTPException(error.status, detail=error.detail) from None
+    _admit(session, settings, principal.client_id, lock=True)  # held until the job commits
 
     job_id = str(uuid.uuid4())
     input_key = store.put_bytes(f"inputs/{job_id}.safetensors", input_to_bytes(plan.encoded)).key
@@ -214,22 +244,38 @@ def get_generation(
 
 @router.get(
     "/{job_id}/events",
-    summary="Server-sent events: `progress` per step, then `succeeded` or `failed` (the job)",
-    response_class=StreamingResponse,
+    summary="Server-sent events: `progress` per step, then `succeeded` or `failed` (the job), "
+    "or `end` if the stream stops first",
+    response_class=EventSourceResponse,
     responses={
         200: {"content": {"text/event-stream": {}}},
         404: {"description": "no such job, or not the caller's"},
+        429: {"description": "the client holds TESSERA_MAX_STREAMS_PER_CLIENT streams already"},
+        503: {"description": "Redis is unavailable"},
     },
 )
-def generation_events(
-    job_id: str,
-    principal: PrincipalDep,
-    session: SessionDep,
-    resources: ResourcesDep,
-    redis_client: RedisDep,
-) -> StreamingResponse:
-    _job_for(session, job_id, principal)  # 404 before the stream starts
+async def generation_events(
+    job_id: str, request: Request, principal: StreamPrincipalDep, resources: ResourcesDep
+) -> EventSourceResponse:
+    await run_in_threadpool(_check_owner, resources, job_id, principal)  # 404 before the stream
     settings = resources.settings
+    slots = StreamSlots(resources.async_redis, cap=settings.max_streams_per_client)
+    holder = "operator" if principal.client_id is None else str(principal.client_id)
+    try:
+        member = await slots.acquire(holder)
+    except (RedisError, OSError):
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            detail="progress streams are unavailable (Redis does not answer); retry",
+            headers={"Retry-After": str(STREAM_RETRY_AFTER_S)},
+        ) from None
+    if member is None:
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            detail=f"this client already follows {settings.max_streams_per_client} jobs "
+            "(TESSERA_MAX_STREAMS_PER_CLIENT): close one, or poll GET /v1/generations/{id}",
+            headers={"Retry-After": str(STREAM_RETRY_AFTER_S)},
+        )
 
     def read_job() -> GenerationOut | None:
         with resources.sessions() as own:
@@ -238,13 +284,36 @@ def generation_events(
                 return None
             return job_view(job, store=resources.store, expires_s=settings.presign_expiry_s)
 
-    return StreamingResponse(
-        job_events(
-            job_id,
-            read_job=read_job,
-            redis_client=redis_client,
-            max_seconds=settings.task_time_limit_s + 60,
-        ),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    async def events() -> AsyncIterator[ServerSentEvent]:
+        try:
+            async for event in job_events(
+                job_id,
+                read_job=read_job,
+                redis_client=resources.async_redis,
+                limiter=stream_db_limiter(request.app),
+                max_seconds=settings.task_time_limit_s + 60,
+                renew=lambda: slots.renew(holder, member),
+            ):
+                yield event
+        finally:
+            with anyio.CancelScope(shield=True), contextlib.suppress(RedisError, OSError):
+                await slots.release(holder, member)
+
+    return EventSourceResponse(
+        events(), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     )
+
+
+def _check_owner(resources: Resources, job_id: str, principal: Principal) -> None:
+    with resources.sessions() as session:
+        _job_for(session, job_id, principal)
+
+
+def stream_db_limiter(app: FastAPI) -> anyio.CapacityLimiter:
+    """The threads this process's streams share for their row reads (made on first use, in
+    the event loop)."""
+    limiter: anyio.CapacityLimiter | None = getattr(app.state, "stream_db_limiter", None)
+    if limiter is None:
+        limiter = anyio.CapacityLimiter(DB_THREADS)
+        app.state.stream_db_limiter = limiter
+    return limiter

@@ -11,7 +11,7 @@ import redis
 import torch
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.inference.worker.cache import AdapterCache, UnknownVersionError
+from services.inference.worker.cache import AdapterCache, UnknownVersionError, mix_key
 from services.inference.worker.listener import AdapterEventListener
 from tessera.config import Settings
 from tessera.lora import LoraSpec, adapter_from_bytes, adapter_to_bytes, random_adapter
@@ -221,3 +221,45 @@ def test_the_listener_refreshes_the_cache_on_a_published_event(
 
     assert cache.cached_versions() == [new.version_id]
     assert listener.events_seen == 1
+
+
+def test_mix_weights_are_quantised_so_float_noise_shares_one_entry(
+    base_model: BaseModel, sessions: sessionmaker[Session], store: ObjectStore, spec: LoraSpec
+) -> None:
+    a = publish(sessions, store, "cluster:0", random_adapter(spec, RANK, 4.0, seed=1)).version_id
+    b = publish(sessions, store, "cluster:1", random_adapter(spec, RANK, 4.0, seed=2)).version_id
+    cache = AdapterCache(
+        base=base_model, sessions=sessions, store=store, max_bytes=64 * 1024 * 1024, merge_after=2
+    )
+
+    first = cache.mix([(a, 0.5), (b, 0.25)])
+    noisy = [cache.mix([(b, 0.25 + 1e-4 * i), (a, 0.5 - 1e-4 * i)]) for i in range(1, 20)]
+
+    assert first.key == mix_key([(a, 0.5), (b, 0.25)]) == ((a, 0.5), (b, 0.25))
+    assert all(m.key == first.key for m in noisy)
+    assert cache.stats.merges == 1 and all(m.active is noisy[0].active for m in noisy)
+    assert mix_key([(a, 0.504), (b, 0.004)]) == ((a, 0.5),)  # a weight under 0.005 is none
+
+
+def test_everything_the_cache_holds_counts_within_its_budget(
+    base_model: BaseModel, sessions: sessionmaker[Session], store: ObjectStore, spec: LoraSpec
+) -> None:
+    ids = [
+        publish(sessions, store, f"cluster:{i}", random_adapter(spec, RANK, 4.0, seed=i)).version_id
+        for i in range(5)
+    ]
+    weights = tensor_bytes([base_model.unet.get_submodule(m).weight for m in spec.modules])
+    budget = 2 * weights + 3 * adapter_bytes(spec)  # room for one merged mix and its adapters
+    cache = AdapterCache(
+        base=base_model, sessions=sessions, store=store, max_bytes=budget, merge_after=1
+    )
+    generator = torch.Generator().manual_seed(0)
+
+    for _ in range(12):
+        picked = torch.randperm(len(ids), generator=generator)[:2].tolist()
+        shares = torch.rand(2, generator=generator).tolist()
+        prepared = cache.mix([(ids[i], 0.1 + s) for i, s in zip(picked, shares, strict=True)])
+        assert prepared.is_merged
+        assert cache.held_bytes() == cache.nbytes <= budget
+
+    assert cache.stats.merges >= 6 and cache.stats.evictions > 0
