@@ -6,21 +6,21 @@ from fastapi import FastAPI
 
 from services.aggregator.lifespan import extend_lifespan
 from services.aggregator.routes import adapters, clients, devices, rounds, updates
-from services.aggregator.uploads import UPLOAD_PREFIX, CountOversizedUploads
+from services.aggregator.uploads import UPLOAD_PREFIX, CountOversizedUploads, upload_limit
 from tessera.config import Settings, get_settings
 from tessera.service.app import create_service_app, ensure_bucket
 from tessera.service.deps import make_clustering_http
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or get_settings()
+    settings = resolved = settings or get_settings()
     app = create_service_app(
         service="aggregator",
         description="Enrolment, encoded task vectors, federated rounds, LoRA updates, adapters.",
         routers=[clients.router, devices.router, rounds.router, updates.router, adapters.router],
         checks=("database", "redis", "s3", "worker"),
         settings=settings,
-        upload_prefixes=[UPLOAD_PREFIX],
+        upload_limits={UPLOAD_PREFIX: lambda: upload_limit(resolved)},
         on_startup=[ensure_bucket],
     )
     app.add_middleware(CountOversizedUploads)  # outermost: sees the body-size middleware's 413s

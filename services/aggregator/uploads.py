@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import re
+import tempfile
 
+import anyio
 from fastapi import HTTPException, Request, status
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from services.aggregator.deps import base_model_facts
+from tessera.config import Settings
 from tessera.lora import LoraFileError
-from tessera.lora.files import KNOWN_KEY
+from tessera.lora.files import KNOWN_KEY, largest_update_bytes
 from tessera.metrics import UPDATES_REJECTED, RejectionReason
 
 # Every path under it gets the upload size limit instead of the JSON one (see create_app).
 UPLOAD_PREFIX = "/v1/rounds/"
 _UPDATE_PATH = re.compile(r"^/v1/rounds/[^/]+/updates/[^/]+$")
+SPOOL_MEMORY_BYTES = 1024 * 1024  # a body larger than this waits on disk until it is whole
 
 
 def reject(reason: RejectionReason) -> None:
@@ -23,21 +28,53 @@ def reject(reason: RejectionReason) -> None:
 def too_large(limit: int) -> HTTPException:
     return HTTPException(
         status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
-        detail=f"the update is larger than the limit of {limit} bytes (TESSERA_MAX_UPLOAD_BYTES)",
+        detail=f"the update is larger than the limit of {limit} bytes (TESSERA_MAX_UPLOAD_BYTES; "
+        "by default the base model's largest valid update)",
+        headers={"Connection": "close"},
     )
 
 
-async def read_body(request: Request, *, limit: int) -> bytes:
-    """The request body, read as it streams in; 413 as soon as it passes `limit` bytes."""
+def stalled(timeout_s: float) -> HTTPException:
+    return HTTPException(
+        status.HTTP_408_REQUEST_TIMEOUT,
+        detail=f"the upload sent nothing for {timeout_s:g} s (TESSERA_UPLOAD_READ_TIMEOUT_S); "
+        "send it again",
+        headers={"Connection": "close"},
+    )
+
+
+def upload_limit(settings: Settings) -> int:
+    """TESSERA_MAX_UPLOAD_BYTES, or else the largest update the base model can accept."""
+    if settings.max_upload_bytes is not None:
+        return settings.max_upload_bytes
+    facts = base_model_facts(settings.base_model, settings.lora_targets, settings.task_encoder)
+    return largest_update_bytes(facts.lora_spec)
+
+
+async def read_body(request: Request, *, limit: int, read_timeout_s: float) -> bytes:
+    """The request body, spooled to a temporary file as it streams in (in memory only while
+    small), then read once; 413 as soon as it passes `limit` bytes, 408 when the client sends
+    nothing for `read_timeout_s`."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large(limit)
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large(limit)
-    return bytes(body)
+    received = 0
+    with tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES) as spool:
+        chunks = request.stream().__aiter__()
+        while True:
+            try:
+                with anyio.fail_after(read_timeout_s):
+                    chunk = await chunks.__anext__()
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise stalled(read_timeout_s) from None
+            received += len(chunk)
+            if received > limit:
+                raise too_large(limit)
+            spool.write(chunk)  # buffered: a chunk rarely reaches the disk on its own
+        spool.seek(0)
+        return await anyio.to_thread.run_sync(spool.read)
 
 
 def rejection_reason(error: LoraFileError) -> RejectionReason:

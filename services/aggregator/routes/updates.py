@@ -31,7 +31,7 @@ from services.aggregator.closing import (
 )
 from services.aggregator.deps import LoraSpecDep
 from services.aggregator.routes.rounds import get_round, not_collecting
-from services.aggregator.uploads import read_body, reject, rejection_reason
+from services.aggregator.uploads import read_body, reject, rejection_reason, upload_limit
 from tessera.federation import RoundConfig, update_key
 from tessera.lora import LoraFileError, LoraSpec, validate_adapter_bytes
 from tessera.metrics import UPDATES_RECEIVED, RejectionReason
@@ -159,8 +159,9 @@ def _store_update(
     response_model=UpdateReceipt,
     summary="Upload (or replace) the device's LoRA update for a round",
     description="The body is the safetensors file itself (Content-Type: "
-    "application/octet-stream), at most TESSERA_MAX_UPLOAD_BYTES. 201 for a first upload, "
-    "200 when it replaces the device's earlier one.",
+    "application/octet-stream), at most TESSERA_MAX_UPLOAD_BYTES (by default the base model's "
+    "largest valid update: every target module at the highest rank, float32). 201 for a "
+    "first upload, 200 when it replaces the device's earlier one.",
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -173,6 +174,7 @@ def _store_update(
         200: {"description": "replaced the device's earlier update", "model": UpdateReceipt},
         403: {"description": "the slot is another device's"},
         404: {"description": "no such round"},
+        408: {"description": "the body stalled for TESSERA_UPLOAD_READ_TIMEOUT_S"},
         409: {"description": "the round is not collecting"},
         413: {"description": "the file is over the upload limit"},
         422: {"description": "the file or its metadata is refused", "model": UpdateRejection},
@@ -205,7 +207,9 @@ async def upload_update(
             status.HTTP_403_FORBIDDEN, detail="a device can only upload its own update"
         )
     await run_in_threadpool(_check_round, session, celery, round_id)
-    data = await read_body(request, limit=settings.max_upload_bytes)
+    data = await read_body(
+        request, limit=upload_limit(settings), read_timeout_s=settings.upload_read_timeout_s
+    )
     try:
         receipt, replaced = await run_in_threadpool(
             lambda: _store_update(

@@ -9,6 +9,7 @@ which leaves out what was found: errors never echo the input.
 from __future__ import annotations
 
 import json
+import math
 import reprlib
 import struct
 from collections.abc import Mapping
@@ -185,6 +186,22 @@ def _check_header_entry(key: str, entry: object) -> None:
             expected="two integers, 0 <= begin <= end",
             found=reprlib.repr(offsets),
         )
+
+
+HEADER_ENTRY_BYTES = 128  # a tensor entry's JSON beside its key: dtype, shape, data_offsets
+METADATA_BYTES = 64 * 1024  # the metadata's JSON, Tessera's own fields and any extra ones
+
+
+def largest_update_bytes(spec: LoraSpec) -> int:
+    """Size of the largest file `validate_adapter_bytes` can accept for `spec`: every target
+    module at the highest rank in float32, plus a header with room for metadata."""
+    values = 0
+    header = 8 + METADATA_BYTES
+    for module, shape in spec.modules.items():
+        a_shape, b_shape = pair_shapes(shape, spec.max_rank)
+        values += 4 * (math.prod(a_shape) + math.prod(b_shape))
+        header += 2 * (len(module) + len(A_SUFFIX) + HEADER_ENTRY_BYTES)
+    return values + header
 
 
 def validate_adapter_bytes(

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from types import MappingProxyType
 
 from fastapi import APIRouter, FastAPI
 
@@ -28,10 +29,14 @@ def create_service_app(
     routers: Sequence[APIRouter],
     checks: tuple[str, ...],
     settings: Settings | None = None,
-    upload_prefixes: Sequence[str] = (),
+    upload_limits: Mapping[str, Callable[[], int]] = MappingProxyType({}),
     on_startup: Sequence[StartupHook] = (),
 ) -> FastAPI:
-    """A service app; connections open on first use, so building one touches no server."""
+    """A service app; connections open on first use, so building one touches no server.
+
+    `upload_limits` maps a path prefix to its body limit (called on the first request under
+    it), in place of TESSERA_MAX_REQUEST_BYTES.
+    """
     settings = settings or get_settings()
     configure_logging(settings, service=service)
     resources = Resources(settings)
@@ -46,7 +51,7 @@ def create_service_app(
                 log.exception("start-up step %s failed", getattr(hook, "__name__", hook))
         log.info("service started", extra={"service": service, "env": settings.env.value})
         yield
-        resources.close()
+        await resources.aclose()
 
     app = FastAPI(
         title=f"Tessera {service}",
@@ -64,7 +69,7 @@ def create_service_app(
     app.add_middleware(
         BodySizeLimitMiddleware,
         default_limit=settings.max_request_bytes,
-        limits_by_prefix={prefix: settings.max_upload_bytes for prefix in upload_prefixes},
+        limits_by_prefix=upload_limits,
     )
     return app
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -19,8 +19,13 @@ class BodySizeLimitMiddleware:
     """Answer 413 to a body over its path's limit, whether or not it declares a length."""
 
     def __init__(
-        self, app: ASGIApp, *, default_limit: int, limits_by_prefix: Mapping[str, int]
+        self,
+        app: ASGIApp,
+        *,
+        default_limit: int,
+        limits_by_prefix: Mapping[str, int | Callable[[], int]],
     ) -> None:
+        """A prefix's limit may be a function, called once on the first request under it."""
         self.app = app
         self.default_limit = default_limit
         self.limits_by_prefix = dict(limits_by_prefix)
@@ -28,6 +33,8 @@ class BodySizeLimitMiddleware:
     def _limit_for(self, path: str) -> int:
         for prefix, limit in self.limits_by_prefix.items():
             if path.startswith(prefix):
+                if callable(limit):
+                    limit = self.limits_by_prefix[prefix] = limit()
                 return limit
         return self.default_limit
 
