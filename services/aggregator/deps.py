@@ -7,7 +7,7 @@ by `tessera model inspect`) and the task encoder's config.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated
 
 from fastapi import Depends
@@ -54,8 +54,13 @@ def get_base_model_facts(settings: SettingsDep) -> BaseModelFacts:
     return base_model_facts(settings.base_model, settings.lora_targets, settings.task_encoder)
 
 
-def get_lora_spec(facts: Annotated[BaseModelFacts, Depends(get_base_model_facts)]) -> LoraSpec:
-    return facts.lora_spec
+def get_lora_spec(
+    facts: Annotated[BaseModelFacts, Depends(get_base_model_facts)], settings: SettingsDep
+) -> LoraSpec:
+    """The base model's spec, with the LoRA scales this server accepts."""
+    return replace(
+        facts.lora_spec, min_scale=settings.min_lora_scale, max_scale=settings.max_lora_scale
+    )
 
 
 BaseModelDep = Annotated[BaseModelFacts, Depends(get_base_model_facts)]

@@ -135,6 +135,12 @@ class Settings(BaseSettings):
     presign_expiry_s: Annotated[int, Field(gt=0, le=7 * 24 * 3600)] = Field(
         default=300, description="Lifetime of presigned download URLs, in seconds."
     )
+    min_lora_scale: Annotated[float, Field(gt=0, le=1e4, allow_inf_nan=False)] = Field(
+        default=1e-3, description="Smallest LoRA scale alpha / rank an update may have (422 below)."
+    )
+    max_lora_scale: Annotated[float, Field(gt=0, le=1e4, allow_inf_nan=False)] = Field(
+        default=16.0, description="Largest LoRA scale alpha / rank an update may have (422 above)."
+    )
 
     # Inference.
     allow_plaintext_prompts: bool = Field(
@@ -180,6 +186,12 @@ class Settings(BaseSettings):
     # Logging.
     log_level: str = Field(default="INFO", description="Python log level.")
     log_format: LogFormat = Field(default=LogFormat.JSON, description="json or text.")
+
+    @model_validator(mode="after")
+    def _scale_range_in_order(self) -> Self:
+        if self.min_lora_scale > self.max_lora_scale:
+            raise ValueError("TESSERA_MIN_LORA_SCALE is above TESSERA_MAX_LORA_SCALE")
+        return self
 
     @model_validator(mode="after")
     def _refuse_defaults_in_production(self) -> Self:

@@ -76,6 +76,8 @@ class LoraSpec:
     modules: Mapping[str, tuple[int, ...]]
     max_rank: int = 64
     targets: str = DEFAULT_TARGETS
+    min_scale: float = 0.0  # the LoRA scales alpha / rank accepted (TESSERA_*_LORA_SCALE)
+    max_scale: float = float("inf")
 
     def __post_init__(self) -> None:
         preset_targets(self.targets)

@@ -246,6 +246,13 @@ def validate_adapter_bytes(
         raise LoraFileError(
             "rank out of range", key="rank", expected=f"1..{spec.max_rank}", found=rank
         )
+    if not spec.min_scale <= alpha / rank <= spec.max_scale:
+        raise LoraFileError(
+            "the LoRA scale alpha / rank is out of range",
+            key="alpha",
+            expected=f"alpha / rank in [{spec.min_scale:g}, {spec.max_scale:g}]",
+            found=alpha / rank,
+        )
     _check_keys(header, spec)
     dtype = metadata.get("dtype")
     for key, entry in sorted(header.items()):
