@@ -29,11 +29,13 @@ from services.worker.aggregation import (
 )
 from services.worker.publishing import PublishedVersion, announce, publish_version
 from tessera.federation import NO_UPDATES_AT_DEADLINE, RoundConfig, task_vector_from_bytes
+from tessera.lora.bounds import ScaleRange
 from tessera.metrics import ROUND_DURATION
 from tessera.models import (
     Adapter,
     AdapterVersion,
     Assignment,
+    Client,
     Cluster,
     Clustering,
     Round,
@@ -54,15 +56,22 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     urllib3.exceptions.HTTPError,
 )
 MAX_ERROR_CHARS = 500
+MAX_REASON_CHARS = 500
 
 
 def aggregate_round_now(
-    round_id: int, *, sessions: sessionmaker[Session], store: ObjectStore, redis: Redis
+    round_id: int,
+    *,
+    sessions: sessionmaker[Session],
+    store: ObjectStore,
+    redis: Redis,
+    scales: ScaleRange,
 ) -> dict[str, Any]:
     """Aggregate an `aggregating` round and publish its adapters; return what was done.
 
-    A published round returns what it published; any other state is skipped. An error that is
-    not a connection's marks the round failed and propagates.
+    A published round returns what it published; any other state is skipped. An unusable update
+    is excluded with its reason (`scales`: the LoRA scales accepted); an error that is not a
+    connection's marks the round failed and propagates.
     """
     with sessions() as session:
         round_row = session.get(Round, round_id)
@@ -76,7 +85,9 @@ def aggregate_round_now(
     try:
         with sessions() as session:
             plan = _load_plan(session, round_id)
-        return _aggregate_and_publish(plan, sessions=sessions, store=store, redis=redis)
+        return _aggregate_and_publish(
+            plan, sessions=sessions, store=store, redis=redis, scales=scales
+        )
     except TRANSIENT_ERRORS:
         raise
     except Exception as error:
@@ -105,27 +116,33 @@ def mark_round_failed(sessions: sessionmaker[Session], round_id: int, error: str
 def _load_plan(session: Session, round_id: int) -> RoundPlan:
     round_row = session.get_one(Round, round_id)
     config = RoundConfig.model_validate(round_row.config)
-    rows: Sequence[Update] = session.scalars(
-        select(Update)
+    rows = session.execute(
+        select(Update, Client.disabled_at)
+        .join(Client, Client.id == Update.client_id)
         .where(
             Update.round_id == round_id,
             Update.status.in_([UpdateStatus.RECEIVED, UpdateStatus.AGGREGATED]),
         )
         .order_by(Update.id)
     ).all()
-    refs = [
-        UpdateRef(
-            id=row.id,
-            client_id=row.client_id,
-            object_key=row.object_key,
-            sha256=row.sha256,
-            num_samples=row.num_samples,
-            train_loss=row.train_loss,
-        )
-        for row in rows
-    ]
-    groups: dict[int | None, list[UpdateRef]] = {}
+    refs: list[UpdateRef] = []
     unassigned: list[Exclusion] = []
+    for row, disabled_at in rows:
+        if disabled_at is not None:
+            reason = f"client {row.client_id} is disabled"
+            unassigned.append(Exclusion(row.id, row.client_id, reason))
+            continue
+        refs.append(
+            UpdateRef(
+                id=row.id,
+                client_id=row.client_id,
+                object_key=row.object_key,
+                sha256=row.sha256,
+                num_samples=row.num_samples,
+                train_loss=row.train_loss,
+            )
+        )
+    groups: dict[int | None, list[UpdateRef]] = {}
     centroids: dict[int, torch.Tensor] = {}
     if config.scope == "global":
         groups[None] = refs
@@ -188,13 +205,21 @@ def _centroids(
 
 
 def _aggregate_and_publish(
-    plan: RoundPlan, *, sessions: sessionmaker[Session], store: ObjectStore, redis: Redis
+    plan: RoundPlan,
+    *,
+    sessions: sessionmaker[Session],
+    store: ObjectStore,
+    redis: Redis,
+    scales: ScaleRange,
 ) -> dict[str, Any]:
     config = plan.config
-    result = aggregate_plan(plan, store=store)
+    result = aggregate_plan(plan, store=store, scales=scales)
+    report = {"clusters": result.clusters, "withheld": result.withheld}
     if not result.outputs:
         reason = "nothing to publish: no group had enough usable updates"
-        _finish(sessions, plan.round_id, used=[], excluded=result.excluded, failed=reason)
+        _finish(
+            sessions, plan.round_id, used=[], excluded=result.excluded, report=report, failed=reason
+        )
         return _summary(
             plan.round_id,
             status="failed",
@@ -210,7 +235,12 @@ def _aggregate_and_publish(
         for output in result.outputs
     ]
     state = _finish(
-        sessions, plan.round_id, used=result.used, excluded=result.excluded, failed=None
+        sessions,
+        plan.round_id,
+        used=result.used,
+        excluded=result.excluded,
+        report=report,
+        failed=None,
     )
     if state != RoundState.PUBLISHED:
         reason = f"the round became {state.value} while it was aggregated; nothing was announced"
@@ -250,15 +280,18 @@ def _finish(
     *,
     used: list[int],
     excluded: list[Exclusion],
+    report: dict[str, Any],
     failed: str | None,
 ) -> RoundState:
-    """One commit: update statuses, and the round published (or failed); return its state."""
+    """One commit: update statuses and exclusion reasons, the round's report, and the round
+    published (or failed); return its state."""
     with sessions() as session:
         values: dict[str, Any] = (
             {"state": RoundState.FAILED, "error": failed[:MAX_ERROR_CHARS]}
             if failed
             else {"state": RoundState.PUBLISHED, "published_at": utcnow(), "error": None}
         )
+        values["report"] = report
         moved = session.execute(
             update(Round)
             .where(Round.id == round_id, Round.state == RoundState.AGGREGATING)
@@ -267,12 +300,21 @@ def _finish(
         if cast(CursorResult[Any], moved).rowcount != 1:
             session.rollback()
             return session.get_one(Round, round_id).state
-        for ids, status in (
-            (used, UpdateStatus.AGGREGATED),
-            ([e.update_id for e in excluded], UpdateStatus.EXCLUDED),
-        ):
-            if ids:
-                session.execute(update(Update).where(Update.id.in_(ids)).values(status=status))
+        if used:
+            session.execute(
+                update(Update)
+                .where(Update.id.in_(used))
+                .values(status=UpdateStatus.AGGREGATED, exclusion_reason=None)
+            )
+        for exclusion in excluded:
+            session.execute(
+                update(Update)
+                .where(Update.id == exclusion.update_id)
+                .values(
+                    status=UpdateStatus.EXCLUDED,
+                    exclusion_reason=exclusion.reason[:MAX_REASON_CHARS],
+                )
+            )
         session.commit()
         return cast(RoundState, values["state"])
 

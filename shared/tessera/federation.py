@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 GLOBAL_ADAPTER = "global"
 CLUSTER_PREFIX = "cluster:"
@@ -44,6 +44,31 @@ class RoundConfig(BaseModel):
     temperature: Temperature = Field(
         default=0.1, description="softmax temperature over centroid cosine similarity"
     )
+    weighting: Literal["samples", "equal"] = Field(
+        default="samples",
+        description="samples: each update weighs its sample count, capped at max_weight_ratio "
+        "times the cluster's median count; equal: every update weighs the same",
+    )
+    max_weight_ratio: Annotated[float, Field(ge=1.0, le=1000.0, allow_inf_nan=False)] = Field(
+        default=2.0, description="cap of a sample-weighted update, in cluster medians"
+    )
+    clip: Literal["adaptive", "fixed"] = Field(
+        default="adaptive",
+        description="bound on each update's ||scale·B·A||_F: adaptive, clip_multiplier times "
+        "the cluster's median norm; fixed, clip_norm",
+    )
+    clip_multiplier: Annotated[float, Field(ge=0.1, le=100.0, allow_inf_nan=False)] = Field(
+        default=2.0, description="adaptive clip: the bound in medians of the cluster's norms"
+    )
+    clip_norm: Annotated[float | None, Field(gt=0, le=1e4, allow_inf_nan=False)] = Field(
+        default=None, description="fixed clip: the bound on ||scale·B·A||_F (needs clip fixed)"
+    )
+
+    @model_validator(mode="after")
+    def _clip_norm_with_fixed(self) -> RoundConfig:
+        if (self.clip == "fixed") != (self.clip_norm is not None):
+            raise ValueError("clip_norm is required with clip 'fixed' and only then")
+        return self
 
 
 def cluster_adapter_name(label: int) -> str:

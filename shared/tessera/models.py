@@ -136,6 +136,9 @@ class Round(Base):
         ForeignKey("clusterings.id", ondelete="SET NULL"), default=None
     )
     error: Mapped[str | None] = mapped_column(String(2000), default=None)
+    # What aggregation did per cluster (updates used, clipped, published or why not) and the
+    # adapters it withheld; None until the worker has aggregated the round.
+    report: Mapped[dict[str, Any] | None] = mapped_column(default=None)
 
 
 class Update(Base):
@@ -155,6 +158,7 @@ class Update(Base):
     )
     train_loss: Mapped[float | None] = mapped_column(Float, default=None)
     status: Mapped[UpdateStatus] = mapped_column(_enum(UpdateStatus, "update_status"))
+    exclusion_reason: Mapped[str | None] = mapped_column(String(500), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     __table_args__ = (UniqueConstraint("client_id", "round_id"),)

@@ -21,6 +21,7 @@ from services.worker.rounds import (
     mark_round_failed,
 )
 from tessera.events import AGGREGATION_QUEUE, TASK_AGGREGATE_ROUND, TASK_CLOSE_DUE_ROUNDS
+from tessera.lora.bounds import ScaleRange
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,11 @@ def aggregate_round(self: Task, round_id: int) -> dict[str, Any]:
     resources = context.resources()
     try:
         return aggregate_round_now(
-            round_id, sessions=resources.sessions, store=resources.store, redis=resources.redis
+            round_id,
+            sessions=resources.sessions,
+            store=resources.store,
+            redis=resources.redis,
+            scales=ScaleRange(resources.settings.min_lora_scale, resources.settings.max_lora_scale),
         )
     except TRANSIENT_ERRORS as error:
         retries = self.request.retries

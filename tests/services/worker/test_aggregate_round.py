@@ -25,6 +25,7 @@ from tessera.config import Settings
 from tessera.events import ADAPTER_PUBLISHED_CHANNEL, AGGREGATION_QUEUE, TASK_AGGREGATE_ROUND
 from tessera.federation import RoundConfig, update_key
 from tessera.lora import LoraAdapter, LoraSpec, adapter_from_bytes, adapter_to_bytes, random_adapter
+from tessera.lora.bounds import ScaleRange
 from tessera.model.base import BaseModel
 from tessera.models import (
     Adapter,
@@ -157,7 +158,11 @@ def build_round(
 
 def run(resources: Resources, round_id: int) -> dict[str, Any]:
     return aggregate_round_now(
-        round_id, sessions=resources.sessions, store=resources.store, redis=resources.redis
+        round_id,
+        sessions=resources.sessions,
+        store=resources.store,
+        redis=resources.redis,
+        scales=ScaleRange(1e-3, 16.0),
     )
 
 
@@ -403,9 +408,16 @@ def test_devices_without_assignment_fall_back_or_are_excluded(
             "reason": f"client {never.client_id} has no cluster assignment",
         }
     ]
-    assert summary["clusters"] == [
-        {"label": 0, "updates": 2, "used": 2, "samples": 8, "published": True, "reason": None}
-    ]
+    (cluster,) = summary["clusters"]
+    assert {k: v for k, v in cluster.items() if k != "clip_bound"} == {
+        "label": 0,
+        "updates": 2,
+        "used": 2,
+        "samples": 8,
+        "clipped": 0,
+        "published": True,
+        "reason": None,
+    }
 
 
 def test_scope_global_publishes_only_the_global_adapter(

@@ -1,0 +1,217 @@
+"""A group's updates as the aggregation maths sees them: read, checked, bounded, weighted.
+
+Two passes over the object store, one update in memory at a time. The first reads each update,
+checks it (readable, compatible with the round's others, a LoRA scale within
+TESSERA_MIN/MAX_LORA_SCALE, a finite product norm) and keeps only its norm; the group's clip
+bound and capped weights follow from those. The second reads each usable update again and
+yields it clipped (`tessera.lora.bounds`). An update that fails a check is excluded with the
+reason, and the rest aggregate.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from tessera.federation import RoundConfig
+from tessera.lora import LoraAdapter, LoraFileError, adapter_from_bytes
+from tessera.lora.adapter import A_SUFFIX, B_SUFFIX
+from tessera.lora.aggregate import WeightedUpdate
+from tessera.lora.bounds import ScaleRange, capped_weights, clip_bound, clip_update, update_norm
+from tessera.storage import ChecksumMismatchError, ObjectNotFoundError, ObjectStore
+
+log = logging.getLogger(__name__)
+_Loaded = tuple[LoraAdapter | None, str]
+
+
+@dataclass(frozen=True)
+class UpdateRef:
+    """What aggregation needs of an Update row, read once so no session stays open."""
+
+    id: int
+    client_id: int
+    object_key: str
+    sha256: str
+    num_samples: int
+    train_loss: float | None
+
+
+@dataclass(frozen=True)
+class Exclusion:
+    """An update left out of the round, and why."""
+
+    update_id: int
+    client_id: int
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"update_id": self.update_id, "client_id": self.client_id, "reason": self.reason}
+
+
+class Compatibility:
+    """The first readable update fixes base model, modules and their shapes; others must match."""
+
+    def __init__(self, *, rank: int | None) -> None:
+        self._rank = rank
+        self._signature: tuple[object, ...] | None = None
+
+    def problem(self, adapter: LoraAdapter) -> str | None:
+        if self._rank is not None and adapter.rank != self._rank:
+            return (
+                f"rank {adapter.rank}; fedavg needs every update at the round's rank {self._rank}"
+            )
+        modules = adapter.modules
+        if set(adapter.tensors) != {m + s for m in modules for s in (A_SUFFIX, B_SUFFIX)}:
+            return "a lora_A or lora_B tensor has no partner"
+        shapes = []
+        for module, a, b in adapter.pairs():
+            linear = a.ndim == 2 and b.ndim == 2
+            conv = a.ndim == 4 and b.ndim == 4 and tuple(b.shape[2:]) == (1, 1)
+            if not (linear or conv) or adapter.rank != a.shape[0] or adapter.rank != b.shape[1]:
+                return f"module {module!r} does not hold a rank-{adapter.rank} pair"
+            if not (bool(a.isfinite().all()) and bool(b.isfinite().all())):
+                return f"module {module!r} has non-finite values"
+            shapes.append((module, tuple(b.shape[:1]) + tuple(a.shape[1:])))
+        signature = (
+            adapter.base_model_id,
+            adapter.base_model_hash,
+            adapter.targets,
+            tuple(shapes),
+        )
+        if self._signature is None:
+            self._signature = signature
+        elif signature != self._signature:
+            return "base model, target preset, modules or shapes differ from the other updates"
+        return None
+
+
+class BoundedUpdates:
+    """A group's usable updates, each clipped to the group's norm bound with a capped weight.
+
+    Call `survey()` first; each iteration then yields the `WeightedUpdate`s for one pass of
+    the maths, read again from the object store (a few ahead, by threads).
+    """
+
+    def __init__(
+        self,
+        refs: Sequence[UpdateRef],
+        *,
+        store: ObjectStore,
+        compatibility: Compatibility,
+        scales: ScaleRange,
+        config: RoundConfig,
+        excluded: list[Exclusion],
+    ) -> None:
+        self._refs = refs
+        self._store = store
+        self._compatibility = compatibility
+        self._scales = scales
+        self._config = config
+        self._excluded = excluded
+        self._norms: dict[int, float] = {}
+        self._weights: dict[int, float] = {}
+        self.used: list[UpdateRef] = []
+        self.skipped = 0
+        self.clipped = 0
+        self.total_weight = 0.0
+        self.bound: float | None = None
+        self._passes = 0
+
+    def survey(self) -> None:
+        """First pass: check every update, keep its norm; fix the clip bound and the weights."""
+        for ref, (adapter, reason) in _prefetched(self._refs, self._read):
+            if adapter is not None:
+                reason = self._compatibility.problem(adapter) or self._scales.problem(adapter) or ""
+                norm = update_norm(adapter) if not reason else math.nan
+                if math.isfinite(norm):
+                    self._norms[ref.id] = norm
+                    continue
+                reason = reason or "the norm of its product scale·B·A is not finite"
+            self.exclude(ref, reason)
+        usable = [ref for ref in self._refs if ref.id in self._norms]
+        if not usable:
+            return
+        config = self._config
+        self.bound = clip_bound(
+            list(self._norms.values()),
+            mode=config.clip,
+            norm=config.clip_norm,
+            multiplier=config.clip_multiplier,
+        )
+        weights = capped_weights(
+            [ref.num_samples for ref in usable],
+            weighting=config.weighting,
+            max_ratio=config.max_weight_ratio,
+        )
+        self._weights = {ref.id: weight for ref, weight in zip(usable, weights, strict=True)}
+
+    def __iter__(self) -> Iterator[WeightedUpdate]:
+        """One pass of the maths: each usable update, clipped, with its weight.
+
+        The first pass records which were used (an update that no longer reads is excluded);
+        a later pass (the exact maths may read the updates a few times) reads the used ones
+        again and fails if one no longer reads as it did.
+        """
+        first = not self._passes
+        self._passes += 1
+        refs = [r for r in self._refs if r.id in self._norms] if first else list(self.used)
+        for ref, (adapter, reason) in _prefetched(refs, self._read):
+            if adapter is None:
+                if not first:
+                    raise RuntimeError(f"update {ref.id} changed while the round aggregated")
+                self.exclude(ref, reason)
+                continue
+            assert self.bound is not None
+            adapter, factor = clip_update(adapter, norm=self._norms[ref.id], bound=self.bound)
+            if first:
+                self.clipped += factor < 1.0
+                self.used.append(ref)
+                self.total_weight += self._weights[ref.id]
+            yield WeightedUpdate(adapter, self._weights[ref.id])
+
+    def exclude(self, ref: UpdateRef, reason: str) -> None:
+        """Leave `ref` out of the round, logging and recording why."""
+        log.warning(
+            "update excluded",
+            extra={"update_id": ref.id, "client_id": ref.client_id, "reason": reason},
+        )
+        self._excluded.append(Exclusion(ref.id, ref.client_id, reason))
+        self.skipped += 1
+
+    def _read(self, ref: UpdateRef) -> _Loaded:
+        if ref.num_samples <= 0:
+            return None, f"num_samples is {ref.num_samples}; an update needs at least 1"
+        try:
+            data = self._store.get_bytes(ref.object_key, expected_sha256=ref.sha256)
+            return adapter_from_bytes(data), ""
+        except ObjectNotFoundError:
+            return None, f"object {ref.object_key!r} is missing"
+        except ChecksumMismatchError as error:
+            return None, f"object {ref.object_key!r} fails its sha256 (found {error.found})"
+        except LoraFileError as error:
+            return None, f"object {ref.object_key!r} is not a readable adapter: {error}"
+
+
+PREFETCH = 4
+"""Updates read from the object store ahead of the maths, each by its own thread."""
+
+
+def _prefetched(
+    refs: Sequence[UpdateRef], load: Callable[[UpdateRef], _Loaded]
+) -> Iterator[tuple[UpdateRef, _Loaded]]:
+    """(ref, load(ref)) in order, with up to PREFETCH loads running ahead in threads."""
+    with ThreadPoolExecutor(PREFETCH, thread_name_prefix="update-read") as pool:
+        ahead: deque[tuple[UpdateRef, Future[_Loaded]]] = deque()
+        for ref in refs:
+            ahead.append((ref, pool.submit(load, ref)))
+            if len(ahead) > PREFETCH:
+                done, future = ahead.popleft()
+                yield done, future.result()
+        while ahead:
+            done, future = ahead.popleft()
+            yield done, future.result()
