@@ -163,6 +163,18 @@ def round_versions(*, session: Session, round_id: int) -> list[tuple[Adapter, Ad
     return [(adapter, version) for adapter, version in rows]
 
 
+def excluded_updates(
+    *, session: Session, round_id: int, client_id: int | None = None
+) -> list[Update]:
+    """The round's updates excluded at aggregation (only `client_id`'s when given)."""
+    query = select(Update).where(
+        Update.round_id == round_id, Update.status == UpdateStatus.EXCLUDED
+    )
+    if client_id is not None:
+        query = query.where(Update.client_id == client_id)
+    return list(session.scalars(query.order_by(Update.id)))
+
+
 def collecting_round(*, session: Session) -> Round | None:
     return session.scalar(
         select(Round).where(Round.state == RoundState.COLLECTING).order_by(Round.number.desc())

@@ -10,7 +10,13 @@ from services.aggregator import crud
 from services.aggregator.closing import round_progress
 from tessera.federation import RoundConfig
 from tessera.models import Adapter, AdapterVersion, Round, utcnow
-from tessera.schemas import AdapterDownload, AdapterVersionOut, RoundBrief, RoundOut
+from tessera.schemas import (
+    AdapterDownload,
+    AdapterVersionOut,
+    ExcludedUpdate,
+    RoundBrief,
+    RoundOut,
+)
 from tessera.storage import ObjectStore
 
 
@@ -49,9 +55,13 @@ def round_brief(round_: Round) -> RoundBrief:
     )
 
 
-def round_out(*, session: Session, round_: Round) -> RoundOut:
-    """A round with its progress towards quorum and the versions it published."""
+def round_out(*, session: Session, round_: Round, device_id: int | None = None) -> RoundOut:
+    """A round with its progress, the versions it published and the updates it excluded.
+
+    For a device (`device_id`), only its own exclusion and no aggregation report.
+    """
     progress = round_progress(session=session, round_=round_)
+    excluded = crud.excluded_updates(session=session, round_id=round_.id, client_id=device_id)
     brief = round_brief(round_)
     return RoundOut(
         **brief.model_dump(),
@@ -68,4 +78,11 @@ def round_out(*, session: Session, round_: Round) -> RoundOut:
             version_out(adapter, version)
             for adapter, version in crud.round_versions(session=session, round_id=round_.id)
         ],
+        excluded=[
+            ExcludedUpdate(
+                update_id=row.id, client_id=row.client_id, reason=row.exclusion_reason or ""
+            )
+            for row in excluded
+        ],
+        report=round_.report if device_id is None else None,
     )

@@ -170,6 +170,58 @@ def client_rotate(client_id: int) -> None:
         _echo_response(http.post(f"/v1/clients/{client_id}/token"))
 
 
+@main.group(name="round")
+def round_group() -> None:
+    """Open and inspect federated rounds through the aggregator (needs the operator token)."""
+
+
+@round_group.command(name="open")
+@click.option("--method", type=click.Choice(["exact", "fedavg"]), default=None)
+@click.option("--scope", type=click.Choice(["cluster", "global"]), default=None)
+@click.option("--rank", type=int, default=None)
+@click.option("--min-updates", type=int, default=None)
+@click.option("--min-updates-per-cluster", type=int, default=None)
+@click.option("--deadline-s", type=float, default=None)
+@click.option("--lam", type=float, default=None, help="Share of the neighbours (0: off).")
+@click.option("--temperature", type=float, default=None)
+@click.option(
+    "--weighting",
+    type=click.Choice(["samples", "equal"]),
+    default=None,
+    help="Update weights: sample counts capped at --max-weight-ratio medians, or equal.",
+)
+@click.option("--max-weight-ratio", type=float, default=None)
+@click.option(
+    "--clip",
+    type=click.Choice(["adaptive", "fixed"]),
+    default=None,
+    help="Norm bound per update: --clip-multiplier medians of the cluster, or --clip-norm.",
+)
+@click.option("--clip-multiplier", type=float, default=None)
+@click.option("--clip-norm", type=float, default=None)
+def round_open(**options: object) -> None:
+    """Open the next round; options left out take the server's defaults."""
+    config = {name: value for name, value in options.items() if value is not None}
+    with _operator_client() as http:
+        _echo_response(http.post("/v1/rounds", json=config))
+
+
+@round_group.command(name="list")
+@click.option("--limit", type=int, default=20, show_default=True)
+def round_list(limit: int) -> None:
+    """List rounds, newest first."""
+    with _operator_client() as http:
+        _echo_response(http.get("/v1/rounds", params={"limit": limit}))
+
+
+@round_group.command(name="show")
+@click.argument("round_id", type=int)
+def round_show(round_id: int) -> None:
+    """Show a round: progress, published versions, excluded updates and why, its report."""
+    with _operator_client() as http:
+        _echo_response(http.get(f"/v1/rounds/{round_id}"))
+
+
 @main.group()
 def adapter() -> None:
     """Convert adapters to and from diffusers' and kohya's LoRA files."""

@@ -121,6 +121,14 @@ class ClusterProgress(BaseModel):
     updates: int
 
 
+class ExcludedUpdate(BaseModel):
+    """An update the worker left out of the round's aggregates, and why."""
+
+    update_id: int
+    client_id: int
+    reason: str
+
+
 class RoundOut(RoundBrief):
     """A round with its progress towards quorum and, once published, its adapter versions."""
 
@@ -134,6 +142,15 @@ class RoundOut(RoundBrief):
     unassigned_updates: int = Field(description="updates from devices outside the clustering")
     quorum_met: bool
     published: list[AdapterVersionOut]
+    excluded: list[ExcludedUpdate] = Field(
+        default_factory=list,
+        description="updates left out at aggregation, with the reason (a device sees its own)",
+    )
+    report: dict[str, Any] | None = Field(
+        default=None,
+        description="operators only: per cluster, the updates used and clipped, the clip bound, "
+        "whether its adapter was published or why not; adapters withheld",
+    )
 
 
 class DeviceAssignment(BaseModel):

@@ -87,21 +87,26 @@ def list_rounds(
     summary="The newest round, whatever its state",
     responses={404: {"description": "no round was ever opened"}},
 )
-def current_round(_caller: OperatorOrDeviceDep, session: SessionDep, celery: CeleryDep) -> RoundOut:
+def current_round(caller: OperatorOrDeviceDep, session: SessionDep, celery: CeleryDep) -> RoundOut:
     round_ = crud.latest_round(session=session)
     if round_ is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no round has been opened yet")
     close_if_due(session=session, celery=celery, round_=round_)
-    return round_out(session=session, round_=round_)
+    return round_out(session=session, round_=round_, device_id=_device_id(caller))
 
 
 @router.get("/{round_id}", summary="One round and its progress towards quorum")
 def read_round(
-    round_id: RowId, _caller: OperatorOrDeviceDep, session: SessionDep, celery: CeleryDep
+    round_id: RowId, caller: OperatorOrDeviceDep, session: SessionDep, celery: CeleryDep
 ) -> RoundOut:
     round_ = get_round(session, round_id)
     close_if_due(session=session, celery=celery, round_=round_)
-    return round_out(session=session, round_=round_)
+    return round_out(session=session, round_=round_, device_id=_device_id(caller))
+
+
+def _device_id(caller: Principal) -> int | None:
+    """A device's own id, so that it sees only its own exclusion; None for an operator."""
+    return caller.client_id if caller.role == Role.DEVICE else None
 
 
 @router.post(
