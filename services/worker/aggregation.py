@@ -119,6 +119,7 @@ def aggregate_plan(plan: RoundPlan, *, store: ObjectStore, scales: ScaleRange) -
                 scales=scales,
                 config=config,
                 excluded=excluded,
+                seed=plan.round_id,
             )
             try:
                 group = _aggregate_group(label, stream, config=config)
@@ -244,6 +245,7 @@ def _outputs(plan: RoundPlan, groups: dict[int | None, _Group]) -> list[ToPublis
             "clipped": group.clipped,
             "clip_bound": group.clip_bound,
             "weighting": config.weighting,
+            "robust": config.robust,
             "lam": config.lam,
             "temperature": config.temperature,
             "blend_energy_kept": blend_energy,

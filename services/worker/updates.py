@@ -18,11 +18,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from tessera.federation import RoundConfig
 from tessera.lora import LoraAdapter, LoraFileError, adapter_from_bytes
 from tessera.lora.adapter import A_SUFFIX, B_SUFFIX
 from tessera.lora.aggregate import WeightedUpdate
 from tessera.lora.bounds import ScaleRange, capped_weights, clip_bound, clip_update, update_norm
+from tessera.lora.robust import Sketcher, multi_krum, trimmed_by_median
 from tessera.storage import ChecksumMismatchError, ObjectNotFoundError, ObjectStore
 
 log = logging.getLogger(__name__)
@@ -106,8 +109,11 @@ class BoundedUpdates:
         scales: ScaleRange,
         config: RoundConfig,
         excluded: list[Exclusion],
+        seed: int = 0,
     ) -> None:
         self._refs = refs
+        self._sketcher = Sketcher(seed=seed) if config.robust != "none" else None
+        self._sketches: dict[int, torch.Tensor] = {}
         self._store = store
         self._compatibility = compatibility
         self._scales = scales
@@ -130,6 +136,8 @@ class BoundedUpdates:
                 norm = update_norm(adapter) if not reason else math.nan
                 if math.isfinite(norm):
                     self._norms[ref.id] = norm
+                    if self._sketcher is not None:
+                        self._sketches[ref.id] = self._sketcher.sketch(adapter)
                     continue
                 reason = reason or "the norm of its product scale·B·A is not finite"
             self.exclude(ref, reason)
@@ -143,12 +151,42 @@ class BoundedUpdates:
             norm=config.clip_norm,
             multiplier=config.clip_multiplier,
         )
+        usable = self._select(usable)
         weights = capped_weights(
             [ref.num_samples for ref in usable],
             weighting=config.weighting,
             max_ratio=config.max_weight_ratio,
         )
         self._weights = {ref.id: weight for ref, weight in zip(usable, weights, strict=True)}
+
+    def _select(self, usable: list[UpdateRef]) -> list[UpdateRef]:
+        """The updates the round's robust rule keeps, on their clipped sketches; the rest are
+        excluded with the rule's reason."""
+        config = self._config
+        if config.robust == "none" or not usable:
+            return usable
+        assert self.bound is not None
+        sketches = torch.stack(
+            [
+                self._sketches.pop(ref.id) * min(1.0, self.bound / max(self._norms[ref.id], 1e-300))
+                for ref in usable
+            ]
+        )
+        if config.robust == "krum":
+            kept = multi_krum(sketches, f=config.robust_f)
+            reason = f"rejected by Multi-Krum (f={config.robust_f}): too far from the others"
+        else:
+            kept = trimmed_by_median(sketches, trim=config.robust_trim)
+            reason = (
+                f"rejected by the trimmed rule: among the {config.robust_trim:.0%} of the "
+                "cluster farthest from its median"
+            )
+        chosen = {usable[i].id for i in kept}
+        for ref in usable:
+            if ref.id not in chosen:
+                del self._norms[ref.id]
+                self.exclude(ref, reason)
+        return [ref for ref in usable if ref.id in chosen]
 
     def __iter__(self) -> Iterator[WeightedUpdate]:
         """One pass of the maths: each usable update, clipped, with its weight.

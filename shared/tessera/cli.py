@@ -199,6 +199,15 @@ def round_group() -> None:
 )
 @click.option("--clip-multiplier", type=float, default=None)
 @click.option("--clip-norm", type=float, default=None)
+@click.option(
+    "--robust",
+    type=click.Choice(["none", "trimmed", "krum"]),
+    default=None,
+    help="Robust selection per cluster: drop the --robust-trim share farthest from the median, "
+    "or keep n - --robust-f by Multi-Krum.",
+)
+@click.option("--robust-trim", type=float, default=None)
+@click.option("--robust-f", type=int, default=None)
 def round_open(**options: object) -> None:
     """Open the next round; options left out take the server's defaults."""
     config = {name: value for name, value in options.items() if value is not None}

@@ -64,6 +64,19 @@ class RoundConfig(BaseModel):
         default=None, description="fixed clip: the bound on ||scale·B·A||_F (needs clip fixed)"
     )
 
+    robust: Literal["none", "trimmed", "krum"] = Field(
+        default="none",
+        description="robust selection before aggregating, on sketches of the products: "
+        "trimmed drops the robust_trim share farthest from the cluster's median; krum keeps "
+        "the n - robust_f updates with the lowest Multi-Krum scores",
+    )
+    robust_trim: Annotated[float, Field(ge=0.0, le=0.45, allow_inf_nan=False)] = Field(
+        default=0.2, description="trimmed: share of a cluster's updates dropped (rounded down)"
+    )
+    robust_f: Annotated[int, Field(ge=0, le=10_000)] = Field(
+        default=1, description="krum: attackers assumed per cluster (n - f updates kept)"
+    )
+
     @model_validator(mode="after")
     def _clip_norm_with_fixed(self) -> RoundConfig:
         if (self.clip == "fixed") != (self.clip_norm is not None):

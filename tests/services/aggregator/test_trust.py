@@ -72,6 +72,8 @@ def test_a_lora_scale_out_of_range_is_422_without_echoing_it(
         ({"max_weight_ratio": 0.5}, "max_weight_ratio"),
         ({"weighting": "by-loss"}, "weighting"),
         ({"clip": "fixed", "clip_norm": 1e300}, "clip_norm"),
+        ({"robust": "median-of-means"}, "robust"),
+        ({"robust_trim": 0.5}, "robust_trim"),
     ],
 )
 def test_round_bounds_are_validated(
@@ -164,7 +166,13 @@ def test_the_cli_opens_a_round_with_bounds_and_shows_its_exclusions(
     runner = CliRunner()
 
     opened = runner.invoke(
-        cli.main, ["round", "open", "--weighting", "equal", "--clip", "fixed", "--clip-norm", "2"]
+        cli.main,
+        [
+            "round",
+            "open",
+            *("--weighting", "equal", "--clip", "fixed", "--clip-norm", "2"),
+            *("--robust", "krum", "--robust-f", "2"),
+        ],
     )
     bad = runner.invoke(cli.main, ["round", "open", "--clip", "fixed"])
     round_id = json.loads(opened.stdout)["id"]
@@ -173,6 +181,7 @@ def test_the_cli_opens_a_round_with_bounds_and_shows_its_exclusions(
     assert opened.exit_code == 0, opened.output
     config = json.loads(shown.stdout)["config"]
     assert (config["weighting"], config["clip"], config["clip_norm"]) == ("equal", "fixed", 2.0)
+    assert (config["robust"], config["robust_f"]) == ("krum", 2)
     assert json.loads(shown.stdout)["excluded"] == []
     assert bad.exit_code != 0 and "422" in bad.output
 

@@ -329,3 +329,41 @@ def test_a_cluster_whose_aggregate_fails_is_withheld_and_the_round_publishes(
     session.expire_all()
     report = session.get_one(Round, round_id).report or {}
     assert [(c["label"], c["published"]) for c in report["clusters"]] == [(0, True), (1, False)]
+
+
+@pytest.mark.parametrize(
+    ("rule", "options", "reason"),
+    [
+        ("krum", {"robust_f": 1}, "rejected by Multi-Krum (f=1): too far from the others"),
+        (
+            "trimmed",
+            {"robust_trim": 0.125},
+            "rejected by the trimmed rule: among the 12% of the cluster farthest from its median",
+        ),
+    ],
+)
+def test_a_robust_rule_rejects_the_x1000_update_and_the_rest_aggregate_exactly(
+    session: Session,
+    store: ObjectStore,
+    resources: Resources,
+    honest: list[LoraAdapter],
+    rule: str,
+    options: dict[str, Any],
+    reason: str,
+) -> None:
+    config = RoundConfig(rank=32, lam=0.0, robust=rule, **options)
+    attacker = scaled_b(honest[7], 1000.0)
+    round_id, sent = make_round(
+        session,
+        store,
+        config,
+        {0: [(a, 16) for a in honest[:3]] + [(attacker, 16)] + [(a, 16) for a in honest[3:7]]},
+    )
+
+    summary = run(resources, round_id)
+
+    assert summary["status"] == "published"
+    assert exclusions(session, round_id) == {sent[0][3].update_id: reason}
+    benign = products([(s.adapter, 1.0) for i, s in enumerate(sent[0]) if i != 3])
+    assert relative(published(session, store, "cluster:0", round_id), benign) < TOLERANCE
+    assert summary["adapters"][0]["metrics"]["robust"] == rule
