@@ -44,7 +44,7 @@ from tessera.models import (
     UpdateStatus,
     utcnow,
 )
-from tessera.storage import ObjectStore
+from tessera.storage import ObjectStore, StorageUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     redis.exceptions.TimeoutError,
     sqlalchemy.exc.OperationalError,
     urllib3.exceptions.HTTPError,
+    StorageUnavailableError,  # the object store refused a connection or answered 5xx
 )
 MAX_ERROR_CHARS = 500
 MAX_REASON_CHARS = 500

@@ -1,7 +1,9 @@
 """The object store, over the S3 API: the only module that imports `minio`.
 
 Objects are written once under unique keys and found through the database, so a write that
-fails its checksum is deleted before anything refers to it.
+fails its checksum is deleted before anything refers to it. Every failure of the server or of
+the connection to it comes out as a `StorageError`; the transient ones (connection refused or
+reset, timeouts, 5xx answers) as `StorageUnavailableError`, which callers retry.
 """
 
 from __future__ import annotations
@@ -9,19 +11,41 @@ from __future__ import annotations
 import hashlib
 import io
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import BinaryIO, cast
 
 import urllib3
 from minio import Minio
-from minio.error import S3Error
+from minio.error import MinioException, S3Error
 
 from tessera.config import Settings
 
 CHUNK_BYTES = 1024 * 1024
 # Multipart part size: the most an upload holds in memory at once (S3's minimum is 5 MiB).
 PART_BYTES = 8 * 1024 * 1024
+_NOT_FOUND = frozenset({"NoSuchKey", "NoSuchObject", "NotFound"})
+# S3 error codes of a server that is overloaded or failing, not of a bad request.
+_SERVER_CODES = frozenset({"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout"})
+
+
+@contextmanager
+def _failures(what: str, *, missing: str = "no such object") -> Iterator[None]:
+    """Turn every error of the S3 client or its connection into a StorageError naming `what`."""
+    try:
+        yield
+    except S3Error as error:
+        if error.code in _NOT_FOUND:
+            raise ObjectNotFoundError(missing) from error
+        status = error.response.status if error.response is not None else 0
+        if error.code in _SERVER_CODES or status >= 500:
+            raise StorageUnavailableError(f"{what}: {error}") from error
+        raise StorageError(f"{what}: {error}") from error
+    except (MinioException, urllib3.exceptions.HTTPError, OSError) as error:
+        # ServerError/InvalidResponseError (a 5xx or a non-S3 answer), refused or reset
+        # connections, timeouts, retries exhausted by the pool.
+        raise StorageUnavailableError(f"{what}: {type(error).__name__}: {error}") from error
 
 
 class StorageError(Exception):
@@ -30,6 +54,10 @@ class StorageError(Exception):
 
 class ObjectNotFoundError(StorageError):
     pass
+
+
+class StorageUnavailableError(StorageError):
+    """The object store did not answer, or answered with a server error: worth a retry."""
 
 
 class ChecksumMismatchError(StorageError):
@@ -120,11 +148,13 @@ class ObjectStore:
     def ensure_bucket(self) -> None:
         """Create the bucket if it does not exist (called at start-up)."""
         try:
-            if not self._client.bucket_exists(self.bucket):
-                self._client.make_bucket(self.bucket)
-        except S3Error as error:
-            if error.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-                raise StorageError(f"cannot create bucket {self.bucket!r}: {error}") from error
+            with _failures(f"cannot create bucket {self.bucket!r}"):
+                if not self._client.bucket_exists(self.bucket):
+                    self._client.make_bucket(self.bucket)
+        except StorageError as error:
+            code = getattr(error.__cause__, "code", None)
+            if code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise
 
     def put_bytes(
         self, key: str, data: bytes, *, expected_sha256: str | None = None
@@ -144,7 +174,7 @@ class ObjectStore:
     ) -> StoredObject:
         """Stream `stream` to `key`, at most one part in memory; delete it again on a bad sha256."""
         reader = _HashingReader(stream)
-        try:
+        with _failures(f"cannot write {key!r}"):
             self._client.put_object(
                 self.bucket,
                 key,
@@ -154,8 +184,6 @@ class ObjectStore:
                 num_parallel_uploads=1,
                 content_type=content_type,
             )
-        except S3Error as error:
-            raise StorageError(f"cannot write {key!r}: {error}") from error
         found = reader.digest.hexdigest()
         if expected_sha256 is not None and found != expected_sha256.lower():
             self.delete(key)
@@ -175,39 +203,35 @@ class ObjectStore:
 
     def iter_chunks(self, key: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
         """Stream an object's bytes in chunks."""
-        try:
+        missing = f"no object {key!r} in bucket {self.bucket!r}"
+        with _failures(f"cannot read {key!r}", missing=missing):
             response = self._client.get_object(self.bucket, key)
-        except S3Error as error:
-            if error.code in ("NoSuchKey", "NoSuchObject"):
-                raise ObjectNotFoundError(f"no object {key!r} in bucket {self.bucket!r}") from error
-            raise StorageError(f"cannot read {key!r}: {error}") from error
         try:
-            yield from response.stream(chunk_bytes)
+            with _failures(f"cannot read {key!r}"):
+                yield from response.stream(chunk_bytes)
         finally:
             response.close()
             response.release_conn()
 
     def exists(self, key: str) -> bool:
         try:
-            self._client.stat_object(self.bucket, key)
-        except S3Error as error:
-            if error.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
-                return False
-            raise StorageError(f"cannot stat {key!r}: {error}") from error
+            with _failures(f"cannot stat {key!r}"):
+                self._client.stat_object(self.bucket, key)
+        except ObjectNotFoundError:
+            return False
         return True
 
     def delete(self, key: str) -> None:
-        try:
+        with _failures(f"cannot delete {key!r}"):
             self._client.remove_object(self.bucket, key)
-        except S3Error as error:
-            raise StorageError(f"cannot delete {key!r}: {error}") from error
 
     def list_keys(self, prefix: str = "") -> list[str]:
-        return [
-            item.object_name
-            for item in self._client.list_objects(self.bucket, prefix=prefix, recursive=True)
-            if item.object_name is not None
-        ]
+        with _failures(f"cannot list {prefix!r}"):
+            return [
+                item.object_name
+                for item in self._client.list_objects(self.bucket, prefix=prefix, recursive=True)
+                if item.object_name is not None
+            ]
 
     def presigned_get_url(self, key: str, *, expires_s: int) -> str:
         """A URL that downloads `key` without credentials for `expires_s` seconds."""

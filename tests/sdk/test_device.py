@@ -5,6 +5,8 @@ from __future__ import annotations
 import pickle
 import stat
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
@@ -154,3 +156,13 @@ def test_backoff_grows_and_is_capped() -> None:
     policy = RetryPolicy(base_delay_s=0.5, max_delay_s=4.0)
     delays = [policy.delay(n) for n in range(8)]
     assert 0.25 <= delays[0] <= 0.5 and all(d <= 4.0 for d in delays) and delays[6] >= 2.0
+
+
+def test_retry_after_is_waited_for_instead_of_the_backoff() -> None:
+    policy = RetryPolicy(base_delay_s=0.5, max_delay_s=4.0, max_retry_after_s=30.0)
+    in_ten_s = format_datetime(datetime.now(UTC) + timedelta(seconds=10), usegmt=True)
+
+    assert policy.delay(0, "7") == 7.0
+    assert policy.delay(0, "3600") == 30.0
+    assert 8.0 <= policy.delay(0, in_ten_s) <= 10.0
+    assert policy.delay(0, "soon") <= 0.5  # unreadable: the backoff

@@ -41,8 +41,12 @@ def not_collecting(round_: Round) -> HTTPException:
     )
 
 
-def _enqueue_failed(error: EnqueueError) -> HTTPException:
-    return HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=str(error))
+def _enqueue_failed(_error: EnqueueError) -> HTTPException:
+    # The queue's own error is logged where it happened; the client learns what to do.
+    return HTTPException(
+        status.HTTP_503_SERVICE_UNAVAILABLE,
+        detail="the job queue is unavailable; the round is still collecting, retry",
+    )
 
 
 @router.post(

@@ -98,13 +98,8 @@ def _store_update(
     validate_adapter_bytes(data, spec)  # raises LoraFileError: nothing is stored
     key = update_key(round_id, client_id)
     sha256 = hashlib.sha256(data).hexdigest()
-    try:
-        stored = store.put_bytes(key, data, expected_sha256=sha256)
-    except StorageError as error:
-        log.exception("could not store an update", extra={"round_id": round_id, "key": key})
-        raise HTTPException(
-            status.HTTP_503_SERVICE_UNAVAILABLE, detail=f"the object store failed: {error}"
-        ) from error
+    # A StorageError is a 503 with Retry-After (tessera.service.errors): the device retries.
+    stored = store.put_bytes(key, data, expected_sha256=sha256)
     try:
         if not crud.hold_collecting_round(session=session, round_id=round_id):
             raise _RoundClosedError
@@ -178,6 +173,7 @@ def _store_update(
         409: {"description": "the round is not collecting"},
         413: {"description": "the file is over the upload limit"},
         422: {"description": "the file or its metadata is refused", "model": UpdateRejection},
+        503: {"description": "the object store or the queue is unavailable (Retry-After)"},
     },
 )
 async def upload_update(

@@ -45,7 +45,7 @@ from tessera.model.conditioning import Conditioning
 from tessera.model.generate import GenerationResult, generate, latents_to_bytes, seeded_latents
 from tessera.models import GenerationJob, JobState, utcnow
 from tessera.schemas import as_utc
-from tessera.storage import ObjectStore
+from tessera.storage import ObjectStore, StorageUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     redis.exceptions.TimeoutError,
     sqlalchemy.exc.OperationalError,
     urllib3.exceptions.HTTPError,
+    StorageUnavailableError,  # the object store refused a connection or answered 5xx
 )
 
 

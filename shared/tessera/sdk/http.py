@@ -7,6 +7,8 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
@@ -42,17 +44,37 @@ class Traffic:
 
 @dataclass
 class RetryPolicy:
-    """Up to `attempts` tries with exponential backoff and jitter, capped at `max_delay_s`."""
+    """Up to `attempts` tries with exponential backoff and jitter, capped at `max_delay_s`; a
+    server's `Retry-After` (on 429 and 503) is waited for instead, up to `max_retry_after_s`."""
 
     attempts: int = 5
     base_delay_s: float = 0.25
     max_delay_s: float = 8.0
+    max_retry_after_s: float = 60.0
     sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
 
-    def delay(self, attempt: int) -> float:
+    def delay(self, attempt: int, retry_after: str | None = None) -> float:
         """Seconds to wait before try `attempt + 1` (attempt counts from 0)."""
+        asked = _seconds(retry_after)
+        if asked is not None:
+            return min(asked, self.max_retry_after_s)
         ceiling = min(self.max_delay_s, self.base_delay_s * 2**attempt)
         return random.uniform(ceiling / 2, ceiling)
+
+
+def _seconds(retry_after: str | None) -> float | None:
+    """A `Retry-After` value (delay-seconds or an HTTP date) in seconds; None if absent or bad."""
+    if not retry_after:
+        return None
+    if retry_after.strip().isdigit():
+        return float(retry_after.strip())
+    try:
+        when = parsedate_to_datetime(retry_after)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def request(
@@ -71,6 +93,7 @@ def request(
     """
     last: Exception | None = None
     for attempt in range(policy.attempts):
+        retry_after = None
         try:
             response = client.request(method, url, **kwargs)
         except RETRY_ERRORS as error:
@@ -85,11 +108,13 @@ def request(
             if response.status_code not in RETRY_STATUSES:
                 raise ApiError(method, url, response.status_code, _detail(response))
             last = ApiError(method, url, response.status_code, _detail(response))
+            if response.status_code in (429, 503):
+                retry_after = response.headers.get("Retry-After")
             log.warning(
                 "%s %s answered %d, attempt %d", method, url, response.status_code, attempt + 1
             )
         if attempt + 1 < policy.attempts:
-            policy.sleep(policy.delay(attempt))
+            policy.sleep(policy.delay(attempt, retry_after))
     assert last is not None
     if isinstance(last, ApiError):
         raise last

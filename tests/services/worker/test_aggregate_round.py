@@ -19,8 +19,9 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from services.worker import context, rounds
-from services.worker.rounds import aggregate_round_now, close_due_rounds_now
+from services.worker.rounds import TRANSIENT_ERRORS, aggregate_round_now, close_due_rounds_now
 from services.worker.tasks import federation
+from tessera import procs
 from tessera.config import Settings
 from tessera.events import ADAPTER_PUBLISHED_CHANNEL, AGGREGATION_QUEUE, TASK_AGGREGATE_ROUND
 from tessera.federation import RoundConfig, update_key
@@ -43,7 +44,7 @@ from tessera.models import (
 )
 from tessera.queue import make_celery
 from tessera.service.resources import Resources
-from tessera.storage import ObjectStore
+from tessera.storage import ObjectStore, StorageUnavailableError
 
 UPDATE_RANK = 4
 TOLERANCE = 1e-3  # on products of entries ~0.2, after the fp16 wire both ways
@@ -626,3 +627,26 @@ def test_a_worker_runs_the_task_sent_by_name(
     assert result["status"] == "published"
     assert [name for name, _, _ in versions(session)] == ["cluster:0", "cluster:1", "global"]
     assert states(session, built.round_id)[0] is RoundState.PUBLISHED
+
+
+def test_an_object_store_outage_leaves_the_round_aggregating_for_the_task_to_retry(
+    session: Session, store: ObjectStore, resources: Resources, spec: LoraSpec
+) -> None:
+    built = build_round(session, store, spec, config=RoundConfig(), clusters={0: [1]})
+    nothing_listens = ObjectStore(
+        endpoint=f"127.0.0.1:{procs.free_port()}",
+        bucket="tessera-test",
+        access_key="key",
+        secret_key="secret",
+    )
+
+    with pytest.raises(StorageUnavailableError):
+        aggregate_round_now(
+            built.round_id,
+            sessions=resources.sessions,
+            store=nothing_listens,
+            redis=resources.redis,
+        )
+
+    assert isinstance(StorageUnavailableError("x"), TRANSIENT_ERRORS)
+    assert states(session, built.round_id)[0] is RoundState.AGGREGATING
