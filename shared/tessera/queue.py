@@ -9,6 +9,11 @@ from tessera.events import AGGREGATION_QUEUE
 
 # A result or a message past this is dropped by Redis; long enough for a slow day.
 RESULT_EXPIRES_S = 24 * 3600
+# A request that sends a task answers 503 within about a second while Redis is down, instead of
+# retrying for tens of seconds (Celery's defaults: 20 reconnects of the result backend, 1 s apart).
+CONNECT_TIMEOUT_S = 2.0
+SOCKET_TIMEOUT_S = 10.0
+_QUICK_RETRIES = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
 
 
 def make_celery(settings: Settings, *, main: str = "tessera") -> Celery:
@@ -32,8 +37,18 @@ def make_celery(settings: Settings, *, main: str = "tessera") -> Celery:
         task_time_limit=settings.task_time_limit_s,
         task_soft_time_limit=max(1, settings.task_time_limit_s - 30),
         # Redis redelivers an unacknowledged message after this; it must outlast any task.
-        broker_transport_options={"visibility_timeout": settings.task_time_limit_s + 300},
-        result_backend_transport_options={"visibility_timeout": settings.task_time_limit_s + 300},
+        broker_transport_options={
+            "visibility_timeout": settings.task_time_limit_s + 300,
+            "socket_connect_timeout": CONNECT_TIMEOUT_S,
+        },
+        result_backend_transport_options={
+            "visibility_timeout": settings.task_time_limit_s + 300,
+            "retry_policy": _QUICK_RETRIES,
+        },
+        broker_connection_timeout=CONNECT_TIMEOUT_S,
+        task_publish_retry_policy=_QUICK_RETRIES,
+        redis_socket_connect_timeout=CONNECT_TIMEOUT_S,
+        redis_socket_timeout=SOCKET_TIMEOUT_S,
         result_expires=RESULT_EXPIRES_S,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,

@@ -209,7 +209,8 @@ def create_generation(
         response.status_code = status.HTTP_200_OK
         return _replay(winner, body, store=store, expires_s=expires_s)
     try:
-        celery.send_task(TASK_GENERATE, args=[job_id], queue=INFERENCE_QUEUE)
+        # The job's state lives in the database: no result to store, no result backend to reach.
+        celery.send_task(TASK_GENERATE, args=[job_id], queue=INFERENCE_QUEUE, ignore_result=True)
     except Exception as error:
         log.error("could not queue a generation job", extra={"job_id": job_id, "error": str(error)})
         session.delete(job)
