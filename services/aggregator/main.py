@@ -8,6 +8,7 @@ from services.aggregator.lifespan import extend_lifespan
 from services.aggregator.routes import adapters, clients, devices, rounds, updates
 from services.aggregator.uploads import UPLOAD_PREFIX, CountOversizedUploads, upload_limit
 from tessera.config import Settings, get_settings
+from tessera.events import AGGREGATION_QUEUE
 from tessera.service.app import create_service_app, ensure_bucket
 from tessera.service.deps import make_clustering_http
 
@@ -21,6 +22,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         checks=("database", "redis", "s3", "worker"),
         settings=settings,
         upload_limits={UPLOAD_PREFIX: lambda: upload_limit(resolved)},
+        worker_queues=[AGGREGATION_QUEUE],  # only a worker of its own queue makes it ready
         on_startup=[ensure_bucket],
     )
     app.add_middleware(CountOversizedUploads)  # outermost: sees the body-size middleware's 413s

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from fastapi import FastAPI
@@ -11,7 +13,14 @@ from fastapi.testclient import TestClient
 from services.aggregator.main import create_app as create_aggregator
 from services.clustering.main import create_app as create_clustering
 from services.inference.api.main import create_app as create_inference
+from tessera import procs
 from tessera.config import Settings
+from tessera.events import AGGREGATION_QUEUE, INFERENCE_QUEUE
+from tessera.queue import make_celery
+from tessera.stack import worker_command
+from tests.helpers import on_redis_db
+
+WRONG_WORKER_DB = 9
 
 FACTORIES = {
     "aggregator": create_aggregator,
@@ -74,3 +83,37 @@ def test_readyz_names_what_is_down() -> None:
     checks = response.json()["checks"]
     assert set(checks) == {"database", "redis", "s3"}
     assert all(value != "ok" for value in checks.values())
+
+
+@pytest.mark.slow
+def test_aggregator_is_unready_while_only_a_worker_of_another_queue_answers(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # A Redis database of the test's own: the session's aggregation worker is not on it.
+    own = on_redis_db(settings, WRONG_WORKER_DB)
+    process = procs.spawn(
+        worker_command(queues=[INFERENCE_QUEUE], concurrency=1, name="wrong-queue"),
+        log_path=tmp_path / "worker.log",
+        env={**os.environ, **own.as_env()},
+    )
+    try:
+        celery = make_celery(own)
+        procs.wait_until(
+            lambda: bool(celery.control.ping(timeout=0.5)),
+            timeout=60,
+            what="the inference-queue worker",
+            process=process,
+            log_path=tmp_path / "worker.log",
+        )
+        celery.close()
+        with TestClient(create_aggregator(own)) as client:
+            response = client.get("/readyz")
+    finally:
+        procs.stop(process)
+
+    assert response.status_code == 503
+    checks = response.json()["checks"]
+    assert checks["worker"].startswith(
+        f"RuntimeError: no Celery worker of queue {AGGREGATION_QUEUE}"
+    )
+    assert {checks[name] for name in ("database", "redis", "s3")} == {"ok"}

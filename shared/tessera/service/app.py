@@ -30,6 +30,7 @@ def create_service_app(
     checks: tuple[str, ...],
     settings: Settings | None = None,
     upload_limits: Mapping[str, Callable[[], int]] = MappingProxyType({}),
+    worker_queues: Sequence[str] = (),
     on_startup: Sequence[StartupHook] = (),
 ) -> FastAPI:
     """A service app; connections open on first use, so building one touches no server.
@@ -62,7 +63,7 @@ def create_service_app(
     app.state.resources = resources
     app.state.service = service
     install_error_handlers(app)
-    app.include_router(health_router(checks))
+    app.include_router(health_router(checks, worker_queues))
     for router in routers:
         app.include_router(router)
     app.add_middleware(MetricsMiddleware, service=service)

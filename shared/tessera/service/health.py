@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -29,25 +29,38 @@ def _check_s3(resources: Resources) -> None:
     resources.store.ensure_bucket()
 
 
-def _check_worker(resources: Resources) -> None:
-    replies = resources.celery.control.ping(timeout=WORKER_PING_TIMEOUT_S)
-    if not replies:
-        raise RuntimeError(f"no Celery worker answered a ping within {WORKER_PING_TIMEOUT_S}s")
+def check_workers(resources: Resources, queues: Sequence[str]) -> None:
+    """Some Celery worker consumes each of `queues` (a worker of another queue does not count)."""
+    replies = resources.celery.control.inspect(timeout=WORKER_PING_TIMEOUT_S).active_queues()
+    served = {queue["name"] for consumed in (replies or {}).values() for queue in consumed}
+    missing = [queue for queue in queues if queue not in served]
+    if missing:
+        raise RuntimeError(
+            f"no Celery worker of queue {', '.join(missing)} answered within "
+            f"{WORKER_PING_TIMEOUT_S}s"
+        )
 
 
 READINESS_CHECKS: dict[str, Callable[[Resources], None]] = {
     "database": _check_database,
     "redis": _check_redis,
     "s3": _check_s3,
-    "worker": _check_worker,
 }
+WORKER_CHECK = "worker"
 
 
-def health_router(checks: tuple[str, ...]) -> APIRouter:
-    """Probe endpoints; `/readyz` runs the named checks from READINESS_CHECKS."""
-    unknown = set(checks) - set(READINESS_CHECKS)
+def health_router(checks: tuple[str, ...], worker_queues: Sequence[str] = ()) -> APIRouter:
+    """Probe endpoints; `/readyz` runs the named checks from READINESS_CHECKS, and "worker":
+    a worker of each of `worker_queues` answers."""
+    unknown = set(checks) - set(READINESS_CHECKS) - {WORKER_CHECK}
     if unknown:
         raise ValueError(f"unknown readiness checks: {sorted(unknown)}")
+    if (WORKER_CHECK in checks) != bool(worker_queues):
+        raise ValueError("the worker check needs the queues it checks, and only it does")
+    run: dict[str, Callable[[Resources], None]] = {
+        **READINESS_CHECKS,
+        WORKER_CHECK: lambda resources: check_workers(resources, worker_queues),
+    }
     router = APIRouter(tags=["health"])
 
     @router.get("/healthz", summary="The process is alive")
@@ -64,7 +77,7 @@ def health_router(checks: tuple[str, ...]) -> APIRouter:
         results: dict[str, str] = {}
         for name in checks:
             try:
-                READINESS_CHECKS[name](resources)
+                run[name](resources)
                 results[name] = "ok"
             except Exception as error:
                 results[name] = f"{type(error).__name__}: {error}"[:300]
