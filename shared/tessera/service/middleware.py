@@ -2,21 +2,45 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable, Mapping
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tessera.metrics import HTTP_LATENCY, HTTP_REQUESTS
 
+DRAIN_BYTES = 1024 * 1024
+DRAIN_TIMEOUT_S = 2.0
+"""How much of a refused body (past the limit), and for how long, is read and dropped so that
+the connection can serve the next request; past that, the 413 closes the connection instead
+(`Connection: close`)."""
 
-class _BodyTooLargeError(Exception):
-    pass
+
+class BodyTooLargeError(HTTPException):
+    """A body over its limit: 413, closing the connection unless the rest of it was drained.
+
+    An HTTPException, so that FastAPI's body parsing passes it on as it is (any other error
+    there becomes a 400 "error parsing the body").
+    """
+
+    def __init__(self, limit: int, *, drained: bool) -> None:
+        super().__init__(
+            413,
+            detail=f"request body is larger than the limit of {limit} bytes",
+            headers=None if drained else {"Connection": "close"},
+        )
 
 
 class BodySizeLimitMiddleware:
-    """Answer 413 to a body over its path's limit, whether or not it declares a length."""
+    """Answer 413 to a body over its path's limit, whether or not it declares a length.
+
+    The refused body is drained (up to DRAIN_BYTES past the limit) so that a keep-alive
+    connection serves the next request; a longer one gets `Connection: close` and the server
+    closes the connection, so that the client's next request goes on a new one.
+    """
 
     def __init__(
         self,
@@ -46,7 +70,10 @@ class BodySizeLimitMiddleware:
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await _reject(send, limit)
+            drained = int(declared) <= limit + DRAIN_BYTES and await _drain(
+                receive, limit + DRAIN_BYTES
+            )
+            await _reject(send, BodyTooLargeError(limit, drained=drained))
             return
         received = 0
         response_started = False
@@ -57,7 +84,9 @@ class BodySizeLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise _BodyTooLargeError
+                    more = message.get("more_body", False)
+                    drained = not more or await _drain(receive, limit + DRAIN_BYTES - received)
+                    raise BodyTooLargeError(limit, drained=drained)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -68,21 +97,38 @@ class BodySizeLimitMiddleware:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLargeError:
+        except BodyTooLargeError as error:  # raised where no exception handler answers it
             if not response_started:
-                await _reject(send, limit)
+                await _reject(send, error)
 
 
-async def _reject(send: Send, limit: int) -> None:
-    body = json.dumps({"detail": f"request body is larger than the limit of {limit} bytes"})
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [(b"content-type", b"application/json")],
-        }
-    )
-    await send({"type": "http.response.body", "body": body.encode()})
+async def _drain(receive: Receive, budget: int) -> bool:
+    """Read and drop the rest of a body, up to `budget` bytes and DRAIN_TIMEOUT_S; whether it
+    ended within those."""
+    try:
+        return await asyncio.wait_for(_drop(receive, budget), DRAIN_TIMEOUT_S)
+    except TimeoutError:
+        return False
+
+
+async def _drop(receive: Receive, budget: int) -> bool:
+    dropped = 0
+    while dropped <= budget:
+        message = await receive()
+        if message["type"] != "http.request":
+            return False  # the client went away
+        dropped += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return dropped <= budget
+    return False
+
+
+async def _reject(send: Send, error: BodyTooLargeError) -> None:
+    headers = [(b"content-type", b"application/json")]
+    headers += [(k.lower().encode(), v.encode()) for k, v in (error.headers or {}).items()]
+    await send({"type": "http.response.start", "status": 413, "headers": headers})
+    body = json.dumps({"detail": error.detail}).encode()
+    await send({"type": "http.response.body", "body": body})
 
 
 class MetricsMiddleware:
