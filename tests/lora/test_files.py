@@ -20,7 +20,7 @@ from tessera.lora import (
     read_header,
     validate_adapter_bytes,
 )
-from tessera.lora.files import FILE_FORMAT
+from tessera.lora.files import FILE_FORMAT, MAX_HEADER_ENTRIES
 
 SPEC = LoraSpec(
     base_model_id="test/base",
@@ -374,3 +374,27 @@ def test_the_validator_refuses_a_malformed_entry_naming_the_key(
 
     assert error.key == KEY_A
     assert words in error.public
+
+
+def test_a_header_one_level_deeper_than_safetensors_is_refused_before_parsing() -> None:
+    nested = {KEY_A: {"dtype": "F16", "shape": [[[[4]]]], "data_offsets": [0, 8]}}
+
+    with pytest.raises(LoraFileError, match="nested too deeply") as caught:
+        read_header(raw(json.dumps(nested).encode()))
+
+    assert caught.value.public == "safetensors header is nested too deeply (expected <= 4 levels)"
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
+    data = blob(target_modules="[[[[[[{{{{{{", rank="4")
+
+    adapter = validate_adapter_bytes(data, SPEC)
+
+    assert adapter.rank == 4
+
+
+def test_a_header_with_too_many_entries_is_refused() -> None:
+    header = {str(i): 0 for i in range(MAX_HEADER_ENTRIES + 1)}  # counted before checked
+
+    with pytest.raises(LoraFileError, match="too many entries"):
+        read_header(raw(json.dumps(header).encode()))

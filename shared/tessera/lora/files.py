@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import reprlib
 import struct
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from tessera.lora.adapter import (
     A_SUFFIX,
@@ -41,6 +44,11 @@ _RESERVED = {
     "dtype",
 }
 MAX_HEADER_BYTES = 1 << 20
+# A tensor entry's shape sits at depth 3 (header object, entry, shape list); metadata at 2.
+MAX_HEADER_DEPTH = 4
+# More than any base model's adapter has keys (SDXL's `full` preset has a few thousand).
+MAX_HEADER_ENTRIES = 20_000
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 KNOWN_KEY = "one of the base model's target modules + .lora_A.weight / .lora_B.weight"
 """What an unknown key's error expected (the file's name for it is never public)."""
 
@@ -126,8 +134,10 @@ def _parse_header(data: bytes) -> tuple[dict[str, Any], dict[str, str]]:
             expected=f"<= {min(MAX_HEADER_BYTES, len(data) - 8)} bytes",
             found=length,
         )
+    text = data[8 : 8 + length]
+    _check_nesting(text)
     try:
-        header = json.loads(data[8 : 8 + length])
+        header = json.loads(text)
     except json.JSONDecodeError as exc:
         raise LoraFileError(
             f"safetensors header is not valid JSON: {exc.msg} at byte {exc.pos}"
@@ -141,7 +151,27 @@ def _parse_header(data: bytes) -> tuple[dict[str, Any], dict[str, str]]:
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise LoraFileError("__metadata__ must map names to strings")
+    if len(header) > MAX_HEADER_ENTRIES or len(metadata) > MAX_HEADER_ENTRIES:
+        raise LoraFileError(
+            "safetensors header has too many entries",
+            expected=f"<= {MAX_HEADER_ENTRIES} tensors and <= {MAX_HEADER_ENTRIES} metadata names",
+        )
     return header, metadata
+
+
+def _check_nesting(text: bytes) -> None:
+    """Refuse a header nested deeper than a safetensors header is, before parsing it.
+
+    Brackets inside strings do not count; the scan is linear (no parser recursion).
+    """
+    structure = np.frombuffer(_JSON_STRING.sub(b'""', text), dtype=np.uint8)
+    opens = (structure == ord("{")) | (structure == ord("["))
+    closes = (structure == ord("}")) | (structure == ord("]"))
+    depth = np.cumsum(opens.astype(np.int64) - closes.astype(np.int64))
+    if depth.size and int(depth.max()) > MAX_HEADER_DEPTH:
+        raise LoraFileError(
+            "safetensors header is nested too deeply", expected=f"<= {MAX_HEADER_DEPTH} levels"
+        )
 
 
 def _is_count(value: object) -> bool:
