@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -29,7 +30,10 @@ from tessera.events import AGGREGATION_QUEUE, INFERENCE_QUEUE
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 120.0
+# A process that exits more than MAX_RESTARTS times within RESTART_WINDOW_S is left down;
+# crashes further apart than that are restarted however many there are over the stack's life.
 MAX_RESTARTS = 5
+RESTART_WINDOW_S = 600.0
 
 SERVICE_APPS = {
     "aggregator": "services.aggregator.main:create_app",
@@ -59,6 +63,26 @@ def worker_command(
 
 
 @dataclass
+class RestartBudget:
+    """At most `limit` restarts within any `window_s` seconds; once over, none any more."""
+
+    limit: int = MAX_RESTARTS
+    window_s: float = RESTART_WINDOW_S
+    times: deque[float] = field(default_factory=deque)
+    exhausted: bool = False
+
+    def take(self, now: float) -> bool:
+        """Whether a restart at `now` is allowed; if so, it is counted."""
+        while self.times and now - self.times[0] >= self.window_s:
+            self.times.popleft()
+        if self.exhausted or len(self.times) >= self.limit:
+            self.exhausted = True
+            return False
+        self.times.append(now)
+        return True
+
+
+@dataclass
 class Child:
     """A process the supervisor owns, with what it takes to start it again."""
 
@@ -68,7 +92,7 @@ class Child:
     ready_url: str | None = None
     env: dict[str, str] = field(default_factory=dict)  # on top of the stack's environment
     process: subprocess.Popen[bytes] | None = None
-    restarts: int = 0
+    restarts: RestartBudget = field(default_factory=RestartBudget)
 
     def start(self, env: dict[str, str]) -> None:
         self.process = procs.spawn(self.argv, log_path=self.log_path, env={**env, **self.env})
@@ -234,23 +258,43 @@ class Stack:
         )
 
     def supervise(self) -> None:
-        """Block until asked to stop, restarting a child that dies (a few times at most)."""
+        """Block until asked to stop, restarting an embedded server or a child that exits
+        (at most MAX_RESTARTS times within RESTART_WINDOW_S each, then it is left down)."""
+        budgets = {"valkey": RestartBudget(), "seaweedfs": RestartBudget()}
         while not self._stopping.wait(1.0):
+            servers = {"valkey": self.devstack.valkey, "seaweedfs": self.devstack.seaweed}
+            for name, server in servers.items():
+                if server is None or server.process is None or server.process.poll() is None:
+                    continue
+                if self._may_restart(name, server.process, budgets[name]):
+                    try:
+                        server.start()  # same data dir, same client port
+                    except Exception:  # it exited again: the next pass counts that restart
+                        log.exception("%s did not come back", name)
             for child in self.children:
                 if child.process is None or child.process.poll() is None:
                     continue
-                if child.restarts >= MAX_RESTARTS:
-                    log.error("%s keeps exiting; giving up on it", child.name)
-                    continue
-                child.restarts += 1
-                log.warning(
-                    "%s exited with code %s; restarting (%d/%d)",
-                    child.name,
-                    child.process.returncode,
-                    child.restarts,
-                    MAX_RESTARTS,
-                )
-                child.start(self.env)
+                if self._may_restart(child.name, child.process, child.restarts):
+                    child.start(self.env)
+
+    def _may_restart(
+        self, name: str, process: subprocess.Popen[bytes], budget: RestartBudget
+    ) -> bool:
+        if self._stopping.is_set():
+            return False
+        was_exhausted = budget.exhausted
+        if not budget.take(time.monotonic()):
+            if not was_exhausted:
+                log.error(
+                    "%s exited more than %d times within %.0f s; leaving it down",
+                    name, budget.limit, budget.window_s,
+                )  # fmt: skip
+            return False
+        log.warning(
+            "%s exited with code %s; restarting (%d within %.0f s)",
+            name, process.returncode, len(budget.times), budget.window_s,
+        )  # fmt: skip
+        return True
 
     def request_stop(self) -> None:
         self._stopping.set()
