@@ -646,6 +646,7 @@ def test_an_object_store_outage_leaves_the_round_aggregating_for_the_task_to_ret
             sessions=resources.sessions,
             store=nothing_listens,
             redis=resources.redis,
+            scales=ScaleRange(1e-3, 16.0),
         )
 
     assert isinstance(StorageUnavailableError("x"), TRANSIENT_ERRORS)
