@@ -19,6 +19,7 @@ Writes docs/bench_federation.md, .json and .png.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import tempfile
 import threading
@@ -81,7 +82,8 @@ def bench_aggregation(
         adapters = updates(base, count)
         refs = []
         for i, adapter in enumerate(adapters):
-            stored = store.put_bytes(update_key(1, i), adapter_to_bytes(adapter))
+            data = adapter_to_bytes(adapter)
+            stored = store.put_bytes(update_key(1, i, hashlib.sha256(data).hexdigest()), data)
             refs.append(UpdateRef(i, i, stored.key, stored.sha256, 1 + i % 5, None))
         plan = RoundPlan(
             round_id=1,

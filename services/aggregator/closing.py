@@ -1,14 +1,15 @@
 """Closing rounds: progress towards quorum, the deadline, and handing the round to the worker.
 
-A round leaves `collecting` through one conditional UPDATE (`crud.move_round`), so however many
-requests or replicas race to close it, one of them wins and only that one enqueues the
-aggregation. If the enqueueing fails, the round goes back to `collecting` and the next upload,
-GET or deadline check tries again.
+The one implementation of both rules; the round loop (`rounds_loop`) applies them every
+TESSERA_HOUSEKEEPING_INTERVAL_S, and requests apply them early (an upload that reaches quorum,
+a read past the deadline). A round leaves `collecting` through one conditional UPDATE
+(`crud.move_round`), so however many requests or replicas race to close it, one of them wins
+and only that one enqueues the aggregation. If the enqueueing fails, the round goes back to
+`collecting` and the loop's next pass tries again.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,12 +22,8 @@ from tessera.events import AGGREGATION_QUEUE, TASK_AGGREGATE_ROUND
 from tessera.federation import NO_UPDATES_AT_DEADLINE, RoundConfig
 from tessera.models import Round, RoundState, utcnow
 from tessera.schemas import ClusterProgress, as_utc
-from tessera.service.resources import Resources
 
 log = logging.getLogger(__name__)
-
-# How often each aggregator replica looks for collecting rounds past their deadline.
-DEADLINE_CHECK_INTERVAL_S = 5.0
 
 
 class EnqueueError(RuntimeError):
@@ -78,10 +75,19 @@ def round_progress(*, session: Session, round_: Round) -> RoundProgress:
     return RoundProgress(total=total, clusters=clusters)
 
 
+def send_aggregation(celery: Celery, round_id: int) -> None:
+    """Queue the aggregation of a round (no result: the worker records it on the round)."""
+    # Waiting on the result backend would hold a request for many seconds while Redis is down.
+    celery.send_task(
+        TASK_AGGREGATE_ROUND, args=[round_id], queue=AGGREGATION_QUEUE, ignore_result=True
+    )
+
+
 def close_round(*, session: Session, celery: Celery, round_id: int, why: str) -> bool:
     """Move a collecting round to aggregating and enqueue its aggregation; whether this call did.
 
-    Commits. Raises EnqueueError (with the round collecting again) if the task cannot be sent.
+    Commits (with whatever the caller's transaction holds). Raises EnqueueError (with the round
+    collecting again) if the task cannot be sent.
     """
     if not crud.move_round(
         session=session,
@@ -94,11 +100,7 @@ def close_round(*, session: Session, celery: Celery, round_id: int, why: str) ->
         return False
     session.commit()
     try:
-        # No result: the worker records the outcome on the round, and waiting on the result
-        # backend would hold this request for many seconds whenever Redis is down.
-        celery.send_task(
-            TASK_AGGREGATE_ROUND, args=[round_id], queue=AGGREGATION_QUEUE, ignore_result=True
-        )
+        send_aggregation(celery, round_id)
     except Exception as error:
         crud.move_round(
             session=session,
@@ -108,29 +110,45 @@ def close_round(*, session: Session, celery: Celery, round_id: int, why: str) ->
         )
         session.commit()
         log.exception("could not enqueue the aggregation of round %s", round_id)
-        raise EnqueueError(
-            f"could not enqueue the aggregation of round {round_id}: {error}"
-        ) from error
+        raise EnqueueError(f"could not enqueue the aggregation of round {round_id}") from error
     log.info("round closed", extra={"round_id": round_id, "why": why})
     return True
 
 
 def close_at_deadline(*, session: Session, celery: Celery, round_id: int) -> bool:
-    """Close a round whose deadline passed: aggregate what it has, or cancel it if it has none."""
-    if crud.count_updates(session=session, round_id=round_id) == 0:
-        cancelled = crud.move_round(
-            session=session,
-            round_id=round_id,
-            from_state=RoundState.COLLECTING,
-            to_state=RoundState.CANCELLED,
-            closed_at=utcnow(),
-            error=NO_UPDATES_AT_DEADLINE,
-        )
-        session.commit()
-        if cancelled:
-            log.info("round cancelled at its deadline: no updates", extra={"round_id": round_id})
-        return cancelled
-    return close_round(session=session, celery=celery, round_id=round_id, why="deadline")
+    """Close a round whose deadline passed: aggregate what it has, or cancel it if it has none.
+
+    Atomic with uploads: the round's row lock is taken first (an upload holds it until its
+    commit), then the updates are counted, then the round moves, in one transaction; so an
+    upload committed meanwhile is counted, never accepted and then dropped with the round.
+    """
+    if not crud.hold_collecting_round(session=session, round_id=round_id):
+        session.rollback()
+        return False
+    if crud.count_updates(session=session, round_id=round_id) > 0:
+        return close_round(session=session, celery=celery, round_id=round_id, why="deadline")
+    cancelled = crud.move_round(
+        session=session,
+        round_id=round_id,
+        from_state=RoundState.COLLECTING,
+        to_state=RoundState.CANCELLED,
+        closed_at=utcnow(),
+        error=NO_UPDATES_AT_DEADLINE,
+    )
+    session.commit()
+    if cancelled:
+        log.info("round cancelled at its deadline: no updates", extra={"round_id": round_id})
+    return cancelled
+
+
+def close_at_quorum(*, session: Session, celery: Celery, round_: Round) -> bool:
+    """Close a collecting round that has reached its quorum; whether this call did."""
+    if round_.state != RoundState.COLLECTING:
+        return False
+    config = RoundConfig.model_validate(round_.config)
+    if not round_progress(session=session, round_=round_).quorum_met(config):
+        return False
+    return close_round(session=session, celery=celery, round_id=round_.id, why="quorum")
 
 
 def close_if_due(*, session: Session, celery: Celery, round_: Round) -> bool:
@@ -146,25 +164,25 @@ def close_if_due(*, session: Session, celery: Celery, round_: Round) -> bool:
 
 
 def close_due_rounds(*, sessions: sessionmaker[Session], celery: Celery) -> list[int]:
-    """Close every collecting round past its deadline; the ids this call closed."""
+    """Close every collecting round past its deadline or at quorum; the ids this call closed.
+
+    A round whose aggregation could not be enqueued stays collecting, and the next pass
+    tries again (the quorum close of an upload no longer has to succeed for the round to end).
+    """
     closed = []
     with sessions() as session:
-        for round_id in crud.due_round_ids(session=session, now=utcnow()):
+        for round_id in crud.collecting_round_ids(session=session):
+            round_ = session.get(Round, round_id)
+            if round_ is None:
+                continue
             try:
-                if close_at_deadline(session=session, celery=celery, round_id=round_id):
-                    closed.append(round_id)
+                if is_due(round_, utcnow()):
+                    done = close_at_deadline(session=session, celery=celery, round_id=round_id)
+                else:
+                    done = close_at_quorum(session=session, celery=celery, round_=round_)
             except EnqueueError:
-                continue  # logged; the next check tries again
+                continue  # logged; the next pass tries again
+            session.rollback()
+            if done:
+                closed.append(round_id)
     return closed
-
-
-async def deadline_loop(resources: Resources) -> None:
-    """Every DEADLINE_CHECK_INTERVAL_S, close the rounds whose deadline passed, until cancelled."""
-    while True:
-        try:
-            await asyncio.to_thread(
-                close_due_rounds, sessions=resources.sessions, celery=resources.celery
-            )
-        except Exception:
-            log.exception("deadline check failed")
-        await asyncio.sleep(DEADLINE_CHECK_INTERVAL_S)

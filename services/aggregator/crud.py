@@ -255,15 +255,11 @@ def hold_collecting_round(*, session: Session, round_id: int) -> bool:
     return bool(getattr(result, "rowcount", 0) == 1)
 
 
-def due_round_ids(*, session: Session, now: datetime) -> list[int]:
-    """Collecting rounds whose deadline has passed."""
+def collecting_round_ids(*, session: Session) -> list[int]:
+    """Every collecting round (normally one), oldest first."""
     return list(
         session.scalars(
-            select(Round.id).where(
-                Round.state == RoundState.COLLECTING,
-                Round.deadline.is_not(None),
-                Round.deadline <= now,
-            )
+            select(Round.id).where(Round.state == RoundState.COLLECTING).order_by(Round.id)
         )
     )
 

@@ -1,14 +1,18 @@
-"""Writing an aggregated adapter as a new version, once per round, and announcing it.
+"""Writing a round's aggregated adapters as new versions, all at once, and announcing them.
 
-The unique (adapter_id, round_id) constraint is the guard: a version that exists for the round
-is reused, whoever wrote it; a lost race on it rolls back and reuses the winner's row.
+`publish_round` inserts every version and moves the round to published in one transaction that
+first takes the round's row (the caller's conditional UPDATE from aggregating): a duplicate run (a
+redelivered or requeued message) waits for it and then finds the round published, and an
+operator who failed the round first leaves it nothing to publish. A run killed half-way
+publishes nothing; its rerun writes every version. The unique (adapter_id, round_id)
+constraint stays as a second guard.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from tessera.events import ADAPTER_PUBLISHED_CHANNEL
 from tessera.federation import adapter_key
 from tessera.lora import LoraAdapter, adapter_to_bytes
-from tessera.models import Adapter, AdapterKind, AdapterVersion
+from tessera.models import Adapter, AdapterKind, AdapterVersion, Round, RoundState
 from tessera.storage import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -92,6 +96,47 @@ class PublishedVersion:
         }
 
 
+def publish_round(
+    outputs: Sequence[ToPublish],
+    *,
+    round_id: int,
+    method: str,
+    sessions: sessionmaker[Session],
+    store: ObjectStore,
+    finish: Callable[[Session], bool],
+) -> list[PublishedVersion] | RoundState:
+    """Publish every output as a new version, in one commit with `finish` (which moves the round
+    from aggregating to published first, and records its updates); the versions, or the state
+    another run or an operator left the round in when `finish` finds it moved."""
+    adapter_ids = [_adapter_id(sessions, output) for output in outputs]  # lines commit alone
+    for _ in range(VERSION_ATTEMPTS):
+        with sessions() as session:
+            if not finish(session):
+                session.rollback()
+                return session.get_one(Round, round_id).state
+            rows = [
+                _add_version(session, output, adapter_id, round_id, method=method, store=store)
+                for output, adapter_id in zip(outputs, adapter_ids, strict=True)
+            ]
+            try:
+                session.commit()
+            except IntegrityError:
+                session.rollback()  # another round took a version number: try the next ones
+                continue
+            for row, output in zip(rows, outputs, strict=True):
+                log.info(
+                    "adapter version published",
+                    extra={"adapter": output.name, "version": row.version, "round_id": round_id},
+                )
+            return [
+                PublishedVersion.of(row, output.name, reused=False)
+                for row, output in zip(rows, outputs, strict=True)
+            ]
+    raise RuntimeError(
+        f"no free version numbers for round {round_id} after {VERSION_ATTEMPTS} tries"
+    )
+
+
 def publish_version(
     output: ToPublish,
     *,
@@ -100,65 +145,65 @@ def publish_version(
     sessions: sessionmaker[Session],
     store: ObjectStore,
 ) -> PublishedVersion:
-    """The round's version of `output.name`: the existing one, else written and committed now."""
+    """Publish one adapter version whatever the round's state (benchmarks, tests): the round's
+    existing version of it if there is one, else a new one."""
+    adapter_id = _adapter_id(sessions, output)
     for _ in range(VERSION_ATTEMPTS):
         with sessions() as session:
-            adapter_id = _adapter_id(session, output)
-            existing = _round_version(session, adapter_id, round_id)
-            if existing is not None:
+            if existing := _round_version(session, adapter_id, round_id):
                 return PublishedVersion.of(existing, output.name, reused=True)
-            latest = session.scalar(
-                select(func.max(AdapterVersion.version)).where(
-                    AdapterVersion.adapter_id == adapter_id
-                )
-            )
-        version = (latest or 0) + 1
-        energy = output.metrics.get("energy_kept")
-        extra = {
-            "adapter_id": f"{output.name}@v{version}",
-            "round": str(round_id),
-            "method": method,
-            "updates": str(output.metrics.get("updates", "")),
-            "samples": str(output.metrics.get("samples", "")),
-            **({"energy_kept": f"{energy:.6f}"} if energy is not None else {}),
-        }
-        # The key is fixed per round: a rerun after a crash overwrites its own orphan.
-        stored = store.put_bytes(
-            adapter_key(output.name, round_id), adapter_to_bytes(output.adapter.with_extra(**extra))
-        )
-        with sessions() as session:
-            row = AdapterVersion(
-                adapter_id=adapter_id,
-                version=version,
-                round_id=round_id,
-                object_key=stored.key,
-                sha256=stored.sha256,
-                size_bytes=stored.size,
-                rank=output.adapter.rank,
-                metrics=output.metrics,
-            )
-            session.add(row)
+            row = _add_version(session, output, adapter_id, round_id, method=method, store=store)
             try:
                 session.commit()
             except IntegrityError:
                 session.rollback()
-                existing = _round_version(session, adapter_id, round_id)
-                if existing is None:
-                    continue  # another round took this version number: try the next one
-                if existing.sha256 != stored.sha256:
-                    log.warning(
-                        "a concurrent run published this round's version first",
-                        extra={"adapter": output.name, "round_id": round_id},
-                    )
-                return PublishedVersion.of(existing, output.name, reused=True)
-            log.info(
-                "adapter version published",
-                extra={"adapter": output.name, "version": version, "round_id": round_id},
-            )
+                continue
             return PublishedVersion.of(row, output.name, reused=False)
     raise RuntimeError(
         f"no free version number for adapter {output.name!r} after {VERSION_ATTEMPTS} attempts"
     )
+
+
+def _add_version(
+    session: Session,
+    output: ToPublish,
+    adapter_id: int,
+    round_id: int,
+    *,
+    method: str,
+    store: ObjectStore,
+) -> AdapterVersion:
+    """Write the next version's file (its key fixed per round: a rerun overwrites its own
+    leftover) and add its row to the session, uncommitted."""
+    latest = session.scalar(
+        select(func.max(AdapterVersion.version)).where(AdapterVersion.adapter_id == adapter_id)
+    )
+    version = (latest or 0) + 1
+    energy = output.metrics.get("energy_kept")
+    extra = {
+        "adapter_id": f"{output.name}@v{version}",
+        "round": str(round_id),
+        "method": method,
+        "updates": str(output.metrics.get("updates", "")),
+        "samples": str(output.metrics.get("samples", "")),
+        **({"energy_kept": f"{energy:.6f}"} if energy is not None else {}),
+    }
+    stored = store.put_bytes(
+        adapter_key(output.name, round_id), adapter_to_bytes(output.adapter.with_extra(**extra))
+    )
+    row = AdapterVersion(
+        adapter_id=adapter_id,
+        version=version,
+        round_id=round_id,
+        object_key=stored.key,
+        sha256=stored.sha256,
+        size_bytes=stored.size,
+        rank=output.adapter.rank,
+        metrics=output.metrics,
+    )
+    session.add(row)
+    session.flush()
+    return row
 
 
 def announce(redis: Redis, versions: Sequence[PublishedVersion], *, round_id: int) -> int:
@@ -177,18 +222,19 @@ def announce(redis: Redis, versions: Sequence[PublishedVersion], *, round_id: in
     return sent
 
 
-def _adapter_id(session: Session, output: ToPublish) -> int:
+def _adapter_id(sessions: sessionmaker[Session], output: ToPublish) -> int:
     """The id of the adapter line named `output.name`, created (and committed) if new."""
     query = select(Adapter.id).where(Adapter.name == output.name)
-    found = session.scalar(query)
-    if found is not None:
-        return found
-    session.add(Adapter(name=output.name, kind=output.kind, cluster_label=output.cluster_label))
-    try:
-        session.commit()
-    except IntegrityError:
-        session.rollback()  # created meanwhile by another run
-    return session.scalars(query).one()
+    with sessions() as session:
+        found = session.scalar(query)
+        if found is not None:
+            return found
+        session.add(Adapter(name=output.name, kind=output.kind, cluster_label=output.cluster_label))
+        try:
+            session.commit()
+        except IntegrityError:
+            session.rollback()  # created meanwhile by another run
+        return session.scalars(query).one()
 
 
 def _round_version(session: Session, adapter_id: int, round_id: int) -> AdapterVersion | None:

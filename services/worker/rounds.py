@@ -1,16 +1,19 @@
-"""A round's life in the worker: aggregate and publish it, fail it, close it at its deadline.
+"""A round's life in the worker: claim it, aggregate and publish it, or fail it.
 
 Aggregating is idempotent. Every adapter is recomputed from the round's stored updates, and each
 version is written once, guarded by the unique (adapter_id, round_id) constraint, so a rerun
 after a crash or a redelivered message reuses what exists and writes only what is missing.
-Update and round states change in one final commit; the "adapter published" events follow it.
+Update and round states change in one final commit with the versions; the "adapter published"
+events follow it. While it runs, the task beats a heartbeat on the round, so that the
+aggregator's round loop (`services.aggregator.rounds_loop`) can tell a dead worker's round and
+queue it again.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, cast
 
 import redis.exceptions
@@ -18,7 +21,7 @@ import sqlalchemy.exc
 import torch
 import urllib3.exceptions
 from redis import Redis
-from sqlalchemy import ColumnElement, CursorResult, case, exists, select, update
+from sqlalchemy import CursorResult, case, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.worker.aggregation import (
@@ -27,8 +30,9 @@ from services.worker.aggregation import (
     UpdateRef,
     aggregate_plan,
 )
-from services.worker.publishing import PublishedVersion, announce, publish_version
-from tessera.federation import NO_UPDATES_AT_DEADLINE, RoundConfig, task_vector_from_bytes
+from services.worker.publishing import PublishedVersion, announce, publish_round
+from tessera.federation import RoundConfig, task_vector_from_bytes
+from tessera.heartbeat import Heartbeat
 from tessera.lora.bounds import ScaleRange
 from tessera.metrics import ROUND_DURATION
 from tessera.models import (
@@ -58,6 +62,7 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
 )
 MAX_ERROR_CHARS = 500
 MAX_REASON_CHARS = 500
+DEFAULT_STALE_S = 60.0  # TESSERA_TASK_STALE_S's default; the task passes the setting
 
 
 def aggregate_round_now(
@@ -67,6 +72,7 @@ def aggregate_round_now(
     store: ObjectStore,
     redis: Redis,
     scales: ScaleRange,
+    stale_s: float = DEFAULT_STALE_S,
 ) -> dict[str, Any]:
     """Aggregate an `aggregating` round and publish its adapters; return what was done.
 
@@ -83,12 +89,17 @@ def aggregate_round_now(
         if round_row.state != RoundState.AGGREGATING:
             reason = f"round is {round_row.state.value}, not aggregating"
             return _summary(round_id, status="skipped", reason=reason)
+        claim_round(session, round_id)
     try:
-        with sessions() as session:
-            plan = _load_plan(session, round_id)
-        return _aggregate_and_publish(
-            plan, sessions=sessions, store=store, redis=redis, scales=scales
+        beat = Heartbeat.for_stale_after(
+            lambda: beat_round(sessions, round_id), stale_s=stale_s, name=f"round-{round_id}"
         )
+        with beat:
+            with sessions() as session:
+                plan = _load_plan(session, round_id)
+            return _aggregate_and_publish(
+                plan, sessions=sessions, store=store, redis=redis, scales=scales
+            )
     except TRANSIENT_ERRORS:
         raise
     except Exception as error:
@@ -97,6 +108,28 @@ def aggregate_round_now(
         except Exception:
             log.exception("could not mark the round failed", extra={"round_id": round_id})
         raise
+
+
+def claim_round(session: Session, round_id: int) -> bool:
+    """Count a run of an aggregating round and beat its heartbeat; False if not aggregating."""
+    claimed = session.execute(
+        update(Round)
+        .where(Round.id == round_id, Round.state == RoundState.AGGREGATING)
+        .values(attempts=Round.attempts + 1, heartbeat_at=utcnow())
+    )
+    session.commit()
+    return cast(CursorResult[Any], claimed).rowcount == 1
+
+
+def beat_round(sessions: sessionmaker[Session], round_id: int) -> None:
+    """Say that the worker aggregating the round is alive."""
+    with sessions() as session:
+        session.execute(
+            update(Round)
+            .where(Round.id == round_id, Round.state == RoundState.AGGREGATING)
+            .values(heartbeat_at=utcnow())
+        )
+        session.commit()
 
 
 def mark_round_failed(sessions: sessionmaker[Session], round_id: int, error: str) -> bool:
@@ -229,31 +262,29 @@ def _aggregate_and_publish(
             clusters=result.clusters,
             excluded=result.excluded,
         )
-    versions = [
-        publish_version(
-            output, round_id=plan.round_id, method=config.method, sessions=sessions, store=store
-        )
-        for output in result.outputs
-    ]
-    state = _finish(
-        sessions,
-        plan.round_id,
-        used=result.used,
-        excluded=result.excluded,
-        report=report,
-        failed=None,
+    published = publish_round(
+        result.outputs,
+        round_id=plan.round_id,
+        method=config.method,
+        sessions=sessions,
+        store=store,
+        finish=_finishing(
+            plan.round_id, used=result.used, excluded=result.excluded, report=report, failed=None
+        ),
     )
-    if state != RoundState.PUBLISHED:
-        reason = f"the round became {state.value} while it was aggregated; nothing was announced"
+    if isinstance(published, RoundState):
+        # Another run (a duplicate message, a requeued round) published it, or an operator
+        # failed it: only the run whose commit published the round announces it.
+        reason = f"the round became {published.value} while it was aggregated; nothing announced"
         return _summary(
             plan.round_id,
             status="interrupted",
             reason=reason,
-            adapters=versions,
             config=config,
             clusters=result.clusters,
             excluded=result.excluded,
         )
+    versions = published
     ROUND_DURATION.observe((utcnow() - plan.opened_at).total_seconds())
     events = announce(redis, versions, round_id=plan.round_id)
     log.info(
@@ -282,11 +313,32 @@ def _finish(
     used: list[int],
     excluded: list[Exclusion],
     report: dict[str, Any],
-    failed: str | None,
-) -> RoundState:
-    """One commit: update statuses and exclusion reasons, the round's report, and the round
-    published (or failed); return its state."""
+    failed: str,
+) -> None:
+    """One commit: the round failed (if still aggregating), its report and its updates'
+    statuses and exclusion reasons."""
     with sessions() as session:
+        finish = _finishing(round_id, used=used, excluded=excluded, report=report, failed=failed)
+        if finish(session):
+            session.commit()
+        else:
+            session.rollback()
+
+
+def _finishing(
+    round_id: int,
+    *,
+    used: list[int],
+    excluded: list[Exclusion],
+    report: dict[str, Any],
+    failed: str | None,
+) -> Callable[[Session], bool]:
+    """What the final transaction does: move the round from aggregating to published (or
+    failed) with its report, and record its updates' statuses; False, doing nothing, if the
+    round is no longer aggregating. Its UPDATE takes the round's row first, so duplicate runs
+    queue behind it and then find the round moved."""
+
+    def finish(session: Session) -> bool:
         values: dict[str, Any] = (
             {"state": RoundState.FAILED, "error": failed[:MAX_ERROR_CHARS]}
             if failed
@@ -299,8 +351,7 @@ def _finish(
             .values(**values)
         )
         if cast(CursorResult[Any], moved).rowcount != 1:
-            session.rollback()
-            return session.get_one(Round, round_id).state
+            return False
         if used:
             session.execute(
                 update(Update)
@@ -316,8 +367,9 @@ def _finish(
                     exclusion_reason=exclusion.reason[:MAX_REASON_CHARS],
                 )
             )
-        session.commit()
-        return cast(RoundState, values["state"])
+        return True
+
+    return finish
 
 
 def _already_published(session: Session, round_row: Round) -> dict[str, Any]:
@@ -360,84 +412,6 @@ def _summary(
         "excluded": [exclusion.as_dict() for exclusion in excluded],
         "events": events,
     }
-
-
-def close_due_rounds_now(
-    *,
-    sessions: sessionmaker[Session],
-    enqueue: Callable[[int], object],
-    now: datetime | None = None,
-) -> dict[str, list[int]]:
-    """Close collecting rounds past their deadline: to aggregating (and enqueue) or cancelled.
-
-    A round's deadline is its `deadline` column, else `opened_at + config.deadline_s`. Each move
-    is one conditional UPDATE, so a round the aggregator closes at the same moment moves once.
-    A round whose task cannot be sent goes back to collecting, for the next pass to retry.
-    """
-    now = now or utcnow()
-    closed: list[int] = []
-    cancelled: list[int] = []
-    with sessions() as session:
-        collecting: Sequence[Round] = session.scalars(
-            select(Round).where(Round.state == RoundState.COLLECTING).order_by(Round.id)
-        ).all()
-        due = [r.id for r in collecting if (deadline := _deadline(r)) and deadline <= now]
-        for round_id in due:
-            has_updates = exists().where(Update.round_id == round_id)
-            to_aggregating = {"state": RoundState.AGGREGATING, "closed_at": now}
-            to_cancelled = {**to_aggregating, "state": RoundState.CANCELLED}
-            if _move(session, round_id, RoundState.COLLECTING, has_updates, **to_aggregating):
-                closed.append(round_id)
-            elif _move(
-                session,
-                round_id,
-                RoundState.COLLECTING,
-                ~has_updates,
-                error=NO_UPDATES_AT_DEADLINE,
-                **to_cancelled,
-            ):
-                cancelled.append(round_id)
-            session.commit()
-    sent: list[int] = []
-    reopened: list[int] = []
-    for round_id in closed:
-        try:
-            enqueue(round_id)
-        except Exception:
-            log.exception("could not enqueue the aggregation", extra={"round_id": round_id})
-            with sessions() as session:
-                back = {"state": RoundState.COLLECTING, "closed_at": None}
-                _move(session, round_id, RoundState.AGGREGATING, None, **back)
-                session.commit()
-            reopened.append(round_id)
-        else:
-            sent.append(round_id)
-    if closed or cancelled:
-        log.info("rounds closed at deadline", extra={"aggregating": sent, "cancelled": cancelled})
-    return {"aggregating": sent, "cancelled": cancelled, "reopened": reopened}
-
-
-def _move(
-    session: Session,
-    round_id: int,
-    from_state: RoundState,
-    condition: ColumnElement[bool] | None,
-    **values: Any,
-) -> bool:
-    """One conditional UPDATE of a round in `from_state`; whether it moved."""
-    query = update(Round).where(Round.id == round_id, Round.state == from_state)
-    if condition is not None:
-        query = query.where(condition)
-    return cast(CursorResult[Any], session.execute(query.values(**values))).rowcount == 1
-
-
-def _deadline(round_row: Round) -> datetime | None:
-    if round_row.deadline is not None:
-        return _as_utc(round_row.deadline)
-    seconds = (round_row.config or {}).get("deadline_s")
-    if seconds is None:
-        return None
-    return _as_utc(round_row.opened_at) + timedelta(seconds=float(seconds))
 
 
 def _as_utc(moment: datetime) -> datetime:

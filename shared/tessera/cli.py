@@ -1,5 +1,5 @@
-"""The `tessera` command: run the stack, migrate the database, manage clients and adapters, run
-the demo."""
+"""The `tessera` command: run the stack, migrate the database, manage clients, rounds and
+adapters, run the demo."""
 
 from __future__ import annotations
 
@@ -229,6 +229,22 @@ def round_show(round_id: int) -> None:
     """Show a round: progress, published versions, excluded updates and why, its report."""
     with _operator_client() as http:
         _echo_response(http.get(f"/v1/rounds/{round_id}"))
+
+
+@round_group.command(name="retry")
+@click.argument("round_id", type=click.IntRange(1, 2**31 - 1))
+def round_retry(round_id: int) -> None:
+    """Aggregate an aggregating or failed round again, now."""
+    with _operator_client() as http:
+        _echo_response(http.post(f"/v1/rounds/{round_id}/retry"))
+
+
+@round_group.command(name="fail")
+@click.argument("round_id", type=click.IntRange(1, 2**31 - 1))
+def round_fail(round_id: int) -> None:
+    """Fail an aggregating round: nothing it would publish is announced."""
+    with _operator_client() as http:
+        _echo_response(http.post(f"/v1/rounds/{round_id}/fail"))
 
 
 @main.group()

@@ -178,6 +178,16 @@ class Settings(BaseSettings):
     task_time_limit_s: Annotated[int, Field(gt=0)] = Field(
         default=1800, description="Hard time limit of a Celery task, in seconds."
     )
+    task_stale_s: Annotated[float, Field(ge=1, le=24 * 3600)] = Field(
+        default=60,
+        description="A round's aggregation or a generation job whose worker has not reported "
+        "for this long is taken to be dead and queued again; workers report every quarter of it.",
+    )
+    housekeeping_interval_s: Annotated[float, Field(gt=0, le=3600)] = Field(
+        default=5,
+        description="How often the aggregator checks rounds (deadlines, quorum, stuck "
+        "rounds, orphaned updates) and the inference API stalled generation jobs.",
+    )
     worker_metrics_port: Annotated[int, Field(ge=0, le=65535)] = Field(
         default=9108,
         description="Port of a Celery worker's /metrics (all its pool processes); 0: none.",

@@ -9,7 +9,6 @@ INFERENCE_QUEUE = "inference"
 # Celery task names (tasks are sent by name, so services need not import worker code).
 TASK_PING = "tessera.system.ping"
 TASK_AGGREGATE_ROUND = "tessera.federation.aggregate_round"
-TASK_CLOSE_DUE_ROUNDS = "tessera.federation.close_due_rounds"
 TASK_GENERATE = "tessera.inference.generate"
 
 # Pub/sub channel on which the worker announces newly published adapter versions.

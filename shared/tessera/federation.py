@@ -94,9 +94,13 @@ def personal_adapter_name(client_id: int) -> str:
     return f"{PERSONAL_PREFIX}{client_id}"
 
 
-def update_key(round_id: int, client_id: int) -> str:
-    """Where a device's update for a round lives in the object store (a re-upload replaces it)."""
-    return f"updates/round-{round_id}/client-{client_id}.safetensors"
+UPDATES_PREFIX = "updates/"
+
+
+def update_key(round_id: int, client_id: int, sha256: str) -> str:
+    """Where a device's update for a round lives in the object store: content-addressed, so a
+    re-upload never overwrites the update it replaces before the replacement is committed."""
+    return f"{UPDATES_PREFIX}round-{round_id}/client-{client_id}/{sha256}.safetensors"
 
 
 def adapter_key(adapter_name: str, round_id: int) -> str:

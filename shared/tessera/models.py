@@ -139,6 +139,10 @@ class Round(Base):
     # What aggregation did per cluster (updates used, clipped, published or why not) and the
     # adapters it withheld; None until the worker has aggregated the round.
     report: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    # The last time a worker running it said it was alive, and how many runs a worker started
+    # (the reaper queues it again when the heartbeat is older than TESSERA_TASK_STALE_S).
+    heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class Update(Base):
@@ -272,6 +276,10 @@ class GenerationJob(Base):
     batch_key: Mapped[str | None] = mapped_column(String(64), default=None)
     # The job whose run is also running this one (None: it runs itself).
     batch_leader: Mapped[str | None] = mapped_column(String(36), default=None)
+    # The last time a worker running it said it was alive, and how many runs a worker started
+    # (the reaper queues it again when the heartbeat is older than TESSERA_TASK_STALE_S).
+    heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     __table_args__ = (
         UniqueConstraint("client_id", "idempotency_key"),

@@ -151,6 +151,10 @@ class RoundOut(RoundBrief):
         description="operators only: per cluster, the updates used and clipped, the clip bound, "
         "whether its adapter was published or why not; adapters withheld",
     )
+    heartbeat_at: UtcDatetime | None = Field(
+        default=None, description="when a worker aggregating it last said it was alive"
+    )
+    attempts: int = Field(default=0, description="aggregation runs a worker started")
 
 
 class DeviceAssignment(BaseModel):

@@ -13,7 +13,7 @@ import io
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import BinaryIO, cast
 
 import urllib3
@@ -232,6 +232,14 @@ class ObjectStore:
                 for item in self._client.list_objects(self.bucket, prefix=prefix, recursive=True)
                 if item.object_name is not None
             ]
+
+    def list_modified(self, prefix: str = "") -> list[tuple[str, datetime]]:
+        """(key, last modified) of every object under `prefix`."""
+        return [
+            (item.object_name, item.last_modified)
+            for item in self._client.list_objects(self.bucket, prefix=prefix, recursive=True)
+            if item.object_name is not None and item.last_modified is not None
+        ]
 
     def presigned_get_url(self, key: str, *, expires_s: int) -> str:
         """A URL that downloads `key` without credentials for `expires_s` seconds."""

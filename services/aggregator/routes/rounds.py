@@ -1,8 +1,8 @@
-"""Federated rounds: opening, progress towards quorum, closing early, cancelling.
+"""Federated rounds: opening, progress towards quorum, closing early, cancelling, retrying.
 
 A round collects updates until quorum (see `closing.RoundProgress.quorum_met`) or its deadline,
-then the worker aggregates it: collecting -> aggregating -> published (or failed); an operator
-may cancel a collecting round.
+then the worker aggregates it: collecting -> aggregating -> published (or failed). An operator
+may cancel a collecting round, and retry or fail an aggregating one (`stuck`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from services.aggregator import crud
 from services.aggregator.closing import EnqueueError, close_if_due, close_round
+from services.aggregator.stuck import fail_round, retry_round
 from services.aggregator.views import round_out
 from tessera.federation import RoundConfig
 from tessera.models import Role, Round, RoundState, utcnow
@@ -158,4 +159,47 @@ def cancel(round_id: RowId, operator: OperatorDep, session: SessionDep) -> Round
     session.refresh(round_)
     if not cancelled:
         raise not_collecting(round_)
+    return round_out(session=session, round_=round_)
+
+
+@router.post(
+    "/{round_id}/retry",
+    summary="Aggregate an aggregating or failed round again, now",
+    responses={
+        409: {"description": "the round is not aggregating or failed"},
+        503: {"description": "the task could not be queued; the round loop queues it later"},
+    },
+)
+def retry(
+    round_id: RowId, _operator: OperatorDep, session: SessionDep, celery: CeleryDep
+) -> RoundOut:
+    round_ = get_round(session, round_id)
+    try:
+        retried = retry_round(session=session, celery=celery, round_id=round_id)
+    except EnqueueError as error:
+        raise _enqueue_failed(error) from error
+    session.refresh(round_)
+    if not retried:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            detail=f"round {round_.number} is {round_.state.value}; only an aggregating or "
+            "failed round can be retried",
+        )
+    return round_out(session=session, round_=round_)
+
+
+@router.post(
+    "/{round_id}/fail",
+    summary="Fail an aggregating round; nothing it would publish is announced",
+    responses={409: {"description": "the round is not aggregating"}},
+)
+def fail(round_id: RowId, operator: OperatorDep, session: SessionDep) -> RoundOut:
+    round_ = get_round(session, round_id)
+    failed = fail_round(session=session, round_id=round_id, why=f"failed by {operator.name}")
+    session.refresh(round_)
+    if not failed:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            detail=f"round {round_.number} is {round_.state.value}, not aggregating",
+        )
     return round_out(session=session, round_=round_)

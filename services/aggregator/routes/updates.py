@@ -1,9 +1,11 @@
 """A device's LoRA update for a round: checked in full before anything is stored.
 
-The object key is fixed per (round, client), so a re-upload overwrites the object and then
-updates the row. A request that fails between the two (or two re-uploads by one device racing)
-can leave the object newer than the row's sha256: the worker reads updates with the row's
-sha256 and refuses a mismatch, and the device's next upload repairs it.
+Content-addressed: the object's key includes its sha256, so a re-upload writes a new object
+beside the accepted one, switches the row to it in one transaction (under the round's row lock,
+so a round closing meanwhile either counts it or refuses it), and deletes the old object after
+the commit. A refused or failed re-upload deletes only its own object: the accepted update and
+its object stay as they were. An object left by a process killed between write and commit is
+deleted by the round loop's orphan sweep (`services.aggregator.orphans`).
 """
 
 from __future__ import annotations
@@ -22,17 +24,11 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
 from services.aggregator import crud
-from services.aggregator.closing import (
-    EnqueueError,
-    close_if_due,
-    close_round,
-    is_due,
-    round_progress,
-)
+from services.aggregator.closing import EnqueueError, close_at_quorum, close_if_due, is_due
 from services.aggregator.deps import LoraSpecDep
 from services.aggregator.routes.rounds import get_round, not_collecting
 from services.aggregator.uploads import read_body, reject, rejection_reason, upload_limit
-from tessera.federation import RoundConfig, update_key
+from tessera.federation import update_key
 from tessera.lora import LoraFileError, LoraSpec, validate_adapter_bytes
 from tessera.metrics import UPDATES_RECEIVED, RejectionReason
 from tessera.models import AdapterVersion, RoundState, utcnow
@@ -96,13 +92,15 @@ def _store_update(
             detail="base_version_id is not a published adapter version",
         )
     validate_adapter_bytes(data, spec)  # raises LoraFileError: nothing is stored
-    key = update_key(round_id, client_id)
     sha256 = hashlib.sha256(data).hexdigest()
+    key = update_key(round_id, client_id, sha256)
     # A StorageError is a 503 with Retry-After (tessera.service.errors): the device retries.
     stored = store.put_bytes(key, data, expected_sha256=sha256)
     try:
         if not crud.hold_collecting_round(session=session, round_id=round_id):
             raise _RoundClosedError
+        previous = crud.get_update(session=session, round_id=round_id, client_id=client_id)
+        replaced_key = None if previous is None else previous.object_key
         row, replaced = crud.upsert_update(
             session=session,
             round_id=round_id,
@@ -114,27 +112,22 @@ def _store_update(
         )
         session.commit()
     except BaseException as error:
-        # The round closed while the file was checked and stored, or the database failed:
-        # take back the object this request wrote, unless an earlier upload's row points to it.
+        # The round closed while the file was checked and stored, or the database failed: take
+        # back the object this request wrote, unless the accepted row is the same content.
         session.rollback()
-        if crud.get_update(session=session, round_id=round_id, client_id=client_id) is None:
-            try:
-                store.delete(key)
-            except StorageError:
-                log.exception("could not delete an unrecorded update", extra={"key": key})
+        _forget_unaccepted(session, store, round_id=round_id, client_id=client_id, key=key)
         if isinstance(error, _RoundClosedError):
             reject(RejectionReason.ROUND_NOT_OPEN)
             raise not_collecting(get_round(session, round_id)) from None
         raise
+    if replaced_key is not None and replaced_key != key:
+        _delete_quietly(store, replaced_key)  # on failure, the orphan sweep deletes it later
     UPDATES_RECEIVED.inc()
     round_ = get_round(session, round_id)
-    if round_progress(session=session, round_=round_).quorum_met(
-        RoundConfig.model_validate(round_.config)
-    ):
-        # If the task cannot be sent, the round stays collecting: the next upload or check retries.
-        with contextlib.suppress(EnqueueError):
-            close_round(session=session, celery=celery, round_id=round_id, why="quorum")
-        session.refresh(round_)
+    # If the task cannot be sent, the round stays collecting: the round loop closes it.
+    with contextlib.suppress(EnqueueError):
+        if close_at_quorum(session=session, celery=celery, round_=round_):
+            session.refresh(round_)
     receipt = UpdateReceipt(
         update_id=row.id,
         round_id=round_id,
@@ -146,6 +139,24 @@ def _store_update(
         round_state=round_.state,
     )
     return receipt, replaced
+
+
+def _forget_unaccepted(
+    session: Session, store: ObjectStore, *, round_id: int, client_id: int, key: str
+) -> None:
+    """Delete `key` unless the accepted update of the slot is that very object."""
+    accepted = crud.get_update(session=session, round_id=round_id, client_id=client_id)
+    accepted_key = None if accepted is None else accepted.object_key
+    session.rollback()
+    if accepted_key != key:
+        _delete_quietly(store, key)
+
+
+def _delete_quietly(store: ObjectStore, key: str) -> None:
+    try:
+        store.delete(key)
+    except StorageError:
+        log.exception("could not delete an update object; the orphan sweep will")
 
 
 @router.put(

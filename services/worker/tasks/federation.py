@@ -1,7 +1,9 @@
-"""Federation tasks: aggregate a closed round, close rounds past their deadline.
+"""Federation task: aggregate a closed round.
 
-Both inherit the app's time limits (from TESSERA_TASK_TIME_LIMIT_S) and late acknowledgement;
-the work itself is in `services.worker.rounds`, as plain functions.
+Deadlines, quorum and stuck rounds belong to the aggregator's round loop
+(`services.aggregator.rounds_loop`), not to a task. The task inherits the app's time limits
+(from TESSERA_TASK_TIME_LIMIT_S) and late acknowledgement; the work itself is in
+`services.worker.rounds`, as plain functions.
 """
 
 from __future__ import annotations
@@ -14,13 +16,8 @@ from celery import Task, shared_task
 from celery.signals import worker_process_init
 
 from services.worker import context
-from services.worker.rounds import (
-    TRANSIENT_ERRORS,
-    aggregate_round_now,
-    close_due_rounds_now,
-    mark_round_failed,
-)
-from tessera.events import AGGREGATION_QUEUE, TASK_AGGREGATE_ROUND, TASK_CLOSE_DUE_ROUNDS
+from services.worker.rounds import TRANSIENT_ERRORS, aggregate_round_now, mark_round_failed
+from tessera.events import TASK_AGGREGATE_ROUND
 from tessera.lora.bounds import ScaleRange
 
 log = logging.getLogger(__name__)
@@ -52,6 +49,7 @@ def aggregate_round(self: Task, round_id: int) -> dict[str, Any]:
             store=resources.store,
             redis=resources.redis,
             scales=ScaleRange(resources.settings.min_lora_scale, resources.settings.max_lora_scale),
+            stale_s=resources.settings.task_stale_s,
         )
     except TRANSIENT_ERRORS as error:
         retries = self.request.retries
@@ -66,13 +64,3 @@ def aggregate_round(self: Task, round_id: int) -> dict[str, Any]:
         except Exception:
             log.exception("could not mark the round failed", extra={"round_id": round_id})
         raise
-
-
-@shared_task(name=TASK_CLOSE_DUE_ROUNDS, time_limit=120, soft_time_limit=100)
-def close_due_rounds() -> dict[str, list[int]]:
-    """Move collecting rounds past their deadline on: aggregate them, or cancel the empty ones."""
-    return close_due_rounds_now(sessions=context.resources().sessions, enqueue=_enqueue_aggregation)
-
-
-def _enqueue_aggregation(round_id: int) -> None:
-    aggregate_round.apply_async(args=(round_id,), queue=AGGREGATION_QUEUE)

@@ -73,4 +73,5 @@ def update_rows(session: Session, round_id: int) -> int:
 
 
 def nothing_stored(session: Session, store: ObjectStore, round_id: int, client_id: int) -> bool:
-    return update_rows(session, round_id) == 0 and not store.exists(update_key(round_id, client_id))
+    prefix = update_key(round_id, client_id, "").rsplit("/", 1)[0]
+    return update_rows(session, round_id) == 0 and not store.list_keys(prefix + "/")

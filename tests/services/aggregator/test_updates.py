@@ -67,7 +67,7 @@ def test_upload_stores_the_file_and_records_the_update(
     assert (row.round_id, row.client_id, row.num_samples) == (round_["id"], device["id"], 16)
     assert row.train_loss == 0.25
     assert row.status == UpdateStatus.RECEIVED
-    assert row.object_key == update_key(round_["id"], device["id"])
+    assert row.object_key == update_key(round_["id"], device["id"], row.sha256)
     assert store.get_bytes(row.object_key, expected_sha256=row.sha256) == data
     assert UPDATES_RECEIVED._value.get() == received + 1
     assert queued_tasks(broker) == []
@@ -97,6 +97,8 @@ def test_a_reupload_replaces_the_update(
     assert row.sha256 == hashlib.sha256(second).hexdigest()
     assert row.num_samples == 32
     assert store.get_bytes(row.object_key) == second
+    first_key = update_key(round_["id"], device["id"], hashlib.sha256(first).hexdigest())
+    assert row.object_key != first_key and not store.exists(first_key)  # deleted after commit
 
 
 def test_quorum_closes_the_round_and_enqueues_its_aggregation(

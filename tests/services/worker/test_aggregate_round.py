@@ -1,13 +1,13 @@
-"""The aggregate_round and close_due_rounds tasks, on a real database, object store and Redis."""
+"""The aggregate_round task, on a real database, object store and Redis."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -18,8 +18,8 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from services.worker import context, rounds
-from services.worker.rounds import TRANSIENT_ERRORS, aggregate_round_now, close_due_rounds_now
+from services.worker import context, publishing
+from services.worker.rounds import TRANSIENT_ERRORS, aggregate_round_now
 from services.worker.tasks import federation
 from tessera import procs
 from tessera.config import Settings
@@ -40,7 +40,6 @@ from tessera.models import (
     RoundState,
     Update,
     UpdateStatus,
-    utcnow,
 )
 from tessera.queue import make_celery
 from tessera.service.resources import Resources
@@ -138,7 +137,8 @@ def build_round(
             data = adapter_to_bytes(
                 random_adapter(spec, UPDATE_RANK, float(UPDATE_RANK), seed=seed, std=0.3)
             )
-            stored = store.put_bytes(update_key(round_row.id, client.id), data)
+            sha256 = hashlib.sha256(data).hexdigest()
+            stored = store.put_bytes(update_key(round_row.id, client.id, sha256), data)
             row = Update(
                 client_id=client.id,
                 round_id=round_row.id,
@@ -310,7 +310,7 @@ def test_a_rerun_after_a_kill_mid_way_completes_the_round(
     built = build_round(
         session, store, spec, config=RoundConfig(), clusters=TWO_CLUSTERS, centroids=CENTROIDS
     )
-    real = rounds.publish_version
+    real = publishing._add_version
     done: list[Any] = []
 
     def dies_after_one(*args: Any, **kwargs: Any) -> Any:
@@ -319,10 +319,10 @@ def test_a_rerun_after_a_kill_mid_way_completes_the_round(
         done.append(real(*args, **kwargs))
         return done[-1]
 
-    monkeypatch.setattr(rounds, "publish_version", dies_after_one)
+    monkeypatch.setattr(publishing, "_add_version", dies_after_one)
     with pytest.raises(Killed):
         run(resources, built.round_id)
-    assert [name for name, _, _ in versions(session)] == ["cluster:0"]
+    assert versions(session) == []  # nothing half-published
     assert states(session, built.round_id)[0] is RoundState.AGGREGATING
     monkeypatch.undo()
 
@@ -334,8 +334,7 @@ def test_a_rerun_after_a_kill_mid_way_completes_the_round(
         ("cluster:1", 1),
         ("global", 1),
     ]
-    assert [a["reused"] for a in summary["adapters"]] == [True, False, False]
-    assert summary["adapters"][0]["version_id"] == done[0].version_id
+    assert [a["reused"] for a in summary["adapters"]] == [False, False, False]
     assert summary["status"] == "published" and summary["events"] == 3
 
 
@@ -347,11 +346,12 @@ def test_bad_update_objects_are_excluded_and_the_rest_aggregate(
         session, store, spec, config=config, clusters={0: [5, 7, 9, 11]}, centroids=CENTROIDS
     )
     good, corrupt, missing, unreadable = built.members[0]
-    data = store.get_bytes(update_key(built.round_id, corrupt.client_id))
-    store.put_bytes(update_key(built.round_id, corrupt.client_id), data[:-4] + b"\0\0\0\0")
+    corrupt_key = session.get_one(Update, corrupt.update_id).object_key
+    data = store.get_bytes(corrupt_key)
+    store.put_bytes(corrupt_key, data[:-4] + b"\0\0\0\0")
     session.get_one(Update, missing.update_id).object_key = f"updates/missing-{uuid.uuid4().hex}"
-    junk = store.put_bytes(update_key(built.round_id, unreadable.client_id), b"not safetensors")
     row = session.get_one(Update, unreadable.update_id)
+    junk = store.put_bytes(row.object_key, b"not safetensors")
     row.sha256, row.size_bytes = junk.sha256, junk.size
     session.commit()
 
@@ -526,87 +526,6 @@ def test_the_task_retries_connection_errors_then_fails_the_round(
     session.expire_all()
     round_row = session.get_one(Round, other.round_id)
     assert round_row.state is RoundState.FAILED and "gave up" in (round_row.error or "")
-
-
-def test_close_due_rounds(session: Session, resources: Resources) -> None:
-    now = utcnow()
-    client = _client(session)
-    past, future = now - timedelta(seconds=5), now + timedelta(hours=1)
-    with_update = Round(number=1, state=RoundState.COLLECTING, deadline=past)
-    empty = Round(number=2, state=RoundState.COLLECTING, deadline=past)
-    later = Round(number=3, state=RoundState.COLLECTING, deadline=future)
-    by_config = Round(
-        number=4,
-        state=RoundState.COLLECTING,
-        config=RoundConfig(deadline_s=60).model_dump(),
-        opened_at=now - timedelta(minutes=2),
-    )
-    published_round = Round(number=5, state=RoundState.PUBLISHED, deadline=past)
-    session.add_all([with_update, empty, later, by_config, published_round])
-    session.flush()
-    for round_row in (with_update, by_config):
-        session.add(
-            Update(
-                client_id=client.id,
-                round_id=round_row.id,
-                object_key="k",
-                sha256="0" * 64,
-                size_bytes=1,
-                num_samples=1,
-                status=UpdateStatus.RECEIVED,
-            )
-        )
-    session.commit()
-    sent: list[int] = []
-    factory = resources.sessions
-
-    result = close_due_rounds_now(sessions=factory, enqueue=sent.append, now=now)
-    again = close_due_rounds_now(sessions=factory, enqueue=sent.append, now=now)
-
-    assert result == {
-        "aggregating": [with_update.id, by_config.id],
-        "cancelled": [empty.id],
-        "reopened": [],
-    }
-    assert again == {"aggregating": [], "cancelled": [], "reopened": []}
-    assert sent == [with_update.id, by_config.id]
-    session.expire_all()
-    assert session.get_one(Round, with_update.id).state is RoundState.AGGREGATING
-    assert session.get_one(Round, with_update.id).closed_at is not None
-    assert session.get_one(Round, empty.id).state is RoundState.CANCELLED
-    assert session.get_one(Round, empty.id).error == "deadline passed with no updates"
-    assert session.get_one(Round, later.id).state is RoundState.COLLECTING
-
-    def broker_down(round_id: int) -> None:
-        raise ConnectionError("redis is down")
-
-    hour_later = now + timedelta(hours=2)
-    assert close_due_rounds_now(sessions=factory, enqueue=broker_down, now=hour_later) == {
-        "aggregating": [],
-        "cancelled": [later.id],
-        "reopened": [],
-    }
-    late = Round(number=6, state=RoundState.COLLECTING, deadline=past)
-    session.add(late)
-    session.flush()
-    session.add(
-        Update(
-            client_id=client.id,
-            round_id=late.id,
-            object_key="k",
-            sha256="0" * 64,
-            size_bytes=1,
-            num_samples=1,
-            status=UpdateStatus.RECEIVED,
-        )
-    )
-    session.commit()
-    assert close_due_rounds_now(sessions=factory, enqueue=broker_down, now=now)["reopened"] == [
-        late.id
-    ]
-    session.expire_all()
-    assert session.get_one(Round, late.id).state is RoundState.COLLECTING
-    assert session.get_one(Round, late.id).closed_at is None
 
 
 @pytest.mark.slow

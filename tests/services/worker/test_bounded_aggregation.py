@@ -6,6 +6,7 @@ Real database, object store and Redis; each update is stored as a device's file 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import statistics
 import uuid
@@ -131,7 +132,8 @@ def make_round(
             session.flush()
             session.add(Assignment(clustering_id=clustering.id, client_id=client.id, label=label))
             data = adapter_to_bytes(lora, dtype=(dtype or {}).get(index, "float16"))
-            stored = store.put_bytes(update_key(round_row.id, client.id), data)
+            key = update_key(round_row.id, client.id, hashlib.sha256(data).hexdigest())
+            stored = store.put_bytes(key, data)
             row = Update(
                 client_id=client.id,
                 round_id=round_row.id,

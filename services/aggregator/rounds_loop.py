@@ -1,0 +1,40 @@
+"""The aggregator's round loop: the one place that makes every round finish.
+
+Each pass (every TESSERA_HOUSEKEEPING_INTERVAL_S, in every aggregator replica): close the
+collecting rounds past their deadline or at quorum (`closing`), queue again the aggregating
+rounds whose worker died (`stuck`), and, every ORPHAN_SWEEP_INTERVAL_S, delete update objects
+that no row names (`orphans`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from services.aggregator.closing import close_due_rounds
+from services.aggregator.orphans import ORPHAN_SWEEP_INTERVAL_S, sweep_orphaned_updates
+from services.aggregator.stuck import requeue_stale_rounds
+from tessera.service.resources import Resources
+
+LOOP_NAME = "round-loop"
+
+
+class RoundLoop:
+    """One pass of the loop; remembers when it last swept orphans."""
+
+    def __init__(self) -> None:
+        self._swept_at: float | None = None
+
+    def __call__(self, resources: Resources) -> dict[str, Any]:
+        closed = close_due_rounds(sessions=resources.sessions, celery=resources.celery)
+        stuck = requeue_stale_rounds(
+            sessions=resources.sessions,
+            celery=resources.celery,
+            stale_s=resources.settings.task_stale_s,
+        )
+        swept: list[str] = []
+        now = time.monotonic()
+        if self._swept_at is None or now - self._swept_at >= ORPHAN_SWEEP_INTERVAL_S:
+            self._swept_at = now
+            swept = sweep_orphaned_updates(sessions=resources.sessions, store=resources.store)
+        return {"closed": closed, **stuck, "orphans": swept}
