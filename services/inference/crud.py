@@ -54,7 +54,7 @@ def claim_job(*, session: Session, job_id: str, total_steps: int) -> bool:
     runs it again)."""
     own = or_(GenerationJob.batch_leader.is_(None), GenerationJob.batch_leader == job_id)
     return _start_running(
-        session=session, job_id=job_id, total_steps=total_steps, held=own, leader=None
+        session=session, job_id=job_id, total_steps=total_steps, held=own, leader=None, run=True
     )
 
 
@@ -112,23 +112,43 @@ def _start_running(
     total_steps: int,
     held: ColumnElement[bool],
     leader: str | None,
+    run: bool = False,
 ) -> bool:
     """Move the job to running from the start, run by `leader`'s batch (None: by itself), if
-    it is queued or running and `held`; False if it was neither."""
+    it is queued or running and `held`; False if it was neither. `run`: a run of its own starts
+    (counted in `attempts`, which the stalled-job loop bounds)."""
+    now = utcnow()
+    values: dict[str, Any] = {
+        "state": JobState.RUNNING,
+        "started_at": now,
+        "heartbeat_at": now,
+        "progress_step": 0,
+        "total_steps": total_steps,
+        "error": None,
+        "batch_leader": leader,
+    }
+    if run:
+        values["attempts"] = GenerationJob.attempts + 1
     started = session.execute(
         update(GenerationJob)
         .where(GenerationJob.id == job_id, _queued_or_held(held))
-        .values(
-            state=JobState.RUNNING,
-            started_at=utcnow(),
-            progress_step=0,
-            total_steps=total_steps,
-            error=None,
-            batch_leader=leader,
-        )
+        .values(**values)
     )
     session.commit()
     return bool(getattr(started, "rowcount", 0))
+
+
+def beat_batch(*, session: Session, leader_id: str) -> None:
+    """Say that the worker running `leader_id` (and the jobs of its batch) is alive."""
+    session.execute(
+        update(GenerationJob)
+        .where(
+            GenerationJob.state == JobState.RUNNING,
+            or_(GenerationJob.id == leader_id, GenerationJob.batch_leader == leader_id),
+        )
+        .values(heartbeat_at=utcnow())
+    )
+    session.commit()
 
 
 def record_progress(*, session: Session, job_id: str, step: int) -> None:

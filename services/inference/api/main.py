@@ -13,9 +13,11 @@ from typing import Any
 from fastapi import FastAPI
 
 from services.inference.api.routes import generations
+from services.inference.api.stalled import LOOP_NAME, check_stalled_jobs
 from tessera.config import Settings, get_settings
 from tessera.service.app import create_service_app, ensure_bucket
 from tessera.service.deps import make_clustering_http
+from tessera.service.housekeeping import add_housekeeping
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -29,6 +31,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         on_startup=[ensure_bucket],
     )
     app.state.clustering_http = make_clustering_http(settings)
+    add_housekeeping(app, check_stalled_jobs, name=LOOP_NAME)  # jobs whose worker died
     _close_clustering_http_at_shutdown(app)
     return app
 

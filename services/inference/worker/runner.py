@@ -3,7 +3,10 @@
 Idempotent: a job already succeeded or failed is not run again; a job found running (its
 worker died, the message came back) runs again from the start, with the same result, since
 generation is deterministic given the seed. Progress goes to the job's row (throttled) and to
-its Redis channel (every step); the database stays the source of truth.
+its Redis channel (every step); the database stays the source of truth. While it runs, a
+heartbeat on the rows of its batch tells the inference API's stalled-job loop
+(`services.inference.api.stalled`) that its worker is alive; a job whose heartbeat stops is
+queued again, or failed.
 
 Batches: a job takes queued jobs with the same batch key (mix, steps, guidance, size, prompt
 length) into its run, up to TESSERA_INFERENCE_MAX_BATCH_IMAGES images, and runs them as one
@@ -39,6 +42,7 @@ from services.inference.mixes import PinnedAdapter
 from services.inference.worker.cache import AdapterCache
 from tessera.data.tensors import to_uint8
 from tessera.events import generation_channel
+from tessera.heartbeat import Heartbeat
 from tessera.metrics import GENERATION_SECONDS
 from tessera.model.base import BaseModel
 from tessera.model.conditioning import Conditioning
@@ -71,6 +75,7 @@ class JobRuntime:
     base: BaseModel
     cache: AdapterCache
     max_batch_images: int = 1  # TESSERA_INFERENCE_MAX_BATCH_IMAGES; 1: every job alone
+    stale_s: float = 60.0  # TESSERA_TASK_STALE_S: the heartbeat beats every quarter of it
 
 
 def output_prefix(job_id: str) -> str:
@@ -92,11 +97,15 @@ def run_generation(job_id: str, *, runtime: JobRuntime) -> dict[str, Any]:
     with runtime.sessions() as session:
         if not crud.claim_job(session=session, job_id=job_id, total_steps=leader.total):
             return {"id": job_id, "state": "skipped", "skipped": True}
-    members = [leader, *_gather_batch(leader, batch_key, runtime=runtime)]
-    for member in members:
-        member.reporter.publish(JobState.RUNNING, 0)
+    beat = Heartbeat.for_stale_after(
+        lambda: _beat(job_id, runtime), stale_s=runtime.stale_s, name=f"job-{job_id}"
+    )
     try:
-        results = _generate(members, runtime=runtime)
+        with beat:
+            members = [leader, *_gather_batch(leader, batch_key, runtime=runtime)]
+            for member in members:
+                member.reporter.publish(JobState.RUNNING, 0)
+            results = _generate(members, runtime=runtime)
     except TRANSIENT_ERRORS:
         raise
     except Exception as error:
@@ -125,6 +134,11 @@ def run_generation(job_id: str, *, runtime: JobRuntime) -> dict[str, Any]:
         "result": results[0],
         "batch": [member.job_id for member in members],
     }
+
+
+def _beat(job_id: str, runtime: JobRuntime) -> None:
+    with runtime.sessions() as session:
+        crud.beat_batch(session=session, leader_id=job_id)
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,7 @@ def build_runtime(settings: Settings, resources: Resources) -> JobRuntime:
         base=base,
         cache=cache,
         max_batch_images=settings.inference_max_batch_images,
+        stale_s=settings.task_stale_s,
     )
 
 

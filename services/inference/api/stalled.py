@@ -1,0 +1,153 @@
+"""Generation jobs whose worker died: queued again, or failed visibly, within a minute or so.
+
+The worker beats a heartbeat on the rows of the batch it runs (`services.inference.crud.
+beat_batch`). A running job that leads its own run and whose heartbeat is older than
+TESSERA_TASK_STALE_S has lost its worker (Redis would redeliver its message only after its
+visibility timeout, TESSERA_TASK_TIME_LIMIT_S + 300 s): the inference API's housekeeping loop
+queues it again (its rerun takes back the jobs of its batch), and after MAX_JOB_RUNS runs whose
+worker died fails it and its batch with an error that says so, and announces the failure on
+the job's channel so that its event stream ends at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime, timedelta
+from typing import Any, cast
+
+import redis
+from celery import Celery
+from redis.exceptions import RedisError
+from sqlalchemy import ColumnElement, CursorResult, func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from tessera.events import INFERENCE_QUEUE, TASK_GENERATE, generation_channel
+from tessera.models import GenerationJob, JobState, utcnow
+from tessera.service.resources import Resources
+
+log = logging.getLogger(__name__)
+
+LOOP_NAME = "stalled-jobs"
+# Runs of one job whose worker died before the job is failed (a job that kills its worker,
+# by running out of memory say, must not take down every worker in turn).
+MAX_JOB_RUNS = 3
+
+
+def _stalled(cutoff: datetime) -> ColumnElement[bool]:
+    """Running on its own account, with no sign of its worker since `cutoff`."""
+    last_seen = func.coalesce(GenerationJob.heartbeat_at, GenerationJob.started_at)
+    return (
+        (GenerationJob.state == JobState.RUNNING)
+        & GenerationJob.batch_leader.is_(None)
+        & (last_seen < cutoff)
+    )
+
+
+def _moved(result: object) -> bool:
+    return cast(CursorResult[Any], result).rowcount >= 1
+
+
+def requeue_stalled_jobs(
+    *,
+    sessions: sessionmaker[Session],
+    celery: Celery,
+    redis_client: redis.Redis | None,
+    stale_s: float,
+    now: datetime | None = None,
+) -> dict[str, list[str]]:
+    """Queue again each running job whose worker stopped, or fail it after MAX_JOB_RUNS runs."""
+    now = now or utcnow()
+    cutoff = now - timedelta(seconds=stale_s)
+    requeued: list[str] = []
+    failed: list[str] = []
+    with sessions() as session:
+        stalled = session.execute(
+            select(GenerationJob.id, GenerationJob.attempts).where(_stalled(cutoff))
+        ).all()
+        for job_id, attempts in stalled:
+            where = (GenerationJob.id == job_id) & _stalled(cutoff)
+            if attempts >= MAX_JOB_RUNS:
+                failed.extend(_fail(session, job_id, where, attempts, now, redis_client))
+                continue
+            # The heartbeat moves on, so the next pass waits another stale period for a worker.
+            queued = session.execute(update(GenerationJob).where(where).values(heartbeat_at=now))
+            session.commit()
+            if not _moved(queued):
+                continue
+            try:
+                celery.send_task(TASK_GENERATE, args=[job_id], queue=INFERENCE_QUEUE)
+            except Exception:
+                log.exception("could not queue a stalled job again", extra={"job_id": job_id})
+                continue
+            requeued.append(job_id)
+    if requeued or failed:
+        log.warning("stalled generation jobs", extra={"requeued": requeued, "failed": failed})
+    return {"requeued": requeued, "failed": failed}
+
+
+def _fail(
+    session: Session,
+    job_id: str,
+    where: ColumnElement[bool],
+    attempts: int,
+    now: datetime,
+    redis_client: redis.Redis | None,
+) -> list[str]:
+    """Fail a stalled job and the jobs of its batch; their ids (none if another replica did)."""
+    error = f"the worker running this job stopped {attempts} times; the job was given up"
+    batch = [
+        job_id,
+        *session.scalars(
+            select(GenerationJob.id).where(
+                GenerationJob.batch_leader == job_id, GenerationJob.state == JobState.RUNNING
+            )
+        ),
+    ]
+    moved = session.execute(
+        update(GenerationJob)
+        .where(where)
+        .values(state=JobState.FAILED, error=error, finished_at=now)
+    )
+    if not _moved(moved):
+        session.rollback()
+        return []
+    session.execute(
+        update(GenerationJob)
+        .where(GenerationJob.id.in_(batch[1:]), GenerationJob.state == JobState.RUNNING)
+        .values(state=JobState.FAILED, error=error, finished_at=now)
+    )
+    session.commit()
+    for failed in batch:
+        _announce_failure(redis_client, failed, error, now)
+    return batch
+
+
+def _announce_failure(
+    redis_client: redis.Redis | None, job_id: str, error: str, now: datetime
+) -> None:
+    """The terminal event on the job's channel (its streams also re-read the row)."""
+    if redis_client is None:
+        return
+    event = {
+        "id": job_id,
+        "state": "failed",
+        "step": 0,
+        "total_steps": 0,
+        "error": error,
+        "at": now.isoformat(),
+    }
+    try:
+        redis_client.publish(generation_channel(job_id), json.dumps(event))
+    except RedisError as failure:
+        log.warning("failure not announced", extra={"job_id": job_id, "error": str(failure)})
+
+
+def check_stalled_jobs(resources: Resources) -> dict[str, list[str]]:
+    """One pass of the inference API's housekeeping loop."""
+    return requeue_stalled_jobs(
+        sessions=resources.sessions,
+        celery=resources.celery,
+        redis_client=resources.redis,
+        stale_s=resources.settings.task_stale_s,
+    )
