@@ -1,0 +1,165 @@
+"""A worker SIGKILLed while it holds a round: the round loop queues it again and the next
+worker publishes it, once, within seconds of being up (not after Redis's 35-minute timeout)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from services.aggregator.closing import send_aggregation
+from services.aggregator.main import create_app
+from tessera import procs
+from tessera.config import Settings
+from tessera.events import ADAPTER_PUBLISHED_CHANNEL, AGGREGATION_QUEUE
+from tessera.federation import RoundConfig
+from tessera.lora import LoraSpec
+from tessera.model.base import BaseModel
+from tessera.models import Adapter, AdapterVersion, Round, RoundState
+from tessera.queue import make_celery
+from tessera.stack import worker_command
+from tessera.storage import ObjectStore
+from tests.helpers import on_redis_db
+from tests.services.worker.test_aggregate_round import CENTROIDS, build_round
+
+# A Redis database of its own: the session's worker (database 0) must not take the round.
+QUEUE_DB = 9
+STALE_S = 2.0
+# Many updates, so that the first worker is still aggregating when it is killed.
+MANY: dict[int | None, list[int]] = {0: [5] * 12, 1: [7] * 12}
+
+
+@pytest.fixture
+def fast(settings: Settings) -> Settings:
+    return on_redis_db(settings, QUEUE_DB).model_copy(
+        update={"task_stale_s": STALE_S, "housekeeping_interval_s": 0.2, "worker_metrics_port": 0}
+    )
+
+
+@pytest.fixture
+def spec(base_model: BaseModel) -> LoraSpec:
+    return base_model.lora_spec
+
+
+class Workers:
+    """Aggregation worker processes on the test's Redis database, each killed at the end."""
+
+    def __init__(self, settings: Settings, logs: Path) -> None:
+        self.env = {**os.environ, **settings.as_env()}
+        self.logs = logs
+        self.celery = make_celery(settings)
+        self.started: list[procs.subprocess.Popen[bytes]] = []
+
+    def start(self) -> procs.subprocess.Popen[bytes]:
+        name = f"killed-{uuid.uuid4().hex[:8]}"
+        log_path = self.logs / f"{name}.log"
+        command = worker_command(queues=[AGGREGATION_QUEUE], concurrency=1, name=name)
+        process = procs.spawn(command, log_path=log_path, env=self.env)
+        self.started.append(process)
+        procs.wait_until(
+            lambda: any(
+                key.startswith(f"{name}@")
+                for reply in self.celery.control.ping(timeout=0.5)
+                for key in reply
+            ),
+            timeout=120,
+            what="an aggregation worker",
+            process=process,
+            log_path=log_path,
+        )
+        return process
+
+    def close(self) -> None:
+        for process in self.started:
+            procs.stop(process)
+        self.celery.close()
+
+
+@pytest.fixture
+def workers(fast: Settings, tmp_path: Path) -> Iterator[Workers]:
+    pool = Workers(fast, tmp_path)
+    yield pool
+    pool.close()
+
+
+def _round(session: Session, round_id: int) -> Round:
+    session.expire_all()
+    return session.get_one(Round, round_id)
+
+
+@pytest.mark.slow
+def test_a_round_held_by_a_killed_worker_is_published_once_by_the_next(
+    fast: Settings,
+    session: Session,
+    store: ObjectStore,
+    spec: LoraSpec,
+    workers: Workers,
+) -> None:
+    events = redis.Redis.from_url(fast.redis_url or "").pubsub(ignore_subscribe_messages=True)
+    events.subscribe(ADAPTER_PUBLISHED_CHANNEL)
+    first = workers.start()
+    with TestClient(create_app(fast)):  # the round loop, every 0.2 s
+        for seed in (0, 100, 200):  # the kill must land while the worker aggregates
+            built = build_round(
+                session, store, spec, config=RoundConfig(), clusters=MANY,
+                centroids=CENTROIDS, seed=seed,
+            )  # fmt: skip
+            send_aggregation(workers.celery, built.round_id)
+            procs.wait_until(
+                lambda round_id=built.round_id: _round(session, round_id).attempts >= 1,
+                timeout=60,
+                what="the worker taking the round",
+                interval=0.01,
+            )
+            os.killpg(first.pid, signal.SIGKILL)  # the worker and its pool, mid-task
+            killed_at = time.monotonic()
+            if _round(session, built.round_id).state == RoundState.AGGREGATING:
+                break
+            first = workers.start()
+        else:
+            pytest.fail("the worker finished every round before it could be killed")
+        first.wait(10)
+        workers.start()
+        up_at = time.monotonic()
+        procs.wait_until(
+            lambda: _round(session, built.round_id).state == RoundState.PUBLISHED,
+            timeout=60,
+            what="the round published by the next worker",
+            interval=0.05,
+        )
+        published_at = time.monotonic()
+        time.sleep(2 * STALE_S)  # no second run may publish or announce it again
+
+    announced = []
+    drained_by = time.monotonic() + 1.0  # None also stands for a skipped subscribe message
+    while time.monotonic() < drained_by:
+        message = events.get_message(timeout=0.1)
+        if message is not None and json.loads(message["data"])["round_id"] == built.round_id:
+            announced.append(json.loads(message["data"])["adapter"])
+    events.close()
+    row = _round(session, built.round_id)
+    published = session.scalars(
+        select(Adapter.name)
+        .join(AdapterVersion, AdapterVersion.adapter_id == Adapter.id)
+        .where(AdapterVersion.round_id == built.round_id)
+        .order_by(Adapter.name)
+    ).all()
+    recovery_s, since_kill_s = published_at - up_at, published_at - killed_at
+    print(
+        f"published {recovery_s:.1f} s after the next worker was up, "
+        f"{since_kill_s:.1f} s after the kill"
+    )
+    assert row.state == RoundState.PUBLISHED and row.attempts == 2  # the killed run, the next
+    assert list(published) == ["cluster:0", "cluster:1", "global"]  # each version once
+    assert sorted(announced) == ["cluster:0", "cluster:1", "global"]  # each announced once
+    assert recovery_s < 4 * STALE_S + 10
