@@ -1,0 +1,163 @@
+"""An inference worker SIGKILLed mid-job: the inference API's loop queues the job again, the
+next worker finishes it within seconds of being up, and its event stream ends with the final
+event (not after Redis's 35-minute visibility timeout)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session, sessionmaker
+
+from services.inference.api.main import create_app
+from tessera import procs
+from tessera.config import Settings
+from tessera.events import INFERENCE_QUEUE
+from tessera.lora import LoraSpec, random_adapter
+from tessera.models import GenerationJob, JobState, Role
+from tessera.queue import make_celery
+from tessera.stack import INFERENCE_WORKER_APP, worker_command
+from tessera.storage import ObjectStore
+from tests.helpers import bearer
+from tests.services.inference.helpers import embeds_b64, make_client, publish, tokens
+from tests.services.inference.test_end_to_end import sse_events
+
+STALE_S = 2.0
+STANDBY_QUEUE = "inference-standby"
+
+
+class InferenceWorkers:
+    """Inference worker processes on the test's Redis database, each stopped at the end."""
+
+    def __init__(self, settings: Settings, logs: Path) -> None:
+        # One intra-op thread, as the package's tests run the model: on shared, busy cores two
+        # threads make the small UNet tens of times slower.
+        self.env = {**os.environ, **settings.as_env(), "OMP_NUM_THREADS": "1"}
+        self.logs = logs
+        self.celery = make_celery(settings)
+        self.started: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, queue: str) -> tuple[subprocess.Popen[bytes], str]:
+        """Start a worker consuming `queue`; the process and its node name (not yet ready)."""
+        name = f"killed-{uuid.uuid4().hex[:8]}"
+        command = worker_command(queues=[queue], concurrency=1, name=name, app=INFERENCE_WORKER_APP)
+        process = procs.spawn(command, log_path=self.logs / f"{name}.log", env=self.env)
+        self.started.append(process)
+        return process, f"{name}@{socket.gethostname()}"
+
+    def wait_ready(self, process: subprocess.Popen[bytes], node: str) -> None:
+        procs.wait_until(
+            lambda: any(node in reply for reply in self.celery.control.ping(timeout=0.5)),
+            timeout=180,
+            what="an inference worker",
+            process=process,
+            log_path=self.logs / f"{node.split('@')[0]}.log",
+        )
+
+    def close(self) -> None:
+        for process in self.started:
+            procs.stop(process)
+        self.celery.close()
+
+
+@pytest.fixture
+def fast(settings: Settings) -> Settings:
+    return settings.model_copy(
+        update={"task_stale_s": STALE_S, "housekeeping_interval_s": 0.2, "worker_metrics_port": 0}
+    )
+
+
+@pytest.fixture
+def workers(fast: Settings, tmp_path: Path) -> Iterator[InferenceWorkers]:
+    pool = InferenceWorkers(fast, tmp_path)
+    yield pool
+    pool.close()
+
+
+def _job(session: Session, job_id: str) -> GenerationJob:
+    session.expire_all()
+    return session.get_one(GenerationJob, job_id)
+
+
+@pytest.mark.slow
+def test_a_job_whose_worker_is_killed_finishes_on_the_next_and_its_stream_ends(
+    fast: Settings,
+    session: Session,
+    sessions: sessionmaker[Session],
+    store: ObjectStore,
+    spec: LoraSpec,
+    workers: InferenceWorkers,
+) -> None:
+    publish(sessions, store, "cluster:0", random_adapter(spec, 4, 4.0, seed=0))
+    _, token = make_client(session, fast, Role.GENERATOR)
+    body = {
+        "prompt_embeds": embeds_b64(tokens()),
+        "adapters": [{"adapter": "cluster:0", "weight": 1.0}],
+        "steps": 20,
+        "seed": 3,
+    }
+    first, first_node = workers.spawn(INFERENCE_QUEUE)
+    # The next worker starts at the same time, on a queue of its own: it joins the inference
+    # queue once the first is dead, as a worker coming back would.
+    second, second_node = workers.spawn(STANDBY_QUEUE)
+    workers.wait_ready(first, first_node)
+    workers.wait_ready(second, second_node)
+    with TestClient(create_app(fast)) as api:  # the stalled-job loop, every 0.2 s
+        submitted = api.post("/v1/generations", json=body, headers=bearer(token))
+        assert submitted.status_code == 202, submitted.text
+        job_id = submitted.json()["id"]
+        procs.wait_until(
+            lambda: _job(session, job_id).progress_step >= 1,
+            timeout=120,
+            what="the job running",
+            interval=0.01,
+        )
+        os.killpg(first.pid, signal.SIGKILL)  # the worker and its pool, mid-job
+        killed_at = time.monotonic()
+        killed_state = _job(session, job_id).state
+        first.wait(10)
+        events: list[tuple[str, dict[str, Any]]] = []
+
+        def follow() -> None:
+            url = f"/v1/generations/{job_id}/events"
+            with api.stream("GET", url, headers=bearer(token)) as stream:
+                events.extend(sse_events(stream.iter_lines()))
+
+        follower = threading.Thread(target=follow, daemon=True)
+        follower.start()
+        workers.celery.control.add_consumer(INFERENCE_QUEUE, destination=[second_node], reply=True)
+        up_at = time.monotonic()
+        procs.wait_until(
+            lambda: _job(session, job_id).state == JobState.SUCCEEDED,
+            timeout=120,
+            what="the job finished by the next worker",
+            interval=0.05,
+        )
+        done_at = time.monotonic()
+        follower.join(30)
+        ended_at = time.monotonic()
+        stream_open = follower.is_alive()
+        view = api.get(f"/v1/generations/{job_id}", headers=bearer(token)).json()
+
+    job = _job(session, job_id)
+    print(
+        f"job finished {done_at - up_at:.1f} s after the next worker joined the queue, "
+        f"{done_at - killed_at:.1f} s after the kill; stream ended "
+        f"{ended_at - done_at:.1f} s after the job"
+    )
+    assert killed_state == JobState.RUNNING
+    assert job.attempts == 2  # the killed run, then the next worker's
+    assert not stream_open
+    assert events and events[-1][0] == "succeeded"
+    assert len(view["result"]["images"]) == 1
+    assert done_at - up_at < 4 * STALE_S + 30
