@@ -3,22 +3,17 @@
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
-import httpx
 import pytest
 import redis
-import uvicorn
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
 from services.aggregator.main import create_app
 from services.aggregator.stuck import MAX_AGGREGATION_RUNS, requeue_stale_rounds
-from tessera import db, procs
+from tessera import db
 from tessera.config import Settings
 from tessera.events import TASK_AGGREGATE_ROUND
 from tessera.lora import LoraSpec
@@ -26,6 +21,7 @@ from tessera.models import Round, RoundState, utcnow
 from tessera.queue import make_celery
 from tests.helpers import bearer, run_cli, stack_env
 from tests.services.aggregator.helpers import lora_file, open_round, queued_tasks, upload
+from tests.serving import served
 
 
 def _aggregating(client: TestClient, operator: dict, device: dict, spec: LoraSpec) -> int:
@@ -107,29 +103,6 @@ def test_an_operator_fails_and_retries_a_stuck_round(
     assert queued_tasks(broker) == [(TASK_AGGREGATE_ROUND, [round_id])] * 2  # close, retry
 
 
-@contextmanager
-def serving(settings: Settings) -> Iterator[str]:
-    """The aggregator on a free port, in a thread of this process; its base URL."""
-    port = procs.free_ports(1)[0]
-    config = uvicorn.Config(
-        create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        procs.wait_until(
-            lambda: httpx.get(f"{url}/healthz", timeout=2).status_code == 200,
-            timeout=30,
-            what="the aggregator",
-        )
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
 @pytest.mark.slow
 def test_the_cli_fails_and_retries_a_stuck_round(
     aggregator: TestClient,
@@ -141,7 +114,7 @@ def test_the_cli_fails_and_retries_a_stuck_round(
     tmp_path: Path,
 ) -> None:
     round_id = _aggregating(aggregator, operator, device, spec)
-    with serving(settings) as url:
+    with served(create_app(settings)) as url:
         env = {
             **stack_env(tmp_path),
             "TESSERA_AGGREGATOR_URL": url,
