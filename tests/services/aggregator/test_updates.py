@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import struct
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -270,6 +272,64 @@ def test_a_non_finite_alpha_is_422_without_echoing_it(
         "key": "alpha",
         "expected": "> 0",
     }
+    assert nothing_stored(session, store, round_["id"], device["id"])
+
+
+@pytest.mark.parametrize(
+    ("header", "words"),
+    [
+        (b"[" * 5000 + b"]" * 5000, "nested too deeply"),
+        (b'{"a":' * 3000 + b"1" + b"}" * 3000, "nested too deeply"),
+    ],
+    ids=["deep-array", "deep-object"],
+)
+def test_a_header_nested_thousands_deep_is_422(
+    aggregator: TestClient,
+    operator: dict,
+    device: dict,
+    session: Session,
+    store: ObjectStore,
+    header: bytes,
+    words: str,
+) -> None:
+    round_ = open_round(aggregator, operator)
+    data = struct.pack("<Q", len(header)) + header
+
+    response = upload(aggregator, device["token"], round_["id"], device["id"], data)
+
+    assert response.status_code == 422, response.text
+    assert words in response.json()["detail"]
+    assert nothing_stored(session, store, round_["id"], device["id"])
+
+
+@pytest.mark.parametrize("shape", [16, None, [-4, 16]], ids=["int", "null", "negative"])
+def test_a_tensor_shape_that_is_not_a_list_of_counts_is_422(
+    aggregator: TestClient,
+    operator: dict,
+    device: dict,
+    spec: LoraSpec,
+    session: Session,
+    store: ObjectStore,
+    shape: object,
+) -> None:
+    round_ = open_round(aggregator, operator)
+    data = lora_file(spec)
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    key = next(k for k in header if k != "__metadata__")
+    header[key]["shape"] = shape
+    patched = json.dumps(header).encode()
+
+    response = upload(
+        aggregator,
+        device["token"],
+        round_["id"],
+        device["id"],
+        struct.pack("<Q", len(patched)) + patched + data[8 + length :],
+    )
+
+    assert response.status_code == 422, response.text
+    assert "shape must list non-negative integers" in response.json()["detail"]
     assert nothing_stored(session, store, round_["id"], device["id"])
 
 

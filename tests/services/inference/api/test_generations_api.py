@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import struct
 from collections.abc import Iterator
 from typing import Any
 
@@ -139,6 +141,16 @@ def test_an_empty_mix_is_the_base_model(api: TestClient, generator: tuple[int, s
     assert response.json()["adapters"] == []
 
 
+def header_b64(header: bytes) -> str:
+    """A base64 'safetensors file' that is only this header."""
+    return base64.b64encode(struct.pack("<Q", len(header)) + header).decode()
+
+
+def entry_json(**fields: Any) -> bytes:
+    entry = {"dtype": "F16", "shape": [16, 384], "data_offsets": [0, 12288], **fields}
+    return json.dumps({"prompt_embeds": entry}).encode()
+
+
 BAD_REQUESTS: dict[str, tuple[dict[str, Any], str]] = {
     "wrong width": ({"prompt_embeds": embeds_b64(tokens(width=100))}, "shape"),
     "wrong dtype": ({"prompt_embeds": embeds_b64(tokens().float())}, "dtype must be F16"),
@@ -146,6 +158,16 @@ BAD_REQUESTS: dict[str, tuple[dict[str, Any], str]] = {
     "too many tokens": ({"prompt_embeds": embeds_b64(tokens(length=78))}, "78 tokens"),
     "wrong tensor name": ({"prompt_embeds": embeds_b64(tokens(), "tokens")}, "prompt_embeds"),
     "not safetensors": ({"prompt_embeds": "aGVsbG8gd29ybGQ="}, "not a safetensors"),
+    "header nested thousands deep": (
+        {"prompt_embeds": header_b64(b"[" * 5000 + b"]" * 5000)},
+        "not a safetensors",
+    ),
+    "shape an integer": ({"prompt_embeds": header_b64(entry_json(shape=16))}, "not a safetensors"),
+    "shape null": ({"prompt_embeds": header_b64(entry_json(shape=None))}, "not a safetensors"),
+    "shape negative": (
+        {"prompt_embeds": header_b64(entry_json(shape=[-16, 384]))},
+        "not a safetensors",
+    ),
     "not base64": ({"prompt_embeds": "%%%"}, "base64"),
     "raw length": ({"prompt_embeds": raw_b64(tokens())[:-8], "embeds_format": "f16le"}, "rows"),
     "nan embedding": (
