@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 import tempfile
+from collections.abc import AsyncIterator
 
 import anyio
 from fastapi import HTTPException, Request, status
+from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.aggregator.deps import base_model_facts
@@ -14,11 +18,18 @@ from tessera.config import Settings
 from tessera.lora import LoraFileError
 from tessera.lora.files import KNOWN_KEY, largest_update_bytes
 from tessera.metrics import UPDATES_REJECTED, RejectionReason
+from tessera.service.resources import Resources
+from tessera.service.slots import ClientSlots
+
+log = logging.getLogger(__name__)
 
 # Every path under it gets the upload size limit instead of the JSON one (see create_app).
 UPLOAD_PREFIX = "/v1/rounds/"
 _UPDATE_PATH = re.compile(r"^/v1/rounds/[^/]+/updates/[^/]+$")
 SPOOL_MEMORY_BYTES = 1024 * 1024  # a body larger than this waits on disk until it is whole
+UPLOADS_PER_DEVICE = 2  # update bodies one device may be sending at once
+UPLOAD_SLOT_TTL_S = 600.0  # an upload slot a dead process held lapses after this
+UPLOAD_RETRY_AFTER_S = 5
 
 
 def reject(reason: RejectionReason) -> None:
@@ -34,15 +45,6 @@ def too_large(limit: int) -> HTTPException:
     )
 
 
-def stalled(timeout_s: float) -> HTTPException:
-    return HTTPException(
-        status.HTTP_408_REQUEST_TIMEOUT,
-        detail=f"the upload sent nothing for {timeout_s:g} s (TESSERA_UPLOAD_READ_TIMEOUT_S); "
-        "send it again",
-        headers={"Connection": "close"},
-    )
-
-
 def upload_limit(settings: Settings) -> int:
     """TESSERA_MAX_UPLOAD_BYTES, or else the largest update the base model can accept."""
     if settings.max_upload_bytes is not None:
@@ -51,30 +53,52 @@ def upload_limit(settings: Settings) -> int:
     return largest_update_bytes(facts.lora_spec)
 
 
-async def read_body(request: Request, *, limit: int, read_timeout_s: float) -> bytes:
+async def read_body(request: Request, *, limit: int) -> bytes:
     """The request body, spooled to a temporary file as it streams in (in memory only while
-    small), then read once; 413 as soon as it passes `limit` bytes, 408 when the client sends
-    nothing for `read_timeout_s`."""
+    small), then read once; 413 as soon as it passes `limit` bytes. (A body that stalls is the
+    body-limit middleware's 408.)"""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large(limit)
     received = 0
     with tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES) as spool:
-        chunks = request.stream().__aiter__()
-        while True:
-            try:
-                with anyio.fail_after(read_timeout_s):
-                    chunk = await chunks.__anext__()
-            except StopAsyncIteration:
-                break
-            except TimeoutError:
-                raise stalled(read_timeout_s) from None
+        async for chunk in request.stream():
             received += len(chunk)
             if received > limit:
                 raise too_large(limit)
             spool.write(chunk)  # buffered: a chunk rarely reaches the disk on its own
         spool.seek(0)
         return await anyio.to_thread.run_sync(spool.read)
+
+
+@contextlib.asynccontextmanager
+async def upload_slot(request: Request, client_id: int) -> AsyncIterator[None]:
+    """Hold one of the device's UPLOADS_PER_DEVICE slots while its body arrives; 429 with
+    Retry-After when it holds them all. While Redis does not answer, uploads go unlimited
+    (logged): the rest of an upload does not need Redis."""
+    resources: Resources = request.app.state.resources
+    slots = ClientSlots(
+        resources.async_redis, kind="uploads", cap=UPLOADS_PER_DEVICE, ttl_s=UPLOAD_SLOT_TTL_S
+    )
+    holder = str(client_id)
+    try:
+        member = await slots.acquire(holder)
+    except (RedisError, OSError) as error:
+        log.warning("upload slots unavailable; not limited", extra={"error": str(error)})
+        yield
+        return
+    if member is None:
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            detail=f"this device is already sending {UPLOADS_PER_DEVICE} uploads; "
+            "retry when one has finished",
+            headers={"Retry-After": str(UPLOAD_RETRY_AFTER_S)},
+        )
+    try:
+        yield
+    finally:
+        with contextlib.suppress(RedisError, OSError):
+            await slots.release(holder, member)
 
 
 def rejection_reason(error: LoraFileError) -> RejectionReason:

@@ -125,9 +125,9 @@ class Settings(BaseSettings):
         description="Largest LoRA update accepted, in bytes; unset: the base model's largest "
         "valid update (every target module at the highest rank, float32) plus its header.",
     )
-    upload_read_timeout_s: Annotated[float, Field(gt=0, le=3600)] = Field(
+    body_read_timeout_s: Annotated[float, Field(gt=0, le=3600)] = Field(
         default=30.0,
-        description="Seconds an upload may go without sending a byte before it is refused.",
+        description="Seconds a request body may go without sending a byte before it is refused.",
     )
     max_request_bytes: Annotated[int, Field(gt=0)] = Field(
         default=4 * MiB, description="Largest JSON request body accepted, in bytes."

@@ -27,7 +27,13 @@ from services.aggregator import crud
 from services.aggregator.closing import EnqueueError, close_at_quorum, close_if_due, is_due
 from services.aggregator.deps import LoraSpecDep
 from services.aggregator.routes.rounds import get_round, not_collecting
-from services.aggregator.uploads import read_body, reject, rejection_reason, upload_limit
+from services.aggregator.uploads import (
+    read_body,
+    reject,
+    rejection_reason,
+    upload_limit,
+    upload_slot,
+)
 from tessera.federation import update_key
 from tessera.lora import LoraFileError, LoraSpec, validate_adapter_bytes
 from tessera.metrics import UPDATES_RECEIVED, RejectionReason
@@ -180,9 +186,10 @@ def _delete_quietly(store: ObjectStore, key: str) -> None:
         200: {"description": "replaced the device's earlier update", "model": UpdateReceipt},
         403: {"description": "the slot is another device's"},
         404: {"description": "no such round"},
-        408: {"description": "the body stalled for TESSERA_UPLOAD_READ_TIMEOUT_S"},
+        408: {"description": "the body sent nothing for TESSERA_BODY_READ_TIMEOUT_S"},
         409: {"description": "the round is not collecting"},
         413: {"description": "the file is over the upload limit"},
+        429: {"description": "the device is already sending 2 uploads; see Retry-After"},
         422: {"description": "the file or its metadata is refused", "model": UpdateRejection},
         503: {"description": "the object store or the queue is unavailable (Retry-After)"},
     },
@@ -214,9 +221,8 @@ async def upload_update(
             status.HTTP_403_FORBIDDEN, detail="a device can only upload its own update"
         )
     await run_in_threadpool(_check_round, session, celery, round_id)
-    data = await read_body(
-        request, limit=upload_limit(settings), read_timeout_s=settings.upload_read_timeout_s
-    )
+    async with upload_slot(request, client_id):
+        data = await read_body(request, limit=upload_limit(settings))
     try:
         receipt, replaced = await run_in_threadpool(
             lambda: _store_update(

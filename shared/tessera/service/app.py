@@ -71,6 +71,7 @@ def create_service_app(
         BodySizeLimitMiddleware,
         default_limit=settings.max_request_bytes,
         limits_by_prefix=upload_limits,
+        read_timeout_s=settings.body_read_timeout_s,
     )
     return app
 

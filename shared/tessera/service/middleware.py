@@ -1,4 +1,4 @@
-"""ASGI middleware: request body size limits and request metrics."""
+"""ASGI middleware: request body limits (size, and time between its bytes) and request metrics."""
 
 from __future__ import annotations
 
@@ -34,12 +34,31 @@ class BodyTooLargeError(HTTPException):
         )
 
 
+class BodyStalledError(HTTPException):
+    """A body that sent nothing for the read timeout: 408, and the connection is closed.
+
+    An HTTPException for the same reason as BodyTooLargeError.
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(
+            408,
+            detail=f"the request body sent nothing for {timeout_s:g} s "
+            "(TESSERA_BODY_READ_TIMEOUT_S); send it again",
+            headers={"Connection": "close"},
+        )
+
+
 class BodySizeLimitMiddleware:
     """Answer 413 to a body over its path's limit, whether or not it declares a length.
 
     The refused body is drained (up to DRAIN_BYTES past the limit) so that a keep-alive
     connection serves the next request; a longer one gets `Connection: close` and the server
     closes the connection, so that the client's next request goes on a new one.
+
+    A body that sends nothing for `read_timeout_s` is a 408 (connection closed). The timeout
+    covers the body only: once its last part has arrived, the app may wait on `receive` as
+    long as it likes (a server-sent event stream waits there for the client to go).
     """
 
     def __init__(
@@ -48,11 +67,13 @@ class BodySizeLimitMiddleware:
         *,
         default_limit: int,
         limits_by_prefix: Mapping[str, int | Callable[[], int]],
+        read_timeout_s: float,
     ) -> None:
         """A prefix's limit may be a function, called once on the first request under it."""
         self.app = app
         self.default_limit = default_limit
         self.limits_by_prefix = dict(limits_by_prefix)
+        self.read_timeout_s = read_timeout_s
 
     def _limit_for(self, path: str) -> int:
         for prefix, limit in self.limits_by_prefix.items():
@@ -76,17 +97,24 @@ class BodySizeLimitMiddleware:
             await _reject(send, BodyTooLargeError(limit, drained=drained))
             return
         received = 0
+        body_done = False
         response_started = False
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.read_timeout_s)
+            except TimeoutError:
+                raise BodyStalledError(self.read_timeout_s) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                more = message.get("more_body", False)
                 if received > limit:
-                    more = message.get("more_body", False)
                     drained = not more or await _drain(receive, limit + DRAIN_BYTES - received)
                     raise BodyTooLargeError(limit, drained=drained)
+                body_done = not more
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -97,7 +125,7 @@ class BodySizeLimitMiddleware:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLargeError as error:  # raised where no exception handler answers it
+        except (BodyTooLargeError, BodyStalledError) as error:  # where no handler answers it
             if not response_started:
                 await _reject(send, error)
 
@@ -123,10 +151,10 @@ async def _drop(receive: Receive, budget: int) -> bool:
     return False
 
 
-async def _reject(send: Send, error: BodyTooLargeError) -> None:
+async def _reject(send: Send, error: HTTPException) -> None:
     headers = [(b"content-type", b"application/json")]
     headers += [(k.lower().encode(), v.encode()) for k, v in (error.headers or {}).items()]
-    await send({"type": "http.response.start", "status": 413, "headers": headers})
+    await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
     body = json.dumps({"detail": error.detail}).encode()
     await send({"type": "http.response.body", "body": body})
 

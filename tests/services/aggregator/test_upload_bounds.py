@@ -51,7 +51,7 @@ def test_the_default_limit_is_the_largest_valid_update(
 
 @pytest.fixture
 def served_aggregator(settings: Settings) -> Iterator[str]:
-    limits = {"upload_read_timeout_s": 0.5, "max_upload_bytes": 16 * MiB}
+    limits = {"body_read_timeout_s": 0.5, "max_upload_bytes": 16 * MiB}
     with served(create_app(settings.model_copy(update=limits))) as url:
         yield url
 
@@ -64,32 +64,44 @@ def _device_and_round(url: str, operator_token: str) -> tuple[dict, int]:
     return device, round_.json()["id"]
 
 
-def test_an_upload_that_stalls_is_refused_after_the_read_timeout(
-    served_aggregator: str, operator_token: str, session: Session, store: ObjectStore
-) -> None:
-    device, round_id = _device_and_round(served_aggregator, operator_token)
-    host, port = served_aggregator.removeprefix("http://").split(":")
-    head = (
-        f"PUT /v1/rounds/{round_id}/updates/{device['id']}?num_samples=4 HTTP/1.1\r\n"
-        f"Host: {host}\r\nAuthorization: Bearer {device['token']}\r\n"
-        "Content-Type: application/octet-stream\r\nContent-Length: 5000\r\n\r\n"
-    )
-
+def _stalled_answer(url: str, head: str) -> tuple[bytes, float]:
+    """Send `head` and 100 bytes of a 5000-byte body, then nothing: the answer (read until the
+    server closes the connection) and how long it took."""
+    host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(head.encode() + b"x" * 100)  # then nothing more
+        sock.sendall(head.encode() + b"x" * 100)
         started = time.monotonic()
         answer = b""
-        while b"\r\n\r\n" not in answer:
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
+        while chunk := sock.recv(4096):
             answer += chunk
-        waited = time.monotonic() - started
+    return answer, time.monotonic() - started
+
+
+@pytest.mark.parametrize("body", ["update", "json"])
+def test_a_body_that_stalls_is_refused_after_the_read_timeout(
+    body: str, served_aggregator: str, operator_token: str, session: Session, store: ObjectStore
+) -> None:
+    device, round_id = _device_and_round(served_aggregator, operator_token)
+    if body == "update":
+        request = f"PUT /v1/rounds/{round_id}/updates/{device['id']}?num_samples=4"
+        token, content_type = device["token"], "application/octet-stream"
+    else:
+        request, token, content_type = "POST /v1/rounds", operator_token, "application/json"
+    head = (
+        f"{request} HTTP/1.1\r\nHost: tessera\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Type: {content_type}\r\nContent-Length: 5000\r\n\r\n"
+    )
+
+    answer, waited = _stalled_answer(served_aggregator, head)
 
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"TESSERA_BODY_READ_TIMEOUT_S" in answer
+    assert b"connection: close" in answer.lower()  # and the server did close it
     assert 0.4 < waited < 5
-    assert b"TESSERA_UPLOAD_READ_TIMEOUT_S" in answer or b"connection: close" in answer.lower()
     assert nothing_stored(session, store, round_id, device["id"])
+    if body == "json":
+        rounds = httpx.get(f"{served_aggregator}/v1/rounds", headers=bearer(operator_token))
+        assert len(rounds.json()) == 1  # only the round made before
 
 
 def test_an_upload_is_held_in_memory_once(
@@ -119,3 +131,41 @@ def test_an_upload_is_held_in_memory_once(
     assert response.status_code == 422, response.text  # read whole, then refused as no file
     assert peak < 1.5 * size, f"peak {peak / MiB:.1f} MiB for an {size // MiB} MiB body"
     assert nothing_stored(session, store, round_id, device["id"])
+
+
+@pytest.fixture
+def patient_aggregator(settings: Settings) -> Iterator[str]:
+    """An aggregator that waits 3 s for a stalled body."""
+    limits = {"body_read_timeout_s": 3.0, "max_upload_bytes": 16 * MiB}
+    with served(create_app(settings.model_copy(update=limits))) as url:
+        yield url
+
+
+def test_a_device_sends_at_most_two_uploads_at_once(
+    patient_aggregator: str, operator_token: str
+) -> None:
+    url = patient_aggregator
+    device, round_id = _device_and_round(url, operator_token)
+    host, port = url.removeprefix("http://").split(":")
+    path = f"/v1/rounds/{round_id}/updates/{device['id']}?num_samples=4"
+    head = (
+        f"PUT {path} HTTP/1.1\r\nHost: tessera\r\nAuthorization: Bearer {device['token']}\r\n"
+        "Content-Type: application/octet-stream\r\nContent-Length: 5000\r\n\r\n"
+    )
+    headers = {**bearer(device["token"]), "Content-Type": "application/octet-stream"}
+    slow = [socket.create_connection((host, int(port)), timeout=10) for _ in range(2)]
+    try:
+        for sock in slow:
+            sock.sendall(head.encode() + b"x" * 100)  # two bodies still arriving
+        time.sleep(0.5)
+        third = httpx.put(f"{url}{path}", content=b"x" * 100, headers=headers, timeout=10)
+        answers = [sock.recv(4096) for sock in slow]  # their 408s, after 3 s
+    finally:
+        for sock in slow:
+            sock.close()
+    after = httpx.put(f"{url}{path}", content=b"x" * 100, headers=headers, timeout=10)
+
+    assert third.status_code == 429, third.text
+    assert third.headers["retry-after"] == "5"
+    assert all(answer.startswith(b"HTTP/1.1 408") for answer in answers), answers
+    assert after.status_code == 422  # the slots were given back: read, then refused as no file

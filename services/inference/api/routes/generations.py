@@ -25,7 +25,6 @@ from services.inference.api.schemas import (
     GenerationCreate,
     GenerationOut,
 )
-from services.inference.api.stream_slots import StreamSlots
 from services.inference.api.submission import SubmissionError, plan_job, request_fingerprint
 from services.inference.api.views import job_view
 from services.inference.embeddings import input_to_bytes
@@ -44,6 +43,7 @@ from tessera.service.deps import (
     StoreDep,
 )
 from tessera.service.resources import Resources
+from tessera.service.slots import ClientSlots
 from tessera.storage import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
 
 STREAM_RETRY_AFTER_S = 5
+STREAM_SLOTS = "streams"  # the kind of ClientSlots a progress stream holds
 
 CREATE_DESCRIPTION = """
 Queue a generation with one base model and a blend of LoRA adapters.
@@ -260,7 +261,9 @@ async def generation_events(
 ) -> EventSourceResponse:
     await run_in_threadpool(_check_owner, resources, job_id, principal)  # 404 before the stream
     settings = resources.settings
-    slots = StreamSlots(resources.async_redis, cap=settings.max_streams_per_client)
+    slots = ClientSlots(
+        resources.async_redis, kind=STREAM_SLOTS, cap=settings.max_streams_per_client
+    )
     holder = "operator" if principal.client_id is None else str(principal.client_id)
     try:
         member = await slots.acquire(holder)
@@ -297,7 +300,7 @@ async def generation_events(
             ):
                 yield event
         finally:
-            with anyio.CancelScope(shield=True), contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(RedisError, OSError):
                 await slots.release(holder, member)
 
     return EventSourceResponse(

@@ -18,7 +18,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from services.inference import crud
 from services.inference.api.main import create_app
 from services.inference.api.progress_stream import job_events
-from services.inference.api.stream_slots import slots_key
 from services.inference.api.views import job_view
 from tessera.config import Settings
 from tessera.events import generation_channel
@@ -81,7 +80,9 @@ def _queued_job(http: httpx.Client, token: str) -> str:
 def test_a_hundred_followers_leave_readiness_and_sync_routes_answering(
     settings: Settings, sessions: sessionmaker[Session], session: Session, broker: redis.Redis
 ) -> None:
-    settings = settings.model_copy(update={"max_streams_per_client": STREAMS_PER_CLIENT})
+    # A short body timeout too: it must not cut streams that wait on `receive` for seconds.
+    limits = {"max_streams_per_client": STREAMS_PER_CLIENT, "body_read_timeout_s": 0.5}
+    settings = settings.model_copy(update=limits)
     clients = [make_client(session, settings, Role.GENERATOR) for _ in range(CLIENTS)]
     with served(create_app(settings)) as url:
         with httpx.Client(base_url=url) as sync_http:
@@ -137,7 +138,7 @@ def test_a_hundred_followers_leave_readiness_and_sync_routes_answering(
         assert events[-1][0] == "failed" and events[-1][1]["error"] == "stopped"
     # Every slot was given back: the client can follow again (the job is over: one event).
     assert again.status_code == 200 and "\nevent: failed\r\n" in again.text
-    assert all(broker.zcard(slots_key(str(client_id))) == 0 for client_id, _ in clients)
+    assert all(broker.zcard(f"tessera:streams:{client_id}") == 0 for client_id, _ in clients)
 
 
 def test_a_stream_past_its_time_limit_ends_with_an_end_event(
