@@ -22,7 +22,7 @@ from typing import TypeVar
 import torch
 
 from tessera.lora.adapter import A_SUFFIX, B_SUFFIX, LoraAdapter, pair_shapes, unflatten_pair
-from tessera.lora.lowrank import DEFAULT_SKETCH, Chunk, LowRankSum, SketchOptions
+from tessera.lora.lowrank import DEFAULT_SKETCH, Chunk, LowRankSum, SketchOptions, one_thread
 
 K = TypeVar("K", bound=Hashable)
 
@@ -184,7 +184,7 @@ def aggregate_fedavg(updates: Iterable[WeightedUpdate], *, rank: int | None = No
     )
 
 
-CHUNK_RANK = 64
+CHUNK_RANK = 16
 """Updates are fed to the maths in chunks of about this summed rank (bounded memory, few calls)."""
 
 
@@ -257,12 +257,13 @@ def _exact(
         if weight > 0 and chunker.push(adapter, weight * adapter.scale):
             state["sum"].add(chunker.flush())
 
-    reference, total, count = _stream(updates, add)
-    low_rank = state["sum"]
-    low_rank.add(chunker.flush())
-    source: Iterable[WeightedUpdate] = kept if one_shot else updates
-    passes = (_again(source, reference) for _ in range(low_rank.passes_left))
-    truncated = low_rank.finish(passes)
+    with one_thread():
+        reference, total, count = _stream(updates, add)
+        low_rank = state["sum"]
+        low_rank.add(chunker.flush())
+        source: Iterable[WeightedUpdate] = kept if one_shot else updates
+        passes = (_again(source, reference) for _ in range(low_rank.passes_left))
+        truncated = low_rank.finish(passes)
     kept.clear()
     tensors: dict[str, torch.Tensor] = {}
     module_energy: dict[str, float] = {}

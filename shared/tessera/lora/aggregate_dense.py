@@ -25,21 +25,34 @@ def dense_means(updates: Iterable[WeightedUpdate]) -> dict[str, torch.Tensor]:
             return
         for module in adapter.modules:
             a, b = adapter.flat_pair(module)
-            term = (b.double() @ a.double()) * (adapter.scale * weight)
-            sums[module] = sums[module] + term if module in sums else term
+            if module not in sums:
+                sums[module] = torch.zeros(b.shape[0], a.shape[1], dtype=torch.float64)
+            sums[module].addmm_(b.double(), a.double(), alpha=adapter.scale * weight)
 
     _, total, _ = _stream(updates, add)
-    return {module: value / total for module, value in sorted(sums.items())}
+    return {module: value.div_(total) for module, value in sorted(sums.items())}
 
 
 def aggregate_exact_dense(
     updates: Iterable[WeightedUpdate], *, rank: int, alpha: float | None = None
 ) -> ExactResult:
     """The reference aggregate: dense mean products, each truncated to `rank` by a full SVD."""
-    alpha = _check_target(rank, alpha)
     listed = list(updates)
-    means = dense_means(listed)
-    first = listed[0].adapter
+    return truncate_means(
+        dense_means(listed), listed[0].adapter, count=len(listed), rank=rank, alpha=alpha
+    )
+
+
+def truncate_means(
+    means: dict[str, torch.Tensor],
+    first: LoraAdapter,
+    *,
+    count: int,
+    rank: int,
+    alpha: float | None,
+) -> ExactResult:
+    """Each mean product truncated to `rank` by a full SVD, in the layout of `first`'s pairs."""
+    alpha = _check_target(rank, alpha)
     scale = alpha / rank
     tensors: dict[str, torch.Tensor] = {}
     module_energy: dict[str, float] = {}
@@ -64,10 +77,21 @@ def aggregate_exact_dense(
         base_model_id=first.base_model_id,
         base_model_hash=first.base_model_hash,
         target_modules=first.target_modules,
-        extra={"method": "exact_dense", "updates": str(len(listed))},
+        extra={"method": "exact_dense", "updates": str(count)},
         targets=first.targets,
     )
     return ExactResult(adapter, energy_kept, module_energy)
+
+
+def residual_ratio(
+    result: LoraAdapter, reference: LoraAdapter, means: dict[str, torch.Tensor]
+) -> float:
+    """||M - result||_F / ||M - reference||_F over all modules: 1 when as good as the best."""
+    mine = best = 0.0
+    for module, mean in means.items():
+        mine += float((mean - result.delta(module).double().reshape(mean.shape)).square().sum())
+        best += float((mean - reference.delta(module).double().reshape(mean.shape)).square().sum())
+    return (mine / best) ** 0.5 if best > 0 else 1.0 + mine
 
 
 def relative_error(result: LoraAdapter, reference: LoraAdapter) -> float:
