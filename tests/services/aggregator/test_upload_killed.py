@@ -1,0 +1,96 @@
+"""The aggregator SIGKILLed between a re-upload's object write and its commit: the accepted
+update and its object are intact, and the orphan sweep removes the object the kill left."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import signal
+import sys
+import threading
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session
+
+from services.aggregator import crud
+from services.aggregator.orphans import sweep_orphaned_updates
+from tessera import db, procs
+from tessera.config import Settings
+from tessera.federation import update_key
+from tessera.lora import LoraSpec
+from tessera.models import utcnow
+from tessera.storage import ObjectStore
+from tests.helpers import REPO_ROOT, bearer
+from tests.services.aggregator.helpers import lora_file, open_round, upload
+
+
+@pytest.mark.slow
+def test_a_kill_between_write_and_commit_loses_no_update_and_leaves_no_orphan(
+    aggregator: TestClient,
+    operator: dict,
+    device: dict,
+    spec: LoraSpec,
+    settings: Settings,
+    session: Session,
+    store: ObjectStore,
+    tmp_path: Path,
+) -> None:
+    round_ = open_round(aggregator, operator, min_updates=5)
+    first, second = lora_file(spec, 1), lora_file(spec, 2)
+    assert upload(aggregator, device["token"], round_["id"], device["id"], first).status_code == 201
+    slot = update_key(round_["id"], device["id"], "").rsplit("/", 1)[0] + "/"
+    port = procs.free_ports(1)[0]
+    log_path = tmp_path / "aggregator.log"
+    server = procs.spawn(
+        [sys.executable, "-m", "uvicorn", "--factory", "services.aggregator.main:create_app",
+         "--host", "127.0.0.1", "--port", str(port)],
+        log_path=log_path, env={**os.environ, **settings.as_env()}, cwd=REPO_ROOT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    sessions = db.session_factory(db.create_db_engine(settings.resolved_database_url))
+    try:
+        procs.wait_until(
+            lambda: httpx.get(f"{url}/healthz", timeout=2).status_code == 200,
+            timeout=120, what="the aggregator", process=server, log_path=log_path,
+        )  # fmt: skip
+        # Hold the round's row (as a close in progress would): the re-upload writes its object,
+        # then waits for the row, between its write and its commit.
+        holder = sessions()
+        assert crud.hold_collecting_round(session=holder, round_id=round_["id"])
+
+        def reupload() -> None:
+            with contextlib.suppress(httpx.HTTPError):  # the server dies under it
+                httpx.put(
+                    f"{url}/v1/rounds/{round_['id']}/updates/{device['id']}",
+                    content=second,
+                    params={"num_samples": 16},
+                    headers={**bearer(device["token"]), "Content-Type": "application/octet-stream"},
+                    timeout=60,
+                )
+
+        request = threading.Thread(target=reupload, daemon=True)
+        request.start()
+        procs.wait_until(lambda: len(store.list_keys(slot)) == 2, timeout=60, what="the write")
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(10)
+        holder.rollback()
+        holder.close()
+        request.join(10)
+    finally:
+        procs.stop(server)
+
+    row = crud.get_update(session=session, round_id=round_["id"], client_id=device["id"])
+    assert row is not None and row.sha256 == hashlib.sha256(first).hexdigest()
+    assert store.get_bytes(row.object_key, expected_sha256=row.sha256) == first
+    left = [key for key in store.list_keys(slot) if key != row.object_key]
+    assert len(left) == 1  # the killed request's object, which no row names
+    swept = sweep_orphaned_updates(
+        sessions=sessions, store=store, grace_s=0, now=utcnow() + timedelta(seconds=5)
+    )
+    assert swept == left
+    assert store.list_keys(slot) == [row.object_key]
