@@ -9,17 +9,15 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-import threading
 import time
 from collections.abc import Iterator
 
 import pytest
-import uvicorn
 
 from services.clustering.main import create_app
-from tessera import procs
 from tessera.config import Settings
 from tessera.service.middleware import DRAIN_BYTES
+from tests.serving import served
 
 LIMIT = 64 * 1024
 
@@ -28,16 +26,8 @@ LIMIT = 64 * 1024
 def port(settings: Settings) -> Iterator[int]:
     """The clustering service under uvicorn in a thread, with a 64 KiB request limit."""
     app = create_app(settings.model_copy(update={"max_request_bytes": LIMIT}))
-    free = procs.free_ports(1)[0]
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=free, log_level="warning", http="h11")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    procs.wait_until(lambda: server.started, timeout=30, what="uvicorn", interval=0.05)
-    yield free
-    server.should_exit = True
-    thread.join(timeout=10)
+    with served(app) as url:
+        yield int(url.rsplit(":", 1)[1])
 
 
 def _json_over_limit() -> bytes:
