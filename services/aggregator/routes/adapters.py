@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, status
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Path, status
 
 from services.aggregator import crud
 from services.aggregator.views import adapter_download, version_out
@@ -13,6 +15,17 @@ from tessera.service.auth import GeneratorDep, Principal, PrincipalDep
 from tessera.service.deps import SessionDep, SettingsDep, StoreDep
 
 router = APIRouter(tags=["adapters"])
+
+AdapterName = Annotated[
+    str,
+    Path(
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9:._-]*$",
+        description="global, cluster:N or personal:N",
+    ),
+]
+"""An adapter name in a path: a malformed one is a 422 before any database sees it."""
 
 
 def _check_readable(principal: Principal, adapter: Adapter) -> None:
@@ -61,7 +74,11 @@ def list_adapters(_reader: GeneratorDep, session: SessionDep) -> list[AdapterOut
     responses={404: {"description": "no such adapter, or nothing published yet"}},
 )
 def latest_adapter_version(
-    name: str, principal: PrincipalDep, session: SessionDep, store: StoreDep, settings: SettingsDep
+    name: AdapterName,
+    principal: PrincipalDep,
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
 ) -> AdapterDownload:
     return _download(
         crud.latest_version(session=session, name=name),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Self
 
+from fastapi import Path
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints, model_validator
 
 from services.inference.embeddings import MAX_PROMPT_TOKENS, EmbedsFormat
@@ -31,6 +32,18 @@ def _id_in_range(ref: str) -> str:
     if ref.isdigit() and not 1 <= int(ref) <= MAX_ROW_ID:
         raise ValueError(f"a version id must be between 1 and {MAX_ROW_ID}")
     return ref
+
+
+JobId = Annotated[
+    str,
+    Path(
+        min_length=36,
+        max_length=36,
+        pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
+        description="the job's id (a UUID, as POST /v1/generations answered it)",
+    ),
+]
+"""A job id in a path: a malformed one is a 422 before any database sees it."""
 
 
 AdapterRef = Annotated[

@@ -103,3 +103,14 @@ def test_list_adapters_for_generators_and_operators(
     assert "download_url" not in listed[0]["latest"]
     assert aggregator.get("/v1/adapters", headers=operator).status_code == 200
     assert by_device.status_code == 403
+
+
+def test_malformed_adapter_names_are_422(aggregator: TestClient, device: dict) -> None:
+    token = bearer(device["token"])
+
+    codes = [
+        aggregator.get(f"/v1/adapters/{name}/versions/latest", headers=token).status_code
+        for name in ("%00global", "-global", "a" * 129, "cluster%209")
+    ]
+
+    assert codes == [422] * 4  # before any database sees it (PostgreSQL refuses a NUL)

@@ -24,6 +24,7 @@ from services.inference.api.schemas import (
     MAX_IDEMPOTENCY_KEY_CHARS,
     GenerationCreate,
     GenerationOut,
+    JobId,
 )
 from services.inference.api.submission import SubmissionError, plan_job, request_fingerprint
 from services.inference.api.views import job_view
@@ -234,7 +235,7 @@ def create_generation(
     responses={404: {"description": "no such job, or not the caller's"}},
 )
 def get_generation(
-    job_id: str,
+    job_id: JobId,
     principal: PrincipalDep,
     session: SessionDep,
     settings: SettingsDep,
@@ -257,7 +258,7 @@ def get_generation(
     },
 )
 async def generation_events(
-    job_id: str, request: Request, principal: StreamPrincipalDep, resources: ResourcesDep
+    job_id: JobId, request: Request, principal: StreamPrincipalDep, resources: ResourcesDep
 ) -> EventSourceResponse:
     await run_in_threadpool(_check_owner, resources, job_id, principal)  # 404 before the stream
     settings = resources.settings

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import struct
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -317,7 +318,11 @@ def test_only_the_owner_or_an_operator_reads_a_job(
     own = api.get(f"/v1/generations/{job_id}", headers=bearer(generator[1]))
     by_operator = api.get(f"/v1/generations/{job_id}", headers=operator)
     by_stranger = api.get(f"/v1/generations/{job_id}", headers=bearer(stranger))
-    unknown = api.get("/v1/generations/no-such-job", headers=operator)
+    unknown = api.get(f"/v1/generations/{uuid.uuid4()}", headers=operator)
+    malformed = [
+        api.get(f"/v1/generations/{bad}", headers=operator).status_code
+        for bad in ("no-such-job", "%00" * 36, job_id.upper())
+    ]
     unauthenticated = api.get(f"/v1/generations/{job_id}")
 
     assert own.status_code == 200 and own.json()["state"] == "queued"
@@ -325,6 +330,7 @@ def test_only_the_owner_or_an_operator_reads_a_job(
     assert by_operator.status_code == 200
     assert by_stranger.status_code == 404
     assert unknown.status_code == 404
+    assert malformed == [422] * 3  # before any database sees it (PostgreSQL refuses a NUL)
     assert unauthenticated.status_code == 401
 
 
