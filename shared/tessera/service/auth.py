@@ -12,6 +12,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from tessera.config import Settings
 from tessera.models import Client, Role
@@ -49,7 +50,12 @@ def identify(settings: SettingsDep, session: SessionDep, credentials: Credential
     or disabled."""
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise _unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
-    token = credentials.credentials
+    return principal_for_token(settings=settings, session=session, token=credentials.credentials)
+
+
+def principal_for_token(*, settings: Settings, session: Session, token: str) -> Principal:
+    """The caller a token stands for (the console's sign-in asks too); 401 if it is unknown
+    or its client is disabled."""
     if tokens_equal(token, settings.operator_token.get_secret_value()):
         return BOOTSTRAP_OPERATOR
     secret = settings.token_secret.get_secret_value()
