@@ -7,6 +7,7 @@ from fastapi import FastAPI
 from services.aggregator.lifespan import extend_lifespan
 from services.aggregator.routes import adapters, clients, devices, rounds, updates
 from services.aggregator.uploads import UPLOAD_PREFIX, CountOversizedUploads, upload_limit
+from services.console.app import mount_console
 from tessera.config import Settings, get_settings
 from tessera.events import AGGREGATION_QUEUE
 from tessera.service.app import create_service_app, ensure_bucket
@@ -25,6 +26,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         worker_queues=[AGGREGATION_QUEUE],  # only a worker of its own queue makes it ready
         on_startup=[ensure_bucket],
     )
+    mount_console(app)  # the operator console's pages under /console
     app.add_middleware(CountOversizedUploads)  # outermost: sees the body-size middleware's 413s
     app.state.clustering_http = make_clustering_http(settings)
     extend_lifespan(app)  # the deadline loop

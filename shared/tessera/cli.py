@@ -53,6 +53,9 @@ def _print_info(info: stack.StackInfo) -> None:
     click.echo("Tessera is up:")
     for name, url in info.urls.items():
         click.echo(f"  {name:<11} {url}   (docs: {url}/docs)")
+    click.echo(
+        f"  {'console':<11} {stack.console_url(info.urls)}   (sign in with the operator token)"
+    )
     for name, url in info.metrics.items():
         click.echo(f"  {name + ' metrics':<26} {url}")
     for name, url in info.backends.items():

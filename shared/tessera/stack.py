@@ -127,6 +127,11 @@ def service_urls(settings: Settings) -> dict[str, str]:
     }
 
 
+def console_url(urls: dict[str, str]) -> str:
+    """The operator console: pages mounted in the aggregator."""
+    return f"{urls['aggregator']}/console/"
+
+
 @dataclass
 class Stack:
     """Starts and supervises everything; `stop()` tears it down in reverse order."""

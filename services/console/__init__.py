@@ -1,0 +1,1 @@
+"""The operator console: server-rendered pages mounted in the aggregator under `/console`."""
