@@ -1,0 +1,72 @@
+"""Fixtures of the console: the aggregator served by a real uvicorn, sign-in helpers."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+
+from services.aggregator.main import create_app
+from services.console.session import COOKIE_NAME
+from tessera import procs
+from tessera.config import Settings
+
+CSRF_FIELD = re.compile(r'name="csrf" value="([^"]+)"')
+
+
+def csrf_of(html: str) -> str:
+    """The CSRF token a page's forms carry."""
+    found = CSRF_FIELD.search(html)
+    assert found is not None, "the page has no form with a CSRF token"
+    return found.group(1)
+
+
+def sign_in(client: TestClient | httpx.Client, token: str) -> httpx.Response:
+    """Fill in and post the sign-in form as a browser would (its nonce cookie included)."""
+    form = client.get("/console/signin")
+    assert form.status_code == 200
+    return client.post(
+        "/console/signin",
+        data={"token": token, "csrf": csrf_of(form.text)},
+        follow_redirects=False,
+    )
+
+
+def signed_in_csrf(client: TestClient | httpx.Client) -> str:
+    assert client.cookies.get(COOKIE_NAME)
+    return csrf_of(client.get("/console/rounds").text)
+
+
+@dataclass
+class ServedStack:
+    """An aggregator (console mounted) served over HTTP by uvicorn in a thread."""
+
+    url: str
+    settings: Settings
+
+
+@pytest.fixture
+def served_aggregator(settings: Settings) -> Iterator[ServedStack]:
+    """The aggregator on a free port with uvicorn's access log on (as an operator might run it)."""
+    port = procs.free_ports(1)[0]
+    config = uvicorn.Config(
+        create_app(settings), host="127.0.0.1", port=port, access_log=True, log_config=None
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        if server.started:
+            break
+        threading.Event().wait(0.05)
+    assert server.started, "uvicorn did not start"
+    yield ServedStack(url=url, settings=settings)
+    server.should_exit = True
+    thread.join(timeout=10)

@@ -1,0 +1,141 @@
+"""The console's pages over a real database: empty states, API refusals shown, the cluster map."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from services.clustering.main import create_app as create_clustering_app
+from services.console.app import STATIC_DIR
+from tessera.config import Settings
+from tessera.models import Round, RoundState
+from tests.services.console.conftest import sign_in, signed_in_csrf
+from tests.services.console.factories import federation
+
+
+def _signed_in(aggregator: TestClient, operator_token: str) -> str:
+    assert sign_in(aggregator, operator_token).status_code == 303
+    return signed_in_csrf(aggregator)
+
+
+def test_empty_platform_says_what_to_do_next(aggregator: TestClient, operator_token: str) -> None:
+    _signed_in(aggregator, operator_token)
+
+    overview = aggregator.get("/console/").text
+    rounds = aggregator.get("/console/rounds").text
+    clusters = aggregator.get("/console/clusters").text
+
+    assert "No round yet:" in overview and 'href="/console/rounds">open one' in overview
+    assert "No device enrolled yet" in overview
+    assert "No clustering yet" in overview
+    services = aggregator.get("/console/services", headers={"HX-Request": "true"}).text
+    assert [name for name in ("aggregator", "clustering", "inference") if name in services] == [
+        "aggregator",
+        "clustering",
+        "inference",
+    ]
+    assert "worker: RuntimeError" in services  # no Celery worker in this test
+    assert "No round yet: open one above." in rounds
+    assert "No clustering yet" in clusters
+
+
+def test_open_close_cancel_show_the_apis_refusals(
+    aggregator: TestClient, operator_token: str, session: Session
+) -> None:
+    csrf = _signed_in(aggregator, operator_token)
+
+    bad = aggregator.post("/console/rounds", data={"csrf": csrf, "rank": "65"})
+    opened = aggregator.post(
+        "/console/rounds",
+        data={
+            "csrf": csrf,
+            "method": "fedavg",
+            "min_updates": "3",
+            "deadline_s": "600",
+            "lam": "0",
+        },
+    )
+    twice = aggregator.post("/console/rounds", data={"csrf": csrf})
+    round_id = session.scalars(select(Round.id)).one()
+    close = aggregator.post(f"/console/rounds/{round_id}/close", data={"csrf": csrf})
+    cancel = aggregator.post(f"/console/rounds/{round_id}/cancel", data={"csrf": csrf})
+    again = aggregator.post(f"/console/rounds/{round_id}/cancel", data={"csrf": csrf})
+
+    assert bad.status_code == 422 and "rank: Input should be less than or equal to 64" in bad.text
+    assert opened.status_code == 200 and "fedavg, cluster, rank 8, λ 0.0" in opened.text
+    assert "data-deadline=" in opened.text
+    assert twice.status_code == 409
+    assert "a round is already collecting" in twice.text or "close or cancel it" in twice.text
+    assert close.status_code == 409
+    assert "round 1 has no updates to aggregate; cancel it instead" in close.text
+    assert cancel.status_code == 200 and "cancelled by bootstrap-operator" in cancel.text
+    assert again.status_code == 409 and "round 1 is cancelled, not collecting" in again.text
+    session.expire_all()
+    assert session.get(Round, round_id).state == RoundState.CANCELLED  # type: ignore[union-attr]
+
+
+def test_cluster_map_has_every_device_and_cluster(
+    aggregator: TestClient, operator_token: str, session: Session
+) -> None:
+    federation(aggregator, operator_token, session, groups=3, per_group=4)
+    _signed_in(aggregator, operator_token)
+
+    page = aggregator.get("/console/clusters").text
+    found = re.search(r'<script type="application/json" id="cluster-map-data">(.*?)</script>', page)
+    assert found is not None
+    chart = json.loads(found.group(1))
+
+    assert sorted(len(points) for points in chart["clusters"].values()) == [4, 4, 4]
+    assert len(chart["centroids"]) == 3 and chart["unassigned"] == []
+    assert '<span id="cluster-count">3</span> clusters' in page
+    # Devices of one cluster sit together on the map: each cluster's spread is small.
+    for points in chart["clusters"].values():
+        xs = [p["x"] for p in points]
+        assert max(xs) - min(xs) < 0.5
+    overview = aggregator.get("/console/").text
+    assert "<strong>3</strong> clusters" in overview and "edge-2-3" in overview
+
+
+@pytest.fixture
+def clustering_service(aggregator: TestClient, settings: Settings) -> Iterator[TestClient]:
+    """The real clustering app in-process, as the console's (the aggregator's) clustering client."""
+    with TestClient(create_clustering_app(settings)) as client:
+        aggregator.app.state.clustering_http = client  # type: ignore[attr-defined]
+        yield client
+
+
+def test_recluster_from_the_console(
+    aggregator: TestClient,
+    clustering_service: TestClient,
+    operator_token: str,
+    session: Session,
+) -> None:
+    csrf = _signed_in(aggregator, operator_token)
+    nothing = aggregator.post("/console/clusters", data={"csrf": csrf, "method": "kmeans"})
+    federation(aggregator, operator_token, session, groups=2, per_group=3)
+    contradictory = aggregator.post(
+        "/console/clusters", data={"csrf": csrf, "method": "hdbscan", "k": "2"}
+    )
+    done = aggregator.post("/console/clusters", data={"csrf": csrf, "method": "kmeans", "k": "2"})
+
+    assert nothing.status_code == 409
+    assert "no enabled device has uploaded task vectors" in nothing.text
+    assert contradictory.status_code in (409, 422) and 'role="alert"' in contradictory.text
+    assert done.status_code == 200
+    versions = re.findall(r"<tr><td>(\d+)</td><td>\d{4}-", done.text)
+    assert versions == ["2", "1"]
+
+
+def test_assets_are_vendored_and_served(aggregator: TestClient) -> None:
+    for name in ("vendor/htmx-2.0.4.min.js", "vendor/chart-4.6.1.umd.min.js", "console.js"):
+        response = aggregator.get(f"/console/static/{name}")
+        assert response.status_code == 200, name
+        assert response.content == (STATIC_DIR / name).read_bytes()
+    page = aggregator.get("/console/signin").text
+    assert "https://" not in page and "http://" not in page
