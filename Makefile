@@ -18,7 +18,7 @@ setup: $(STAMP) ## Create .venv and install Tessera with its dev and bench extra
 demo: setup ## Run the whole system on embedded servers, show it working, stop it.
 	$(BIN)/tessera demo
 
-test: setup ## The whole suite, slow end-to-end tests included; needs no URL.
+test: setup browser ## The whole suite, slow end-to-end tests included; needs no URL.
 	$(PYTEST)
 
 test-fast: setup ## The suite without the slow end-to-end tests.
@@ -56,6 +56,11 @@ clean:
 
 # apt-get needs root: through sudo unless make runs as root (as CI does).
 APT := $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get
+
+.PHONY: browser
+browser: ## Debian's Chromium for the console's browser tests (Playwright drives it; no download).
+	command -v chromium >/dev/null 2>&1 || \
+		{ $(APT) update -qq && $(APT) install -y -qq --no-install-recommends chromium; }
 
 .PHONY: k8s-check
 k8s-check: setup ## docker-compose config, every kustomize overlay rendered and validated, yamllint.
