@@ -130,9 +130,10 @@ def signin(
             status_code=status.HTTP_401_UNAUTHORIZED,
         )
     if principal.role != Role.OPERATOR:
+        holder = "a service" if principal.role is None else f"a {principal.role.value}"
         return _signin_page(
             request,
-            error=f"the console is for operators; this token belongs to a {principal.role.value}",
+            error=f"the console is for operators; this token belongs to {holder}",
             status_code=status.HTTP_403_FORBIDDEN,
         )
     console_session = new_session(client_id=principal.client_id, name=principal.name)
@@ -224,6 +225,11 @@ ROUND_FIELDS = (
     "deadline_s",
     "lam",
     "temperature",
+    "weighting",
+    "clip",
+    "robust",
+    "robust_trim",
+    "robust_f",
 )
 
 

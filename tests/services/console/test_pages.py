@@ -59,6 +59,8 @@ def test_open_close_cancel_show_the_apis_refusals(
             "min_updates": "3",
             "deadline_s": "600",
             "lam": "0",
+            "robust": "krum",
+            "robust_f": "1",
         },
     )
     twice = aggregator.post("/console/rounds", data={"csrf": csrf})
@@ -68,7 +70,7 @@ def test_open_close_cancel_show_the_apis_refusals(
     again = aggregator.post(f"/console/rounds/{round_id}/cancel", data={"csrf": csrf})
 
     assert bad.status_code == 422 and "rank: Input should be less than or equal to 64" in bad.text
-    assert opened.status_code == 200 and "fedavg, cluster, rank 8, λ 0.0" in opened.text
+    assert opened.status_code == 200 and "fedavg, cluster, rank 8, λ 0.0, krum" in opened.text
     assert "data-deadline=" in opened.text
     assert twice.status_code == 409
     assert "a round is already collecting" in twice.text or "close or cancel it" in twice.text
