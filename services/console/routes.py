@@ -4,6 +4,7 @@ so a refusal shows the same 4xx message the API gives."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,6 +30,7 @@ from services.console.session import (
     new_session,
     new_signin_nonce,
 )
+from tessera.events import AGGREGATION_QUEUE
 from tessera.federation import RoundConfig
 from tessera.models import Role, RoundState, utcnow
 from tessera.service.auth import Principal, principal_for_token
@@ -39,7 +41,7 @@ from tessera.service.deps import (
     SessionDep,
     SettingsDep,
 )
-from tessera.service.health import READINESS_CHECKS
+from tessera.service.health import READINESS_CHECKS, check_workers
 from tessera.service.resources import Resources
 
 log = logging.getLogger(__name__)
@@ -47,7 +49,6 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/console", include_in_schema=False)
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
 PEER_READY_TIMEOUT_S = 1.0
-AGGREGATOR_CHECKS = ("database", "redis", "s3", "worker")
 
 
 def _render(
@@ -164,11 +165,15 @@ def signout(_operator: CsrfOperatorDep) -> Response:
 
 def _readiness(resources: Resources) -> list[dict[str, str]]:
     """Each service and what its readiness probe says (the aggregator checked in-process)."""
+    checks: dict[str, Callable[[Resources], None]] = {
+        **READINESS_CHECKS,
+        "worker": lambda r: check_workers(r, [AGGREGATION_QUEUE]),  # as the aggregator's /readyz
+    }
     failed = []
-    for name in AGGREGATOR_CHECKS:
+    for name, check in checks.items():
         try:
-            READINESS_CHECKS[name](resources)
-        except Exception as error:
+            check(resources)
+        except Exception as error:  # shown on the page, as /readyz shows it
             failed.append(f"{name}: {type(error).__name__}")
     rows = [
         {
