@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import httpx
 import uvicorn
@@ -14,10 +15,14 @@ from tessera import procs
 
 
 @contextmanager
-def served(app: FastAPI) -> Iterator[str]:
-    """`app` on a free port until the block ends; its base URL."""
+def served(app: FastAPI, **options: Any) -> Iterator[str]:
+    """`app` on a free port until the block ends; its base URL. `options` go to uvicorn's
+    Config (e.g. `access_log=True, log_level="info", log_config=None` to capture its logs)."""
     port = procs.free_ports(1)[0]
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    config = uvicorn.Config(
+        app,
+        **{"host": "127.0.0.1", "port": port, "log_level": "warning", "lifespan": "on", **options},
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

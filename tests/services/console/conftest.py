@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from services.aggregator.main import create_app
 from services.console.session import COOKIE_NAME
-from tessera import procs
 from tessera.config import Settings
+from tests.serving import served
 
 CSRF_FIELD = re.compile(r'name="csrf" value="([^"]+)"')
 
@@ -53,20 +51,7 @@ class ServedStack:
 
 @pytest.fixture
 def served_aggregator(settings: Settings) -> Iterator[ServedStack]:
-    """The aggregator on a free port with uvicorn's access log on (as an operator might run it)."""
-    port = procs.free_ports(1)[0]
-    config = uvicorn.Config(
-        create_app(settings), host="127.0.0.1", port=port, access_log=True, log_config=None
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        if server.started:
-            break
-        threading.Event().wait(0.05)
-    assert server.started, "uvicorn did not start"
-    yield ServedStack(url=url, settings=settings)
-    server.should_exit = True
-    thread.join(timeout=10)
+    """The aggregator over HTTP with uvicorn's access log on (as an operator might run it)."""
+    app = create_app(settings)
+    with served(app, access_log=True, log_level="info", log_config=None) as url:
+        yield ServedStack(url=url, settings=settings)
