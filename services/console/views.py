@@ -207,3 +207,24 @@ def clustering_history(*, session: Session, limit: int = 10) -> list[Clustering]
 
 def count_clusterings(*, session: Session) -> int:
     return session.scalar(select(func.count()).select_from(Clustering)) or 0
+
+
+@dataclass(frozen=True, slots=True)
+class VersionRow:
+    """One published adapter version and where it came from."""
+
+    adapter: Adapter
+    version: AdapterVersion
+    round_number: int | None
+
+
+def adapter_versions(*, session: Session, limit: int = 200) -> list[VersionRow]:
+    """Every adapter version, newest first, with the number of the round that published it."""
+    rows = session.execute(
+        select(Adapter, AdapterVersion, Round.number)
+        .join(AdapterVersion, AdapterVersion.adapter_id == Adapter.id)
+        .outerjoin(Round, Round.id == AdapterVersion.round_id)
+        .order_by(AdapterVersion.id.desc())
+        .limit(limit)
+    )
+    return [VersionRow(adapter, version, number) for adapter, version, number in rows]

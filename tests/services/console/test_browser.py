@@ -113,6 +113,13 @@ def test_operator_signs_in_opens_a_round_and_sees_the_cluster_map(
     assert box is not None and box["width"] > 600 and box["height"] > 300
     _shot(page, tmp_path, "console-clusters.png")
 
+    page.get_by_role("link", name="Adapters").click()
+    page.wait_for_url("**/console/adapters")
+    load_ms["adapters"] = _load_ms(page)
+    assert page.get_by_text("No adapter published yet").is_visible()
+
+    page.get_by_role("link", name="Clusters").click()
+    page.wait_for_url("**/console/clusters")
     page.set_viewport_size({"width": 420, "height": 800})
     # Readable on a narrow window: the chart follows the width (Chart.js resizes on its own).
     page.wait_for_function("() => document.querySelector('#cluster-map').clientWidth <= 420")

@@ -14,7 +14,9 @@ from sqlalchemy.orm import Session
 from services.clustering.main import create_app as create_clustering_app
 from services.console.app import STATIC_DIR
 from tessera.config import Settings
-from tessera.models import Round, RoundState
+from tessera.models import AdapterKind, Round, RoundState
+from tessera.storage import ObjectStore
+from tests.services.aggregator.factories import publish
 from tests.services.console.conftest import sign_in, signed_in_csrf
 from tests.services.console.factories import federation
 
@@ -141,3 +143,32 @@ def test_assets_are_vendored_and_served(aggregator: TestClient) -> None:
         assert response.content == (STATIC_DIR / name).read_bytes()
     page = aggregator.get("/console/signin").text
     assert "https://" not in page and "http://" not in page
+
+
+def test_adapters_list_versions_with_lineage_and_download_them(
+    aggregator: TestClient, operator_token: str, session: Session, store: ObjectStore
+) -> None:
+    csrf = _signed_in(aggregator, operator_token)
+    assert "No adapter published yet" in aggregator.get("/console/adapters").text
+    aggregator.post("/console/rounds", data={"csrf": csrf})
+    round_ = session.scalars(select(Round)).one()
+    data = b"not a real adapter, only bytes the store keeps"
+    version = publish(session, store, "cluster:0", data, kind=AdapterKind.CLUSTER, cluster_label=0)
+    version.round_id = round_.id
+    version.metrics = {"updates": 5, "energy_kept": 0.99}
+    session.commit()
+
+    page = aggregator.get("/console/adapters").text
+    row = re.search(r"<tr>\s*<td>cluster:0</td>(.*?)</tr>", page, re.S)
+    download = aggregator.get(f"/console/adapters/{version.id}/download")
+    missing = aggregator.get("/console/adapters/999999/download")
+    aggregator.cookies.clear()
+    anonymous = aggregator.get(f"/console/adapters/{version.id}/download", follow_redirects=False)
+
+    assert row is not None
+    cells = re.findall(r"<td>(.*?)</td>", row.group(1), re.S)
+    assert cells[:5] == ["cluster", "v1", str(round_.number), "5", "4"]
+    assert download.status_code == 200 and download.content == data
+    assert 'filename="cluster-0-v1.safetensors"' in download.headers["content-disposition"]
+    assert missing.status_code == 404
+    assert anonymous.status_code == 303
