@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,49 +22,14 @@ from tessera.config import Settings
 from tessera.events import INFERENCE_QUEUE
 from tessera.lora import LoraSpec, random_adapter
 from tessera.models import GenerationJob, JobState, Role
-from tessera.queue import make_celery
-from tessera.stack import INFERENCE_WORKER_APP, worker_command
+from tessera.stack import INFERENCE_WORKER_APP
 from tessera.storage import ObjectStore
 from tests.helpers import bearer
 from tests.services.inference.helpers import embeds_b64, make_client, publish, tokens
 from tests.services.inference.test_end_to_end import sse_events
+from tests.worker_processes import STANDBY_QUEUE, WorkerProcesses
 
 STALE_S = 2.0
-STANDBY_QUEUE = "inference-standby"
-
-
-class InferenceWorkers:
-    """Inference worker processes on the test's Redis database, each stopped at the end."""
-
-    def __init__(self, settings: Settings, logs: Path) -> None:
-        # One intra-op thread, as the package's tests run the model: on shared, busy cores two
-        # threads make the small UNet tens of times slower.
-        self.env = {**os.environ, **settings.as_env(), "OMP_NUM_THREADS": "1"}
-        self.logs = logs
-        self.celery = make_celery(settings)
-        self.started: list[subprocess.Popen[bytes]] = []
-
-    def spawn(self, queue: str) -> tuple[subprocess.Popen[bytes], str]:
-        """Start a worker consuming `queue`; the process and its node name (not yet ready)."""
-        name = f"killed-{uuid.uuid4().hex[:8]}"
-        command = worker_command(queues=[queue], concurrency=1, name=name, app=INFERENCE_WORKER_APP)
-        process = procs.spawn(command, log_path=self.logs / f"{name}.log", env=self.env)
-        self.started.append(process)
-        return process, f"{name}@{socket.gethostname()}"
-
-    def wait_ready(self, process: subprocess.Popen[bytes], node: str) -> None:
-        procs.wait_until(
-            lambda: any(node in reply for reply in self.celery.control.ping(timeout=0.5)),
-            timeout=180,
-            what="an inference worker",
-            process=process,
-            log_path=self.logs / f"{node.split('@')[0]}.log",
-        )
-
-    def close(self) -> None:
-        for process in self.started:
-            procs.stop(process)
-        self.celery.close()
 
 
 @pytest.fixture
@@ -78,8 +40,8 @@ def fast(settings: Settings) -> Settings:
 
 
 @pytest.fixture
-def workers(fast: Settings, tmp_path: Path) -> Iterator[InferenceWorkers]:
-    pool = InferenceWorkers(fast, tmp_path)
+def workers(fast: Settings, tmp_path: Path) -> Iterator[WorkerProcesses]:
+    pool = WorkerProcesses(fast, tmp_path, app=INFERENCE_WORKER_APP)
     yield pool
     pool.close()
 
@@ -96,7 +58,7 @@ def test_a_job_whose_worker_is_killed_finishes_on_the_next_and_its_stream_ends(
     sessions: sessionmaker[Session],
     store: ObjectStore,
     spec: LoraSpec,
-    workers: InferenceWorkers,
+    workers: WorkerProcesses,
 ) -> None:
     publish(sessions, store, "cluster:0", random_adapter(spec, 4, 4.0, seed=0))
     _, token = make_client(session, fast, Role.GENERATOR)
@@ -135,7 +97,7 @@ def test_a_job_whose_worker_is_killed_finishes_on_the_next_and_its_stream_ends(
 
         follower = threading.Thread(target=follow, daemon=True)
         follower.start()
-        workers.celery.control.add_consumer(INFERENCE_QUEUE, destination=[second_node], reply=True)
+        workers.join(second_node, INFERENCE_QUEUE)
         up_at = time.monotonic()
         procs.wait_until(
             lambda: _job(session, job_id).state == JobState.SUCCEEDED,

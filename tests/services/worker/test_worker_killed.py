@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,11 +25,11 @@ from tessera.federation import RoundConfig
 from tessera.lora import LoraSpec
 from tessera.model.base import BaseModel
 from tessera.models import Adapter, AdapterVersion, Round, RoundState
-from tessera.queue import make_celery
-from tessera.stack import worker_command
+from tessera.stack import WORKER_APP
 from tessera.storage import ObjectStore
 from tests.helpers import on_redis_db
 from tests.services.worker.test_aggregate_round import CENTROIDS, build_round
+from tests.worker_processes import STANDBY_QUEUE, WorkerProcesses
 
 # A Redis database of its own: the session's worker (database 0) must not take the round.
 QUEUE_DB = 9
@@ -51,43 +50,9 @@ def spec(base_model: BaseModel) -> LoraSpec:
     return base_model.lora_spec
 
 
-class Workers:
-    """Aggregation worker processes on the test's Redis database, each killed at the end."""
-
-    def __init__(self, settings: Settings, logs: Path) -> None:
-        self.env = {**os.environ, **settings.as_env()}
-        self.logs = logs
-        self.celery = make_celery(settings)
-        self.started: list[procs.subprocess.Popen[bytes]] = []
-
-    def start(self) -> procs.subprocess.Popen[bytes]:
-        name = f"killed-{uuid.uuid4().hex[:8]}"
-        log_path = self.logs / f"{name}.log"
-        command = worker_command(queues=[AGGREGATION_QUEUE], concurrency=1, name=name)
-        process = procs.spawn(command, log_path=log_path, env=self.env)
-        self.started.append(process)
-        procs.wait_until(
-            lambda: any(
-                key.startswith(f"{name}@")
-                for reply in self.celery.control.ping(timeout=0.5)
-                for key in reply
-            ),
-            timeout=120,
-            what="an aggregation worker",
-            process=process,
-            log_path=log_path,
-        )
-        return process
-
-    def close(self) -> None:
-        for process in self.started:
-            procs.stop(process)
-        self.celery.close()
-
-
 @pytest.fixture
-def workers(fast: Settings, tmp_path: Path) -> Iterator[Workers]:
-    pool = Workers(fast, tmp_path)
+def workers(fast: Settings, tmp_path: Path) -> Iterator[WorkerProcesses]:
+    pool = WorkerProcesses(fast, tmp_path, app=WORKER_APP)
     yield pool
     pool.close()
 
@@ -103,11 +68,16 @@ def test_a_round_held_by_a_killed_worker_is_published_once_by_the_next(
     session: Session,
     store: ObjectStore,
     spec: LoraSpec,
-    workers: Workers,
+    workers: WorkerProcesses,
 ) -> None:
     events = redis.Redis.from_url(fast.redis_url or "").pubsub(ignore_subscribe_messages=True)
     events.subscribe(ADAPTER_PUBLISHED_CHANNEL)
-    first = workers.start()
+    first, first_node = workers.spawn(AGGREGATION_QUEUE)
+    # The next worker starts at the same time, on a queue of its own: it joins the aggregation
+    # queue once the first is dead, as a worker coming back would.
+    second, second_node = workers.spawn(STANDBY_QUEUE)
+    workers.wait_ready(first, first_node)
+    workers.wait_ready(second, second_node)
     with TestClient(create_app(fast)):  # the round loop, every 0.2 s
         for seed in (0, 100, 200):  # the kill must land while the worker aggregates
             built = build_round(
@@ -125,11 +95,12 @@ def test_a_round_held_by_a_killed_worker_is_published_once_by_the_next(
             killed_at = time.monotonic()
             if _round(session, built.round_id).state == RoundState.AGGREGATING:
                 break
-            first = workers.start()
+            first, first_node = workers.spawn(AGGREGATION_QUEUE)
+            workers.wait_ready(first, first_node)
         else:
             pytest.fail("the worker finished every round before it could be killed")
         first.wait(10)
-        workers.start()
+        workers.join(second_node, AGGREGATION_QUEUE)
         up_at = time.monotonic()
         procs.wait_until(
             lambda: _round(session, built.round_id).state == RoundState.PUBLISHED,
@@ -156,7 +127,7 @@ def test_a_round_held_by_a_killed_worker_is_published_once_by_the_next(
     ).all()
     recovery_s, since_kill_s = published_at - up_at, published_at - killed_at
     print(
-        f"published {recovery_s:.1f} s after the next worker was up, "
+        f"published {recovery_s:.1f} s after the next worker joined the queue, "
         f"{since_kill_s:.1f} s after the kill"
     )
     assert row.state == RoundState.PUBLISHED and row.attempts == 2  # the killed run, the next
