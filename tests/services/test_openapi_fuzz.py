@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 import schemathesis
 from fastapi import FastAPI
@@ -20,13 +21,15 @@ from services.aggregator.main import create_app as create_aggregator
 from services.clustering.main import create_app as create_clustering
 from services.inference.api.main import create_app as create_inference
 from tessera.config import Settings
-from tessera.models import Role
+from tessera.federation import task_vector_bytes
+from tessera.models import Role, TaskEmbedding
 from tests.helpers import bearer, on_redis_db
 from tests.services.inference.helpers import make_client
 
 pytestmark = pytest.mark.slow
 
 EXAMPLES = 5  # per operation and mode (valid, then invalid requests)
+TASK_DIM = 384
 FUZZ_DB = 10  # a Redis database of its own: nothing consumes what the fuzzed requests queue
 FACTORIES = {
     "aggregator": create_aggregator,
@@ -72,6 +75,28 @@ def _update_slot(app: FastAPI, settings: Settings, session: Session) -> tuple[di
     return {"round_id": opened.json()["id"], "client_id": client_id}, token
 
 
+def _seed_clustering(app: FastAPI, settings: Settings, session: Session) -> None:
+    """Six devices' task vectors around two directions and a clustering of them, so that routing
+    and assignment requests reach their logic instead of a 404."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(2, TASK_DIM))
+    for index in range(6):
+        client_id, _ = make_client(session, settings, Role.DEVICE)
+        vector = centres[index % 2] + rng.normal(scale=0.05, size=TASK_DIM)
+        session.add(
+            TaskEmbedding(
+                client_id=client_id,
+                vector=task_vector_bytes((vector / np.linalg.norm(vector)).tolist()),
+                dim=TASK_DIM,
+                encoder_id="test-encoder",
+            )
+        )
+    session.commit()
+    operator = bearer(settings.operator_token.get_secret_value())
+    created = TestClient(app).post("/v1/clusterings", json={}, headers=operator)
+    assert created.status_code == 201, created.text
+
+
 def _fuzz(
     operation: Any,
     mode: GenerationMode,
@@ -112,6 +137,8 @@ def test_no_request_gets_a_server_error(
     session: Session,
 ) -> None:
     name, app = service
+    if name == "clustering":
+        _seed_clustering(app, settings, session)
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     outcomes: dict[str, list[int]] = {}
     failed: list[str] = []
