@@ -50,12 +50,16 @@ def test_up_detached_status_enrol_down(tmp_path: Path) -> None:
     state = json.loads((tmp_path / "stack" / "stack.json").read_text())
     status = run_cli("status", env=env)
     enrolled = run_cli("client", "enrol", "edge-07", env=env)
+    console_url = state["urls"]["aggregator"] + "/console/"
+    console = httpx.get(console_url + "signin", timeout=10)
     running = _processes_of(tmp_path / "stack")
     down = run_cli("down", env=env)
     left = _wait_for_no_processes(tmp_path / "stack")
 
     assert up.returncode == 0, up.stderr + up.stdout
     assert "operator token" in up.stdout
+    assert f"console     {console_url}" in up.stdout
+    assert console.status_code == 200 and "Operator token" in console.text
     assert status.returncode == 0, status.stdout
     assert status.stdout.count(" ready ") == 3
     assert json.loads(enrolled.stdout)["name"] == "edge-07"
