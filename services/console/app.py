@@ -9,7 +9,7 @@ from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.console import routes
+from services.console import generate, routes
 from services.console.auth import SIGNIN_PATH, SignInRequired
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -57,6 +57,8 @@ class ConsoleHeaders:
 def mount_console(app: FastAPI) -> None:
     """The console's routes under /console and its vendored assets under /console/static."""
     app.include_router(routes.router)
+    app.include_router(generate.router)
+    app.state.console_inference_http = generate.make_inference_http(app.state.resources.settings)
     app.mount(f"{CONSOLE_PREFIX}/static", StaticFiles(directory=STATIC_DIR), name="console-static")
     app.add_exception_handler(SignInRequired, _sign_in_first)
     app.add_middleware(ConsoleHeaders)
