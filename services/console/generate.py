@@ -26,6 +26,7 @@ from tessera.tokens import hash_token
 router = APIRouter(prefix="/console", include_in_schema=False)
 INFERENCE_TIMEOUT_S = 10.0
 JOB_ID = re.compile(r"^[0-9a-f-]{36}$")
+MAX_COMPARED = 9
 
 
 def make_inference_http(settings: Settings) -> httpx.Client:
@@ -112,39 +113,49 @@ async def generate(
     settings: SettingsDep,
     inference: InferenceHttpDep,
 ) -> Response:
-    """Queue the job on the inference API; its refusal is shown as it came."""
+    """Queue the job on the inference API (and, to compare, each parent of a hybrid alone with
+    the same seed); a refusal is shown as it came."""
     form = await request.form()
-    mix = []
-    for key, value in form.items():
-        if key.startswith("weight:") and str(value).strip() not in ("", "0"):
-            mix.append({"adapter": key.removeprefix("weight:"), "weight": float(str(value))})
-    body: dict[str, Any] = {
-        "prompt": str(form.get("prompt", "")).strip() or None,
-        "adapters": mix,
-        "steps": int(str(form.get("steps") or 20)),
-        "seed": int(str(form.get("seed") or 0)),
-    }
+    try:
+        mix = [
+            {"adapter": key.removeprefix("weight:"), "weight": float(str(value))}
+            for key, value in form.items()
+            if key.startswith("weight:") and float(str(value) or 0) > 0
+        ]
+        steps, seed = int(str(form.get("steps") or 20)), int(str(form.get("seed") or 0))
+    except ValueError:
+        message = "weights, steps and seed must be numbers"
+        return _page(request, operator, session, settings, error=message, status_code=422)
+    mixes = [mix]
+    if form.get("compare") and len(mix) >= 2:
+        mixes += [[{"adapter": part["adapter"], "weight": 1.0}] for part in mix]
+    prompt = str(form.get("prompt", "")).strip() or None
     try:
         headers = console_client_auth(session=session, settings=settings)
     except HTTPException as error:
         return _page(request, operator, session, settings, error=str(error.detail), status_code=409)
-    try:
-        response = inference.post("/v1/generations", json=body, headers=headers)
-    except httpx.HTTPError as error:
-        url, kind = settings.inference_url, type(error).__name__
-        message = f"the inference service at {url} did not answer ({kind})"
-        return _page(request, operator, session, settings, error=message, status_code=502)
-    if not response.is_success:
-        return _page(
-            request,
-            operator,
-            session,
-            settings,
-            error=_api_detail(response),
-            status_code=response.status_code,
-        )
-    job_id = response.json()["id"]
-    return RedirectResponse(f"/console/generate/{job_id}", status_code=status.HTTP_303_SEE_OTHER)
+    job_ids = []
+    for adapters in mixes:
+        body = {"prompt": prompt, "adapters": adapters, "steps": steps, "seed": seed}
+        try:
+            response = inference.post("/v1/generations", json=body, headers=headers)
+        except httpx.HTTPError as error:
+            url, kind = settings.inference_url, type(error).__name__
+            message = f"the inference service at {url} did not answer ({kind})"
+            return _page(request, operator, session, settings, error=message, status_code=502)
+        if not response.is_success:
+            return _page(
+                request,
+                operator,
+                session,
+                settings,
+                error=_api_detail(response),
+                status_code=response.status_code,
+            )
+        job_ids.append(response.json()["id"])
+    return RedirectResponse(
+        f"/console/generate/{','.join(job_ids)}", status_code=status.HTTP_303_SEE_OTHER
+    )
 
 
 def _job(
@@ -165,17 +176,20 @@ def _job(
     return job
 
 
-@router.get("/generate/{job_id}")
+@router.get("/generate/{job_ids}")
 def job_page(
     request: Request,
-    job_id: str,
+    job_ids: str,
     operator: OperatorSessionDep,
     session: SessionDep,
     settings: SettingsDep,
     inference: InferenceHttpDep,
 ) -> Response:
-    job = _job(job_id, session, settings, inference)
-    return _render(request, "job.html", operator, job=job)
+    """One job, or a hybrid and its parents side by side (ids joined by commas)."""
+    ids = job_ids.split(",")[:MAX_COMPARED]
+    jobs = [_job(job_id, session, settings, inference) for job_id in ids]
+    live = any(job["state"] in ("queued", "running") for job in jobs)
+    return _render(request, "job.html", operator, jobs=jobs, live=live, path_ids=job_ids)
 
 
 @router.get("/generate/{job_id}/image/{index}")

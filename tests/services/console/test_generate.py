@@ -14,9 +14,10 @@ from sqlalchemy.orm import Session
 from services.aggregator.main import create_app
 from services.inference.api.main import create_app as create_inference_app
 from tessera.config import Settings
-from tessera.models import GenerationJob, JobState
+from tessera.models import AdapterKind, GenerationJob, JobState
 from tessera.storage import ObjectStore
 from tests.helpers import on_redis_db
+from tests.services.aggregator.factories import publish
 from tests.services.console.conftest import sign_in, signed_in_csrf
 
 CONSOLE_QUEUE_DB = 11  # the jobs queued here are never run: no worker listens on this database
@@ -65,7 +66,7 @@ def test_generate_queues_a_job_and_follows_it(
     assert refused.status_code == 422 and "steps" in refused.text and 'role="alert"' in refused.text
     assert queued.status_code == 303
     assert re.fullmatch(r"/console/generate/[0-9a-f-]{36}", queued.headers["location"])
-    assert '<span class="state queued" id="job-state">queued</span>' in job_page.text
+    assert '<span class="state queued" data-job-state>queued</span>' in job_page.text
     assert "Step 0 of 4" in job_page.text and "Seed 7" in job_page.text
     assert 'hx-trigger="every 1s"' in job_page.text  # followed live until it ends
 
@@ -114,3 +115,33 @@ def test_a_finished_jobs_image_comes_through_the_console(
     assert image.status_code == 200 and image.content == png.getvalue()
     assert image.headers["content-type"] == "image/png"
     assert missing.status_code == 404
+
+
+def test_a_hybrid_is_queued_beside_its_parents_with_the_same_seed(
+    plaintext_console: TestClient, operator_token: str, session: Session, store: ObjectStore
+) -> None:
+    for label in (0, 1):
+        publish(session, store, f"cluster:{label}", b"bytes", kind=AdapterKind.CLUSTER)
+    sign_in(plaintext_console, operator_token)
+    csrf = signed_in_csrf(plaintext_console)
+    form = {"csrf": csrf, "prompt": "a red square", "steps": "4", "seed": "3"}
+
+    page = plaintext_console.get("/console/generate").text
+    bad = plaintext_console.post("/console/generate", data={**form, "weight:cluster:0": "x"})
+    queued = plaintext_console.post(
+        "/console/generate",
+        data={**form, "weight:cluster:0": "0.5", "weight:cluster:1": "0.5", "compare": "1"},
+        follow_redirects=False,
+    )
+    compared = plaintext_console.get(queued.headers["location"]).text
+
+    assert 'name="weight:cluster:0" type="range"' in page
+    assert bad.status_code == 422 and "must be numbers" in bad.text
+    assert queued.headers["location"].count(",") == 2
+    titles = re.findall(r'<h2 id="h-job-\d">(.*?)</h2>', compared)
+    assert titles == [
+        "cluster:0 v1 \u00d7 0.5 + cluster:1 v1 \u00d7 0.5",
+        "cluster:0 v1 \u00d7 1.0",
+        "cluster:1 v1 \u00d7 1.0",
+    ]
+    assert compared.count("Seed 3,") == 3
