@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Lifespan, Message, Receive, Scope, Send
 
 from services.console import generate, routes
 from services.console.auth import SIGNIN_PATH, SignInRequired
@@ -54,11 +57,27 @@ class ConsoleHeaders:
         await self.app(scope, receive, with_headers)
 
 
+def _close_on_shutdown(app: FastAPI) -> None:
+    """Close the console's inference client when the app stops (tests may swap in another)."""
+    inner: Lifespan[FastAPI] = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[Any]:
+        async with inner(app) as state:
+            try:
+                yield state
+            finally:
+                app.state.console_inference_http.close()
+
+    app.router.lifespan_context = lifespan
+
+
 def mount_console(app: FastAPI) -> None:
     """The console's routes under /console and its vendored assets under /console/static."""
     app.include_router(routes.router)
     app.include_router(generate.router)
     app.state.console_inference_http = generate.make_inference_http(app.state.resources.settings)
+    _close_on_shutdown(app)
     app.mount(f"{CONSOLE_PREFIX}/static", StaticFiles(directory=STATIC_DIR), name="console-static")
     app.add_exception_handler(SignInRequired, _sign_in_first)
     app.add_middleware(ConsoleHeaders)

@@ -13,6 +13,7 @@ import httpx
 from fastapi import APIRouter, Depends, HTTPException, Request, status
 from fastapi.responses import RedirectResponse, Response
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from services.aggregator import crud
@@ -60,8 +61,12 @@ def console_client_auth(*, session: Session, settings: Settings) -> dict[str, st
     client = session.scalar(select(Client).where(Client.name == CONSOLE_CLIENT))
     if client is None:
         session.add(Client(name=CONSOLE_CLIENT, role=Role.GENERATOR, token_hash=token_hash))
-        session.commit()
-    elif client.role != Role.GENERATOR or client.disabled:
+        try:
+            session.commit()
+        except IntegrityError:  # another request (or replica) enrolled it first: the same token
+            session.rollback()
+        return {"Authorization": f"Bearer {token}"}
+    if client.role != Role.GENERATOR or client.disabled:
         raise HTTPException(
             status.HTTP_409_CONFLICT,
             detail=f"the client {CONSOLE_CLIENT!r} is a disabled or non-generator client: "
