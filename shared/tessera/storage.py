@@ -25,6 +25,8 @@ from tessera.config import Settings
 CHUNK_BYTES = 1024 * 1024
 # Multipart part size: the most an upload holds in memory at once (S3's minimum is 5 MiB).
 PART_BYTES = 8 * 1024 * 1024
+CONNECT_TIMEOUT_S = 2.0
+READ_TIMEOUT_S = 20.0  # between two reads of one answer, not for the whole transfer
 _NOT_FOUND = frozenset({"NoSuchKey", "NoSuchObject", "NotFound"})
 # S3 error codes of a server that is overloaded or failing, not of a bad request.
 _SERVER_CODES = frozenset({"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout"})
@@ -105,10 +107,14 @@ class ObjectStore:
         region: str = "us-east-1",
         public_endpoint: str | None = None,
     ) -> None:
+        # A server that hangs costs at most two reads of READ_TIMEOUT_S (one retry), not four
+        # of a minute: API requests answer 503 within tens of seconds, not minutes.
         http = urllib3.PoolManager(
-            timeout=urllib3.Timeout(connect=5, read=60),
+            timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT_S, read=READ_TIMEOUT_S),
             maxsize=16,
-            retries=urllib3.Retry(total=3, backoff_factor=0.2, status_forcelist=[502, 503, 504]),
+            retries=urllib3.Retry(
+                total=3, read=1, backoff_factor=0.2, status_forcelist=[502, 503, 504]
+            ),
         )
         self.bucket = bucket
         self._client = Minio(
