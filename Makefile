@@ -31,6 +31,7 @@ bench: setup ## Benchmarks on this machine; tables and plots written to docs/.
 	$(BIN)/python bench/model_speed.py --out docs
 	$(BIN)/python bench/inference_speed.py --out docs
 	$(BIN)/python bench/federation_speed.py --out docs
+	$(BIN)/python bench/aggregation_scale.py --out docs
 	$(BIN)/python bench/real_model.py --out docs
 
 evidence: setup ## Train a LoRA per style, score them and every pair's blends; writes docs/lora_evidence.*

@@ -14,6 +14,7 @@ import torch
 
 from tessera.lora.adapter import A_SUFFIX, B_SUFFIX, LoraAdapter, unflatten_pair
 from tessera.lora.aggregate import ExactResult, WeightedUpdate, _check_target, _stream
+from tessera.lora.lowrank import one_thread
 
 
 def dense_means(updates: Iterable[WeightedUpdate]) -> dict[str, torch.Tensor]:
@@ -58,7 +59,8 @@ def truncate_means(
     module_energy: dict[str, float] = {}
     kept_all = total_all = 0.0
     for module, mean in means.items():
-        u, s, vh = torch.linalg.svd(mean, full_matrices=False)
+        with one_thread():
+            u, s, vh = torch.linalg.svd(mean, full_matrices=False)
         k = min(rank, s.numel())
         root = (s[:k] / scale).sqrt()
         a = torch.zeros(rank, mean.shape[1], dtype=torch.float64)

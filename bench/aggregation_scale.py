@@ -1,0 +1,437 @@
+"""Aggregation at real size: N LoRA updates of SD-1.5 / SDXL attention shapes, each method alone.
+
+    python bench/aggregation_scale.py --out docs [--models sd15 sdxl] [--ranks 4 16]
+        [--counts 10 100 1000] [--max-resident-gb 6] [--dense-max 100] [--streamed-max 100]
+
+For every model, rank and N, each method runs in a fresh process of its own, on the same N
+synthetic updates (seeded Gaussian factors, std 0.02, weights 1..5: a flat spectrum, the hard
+case for a truncation), and reports its wall time and the process's peak resident set (Linux
+VmHWM, reset once the inputs are built, so it is the peak with the inputs resident):
+
+- floor: the weighted sum of the factors tensor by tensor, in place (what any mean costs);
+- flower: Flower's `flwr.server.strategy.aggregate.aggregate` on the same tensors as NumPy
+  arrays (per-tensor weighted mean: inexact for LoRA, mean(B)mean(A) != mean(BA));
+- fedavg: Tessera's `aggregate_fedavg` (the same per-tensor mean, the generic-FL baseline);
+- exact: Tessera's `aggregate_exact` (streamed, never forms a dense product);
+- dense: `aggregate_exact_dense`, the reference that forms every product (N <= --dense-max,
+  default 10: on a small machine its 93.5M-value products take minutes); its process also
+  reads the exact result back and reports the relative error between the two truncations and
+  the residual ratio ||M - exact||_F / ||M - dense||_F (1 = as close to the mean M as the
+  best rank-r truncation; on a flat spectrum the truncation itself is ill-conditioned, so the
+  ratio is the fairer measure of the sketch);
+- streamed: the worker's own path, `aggregate_plan` (scope global, exact), reading every
+  update from the embedded SeaweedFS (sha256 checked, parsed) a few ahead in threads
+  (N <= --streamed-max; the upload before it is not timed).
+
+Inputs that would not fit `--max-resident-gb` are skipped for the in-memory methods and
+noted. Module shapes are hard-coded from diffusers' UNet configs (`attention_shapes`).
+Writes docs/bench_aggregation.md, .json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from benchlib import common_arguments, machine, write_report
+
+from tessera.lora import LoraSpec, adapter_from_bytes, adapter_to_bytes
+from tessera.lora.adapter import random_adapter
+from tessera.lora.aggregate import WeightedUpdate, aggregate_exact, aggregate_fedavg
+
+NAME = "bench_aggregation"
+METHODS = ("floor", "flower", "fedavg", "exact", "dense", "streamed")
+IN_MEMORY = ("floor", "flower", "fedavg", "exact", "dense")
+
+# (block prefix, width, attentions, transformer layers each): diffusers' UNet2DConditionModel
+# configs of SD-1.5 (cross-attention 768) and SDXL base (cross-attention 2048).
+_BLOCKS = {
+    "sd15": (
+        768,
+        [
+            ("down_blocks.0", 320, 2, 1),
+            ("down_blocks.1", 640, 2, 1),
+            ("down_blocks.2", 1280, 2, 1),
+            ("mid_block", 1280, 1, 1),
+            ("up_blocks.1", 1280, 3, 1),
+            ("up_blocks.2", 640, 3, 1),
+            ("up_blocks.3", 320, 3, 1),
+        ],
+    ),
+    "tiny": (64, [("down_blocks.0", 32, 1, 1), ("up_blocks.1", 48, 1, 1)]),  # tests only
+    "sdxl": (
+        2048,
+        [
+            ("down_blocks.1", 640, 2, 2),
+            ("down_blocks.2", 1280, 2, 10),
+            ("mid_block", 1280, 1, 10),
+            ("up_blocks.0", 1280, 3, 10),
+            ("up_blocks.1", 640, 3, 2),
+        ],
+    ),
+}
+
+
+def attention_shapes(model: str) -> dict[str, tuple[int, int]]:
+    """The (out, in) of every attention projection (to_q/k/v/out.0 of attn1 and attn2)."""
+    cross, blocks = _BLOCKS[model]
+    shapes: dict[str, tuple[int, int]] = {}
+    for prefix, width, attentions, depth in blocks:
+        for a in range(attentions):
+            for t in range(depth):
+                base = f"{prefix}.attentions.{a}.transformer_blocks.{t}"
+                for attn, kv in (("attn1", width), ("attn2", cross)):
+                    shapes[f"{base}.{attn}.to_q"] = (width, width)
+                    shapes[f"{base}.{attn}.to_k"] = (width, kv)
+                    shapes[f"{base}.{attn}.to_v"] = (width, kv)
+                    shapes[f"{base}.{attn}.to_out.0"] = (width, width)
+    return shapes
+
+
+def spec(model: str) -> LoraSpec:
+    return LoraSpec(
+        base_model_id=f"bench/{model}", base_model_hash=model, modules=attention_shapes(model)
+    )
+
+
+def update_bytes(model: str, rank: int) -> int:
+    return 4 * rank * sum(out + inner for out, inner in attention_shapes(model).values())
+
+
+def make_update(model_spec: LoraSpec, rank: int, index: int) -> WeightedUpdate:
+    adapter = random_adapter(model_spec, rank, float(rank), seed=index)
+    return WeightedUpdate(adapter, float(1 + index % 5))
+
+
+# -- one method in this process ------------------------------------------------------------------
+
+
+def _peak_reset() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def floor(updates: list[WeightedUpdate]) -> dict[str, torch.Tensor]:
+    """The weighted sum of every factor, in place: the least any mean of the updates costs."""
+    total = sum(u.weight for u in updates)
+    sums = {k: v * updates[0].weight for k, v in updates[0].adapter.tensors.items()}
+    for update in updates[1:]:
+        for key, value in update.adapter.tensors.items():
+            sums[key].add_(value, alpha=update.weight)
+    return {k: v.div_(total) for k, v in sums.items()}
+
+
+def run_child(job: dict[str, Any]) -> dict[str, Any]:
+    """Build the inputs, reset the peak, run one method, return time, peak and notes."""
+    torch.set_num_threads(job["threads"])
+    model, rank, count, method = job["model"], job["rank"], job["count"], job["method"]
+    model_spec = spec(model)
+    if method == "streamed":
+        return _streamed(job, model_spec)
+    updates = [make_update(model_spec, rank, i) for i in range(count)]
+    call: Callable[[], Any]
+    if method == "floor":
+        call = lambda: floor(updates)  # noqa: E731
+    elif method == "flower":
+        from flwr.server.strategy.aggregate import aggregate
+
+        arrays = [([t.numpy() for t in u.adapter.tensors.values()], int(u.weight)) for u in updates]
+        call = lambda: aggregate(arrays)  # noqa: E731
+    elif method == "fedavg":
+        call = lambda: aggregate_fedavg(updates, rank=rank)  # noqa: E731
+    elif method == "exact":
+        call = lambda: aggregate_exact(updates, rank=rank)  # noqa: E731
+    else:
+        from tessera.lora.aggregate_dense import dense_means, truncate_means
+
+        means: dict[str, torch.Tensor] = {}
+
+        def call() -> Any:
+            means.update(dense_means(updates))
+            return truncate_means(means, updates[0].adapter, count=count, rank=rank, alpha=None)
+
+    inputs = _status_bytes("VmRSS")
+    _peak_reset()
+    start = time.perf_counter()
+    result = call()
+    seconds = time.perf_counter() - start
+    row: dict[str, Any] = {
+        "seconds": seconds,
+        "peak_bytes": _status_bytes("VmHWM"),
+        "inputs_bytes": inputs,
+    }
+    if method == "exact":
+        row["energy_kept"] = result.energy_kept
+        row["sketched"] = result.sketched
+        Path(job["exact_file"]).write_bytes(adapter_to_bytes(result.adapter))
+    if method == "dense":
+        from tessera.lora.aggregate_dense import relative_error, residual_ratio
+
+        row["energy_kept"] = result.energy_kept
+        exact_file = Path(job["exact_file"])
+        if exact_file.exists():
+            exact = adapter_from_bytes(exact_file.read_bytes())
+            row["exact_relative_error"] = relative_error(exact, result.adapter)
+            row["exact_residual_ratio"] = residual_ratio(exact, result.adapter, means)
+    return row
+
+
+def _streamed(job: dict[str, Any], model_spec: LoraSpec) -> dict[str, Any]:
+    """The worker's path from the embedded object store: upload (untimed), then aggregate."""
+    from benchlib import embedded_backends
+
+    from services.worker.aggregation import RoundPlan, UpdateRef, aggregate_plan
+    from tessera.federation import RoundConfig, update_key
+    from tessera.lora.bounds import ScaleRange  # the settings' defaults, as the worker uses
+
+    rank, count = job["rank"], job["count"]
+    with tempfile.TemporaryDirectory() as scratch, embedded_backends(Path(scratch)) as (_, store):
+        refs = []
+        for i in range(count):
+            update = make_update(model_spec, rank, i)
+            data = adapter_to_bytes(update.adapter)
+            stored = store.put_bytes(update_key(1, i, hashlib.sha256(data).hexdigest()), data)
+            refs.append(UpdateRef(i, i, stored.key, stored.sha256, int(update.weight), None))
+            del update
+        plan = RoundPlan(
+            round_id=1,
+            config=RoundConfig(scope="global", method="exact", rank=rank, lam=0.0),
+            opened_at=datetime.now(UTC),
+            clustering_id=None,
+            groups={None: refs},
+            centroids={},
+        )
+        inputs = _status_bytes("VmRSS")
+        _peak_reset()
+        start = time.perf_counter()
+        outcome = aggregate_plan(plan, store=store, scales=ScaleRange(1e-3, 16.0))
+        seconds = time.perf_counter() - start
+        peak = _status_bytes("VmHWM")
+    assert len(outcome.used) == count and not outcome.excluded
+    return {"seconds": seconds, "peak_bytes": peak, "inputs_bytes": inputs}
+
+
+# -- the parent: one process per cell ------------------------------------------------------------
+
+
+def cells(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every (model, rank, N, method) to run, in order (exact before dense: dense reads it)."""
+    jobs = []
+    budget = args.max_resident_gb * 1e9
+    for model in args.models:
+        for rank in args.ranks:
+            for count in args.counts:
+                resident = update_bytes(model, rank) * count
+                for method in args.methods:
+                    skip = None
+                    copies = 2 if method == "flower" else 1  # Flower copies every weighted tensor
+                    if method in IN_MEMORY and resident * copies > budget:
+                        skip = f"inputs need {resident * copies / 1e9:.1f} GB resident"
+                    dense_bytes = 8 * sum(o * i for o, i in attention_shapes(model).values())
+                    if method == "dense" and count > args.dense_max:
+                        skip = f"dense reference only for N <= {args.dense_max}"
+                    elif method == "dense" and dense_bytes > budget:
+                        skip = f"dense sums need {dense_bytes / 1e9:.1f} GB"
+                    if method == "streamed" and count > args.streamed_max:
+                        skip = f"streamed only for N <= {args.streamed_max}"
+                    jobs.append(
+                        {
+                            "model": model,
+                            "rank": rank,
+                            "count": count,
+                            "method": method,
+                            "skip": skip,
+                        }
+                    )
+    return jobs
+
+
+def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for job in cells(args):
+            job["threads"] = args.threads
+            job["exact_file"] = str(
+                Path(scratch) / f"{job['model']}-{job['rank']}-{job['count']}.safetensors"
+            )
+            row = {k: job[k] for k in ("model", "rank", "count", "method", "skip")}
+            if job["skip"] is None:
+                done = subprocess.run(
+                    [sys.executable, __file__, "--child", json.dumps(job)],
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
+                if done.returncode != 0:
+                    row["skip"] = f"failed: {done.stderr.strip().splitlines()[-1:]}"
+                else:
+                    row.update(json.loads(done.stdout.strip().splitlines()[-1]))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+# -- reporting -----------------------------------------------------------------------------------
+
+
+def _cell(row: dict[str, Any] | None) -> str:
+    if row is None:
+        return "-"
+    if row.get("skip"):
+        return "skipped"
+    return f"{row['seconds']:.2f} s, {row['peak_bytes'] / 1e9:.2f} GB"
+
+
+HEADER = (
+    "| N | inputs | floor | Flower `aggregate` | Tessera fedavg | Tessera exact "
+    "| dense reference | exact vs dense: rel. error | residual ratio "
+    "| energy kept (exact / dense) "
+    "| worker streamed from S3 |"
+)
+
+
+def _table_row(count: int, get: Callable[[str], dict[str, Any] | None]) -> str:
+    exact, dense = get("exact"), get("dense")
+    error = ratio = "-"
+    if dense and "exact_relative_error" in dense:
+        error = f"{dense['exact_relative_error']:.2e}"
+        ratio = f"{dense['exact_residual_ratio']:.6f}"
+    energy = "-"
+    if exact and "energy_kept" in exact:
+        energy = f"{exact['energy_kept']:.4f}"
+        if dense and "energy_kept" in dense:
+            energy += f" / {dense['energy_kept']:.4f}"
+    resident = exact.get("inputs_bytes") if exact else None
+    cells = [
+        str(count),
+        f"{resident / 1e9:.2f} GB" if resident else "-",
+        *(_cell(get(m)) for m in ("floor", "flower", "fedavg", "exact", "dense")),
+        error,
+        ratio,
+        energy,
+        _cell(get("streamed")),
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    rows = report["rows"]
+    index = {(r["model"], r["rank"], r["count"], r["method"]): r for r in rows}
+    lines = [
+        "# Aggregation at real size (`make bench`: bench/aggregation_scale.py)",
+        "",
+        f"Measured on this machine: {report['machine']}; torch {report['torch']}. Each cell is "
+        "one method in its own process: wall time of one call, and the process's peak resident "
+        "set with the inputs resident (the inputs alone are the `inputs` column). Synthetic "
+        "updates: Gaussian factors (a flat spectrum, the hard case for any truncation), "
+        "weights 1..5. Exact is `aggregate_exact` with its defaults "
+        f"({report['sketch']}).",
+        "",
+    ]
+    for model in report["models"]:
+        for rank in report["ranks"]:
+            size = update_bytes(model, rank)
+            modules = len(attention_shapes(model))
+            lines += [
+                f"## {model.upper()} attention, rank {rank} ({modules} modules, "
+                f"{size / 1e6:.2f} MB per update)",
+                "",
+                HEADER,
+                "|---|---|---|---|---|---|---|---|---|---|---|",
+            ]
+            for count in report["counts"]:
+                key = (model, rank, count)
+                lines.append(_table_row(count, lambda m, k=key: index.get((*k, m))))
+            lines.append("")
+    if report.get("notes"):
+        lines += ["## Reading", "", *report["notes"], ""]
+    skipped = sorted({r["skip"] for r in rows if r.get("skip")})
+    if skipped:
+        lines += ["Skipped cells: " + "; ".join(skipped) + ".", ""]
+    lines += [f"![time against N]({NAME}.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    combos = [(m, r) for m in report["models"] for r in report["ranks"]]
+    figure, axes = plt.subplots(1, len(combos), figsize=(4.2 * len(combos), 3.8), squeeze=False)
+    for axis, (model, rank) in zip(axes[0], combos, strict=True):
+        for method, marker in zip(METHODS, "osv^Dx", strict=True):
+            points = [
+                (r["count"], r["seconds"])
+                for r in report["rows"]
+                if (r["model"], r["rank"], r["method"]) == (model, rank, method)
+                and not r.get("skip")
+            ]
+            if points:
+                axis.plot(*zip(*points, strict=True), marker=marker, label=method)
+        axis.set(
+            xscale="log",
+            yscale="log",
+            xlabel="updates",
+            ylabel="seconds",
+            title=f"{model} rank {rank}",
+        )
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", nargs="+", default=["sd15", "sdxl"], choices=sorted(_BLOCKS))
+    parser.add_argument("--ranks", nargs="+", type=int, default=[4, 16])
+    parser.add_argument("--counts", nargs="+", type=int, default=[10, 100, 1000])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--max-resident-gb", type=float, default=7.0)
+    parser.add_argument("--dense-max", type=int, default=10)
+    parser.add_argument("--streamed-max", type=int, default=100)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    common_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(run_child(json.loads(args.child))))
+        return
+    path = args.out / f"{NAME}.json"
+    if args.report_only:
+        write_report(json.loads(path.read_text()), args.out, NAME, markdown=markdown, plot=plot)
+        return
+    from tessera.lora.lowrank import DEFAULT_SKETCH
+
+    report = {
+        "torch": torch.__version__,
+        "models": args.models,
+        "ranks": args.ranks,
+        "counts": args.counts,
+        "sketch": f"oversample {DEFAULT_SKETCH.oversample}, power iterations "
+        f"{DEFAULT_SKETCH.power_iterations}, exact up to summed rank {DEFAULT_SKETCH.exact_rank}",
+        "rows": run_all(args),
+    }
+    report["machine"] = machine(args.threads)
+    write_report(report, args.out, NAME, markdown=markdown, plot=plot)
+
+
+if __name__ == "__main__":
+    main()

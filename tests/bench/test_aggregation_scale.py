@@ -1,0 +1,45 @@
+"""The aggregation benchmark runs its methods each in its own process on tiny shapes (slow).
+
+Times are not asserted: what is checked is that each method ran for real in a child process
+(with a peak above its inputs), that the exact result was compared with the dense reference
+(sketched here: 20 rank-4 updates outgrow the exact stack), and the report was written. The
+in-memory baselines (floor, Flower, fedavg) are left out to keep the test short: each child
+process costs seconds of imports.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def test_tiny_run_measures_every_method_and_compares_exact_with_dense(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "bench"))
+    import aggregation_scale
+
+    sizes = ["--models", "tiny", "--ranks", "4", "--counts", "20"]
+    limits = ["--dense-max", "20", "--streamed-max", "20"]
+    methods = ["--methods", "exact", "dense", "streamed"]
+    aggregation_scale.main([*sizes, *limits, *methods, "--out", str(tmp_path)])
+
+    report = json.loads((tmp_path / "bench_aggregation.json").read_text())
+    rows = {row["method"]: row for row in report["rows"]}
+    assert sorted(rows) == ["dense", "exact", "streamed"]
+    for row in rows.values():
+        assert row["skip"] is None and row["seconds"] > 0
+        assert row["peak_bytes"] >= row["inputs_bytes"] > 0
+    assert rows["exact"]["sketched"] is True
+    assert 0 < rows["dense"]["exact_relative_error"] < 0.5
+    assert 1 - 1e-9 <= rows["dense"]["exact_residual_ratio"] < 1.05
+    assert rows["exact"]["energy_kept"] == pytest.approx(rows["dense"]["energy_kept"], abs=0.05)
+    table = (tmp_path / "bench_aggregation.md").read_text()
+    assert "| 20 |" in table and "skipped" not in table
+    assert (tmp_path / "bench_aggregation.png").stat().st_size > 10_000
