@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import math
 import tempfile
 import time
@@ -166,7 +167,9 @@ def aggregate(
         return aggregate_exact(weighted, rank=AGGREGATE_RANK).adapter, 0
     refs = []
     for index, update in enumerate(updates):
-        stored = store.put_bytes(update_key(round_id, index + 1), adapter_to_bytes(update))
+        data = adapter_to_bytes(update)
+        key = update_key(round_id, index + 1, hashlib.sha256(data).hexdigest())
+        stored = store.put_bytes(key, data)
         refs.append(UpdateRef(index + 1, index + 1, stored.key, stored.sha256, SAMPLES, None))
     plan = RoundPlan(
         round_id=round_id,
