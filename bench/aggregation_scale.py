@@ -374,7 +374,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     combos = [(m, r) for m in report["models"] for r in report["ranks"]]
     figure, axes = plt.subplots(1, len(combos), figsize=(4.2 * len(combos), 3.8), squeeze=False)
     for axis, (model, rank) in zip(axes[0], combos, strict=True):
-        for method, marker in zip(METHODS, "osv^Dx", strict=True):
+        for index, (method, marker) in enumerate(zip(METHODS, "osv^Dx", strict=True)):
             points = [
                 (r["count"], r["seconds"])
                 for r in report["rows"]
@@ -382,7 +382,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
                 and not r.get("skip")
             ]
             if points:
-                axis.plot(*zip(*points, strict=True), marker=marker, label=method)
+                axis.plot(
+                    *zip(*points, strict=True), marker=marker, color=f"C{index}", label=method
+                )
         axis.set(
             xscale="log",
             yscale="log",
