@@ -274,6 +274,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"(one thread: MKL's threads crawl on a busy machine); {report['machine']}; "
         f"{report['wall_seconds']:.0f} s.",
         "",
+        *([f"**Partial run**: {report['partial']}.", ""] if report.get("partial") else []),
         f"A cluster of {CLUSTER} devices of style `{settings['style']}` (each a rank-{RANK} LoRA "
         f"trained {settings['steps']} steps on {settings['images']} images of its own), "
         f"aggregated to rank {AGGREGATE_RANK} (exact). With k attackers, the last k devices send "
