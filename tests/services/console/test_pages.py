@@ -42,7 +42,9 @@ def test_empty_platform_says_what_to_do_next(aggregator: TestClient, operator_to
         "clustering",
         "inference",
     ]
-    assert "worker: RuntimeError" in services  # no Celery worker in this test
+    # Whether a Celery worker answers depends on the run (a shared Redis has other tests'
+    # workers); the peers are never served here, so they show as down with the reason.
+    assert services.count("unreachable (ConnectError)") == 2
     assert "No round yet: open one above." in rounds
     assert "No clustering yet" in clusters
 
