@@ -4,7 +4,6 @@ progress over server-sent events, the image downloaded from its presigned URL.""
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,7 +14,6 @@ import numpy as np
 import pytest
 import redis
 import torch
-import uvicorn
 from celery.contrib.testing.worker import start_worker
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -23,7 +21,6 @@ from services.inference.api.main import create_app
 from services.inference.worker import runtime as inference_runtime
 from services.inference.worker.cache import AdapterCache
 from services.inference.worker.runner import JobRuntime
-from tessera import procs
 from tessera.config import Settings
 from tessera.events import INFERENCE_QUEUE
 from tessera.lora import LoraAdapter, LoraSpec, random_adapter
@@ -32,29 +29,14 @@ from tessera.queue import make_celery
 from tessera.storage import ObjectStore
 from tests.helpers import bearer
 from tests.services.inference.helpers import embeds_b64, png_array, publish, tokens
+from tests.serving import served
 
 
 @contextmanager
 def serving(settings: Settings) -> Iterator[str]:
     """The inference API on a free port, in a thread of this process; its base URL."""
-    port = procs.free_ports(1)[0]
-    config = uvicorn.Config(
-        create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        procs.wait_until(
-            lambda: httpx.get(f"{url}/healthz", timeout=2).status_code == 200,
-            timeout=30,
-            what="the inference API",
-        )
+    with served(create_app(settings)) as url:
         yield url
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @contextmanager
