@@ -16,6 +16,9 @@ Choices:
 - scope `cluster`, method `fedavg`: the global adapter is the fedavg of the same pre-blend
   cluster adapters, weighted the same way. Per-tensor averaging is linear, so this *is* the fedavg
   of all included updates (the generic-FL baseline), without reading every update twice.
+- A private round (`noise_multiplier`): each cluster's aggregate is the Gaussian mechanism on
+  the sum of its clipped products (`aggregate_private`); blending and the global adapter are
+  post-processing of the noisy cluster adapters.
 - Knowledge interaction (`lam` > 0) blends the cluster adapters for either method; lam = 0
   leaves pure per-cluster aggregates. A cluster without a centroid is left unblended.
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,6 +44,7 @@ from tessera.lora.aggregate import (
     WeightedUpdate,
     aggregate_exact,
     aggregate_fedavg,
+    aggregate_private,
     global_adapter,
     neighbour_blend,
 )
@@ -99,9 +104,17 @@ class _GroupFailedError(Exception):
     """A group's updates were read, but no adapter can be published from them."""
 
 
-def aggregate_plan(plan: RoundPlan, *, store: ObjectStore, scales: ScaleRange) -> RoundAggregate:
-    """Aggregate every group at quorum, then blend, build the global adapter and check them."""
+def aggregate_plan(
+    plan: RoundPlan, *, store: ObjectStore, scales: ScaleRange, noise_seed: int | None = None
+) -> RoundAggregate:
+    """Aggregate every group at quorum, then blend, build the global adapter and check them.
+
+    A private round's noise comes from a generator seeded from the OS's randomness (`secrets`);
+    `noise_seed` fixes it, for tests only.
+    """
     config = plan.config
+    seed = secrets.randbits(63) if noise_seed is None else noise_seed
+    noise = torch.Generator().manual_seed(seed)
     excluded = list(plan.unassigned)
     clusters: list[dict[str, Any]] = []
     groups: dict[int | None, _Group] = {}
@@ -122,7 +135,7 @@ def aggregate_plan(plan: RoundPlan, *, store: ObjectStore, scales: ScaleRange) -
                 seed=plan.round_id,
             )
             try:
-                group = _aggregate_group(label, stream, config=config)
+                group = _aggregate_group(label, stream, config=config, noise=noise)
             except _GroupFailedError as error:
                 failure = str(error)
         used = len(group.used) if group else 0
@@ -139,6 +152,7 @@ def aggregate_plan(plan: RoundPlan, *, store: ObjectStore, scales: ScaleRange) -
                 "samples": group.samples,
                 "clipped": group.clipped,
                 "clip_bound": group.clip_bound,
+                "noise_multiplier": config.noise_multiplier,
                 "published": True,
                 "reason": None,
             }
@@ -187,13 +201,28 @@ def _checked(
 
 
 def _aggregate_group(
-    label: int | None, stream: BoundedUpdates, *, config: RoundConfig
+    label: int | None, stream: BoundedUpdates, *, config: RoundConfig, noise: torch.Generator
 ) -> _Group | None:
-    """The group's aggregate, or None when none of its updates could be read."""
+    """The group's aggregate, or None when none of its updates could be read.
+
+    A private round's aggregate is the Gaussian mechanism on the sum of the clipped products,
+    divided by the number of updates the group received (an excluded one counts as zero).
+    """
     started = time.perf_counter()
     stream.survey()
     try:
-        if config.method == "exact":
+        if config.noise_multiplier is not None:
+            assert config.clip_norm is not None  # RoundConfig requires clip fixed
+            result = aggregate_private(
+                stream,
+                rank=config.rank,
+                clip_norm=config.clip_norm,
+                noise_multiplier=config.noise_multiplier,
+                count=stream.received,
+                generator=noise,
+            )
+            adapter, energy = result.adapter, result.energy_kept
+        elif config.method == "exact":
             result = aggregate_exact(stream, rank=config.rank)
             adapter, energy = result.adapter, result.energy_kept
         else:
@@ -246,6 +275,7 @@ def _outputs(plan: RoundPlan, groups: dict[int | None, _Group]) -> list[ToPublis
             "clip_bound": group.clip_bound,
             "weighting": config.weighting,
             "robust": config.robust,
+            "noise_multiplier": config.noise_multiplier,
             "lam": config.lam,
             "temperature": config.temperature,
             "blend_energy_kept": blend_energy,

@@ -73,12 +73,14 @@ def aggregate_round_now(
     redis: Redis,
     scales: ScaleRange,
     stale_s: float = DEFAULT_STALE_S,
+    noise_seed: int | None = None,
 ) -> dict[str, Any]:
     """Aggregate an `aggregating` round and publish its adapters; return what was done.
 
     A published round returns what it published; any other state is skipped. An unusable update
     is excluded with its reason (`scales`: the LoRA scales accepted); an error that is not a
-    connection's marks the round failed and propagates.
+    connection's marks the round failed and propagates. `noise_seed` fixes a private round's
+    noise (tests only; by default it is seeded from the OS's randomness).
     """
     with sessions() as session:
         round_row = session.get(Round, round_id)
@@ -98,7 +100,12 @@ def aggregate_round_now(
             with sessions() as session:
                 plan = _load_plan(session, round_id)
             return _aggregate_and_publish(
-                plan, sessions=sessions, store=store, redis=redis, scales=scales
+                plan,
+                sessions=sessions,
+                store=store,
+                redis=redis,
+                scales=scales,
+                noise_seed=noise_seed,
             )
     except TRANSIENT_ERRORS:
         raise
@@ -245,9 +252,10 @@ def _aggregate_and_publish(
     store: ObjectStore,
     redis: Redis,
     scales: ScaleRange,
+    noise_seed: int | None,
 ) -> dict[str, Any]:
     config = plan.config
-    result = aggregate_plan(plan, store=store, scales=scales)
+    result = aggregate_plan(plan, store=store, scales=scales, noise_seed=noise_seed)
     report = {"clusters": result.clusters, "withheld": result.withheld}
     if not result.outputs:
         reason = "nothing to publish: no group had enough usable updates"

@@ -128,6 +128,11 @@ class BoundedUpdates:
         self.bound: float | None = None
         self._passes = 0
 
+    @property
+    def received(self) -> int:
+        """How many updates the group received, usable or not."""
+        return len(self._refs)
+
     def survey(self) -> None:
         """First pass: check every update, keep its norm; fix the clip bound and the weights."""
         for ref, (adapter, reason) in _prefetched(self._refs, self._read):

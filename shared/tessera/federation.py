@@ -77,11 +77,40 @@ class RoundConfig(BaseModel):
         default=1, description="krum: attackers assumed per cluster (n - f updates kept)"
     )
 
+    noise_multiplier: Annotated[float | None, Field(ge=0.1, le=1000.0, allow_inf_nan=False)] = (
+        Field(
+            default=None,
+            description="differential privacy: Gaussian noise of std noise_multiplier·clip_norm "
+            "on each cluster's sum of clipped products (needs method exact, clip fixed, "
+            "weighting equal, robust none); none: the federation's TESSERA_DP_NOISE_MULTIPLIER",
+        )
+    )
+
     @model_validator(mode="after")
     def _clip_norm_with_fixed(self) -> RoundConfig:
         if (self.clip == "fixed") != (self.clip_norm is not None):
             raise ValueError("clip_norm is required with clip 'fixed' and only then")
         return self
+
+    @model_validator(mode="after")
+    def _private_rounds_bound_each_update(self) -> RoundConfig:
+        if self.noise_multiplier is None:
+            return self
+        needs = {"method": "exact", "clip": "fixed", "weighting": "equal", "robust": "none"}
+        wrong = [f"{name} {want!r}" for name, want in needs.items() if getattr(self, name) != want]
+        if wrong:
+            raise ValueError(
+                "a differentially private round (noise_multiplier) needs "
+                + ", ".join(wrong)
+                + ": its sensitivity is one fixed clip_norm per update, counted once, "
+                "whichever other updates arrive"
+            )
+        return self
+
+    @property
+    def private(self) -> bool:
+        """True when the round adds Gaussian noise to each cluster's aggregate."""
+        return self.noise_multiplier is not None
 
 
 def cluster_adapter_name(label: int) -> str:
