@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session
 
 from services.aggregator import crud
 from services.aggregator.closing import round_progress
+from services.aggregator.privacy import Policy, round_privacy
 from tessera.federation import RoundConfig
 from tessera.models import Adapter, AdapterVersion, Round, utcnow
 from tessera.schemas import (
@@ -55,10 +56,13 @@ def round_brief(round_: Round) -> RoundBrief:
     )
 
 
-def round_out(*, session: Session, round_: Round, device_id: int | None = None) -> RoundOut:
-    """A round with its progress, the versions it published and the updates it excluded.
+def round_out(
+    *, session: Session, round_: Round, device_id: int | None = None, policy: Policy | None = None
+) -> RoundOut:
+    """A round with its progress, the versions it published and the updates it excluded, and
+    (with the federation's privacy `policy`) a private round's epsilon per device.
 
-    For a device (`device_id`), only its own exclusion and no aggregation report.
+    For a device (`device_id`), only its own exclusion and epsilon, and no aggregation report.
     """
     progress = round_progress(session=session, round_=round_)
     excluded = crud.excluded_updates(session=session, round_id=round_.id, client_id=device_id)
@@ -87,4 +91,7 @@ def round_out(*, session: Session, round_: Round, device_id: int | None = None) 
             for row in excluded
         ],
         report=round_.report if device_id is None else None,
+        privacy=None
+        if policy is None
+        else round_privacy(session=session, round_=round_, policy=policy, device_id=device_id),
     )

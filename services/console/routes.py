@@ -279,13 +279,17 @@ def _validation_message(error: ValidationError) -> str:
 
 @router.post("/rounds")
 async def open_round(
-    request: Request, operator: CsrfOperatorDep, session: SessionDep, celery: CeleryDep
+    request: Request,
+    operator: CsrfOperatorDep,
+    session: SessionDep,
+    celery: CeleryDep,
+    policy: rounds_api.PolicyDep,
 ) -> Response:
     form = await request.form()
     values = {k: str(form[k]).strip() for k in ROUND_FIELDS if k in form}
     try:
         config = RoundConfig.model_validate({k: v for k, v in values.items() if v != ""})
-        rounds_api.open_round(config, _principal(operator), session, celery)
+        rounds_api.open_round(config, _principal(operator), session, celery, policy)
     except ValidationError as error:
         return _rounds_page(
             request,
@@ -314,9 +318,10 @@ def close_round(
     operator: CsrfOperatorDep,
     session: SessionDep,
     celery: CeleryDep,
+    policy: rounds_api.PolicyDep,
 ) -> Response:
     try:
-        rounds_api.close(round_id, _principal(operator), session, celery)
+        rounds_api.close(round_id, _principal(operator), session, celery, policy)
     except HTTPException as error:
         return _rounds_page(
             request, operator, session, error=str(error.detail), status_code=error.status_code
@@ -326,10 +331,14 @@ def close_round(
 
 @router.post("/rounds/{round_id}/cancel")
 def cancel_round(
-    request: Request, round_id: int, operator: CsrfOperatorDep, session: SessionDep
+    request: Request,
+    round_id: int,
+    operator: CsrfOperatorDep,
+    session: SessionDep,
+    policy: rounds_api.PolicyDep,
 ) -> Response:
     try:
-        rounds_api.cancel(round_id, _principal(operator), session)
+        rounds_api.cancel(round_id, _principal(operator), session, policy)
     except HTTPException as error:
         return _rounds_page(
             request, operator, session, error=str(error.detail), status_code=error.status_code

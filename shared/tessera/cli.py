@@ -211,6 +211,13 @@ def round_group() -> None:
 )
 @click.option("--robust-trim", type=float, default=None)
 @click.option("--robust-f", type=int, default=None)
+@click.option(
+    "--noise-multiplier",
+    type=float,
+    default=None,
+    help="Differential privacy: Gaussian noise of std this times --clip-norm on each cluster's "
+    "sum (needs --clip fixed, --weighting equal); `round show` then gives each device's epsilon.",
+)
 def round_open(**options: object) -> None:
     """Open the next round; options left out take the server's defaults."""
     config = {name: value for name, value in options.items() if value is not None}
@@ -229,7 +236,8 @@ def round_list(limit: int) -> None:
 @round_group.command(name="show")
 @click.argument("round_id", type=int)
 def round_show(round_id: int) -> None:
-    """Show a round: progress, published versions, excluded updates and why, its report."""
+    """Show a round: progress, published versions, excluded updates and why, its report and,
+    for a private round, each device's epsilon after it."""
     with _operator_client() as http:
         _echo_response(http.get(f"/v1/rounds/{round_id}"))
 

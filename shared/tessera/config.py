@@ -142,6 +142,23 @@ class Settings(BaseSettings):
         default=16.0, description="Largest LoRA scale alpha / rank an update may have (422 above)."
     )
 
+    # Differential privacy (per federation: one deployment is one federation).
+    dp_noise_multiplier: Annotated[float, Field(ge=0.1, le=1000.0, allow_inf_nan=False)] | None = (
+        Field(
+            default=None,
+            description="Noise multiplier of every round that names none: set, every round is "
+            "differentially private; unset, only rounds that set noise_multiplier are.",
+        )
+    )
+    dp_epsilon_budget: Annotated[float, Field(gt=0, le=1e4, allow_inf_nan=False)] | None = Field(
+        default=None,
+        description="Each device's epsilon budget at TESSERA_DP_DELTA: opening a round that "
+        "would take an enabled device past it is refused (409); set, every round must be private.",
+    )
+    dp_delta: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)] = Field(
+        default=1e-5, description="The delta at which each device's epsilon is reported."
+    )
+
     # Inference.
     allow_plaintext_prompts: bool = Field(
         default=False,

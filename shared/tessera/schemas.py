@@ -129,6 +129,29 @@ class ExcludedUpdate(BaseModel):
     reason: str
 
 
+class DeviceEpsilon(BaseModel):
+    """One device's privacy loss after a private round."""
+
+    client_id: int
+    rounds: int = Field(description="private rounds it uploaded to, up to this one included")
+    epsilon: float = Field(description="its epsilon at the round's delta after those rounds")
+
+
+class RoundPrivacy(BaseModel):
+    """A private round's mechanism and what it cost each device that took part."""
+
+    noise_multiplier: float = Field(description="noise std on each cluster's sum, in clip norms")
+    clip_norm: float = Field(description="the fixed bound on each update's ||scale·B·A||_F")
+    delta: float
+    epsilon_budget: float | None = Field(description="each device's budget; none: unbounded")
+    max_epsilon: float = Field(description="the largest epsilon among the devices shown")
+    devices: list[DeviceEpsilon] = Field(
+        description="each device that uploaded (a device: its own)"
+    )
+    accountant: str
+    assumptions: str
+
+
 class RoundOut(RoundBrief):
     """A round with its progress towards quorum and, once published, its adapter versions."""
 
@@ -155,6 +178,9 @@ class RoundOut(RoundBrief):
         default=None, description="when a worker aggregating it last said it was alive"
     )
     attempts: int = Field(default=0, description="aggregation runs a worker started")
+    privacy: RoundPrivacy | None = Field(
+        default=None, description="a private round's noise and each device's epsilon after it"
+    )
 
 
 class DeviceAssignment(BaseModel):

@@ -9,23 +9,32 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, status
+from fastapi import APIRouter, Depends, HTTPException, Query, status
+from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from services.aggregator import crud
 from services.aggregator.closing import EnqueueError, close_if_due, close_round
+from services.aggregator.privacy import BudgetError, Policy, check_budget, round_config
 from services.aggregator.stuck import fail_round, retry_round
 from services.aggregator.views import round_out
 from tessera.federation import RoundConfig
 from tessera.models import Role, Round, RoundState, utcnow
 from tessera.schemas import RoundOut, RowId
 from tessera.service.auth import OperatorDep, Principal, require_role
-from tessera.service.deps import CeleryDep, SessionDep
+from tessera.service.deps import CeleryDep, SessionDep, SettingsDep
 
 router = APIRouter(prefix="/v1/rounds", tags=["rounds"])
 
 OperatorOrDeviceDep = Annotated[Principal, require_role(Role.OPERATOR, Role.DEVICE)]
+
+
+def _policy(settings: SettingsDep) -> Policy:
+    return Policy.of(settings)
+
+
+PolicyDep = Annotated[Policy, Depends(_policy)]
 
 
 def get_round(session: Session, round_id: int) -> Round:
@@ -54,11 +63,31 @@ def _enqueue_failed(_error: EnqueueError) -> HTTPException:
     "",
     status_code=status.HTTP_201_CREATED,
     summary="Open the next round",
-    responses={409: {"description": "a round is already collecting"}},
+    responses={
+        409: {
+            "description": "a round is already collecting, or the federation's privacy budget "
+            "refuses it (spent, or the round is not private)"
+        }
+    },
 )
 def open_round(
-    config: RoundConfig, _operator: OperatorDep, session: SessionDep, celery: CeleryDep
+    config: RoundConfig,
+    _operator: OperatorDep,
+    session: SessionDep,
+    celery: CeleryDep,
+    policy: PolicyDep,
 ) -> RoundOut:
+    try:
+        config = round_config(config, policy=policy)
+        check_budget(session=session, policy=policy, noise_multiplier=config.noise_multiplier)
+    except ValidationError as error:  # the federation's noise on a round that cannot take it
+        reasons = "; ".join(str(e["msg"]) for e in error.errors(include_input=False))
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            detail="this federation's rounds are private (TESSERA_DP_NOISE_MULTIPLIER): " + reasons,
+        ) from error
+    except BudgetError as error:
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=str(error)) from error
     current = crud.collecting_round(session=session)
     if current is not None:
         close_if_due(session=session, celery=celery, round_=current)
@@ -72,17 +101,18 @@ def open_round(
             status.HTTP_409_CONFLICT,
             detail=f"{detail}: close or cancel it before opening another",
         ) from error
-    return round_out(session=session, round_=round_)
+    return round_out(session=session, round_=round_, policy=policy)
 
 
 @router.get("", summary="Rounds, newest first")
 def list_rounds(
     _operator: OperatorDep,
     session: SessionDep,
+    policy: PolicyDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> list[RoundOut]:
     return [
-        round_out(session=session, round_=round_)
+        round_out(session=session, round_=round_, policy=policy)
         for round_ in crud.list_rounds(session=session, limit=limit)
     ]
 
@@ -92,21 +122,27 @@ def list_rounds(
     summary="The newest round, whatever its state",
     responses={404: {"description": "no round was ever opened"}},
 )
-def current_round(caller: OperatorOrDeviceDep, session: SessionDep, celery: CeleryDep) -> RoundOut:
+def current_round(
+    caller: OperatorOrDeviceDep, session: SessionDep, celery: CeleryDep, policy: PolicyDep
+) -> RoundOut:
     round_ = crud.latest_round(session=session)
     if round_ is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no round has been opened yet")
     close_if_due(session=session, celery=celery, round_=round_)
-    return round_out(session=session, round_=round_, device_id=_device_id(caller))
+    return round_out(session=session, round_=round_, device_id=_device_id(caller), policy=policy)
 
 
 @router.get("/{round_id}", summary="One round and its progress towards quorum")
 def read_round(
-    round_id: RowId, caller: OperatorOrDeviceDep, session: SessionDep, celery: CeleryDep
+    round_id: RowId,
+    caller: OperatorOrDeviceDep,
+    session: SessionDep,
+    celery: CeleryDep,
+    policy: PolicyDep,
 ) -> RoundOut:
     round_ = get_round(session, round_id)
     close_if_due(session=session, celery=celery, round_=round_)
-    return round_out(session=session, round_=round_, device_id=_device_id(caller))
+    return round_out(session=session, round_=round_, device_id=_device_id(caller), policy=policy)
 
 
 def _device_id(caller: Principal) -> int | None:
@@ -120,7 +156,11 @@ def _device_id(caller: Principal) -> int | None:
     responses={409: {"description": "the round is not collecting, or has no updates"}},
 )
 def close(
-    round_id: RowId, _operator: OperatorDep, session: SessionDep, celery: CeleryDep
+    round_id: RowId,
+    _operator: OperatorDep,
+    session: SessionDep,
+    celery: CeleryDep,
+    policy: PolicyDep,
 ) -> RoundOut:
     round_ = get_round(session, round_id)
     if round_.state != RoundState.COLLECTING:
@@ -137,7 +177,7 @@ def close(
     except EnqueueError as error:
         raise _enqueue_failed(error) from error
     session.refresh(round_)
-    return round_out(session=session, round_=round_)
+    return round_out(session=session, round_=round_, policy=policy)
 
 
 @router.post(
@@ -145,7 +185,9 @@ def close(
     summary="Cancel a collecting round; its updates are never aggregated",
     responses={409: {"description": "the round is not collecting"}},
 )
-def cancel(round_id: RowId, operator: OperatorDep, session: SessionDep) -> RoundOut:
+def cancel(
+    round_id: RowId, operator: OperatorDep, session: SessionDep, policy: PolicyDep
+) -> RoundOut:
     round_ = get_round(session, round_id)
     cancelled = crud.move_round(
         session=session,
@@ -159,7 +201,7 @@ def cancel(round_id: RowId, operator: OperatorDep, session: SessionDep) -> Round
     session.refresh(round_)
     if not cancelled:
         raise not_collecting(round_)
-    return round_out(session=session, round_=round_)
+    return round_out(session=session, round_=round_, policy=policy)
 
 
 @router.post(
@@ -171,7 +213,11 @@ def cancel(round_id: RowId, operator: OperatorDep, session: SessionDep) -> Round
     },
 )
 def retry(
-    round_id: RowId, _operator: OperatorDep, session: SessionDep, celery: CeleryDep
+    round_id: RowId,
+    _operator: OperatorDep,
+    session: SessionDep,
+    celery: CeleryDep,
+    policy: PolicyDep,
 ) -> RoundOut:
     round_ = get_round(session, round_id)
     try:
@@ -185,7 +231,7 @@ def retry(
             detail=f"round {round_.number} is {round_.state.value}; only an aggregating or "
             "failed round can be retried",
         )
-    return round_out(session=session, round_=round_)
+    return round_out(session=session, round_=round_, policy=policy)
 
 
 @router.post(
@@ -193,7 +239,9 @@ def retry(
     summary="Fail an aggregating round; nothing it would publish is announced",
     responses={409: {"description": "the round is not aggregating"}},
 )
-def fail(round_id: RowId, operator: OperatorDep, session: SessionDep) -> RoundOut:
+def fail(
+    round_id: RowId, operator: OperatorDep, session: SessionDep, policy: PolicyDep
+) -> RoundOut:
     round_ = get_round(session, round_id)
     failed = fail_round(session=session, round_id=round_id, why=f"failed by {operator.name}")
     session.refresh(round_)
@@ -202,4 +250,4 @@ def fail(round_id: RowId, operator: OperatorDep, session: SessionDep) -> RoundOu
             status.HTTP_409_CONFLICT,
             detail=f"round {round_.number} is {round_.state.value}, not aggregating",
         )
-    return round_out(session=session, round_=round_)
+    return round_out(session=session, round_=round_, policy=policy)
