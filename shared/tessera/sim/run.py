@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import multiprocessing
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -185,8 +185,13 @@ def simulate(
     work_dir: Path,
     log: Callable[[str], None] = print,
     pool: Executor | None = None,
+    round_options: Mapping[str, Any] | None = None,
 ) -> SimReport:
-    """Run the whole simulation against live services and return what it measured."""
+    """Run the whole simulation against live services and return what it measured.
+
+    `round_options` are added to every round the operator opens (e.g. a private round's
+    `noise_multiplier`, `clip`, `clip_norm`, `weighting`); they are not part of `config`, so
+    runs saved under a configuration's digest are unaffected."""
     from sklearn.metrics import adjusted_rand_score
 
     started = time.perf_counter()
@@ -210,7 +215,9 @@ def simulate(
     ]
     log(f"   clustering v{clustering['version']}: {len(clusters)} clusters, ARI {ari:.3f}")
     serving = operator if config.method != "local" else None  # local: enrolled, never served
-    federation = _Federation(config, styles, devices, found, work_dir, serving, aggregator_url)
+    federation = _Federation(
+        config, styles, devices, found, work_dir, serving, aggregator_url, dict(round_options or {})
+    )
     rounds = federation.run(pool, log)
     for device in devices:
         operator.disable(device.client_id)
@@ -267,6 +274,7 @@ class _Federation:
     work_dir: Path
     operator: Operator | None = None
     aggregator_url: str = ""
+    round_options: dict[str, Any] = field(default_factory=dict)
 
     def run(self, pool: Executor | None, log: Callable[[str], None]) -> list[RoundReport]:
         if pool is None:
@@ -281,7 +289,8 @@ class _Federation:
         started = time.perf_counter()
         round_id = None
         if operator is not None:
-            round_id = operator.open_round(_round_config(config, len(self.devices)))["id"]
+            options = {**_round_config(config, len(self.devices)), **self.round_options}
+            round_id = operator.open_round(options)["id"]
         jobs = [
             _job(config, d, number, round_id, self.aggregator_url, self.work_dir)
             for d in self.devices

@@ -7,7 +7,7 @@ method of a comparison starts from an empty federation with the same settings.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,10 +43,12 @@ def run_on_fresh_stack(
     log: Callable[[str], None] = click.echo,
     after: Callable[[StackInfo, SimReport], None] | None = None,
     pool: Executor | None = None,
+    round_options: Mapping[str, Any] | None = None,
 ) -> SimReport:
     """Start a stack on embedded servers in `data_dir`, simulate, call `after(info, report)`
     while the stack still runs, stop it. The local method needs no stack: its devices train
-    alone in `data_dir` (and `after` is not called). Device rounds run in `pool` when given."""
+    alone in `data_dir` (and `after` is not called). Device rounds run in `pool` when given;
+    `round_options` are added to every round opened (see `simulate`)."""
     from tessera.stack import Stack
 
     shutil.rmtree(data_dir, ignore_errors=True)
@@ -65,6 +67,7 @@ def run_on_fresh_stack(
             work_dir=data_dir / "devices",
             log=log,
             pool=pool,
+            round_options=round_options,
         )
         if after is not None:
             after(info, report)
