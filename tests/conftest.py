@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from tessera import db, procs
 from tessera.config import Settings
 from tessera.devstack import EmbeddedSeaweed, EmbeddedValkey
-from tessera.events import AGGREGATION_QUEUE
+from tessera.events import AGGREGATION_QUEUE, INFERENCE_QUEUE
 from tessera.model.base import BaseModel, load_base_model
 from tessera.models import Base
 from tessera.stack import worker_command
@@ -151,12 +151,17 @@ def store(settings: Settings) -> ObjectStore:
 
 @pytest.fixture(scope="session")
 def worker(base_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """A real Celery worker process on the session's Redis and database."""
+    """A real Celery worker process on the session's Redis and database, consuming the
+    aggregation queue and the inference queue, so that every service's /readyz finds a worker
+    of its own queue. It runs aggregation tasks only; no test sends a generation job to the
+    session's Redis database (the inference tests queue theirs on a database of their own)."""
     log_path = tmp_path_factory.mktemp("worker") / "worker.log"
     env = {**os.environ, **base_settings.as_env()}
     process = procs.spawn(
         worker_command(
-            queues=[AGGREGATION_QUEUE], concurrency=1, name=f"test-{uuid.uuid4().hex[:8]}"
+            queues=[AGGREGATION_QUEUE, INFERENCE_QUEUE],
+            concurrency=1,
+            name=f"test-{uuid.uuid4().hex[:8]}",
         ),
         log_path=log_path,
         env=env,

@@ -4,7 +4,6 @@ so a refusal shows the same 4xx message the API gives."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -30,7 +29,6 @@ from services.console.session import (
     new_session,
     new_signin_nonce,
 )
-from tessera.events import AGGREGATION_QUEUE
 from tessera.federation import RoundConfig
 from tessera.models import Role, RoundState, utcnow
 from tessera.service.auth import Principal, principal_for_token
@@ -42,7 +40,6 @@ from tessera.service.deps import (
     SettingsDep,
     StoreDep,
 )
-from tessera.service.health import READINESS_CHECKS, check_workers
 from tessera.service.resources import Resources
 
 log = logging.getLogger(__name__)
@@ -164,24 +161,18 @@ def signout(_operator: CsrfOperatorDep) -> Response:
 # --- overview --------------------------------------------------------------------------------
 
 
-def _readiness(resources: Resources) -> list[dict[str, str]]:
-    """Each service and what its readiness probe says (the aggregator checked in-process)."""
-    checks: dict[str, Callable[[Resources], None]] = {
-        **READINESS_CHECKS,
-        "worker": lambda r: check_workers(r, [AGGREGATION_QUEUE]),  # as the aggregator's /readyz
-    }
-    failed = []
-    for name, check in checks.items():
-        try:
-            check(resources)
-        except Exception as error:  # shown on the page, as /readyz shows it
-            failed.append(f"{name}: {type(error).__name__}")
+def _readiness(request: Request, resources: Resources) -> list[dict[str, str]]:
+    """Each service and what its readiness probe says (the aggregator's checks in-process)."""
+    results = request.app.state.readiness(resources)  # the aggregator's /readyz checks
+    failed = [
+        f"{name}: {value.split(':', 1)[0]}" for name, value in results.items() if value != "ok"
+    ]
     rows = [
         {
             "name": "aggregator",
             "url": resources.settings.aggregator_url,
             "state": "ready" if not failed else "unready",
-            "detail": "; ".join(failed) or "database, redis, s3, worker answer",
+            "detail": "; ".join(failed) or f"{', '.join(results)} answer",
         }
     ]
     for name, url in (
@@ -202,8 +193,8 @@ def _readiness(resources: Resources) -> list[dict[str, str]]:
 
 @router.get("/services")
 def services(request: Request, operator: OperatorSessionDep, resources: ResourcesDep) -> Response:
-    """The readiness table, loaded by the overview after the page (a Celery ping takes 1 s)."""
-    return _render(request, "_services.html", operator, services=_readiness(resources))
+    """The readiness table, loaded by the overview after the page (a Celery ping can take 1 s)."""
+    return _render(request, "_services.html", operator, services=_readiness(request, resources))
 
 
 @router.get("/")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from tessera import procs
 from tessera.config import Settings
 from tessera.events import AGGREGATION_QUEUE, INFERENCE_QUEUE
 from tessera.queue import make_celery
+from tessera.service.health import WORKER_PING_TIMEOUT_S
 from tessera.stack import worker_command
 from tests.helpers import on_redis_db
 
@@ -81,39 +85,57 @@ def test_readyz_names_what_is_down() -> None:
 
     assert response.status_code == 503
     checks = response.json()["checks"]
-    assert set(checks) == {"database", "redis", "s3"}
+    assert set(checks) == {"database", "redis", "s3", "worker"}
     assert all(value != "ok" for value in checks.values())
 
 
 @pytest.mark.slow
-def test_aggregator_is_unready_while_only_a_worker_of_another_queue_answers(
-    settings: Settings, tmp_path: Path
+@pytest.mark.parametrize(
+    ("name", "own_queue", "other_queue"),
+    [
+        ("aggregator", AGGREGATION_QUEUE, INFERENCE_QUEUE),
+        ("inference", INFERENCE_QUEUE, AGGREGATION_QUEUE),
+    ],
+)
+def test_a_service_is_ready_only_while_a_worker_of_its_own_queue_answers(
+    settings: Settings, tmp_path: Path, name: str, own_queue: str, other_queue: str
 ) -> None:
-    # A Redis database of the test's own: the session's aggregation worker is not on it.
+    # A Redis database of the test's own: the session's worker is not on it.
     own = on_redis_db(settings, WRONG_WORKER_DB)
+    node = f"queues-{uuid.uuid4().hex[:8]}"
     process = procs.spawn(
-        worker_command(queues=[INFERENCE_QUEUE], concurrency=1, name="wrong-queue"),
+        worker_command(queues=[other_queue], concurrency=1, name=node),
         log_path=tmp_path / "worker.log",
         env={**os.environ, **own.as_env()},
     )
+    celery = make_celery(own)
     try:
-        celery = make_celery(own)
         procs.wait_until(
             lambda: bool(celery.control.ping(timeout=0.5)),
             timeout=60,
-            what="the inference-queue worker",
+            what=f"the {other_queue}-queue worker",
             process=process,
             log_path=tmp_path / "worker.log",
         )
-        celery.close()
-        with TestClient(create_aggregator(own)) as client:
-            response = client.get("/readyz")
+        destination = [f"{node}@{socket.gethostname()}"]
+        with TestClient(FACTORIES[name](own)) as client:
+            other_only = client.get("/readyz")
+            celery.control.add_consumer(own_queue, destination=destination, reply=True)
+            joined = client.get("/readyz")  # asks every worker, finds this one
+            started = time.perf_counter()
+            again = client.get("/readyz")  # asks only the worker found
+            again_s = time.perf_counter() - started
+            celery.control.cancel_consumer(own_queue, destination=destination, reply=True)
+            left = client.get("/readyz")
     finally:
+        celery.close()
         procs.stop(process)
 
-    assert response.status_code == 503
-    checks = response.json()["checks"]
-    assert checks["worker"].startswith(
-        f"RuntimeError: no Celery worker of queue {AGGREGATION_QUEUE}"
-    )
-    assert {checks[name] for name in ("database", "redis", "s3")} == {"ok"}
+    assert other_only.status_code == 503
+    checks = other_only.json()["checks"]
+    assert checks["worker"].startswith(f"RuntimeError: no Celery worker of queue {own_queue}")
+    assert {checks[check] for check in ("database", "redis", "s3")} == {"ok"}
+    assert joined.status_code == 200 and again.status_code == 200
+    assert again_s < WORKER_PING_TIMEOUT_S, again_s  # it did not wait for silence
+    assert left.status_code == 503
+    assert left.json()["checks"]["worker"].startswith("RuntimeError: no Celery worker")

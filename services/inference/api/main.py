@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from services.inference.api.routes import generations
 from services.inference.api.stalled import LOOP_NAME, check_stalled_jobs
 from tessera.config import Settings, get_settings
+from tessera.events import INFERENCE_QUEUE
 from tessera.service.app import create_service_app, ensure_bucket
 from tessera.service.deps import make_clustering_http
 from tessera.service.housekeeping import add_housekeeping
@@ -26,8 +27,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         service="inference",
         description="Generation with one base model and many hot-swapped LoRA adapters.",
         routers=[generations.router],
-        checks=("database", "redis", "s3"),
+        checks=("database", "redis", "s3", "worker"),
         settings=settings,
+        worker_queues=[INFERENCE_QUEUE],  # only a worker of its own queue makes it ready
         on_startup=[ensure_bucket],
     )
     app.state.clustering_http = make_clustering_http(settings)

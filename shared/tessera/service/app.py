@@ -13,7 +13,7 @@ from tessera import __version__
 from tessera.config import Settings, get_settings
 from tessera.logs import configure_logging
 from tessera.service.errors import install_error_handlers
-from tessera.service.health import health_router
+from tessera.service.health import Readiness, health_router
 from tessera.service.middleware import BodySizeLimitMiddleware, MetricsMiddleware
 from tessera.service.resources import Resources
 
@@ -40,7 +40,7 @@ def create_service_app(
     """
     settings = settings or get_settings()
     configure_logging(settings, service=service)
-    resources = Resources(settings)
+    resources = Resources(settings, quick=True)  # requests wait on it
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -62,8 +62,9 @@ def create_service_app(
     )
     app.state.resources = resources
     app.state.service = service
+    app.state.readiness = readiness = Readiness(checks, worker_queues)
     install_error_handlers(app)
-    app.include_router(health_router(checks, worker_queues))
+    app.include_router(health_router(readiness))
     for router in routers:
         app.include_router(router)
     app.add_middleware(MetricsMiddleware, service=service)

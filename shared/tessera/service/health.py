@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -14,6 +15,8 @@ from tessera.service.resources import Resources
 
 log = logging.getLogger(__name__)
 
+# A broadcast to every worker waits this long after the last reply (kombu collects replies
+# until a silence this long); a question to the workers seen last time returns at their reply.
 WORKER_PING_TIMEOUT_S = 1.0
 
 
@@ -29,16 +32,49 @@ def _check_s3(resources: Resources) -> None:
     resources.store.ensure_bucket()
 
 
-def check_workers(resources: Resources, queues: Sequence[str]) -> None:
-    """Some Celery worker consumes each of `queues` (a worker of another queue does not count)."""
-    replies = resources.celery.control.inspect(timeout=WORKER_PING_TIMEOUT_S).active_queues()
-    served = {queue["name"] for consumed in (replies or {}).values() for queue in consumed}
-    missing = [queue for queue in queues if queue not in served]
-    if missing:
-        raise RuntimeError(
-            f"no Celery worker of queue {', '.join(missing)} answered within "
-            f"{WORKER_PING_TIMEOUT_S}s"
+class WorkerCheck:
+    """Some Celery worker consumes each of `queues` (a worker of another queue does not count).
+
+    It first asks only the workers that served the queues at the last check (one round trip,
+    milliseconds); it broadcasts to every worker (about WORKER_PING_TIMEOUT_S) only when one of
+    them no longer answers, or no longer consumes its queue, and on the first check.
+    """
+
+    def __init__(self, queues: Sequence[str]) -> None:
+        if not queues:
+            raise ValueError("a worker check needs the queues it checks")
+        self.queues = tuple(queues)
+        self._nodes: dict[str, str] = {}  # queue -> a worker that consumed it at the last check
+
+    def __call__(self, resources: Resources) -> None:
+        known = sorted(set(self._nodes.values()))
+        if known and not self._missing(self._ask(resources, known)):
+            return
+        missing = self._missing(self._ask(resources, None))
+        if missing:
+            raise RuntimeError(
+                f"no Celery worker of queue {', '.join(missing)} answered within "
+                f"{WORKER_PING_TIMEOUT_S}s"
+            )
+
+    def _ask(self, resources: Resources, nodes: list[str] | None) -> dict[str, Any]:
+        """Each answering worker's consumed queues: of `nodes` (stops at their last reply),
+        or of every worker (None)."""
+        inspect = resources.celery.control.inspect(
+            destination=nodes,
+            timeout=WORKER_PING_TIMEOUT_S,
+            limit=None if nodes is None else len(nodes),
         )
+        return inspect.active_queues() or {}
+
+    def _missing(self, replies: dict[str, Any]) -> list[str]:
+        """The queues no reply consumes; remembers a worker of each of the others."""
+        served: dict[str, str] = {}
+        for node, consumed in sorted(replies.items()):
+            for queue in consumed or []:
+                served.setdefault(queue["name"], node)
+        self._nodes = {queue: served[queue] for queue in self.queues if queue in served}
+        return [queue for queue in self.queues if queue not in served]
 
 
 READINESS_CHECKS: dict[str, Callable[[Resources], None]] = {
@@ -49,18 +85,39 @@ READINESS_CHECKS: dict[str, Callable[[Resources], None]] = {
 WORKER_CHECK = "worker"
 
 
-def health_router(checks: tuple[str, ...], worker_queues: Sequence[str] = ()) -> APIRouter:
-    """Probe endpoints; `/readyz` runs the named checks from READINESS_CHECKS, and "worker":
-    a worker of each of `worker_queues` answers."""
-    unknown = set(checks) - set(READINESS_CHECKS) - {WORKER_CHECK}
-    if unknown:
-        raise ValueError(f"unknown readiness checks: {sorted(unknown)}")
-    if (WORKER_CHECK in checks) != bool(worker_queues):
-        raise ValueError("the worker check needs the queues it checks, and only it does")
-    run: dict[str, Callable[[Resources], None]] = {
-        **READINESS_CHECKS,
-        WORKER_CHECK: lambda resources: check_workers(resources, worker_queues),
-    }
+class Readiness:
+    """A service's readiness checks: the named ones of READINESS_CHECKS, and "worker" (a worker
+    of each of `worker_queues` answers). `/readyz` runs it; so does the operator console."""
+
+    def __init__(self, checks: tuple[str, ...], worker_queues: Sequence[str] = ()) -> None:
+        unknown = set(checks) - set(READINESS_CHECKS) - {WORKER_CHECK}
+        if unknown:
+            raise ValueError(f"unknown readiness checks: {sorted(unknown)}")
+        if (WORKER_CHECK in checks) != bool(worker_queues):
+            raise ValueError("the worker check needs the queues it checks, and only it does")
+        self.checks = checks
+        self._run: dict[str, Callable[[Resources], None]] = dict(READINESS_CHECKS)
+        if worker_queues:
+            self._run[WORKER_CHECK] = WorkerCheck(worker_queues)
+
+    def __call__(self, resources: Resources) -> dict[str, str]:
+        """Each check's result: "ok", or the error's type and message."""
+        results: dict[str, str] = {}
+        for name in self.checks:
+            if name == WORKER_CHECK and results.get("redis", "ok") != "ok":
+                # Workers answer through Redis: asking them would only wait for its timeouts.
+                results[name] = "not checked: Redis does not answer"
+                continue
+            try:
+                self._run[name](resources)
+                results[name] = "ok"
+            except Exception as error:
+                results[name] = f"{type(error).__name__}: {error}"[:300]
+        return results
+
+
+def health_router(readiness: Readiness) -> APIRouter:
+    """Probe endpoints; `/readyz` runs `readiness`."""
     router = APIRouter(tags=["health"])
 
     @router.get("/healthz", summary="The process is alive")
@@ -73,14 +130,7 @@ def health_router(checks: tuple[str, ...], worker_queues: Sequence[str] = ()) ->
         responses={503: {"description": "a dependency does not answer"}},
     )
     def readyz(request: Request) -> JSONResponse:
-        resources: Resources = request.app.state.resources
-        results: dict[str, str] = {}
-        for name in checks:
-            try:
-                run[name](resources)
-                results[name] = "ok"
-            except Exception as error:
-                results[name] = f"{type(error).__name__}: {error}"[:300]
+        results = readiness(request.app.state.resources)
         ready = all(value == "ok" for value in results.values())
         if not ready:
             log.warning("not ready", extra={"checks": results})

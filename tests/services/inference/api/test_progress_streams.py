@@ -1,11 +1,18 @@
 """Progress streams on a real server: many followers hold no threads, a cap per client, and
-every stream ends with a final event."""
+every stream ends with a final event (the job's, or `end` at its time limit or when the server
+shuts down)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import sys
 import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -17,13 +24,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from services.inference import crud
 from services.inference.api.main import create_app
-from services.inference.api.progress_stream import job_events
+from services.inference.api.progress_stream import SHUTDOWN_GRACE_S, SHUTTING_DOWN, job_events
 from services.inference.api.views import job_view
+from tessera import procs
 from tessera.config import Settings
 from tessera.events import generation_channel
 from tessera.models import GenerationJob, JobState, Role
 from tessera.storage import ObjectStore
-from tests.helpers import bearer
+from tests.helpers import REPO_ROOT, bearer
 from tests.services.inference.helpers import embeds_b64, make_client, tokens
 from tests.serving import served
 
@@ -77,16 +85,26 @@ def _queued_job(http: httpx.Client, token: str) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("worker")  # a worker of the inference queue: /readyz is ready
 def test_a_hundred_followers_leave_readiness_and_sync_routes_answering(
-    settings: Settings, sessions: sessionmaker[Session], session: Session, broker: redis.Redis
+    settings: Settings, base_settings: Settings, sessions: sessionmaker[Session], session: Session
 ) -> None:
     # A short body timeout too: it must not cut streams that wait on `receive` for seconds.
-    limits = {"max_streams_per_client": STREAMS_PER_CLIENT, "body_read_timeout_s": 0.5}
+    # The session's Redis database, where the session's worker consumes the inference queue
+    # (it drops these jobs' messages: the test ends the jobs itself).
+    limits = {
+        "max_streams_per_client": STREAMS_PER_CLIENT,
+        "body_read_timeout_s": 0.5,
+        "redis_url": base_settings.redis_url,
+    }
     settings = settings.model_copy(update=limits)
+    broker = redis.Redis.from_url(base_settings.redis_url or "")
     clients = [make_client(session, settings, Role.GENERATOR) for _ in range(CLIENTS)]
     with served(create_app(settings)) as url:
         with httpx.Client(base_url=url) as sync_http:
             jobs = [_queued_job(sync_http, token) for _, token in clients]
+            # The first worker check asks every worker (a second); the next ask the one found.
+            warm = sync_http.get("/readyz", timeout=30)
 
         async def scenario() -> tuple[list[Any], list[float], int]:
             limits = httpx.Limits(max_connections=200)
@@ -139,6 +157,8 @@ def test_a_hundred_followers_leave_readiness_and_sync_routes_answering(
     # Every slot was given back: the client can follow again (the job is over: one event).
     assert again.status_code == 200 and "\nevent: failed\r\n" in again.text
     assert all(broker.zcard(f"tessera:streams:{client_id}") == 0 for client_id, _ in clients)
+    assert warm.status_code == 200, warm.text
+    broker.close()
 
 
 def test_a_stream_past_its_time_limit_ends_with_an_end_event(
@@ -181,3 +201,66 @@ def test_a_stream_past_its_time_limit_ends_with_an_end_event(
         "state": "queued",
         "reason": "the stream's time limit; reconnect",
     }
+
+
+@pytest.mark.slow
+def test_a_stream_cut_by_server_shutdown_ends_with_an_end_event(
+    settings: Settings, session: Session, tmp_path: Path
+) -> None:
+    client_id, token = make_client(session, settings, Role.GENERATOR)
+    job = GenerationJob(
+        id=str(uuid.uuid4()),
+        client_id=client_id,
+        state=JobState.QUEUED,
+        params={"steps": 4, "guidance": 5.0, "seed": 1, "size": 32, "num_images": 1},
+        total_steps=4,
+    )
+    session.add(job)
+    session.commit()
+    port = procs.free_ports(1)[0]
+    log_path = tmp_path / "inference.log"
+    server = procs.spawn(
+        [sys.executable, "-m", "uvicorn", "--factory", "services.inference.api.main:create_app",
+         "--host", "127.0.0.1", "--port", str(port)],
+        log_path=log_path, env={**os.environ, **settings.as_env()}, cwd=REPO_ROOT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        procs.wait_until(
+            lambda: httpx.get(f"{url}/healthz", timeout=2).status_code == 200,
+            timeout=120, what="the inference API", process=server, log_path=log_path,
+        )  # fmt: skip
+        with httpx.stream(
+            "GET", f"{url}/v1/generations/{job.id}/events", headers=bearer(token), timeout=30
+        ) as stream:
+            lines = stream.iter_lines()
+            first = _sync_event(lines)
+            os.killpg(server.pid, signal.SIGTERM)  # as `tessera down` or Kubernetes would
+            stopping = time.monotonic()
+            rest = []
+            while (event := _sync_event(lines)) is not None:
+                rest.append(event)
+            ended_s = time.monotonic() - stopping
+        server.wait(30)
+        exited_s = time.monotonic() - stopping
+    finally:
+        procs.stop(server)
+
+    print(f"server shutdown: stream's end event {ended_s:.1f} s, process gone {exited_s:.1f} s")
+    assert first == ("progress", {"id": job.id, "state": "queued", "step": 0, "total_steps": 4})
+    assert rest == [("end", {"id": job.id, "state": "queued", "reason": SHUTTING_DOWN})]
+    assert ended_s < SHUTDOWN_GRACE_S + 2
+    assert server.returncode == 0
+
+
+def _sync_event(lines: Iterator[str]) -> tuple[str, dict[str, Any]] | None:
+    """The next (event, data) of a stream read line by line; None when the stream ends."""
+    event, data = "message", ""
+    for line in lines:
+        if line.startswith("event:"):
+            event = line.split(":", 1)[1].strip()
+        elif line.startswith("data:"):
+            data += line.split(":", 1)[1].strip()
+        elif line == "" and data:
+            return event, json.loads(data)
+    return None
