@@ -6,7 +6,8 @@ event, and when nothing arrives), through a small thread limiter of its own. How
 clients follow, the synchronous routes keep the shared thread pool.
 
 The last event is the job's terminal state (`succeeded` or `failed`, with the job), or `end`
-when the stream stops first (time limit, job gone), saying why and where the job was.
+when the stream stops first (time limit, job gone, the server shutting down), saying why and
+where the job was.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ log = logging.getLogger(__name__)
 
 POLL_S = 1.0
 DB_REFRESH_S = 3.0
+# How long a stream has to send its `end` event once the server begins to shut down: a stream
+# notices within POLL_S (and a row read).
+SHUTDOWN_GRACE_S = 3.0
+SHUTTING_DOWN = "the server is shutting down; reconnect"
 DB_THREADS = 4  # threads all streams of a process share for their row reads
 
 ReadJob = Callable[[], GenerationOut | None]
@@ -101,10 +106,12 @@ async def job_events(
     limiter: anyio.CapacityLimiter,
     max_seconds: float,
     renew: Renew | None = None,
+    shutdown: anyio.Event | None = None,
 ) -> AsyncIterator[ServerSentEvent]:
     """The job's events: its state now, each step as it happens, a final event last.
 
-    `renew` is awaited every `DB_REFRESH_S` or so (the caller keeps its stream slot alive).
+    `renew` is awaited every `DB_REFRESH_S` or so (the caller keeps its stream slot alive);
+    once `shutdown` is set, the stream ends with an `end` event.
     """
     follower = _Follower(job_id, read_job, limiter)
     pubsub = await _subscribe(redis_client, job_id)
@@ -114,6 +121,9 @@ async def job_events(
             yield first
         started = refreshed = renewed = time.monotonic()
         while not follower.done:
+            if shutdown is not None and shutdown.is_set():
+                yield end_event(job_id, follower.seen[0], SHUTTING_DOWN)
+                return
             now = time.monotonic()
             if now - started >= max_seconds:
                 yield end_event(job_id, follower.seen[0], "the stream's time limit; reconnect")

@@ -19,19 +19,19 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from services.inference import crud
 from services.inference.api.admission import AdmissionError, admit
 from services.inference.api.deps import ModelFactsDep
-from services.inference.api.progress_stream import DB_THREADS, job_events
+from services.inference.api.progress_stream import DB_THREADS, SHUTDOWN_GRACE_S, job_events
 from services.inference.api.schemas import (
     MAX_IDEMPOTENCY_KEY_CHARS,
     GenerationCreate,
     GenerationOut,
     JobId,
 )
+from services.inference.api.stalled import send_wakeup
 from services.inference.api.submission import SubmissionError, plan_job, request_fingerprint
 from services.inference.api.views import job_view
 from services.inference.embeddings import input_to_bytes
 from services.inference.queue_depth import record_queue_depth
 from tessera.config import Settings
-from tessera.events import INFERENCE_QUEUE, TASK_GENERATE
 from tessera.models import GenerationJob, JobState, Role
 from tessera.service.auth import GeneratorDep, Principal, PrincipalDep, StreamPrincipalDep
 from tessera.service.deps import (
@@ -77,7 +77,9 @@ is published meanwhile.
 steps and returns the latents and scheduler state for `tessera device finish`.
 
 **Quotas.** A client may have TESSERA_GENERATION_JOBS_PER_CLIENT jobs queued or running, the
-service TESSERA_GENERATION_QUEUE_CAP; beyond either, 429 with `Retry-After` (seconds).
+service TESSERA_GENERATION_QUEUE_CAP, and a client may submit TESSERA_GENERATION_QUOTA jobs
+within TESSERA_GENERATION_QUOTA_WINDOW_S seconds; beyond any of them, 429 with `Retry-After`
+(seconds). Workers take queued jobs round robin between clients.
 
 **Idempotency.** A request with an `Idempotency-Key` header (at most 128 characters) that
 repeats one of the same client's earlier keys returns that job (200) instead of a new one; the
@@ -132,7 +134,10 @@ def _replay(
         403: {"description": "not a generator or operator client"},
         409: {"description": "Idempotency-Key reused for another request; no clustering yet"},
         413: {"description": "request body too large"},
-        429: {"description": "the client's or the queue's job cap is reached; see Retry-After"},
+        429: {
+            "description": "the client's or the queue's job cap, or the client's quota, is "
+            "reached; see Retry-After"
+        },
         422: {
             "description": "bad embeddings, unknown adapter, weights or limits; the field is named"
         },
@@ -211,8 +216,7 @@ def create_generation(
         response.status_code = status.HTTP_200_OK
         return _replay(winner, body, store=store, expires_s=expires_s)
     try:
-        # The job's state lives in the database: no result to store, no result backend to reach.
-        celery.send_task(TASK_GENERATE, args=[job_id], queue=INFERENCE_QUEUE, ignore_result=True)
+        send_wakeup(celery, job_id)  # a worker runs the next job in fair order
     except Exception as error:
         log.error("could not queue a generation job", extra={"job_id": job_id, "error": str(error)})
         session.delete(job)
@@ -289,6 +293,8 @@ async def generation_events(
                 return None
             return job_view(job, store=resources.store, expires_s=settings.presign_expiry_s)
 
+    shutdown = anyio.Event()  # set by sse-starlette when the server begins to shut down
+
     async def events() -> AsyncIterator[ServerSentEvent]:
         try:
             async for event in job_events(
@@ -298,6 +304,7 @@ async def generation_events(
                 limiter=stream_db_limiter(request.app),
                 max_seconds=settings.task_time_limit_s + 60,
                 renew=lambda: slots.renew(holder, member),
+                shutdown=shutdown,
             ):
                 yield event
         finally:
@@ -305,7 +312,10 @@ async def generation_events(
                 await slots.release(holder, member)
 
     return EventSourceResponse(
-        events(), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        events(),
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        shutdown_event=shutdown,
+        shutdown_grace_period=SHUTDOWN_GRACE_S,  # time to send the `end` event
     )
 
 
