@@ -26,7 +26,11 @@ CHUNK_BYTES = 1024 * 1024
 # Multipart part size: the most an upload holds in memory at once (S3's minimum is 5 MiB).
 PART_BYTES = 8 * 1024 * 1024
 CONNECT_TIMEOUT_S = 2.0
-READ_TIMEOUT_S = 20.0  # between two reads of one answer, not for the whole transfer
+# Between two reads of one answer, not for the whole transfer. Workers wait READ_TIMEOUT_S and
+# read once more; a process that answers requests (`quick`) waits QUICK_READ_TIMEOUT_S once, so
+# a hung S3 server is a 503 within a few seconds (it was 40 s).
+READ_TIMEOUT_S = 20.0
+QUICK_READ_TIMEOUT_S = 4.0
 _NOT_FOUND = frozenset({"NoSuchKey", "NoSuchObject", "NotFound"})
 # S3 error codes of a server that is overloaded or failing, not of a bad request.
 _SERVER_CODES = frozenset({"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout"})
@@ -106,14 +110,19 @@ class ObjectStore:
         secure: bool = False,
         region: str = "us-east-1",
         public_endpoint: str | None = None,
+        quick: bool = False,
     ) -> None:
         # A server that hangs costs at most two reads of READ_TIMEOUT_S (one retry), not four
-        # of a minute: API requests answer 503 within tens of seconds, not minutes.
+        # of a minute; `quick`, one read of QUICK_READ_TIMEOUT_S.
+        read_timeout = QUICK_READ_TIMEOUT_S if quick else READ_TIMEOUT_S
         http = urllib3.PoolManager(
-            timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT_S, read=READ_TIMEOUT_S),
+            timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT_S, read=read_timeout),
             maxsize=16,
             retries=urllib3.Retry(
-                total=3, read=1, backoff_factor=0.2, status_forcelist=[502, 503, 504]
+                total=3,
+                read=0 if quick else 1,
+                backoff_factor=0.2,
+                status_forcelist=[502, 503, 504],
             ),
         )
         self.bucket = bucket
@@ -135,7 +144,8 @@ class ObjectStore:
         )
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> ObjectStore:
+    def from_settings(cls, settings: Settings, *, quick: bool = False) -> ObjectStore:
+        """The store `settings` names; `quick` for a process that answers requests."""
         if not settings.s3_endpoint:
             raise StorageError(
                 "TESSERA_S3_ENDPOINT is not set: configure an S3 server, or start the stack "
@@ -149,6 +159,7 @@ class ObjectStore:
             secure=settings.s3_secure,
             region=settings.s3_region,
             public_endpoint=settings.s3_public_endpoint,
+            quick=quick,
         )
 
     def ensure_bucket(self) -> None:
