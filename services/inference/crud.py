@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, or_, select, update
+from sqlalchemy import ColumnElement, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from tessera.models import Adapter, AdapterVersion, GenerationJob, JobState, utcnow
+from tessera.schemas import as_utc
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def latest_version(*, session: Session, name: str) -> AdapterVersion | None:
@@ -48,25 +51,52 @@ def job_by_idempotency_key(*, session: Session, client_id: int, key: str) -> Gen
     )
 
 
+def next_fair_job(*, session: Session) -> str | None:
+    """The queued job to run next, round robin between clients: the oldest queued job of the
+    client served least recently (whose latest job started longest ago, or never); None if
+    nothing is queued. One client's many jobs never keep another's waiting behind them all."""
+    queued = session.execute(
+        select(GenerationJob.id, GenerationJob.client_id)
+        .where(GenerationJob.state == JobState.QUEUED)
+        .order_by(GenerationJob.created_at, GenerationJob.id)
+    ).all()
+    if not queued:
+        return None
+    oldest: dict[int, tuple[int, str]] = {}  # client -> (queue position, its oldest job)
+    for position, (job_id, client_id) in enumerate(queued):
+        oldest.setdefault(client_id, (position, job_id))
+    served = dict(
+        session.execute(
+            select(GenerationJob.client_id, func.max(GenerationJob.started_at))
+            .where(GenerationJob.client_id.in_(oldest), GenerationJob.started_at.is_not(None))
+            .group_by(GenerationJob.client_id)
+        ).all()
+    )
+
+    def turn(client_id: int) -> tuple[bool, datetime, int]:
+        last = served.get(client_id)
+        never = last is None
+        return (not never, as_utc(last) if last is not None else _EPOCH, oldest[client_id][0])
+
+    return oldest[min(oldest, key=turn)][1]
+
+
 def claim_job(*, session: Session, job_id: str, total_steps: int) -> bool:
-    """Mark a job running (again, if a crashed worker had it); False if it is terminal, or
-    running as part of another job's batch (that job's run finishes it, or its redelivery
-    runs it again)."""
-    own = or_(GenerationJob.batch_leader.is_(None), GenerationJob.batch_leader == job_id)
+    """Mark a queued job running, a run of its own (counted in `attempts`, which the stalled-job
+    loop bounds); False if it is not queued (another worker took it, or it ended)."""
     return _start_running(
-        session=session, job_id=job_id, total_steps=total_steps, held=own, leader=None, run=True
+        session=session, job_id=job_id, total_steps=total_steps, leader=None, run=True
     )
 
 
 def batch_candidates(*, session: Session, leader_id: str, batch_key: str) -> list[GenerationJob]:
-    """Jobs that may join `leader_id`'s batch, oldest first: queued ones with the same key, and
-    those it had already taken before its worker died."""
+    """Queued jobs that may join `leader_id`'s batch (the same batch key), oldest first."""
     rows = session.scalars(
         select(GenerationJob)
         .where(
             GenerationJob.batch_key == batch_key,
             GenerationJob.id != leader_id,
-            _queued_or_held(GenerationJob.batch_leader == leader_id),
+            GenerationJob.state == JobState.QUEUED,
         )
         .order_by(GenerationJob.created_at, GenerationJob.id)
     )
@@ -86,23 +116,8 @@ def batch_followers(*, session: Session, leader_id: str) -> list[str]:
 
 
 def join_batch(*, session: Session, job_id: str, leader_id: str, total_steps: int) -> bool:
-    """Take a queued job (or one this leader already had) into the leader's batch; False if
-    another worker has started it meanwhile."""
-    return _start_running(
-        session=session,
-        job_id=job_id,
-        total_steps=total_steps,
-        held=GenerationJob.batch_leader == leader_id,
-        leader=leader_id,
-    )
-
-
-def _queued_or_held(held: ColumnElement[bool]) -> ColumnElement[bool]:
-    """Queued, or running and `held` (by whom a running job may be taken again)."""
-    return or_(
-        GenerationJob.state == JobState.QUEUED,
-        and_(GenerationJob.state == JobState.RUNNING, held),
-    )
+    """Take a queued job into the leader's batch; False if another worker has started it."""
+    return _start_running(session=session, job_id=job_id, total_steps=total_steps, leader=leader_id)
 
 
 def _start_running(
@@ -110,13 +125,11 @@ def _start_running(
     session: Session,
     job_id: str,
     total_steps: int,
-    held: ColumnElement[bool],
     leader: str | None,
     run: bool = False,
 ) -> bool:
-    """Move the job to running from the start, run by `leader`'s batch (None: by itself), if
-    it is queued or running and `held`; False if it was neither. `run`: a run of its own starts
-    (counted in `attempts`, which the stalled-job loop bounds)."""
+    """Move a queued job to running from the start, run by `leader`'s batch (None: by itself);
+    False if it was not queued. `run`: a run of its own starts (counted in `attempts`)."""
     now = utcnow()
     values: dict[str, Any] = {
         "state": JobState.RUNNING,
@@ -131,11 +144,41 @@ def _start_running(
         values["attempts"] = GenerationJob.attempts + 1
     started = session.execute(
         update(GenerationJob)
-        .where(GenerationJob.id == job_id, _queued_or_held(held))
+        .where(GenerationJob.id == job_id, GenerationJob.state == JobState.QUEUED)
         .values(**values)
     )
     session.commit()
     return bool(getattr(started, "rowcount", 0))
+
+
+def requeue_batch(
+    *, session: Session, leader_id: str, where: ColumnElement[bool] | None = None
+) -> list[str]:
+    """Put a running job and the jobs of its batch back in the queue (their worker died, or
+    could not reach a backend); their ids, leader first (none if the leader was not running,
+    or not as `where` says). Commits."""
+    leader = (GenerationJob.id == leader_id) & (GenerationJob.state == JobState.RUNNING)
+    if where is not None:
+        leader = leader & where
+    back = {
+        "state": JobState.QUEUED,
+        "batch_leader": None,
+        "progress_step": 0,
+        "heartbeat_at": None,
+    }
+    moved = session.execute(update(GenerationJob).where(leader).values(**back))
+    if not getattr(moved, "rowcount", 0):
+        session.rollback()
+        return []
+    followers = batch_followers(session=session, leader_id=leader_id)
+    if followers:
+        session.execute(
+            update(GenerationJob)
+            .where(GenerationJob.id.in_(followers), GenerationJob.state == JobState.RUNNING)
+            .values(**back)
+        )
+    session.commit()
+    return [leader_id, *followers]
 
 
 def beat_batch(*, session: Session, leader_id: str) -> None:

@@ -7,12 +7,13 @@ from redis.exceptions import RedisError
 
 from tessera.events import INFERENCE_QUEUE
 from tessera.metrics import GENERATION_QUEUE_DEPTH
+from tessera.queue import pending_messages
 
 
 def record_queue_depth(client: redis.Redis) -> None:
-    """Set the queue-depth gauge from the length of the Celery queue's Redis list."""
+    """Set the queue-depth gauge from the messages waiting in the Celery queue."""
     try:
-        depth = client.llen(INFERENCE_QUEUE)
+        depth = pending_messages(client, INFERENCE_QUEUE)
     except RedisError:
         return
-    GENERATION_QUEUE_DEPTH.set(float(depth))  # type: ignore[arg-type]
+    GENERATION_QUEUE_DEPTH.set(float(depth))

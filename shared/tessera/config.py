@@ -177,6 +177,14 @@ class Settings(BaseSettings):
     generation_queue_cap: Annotated[int, Field(ge=1)] = Field(
         default=256, description="Generation jobs queued or running at once, all clients together."
     )
+    generation_quota: Annotated[int, Field(ge=1)] = Field(
+        default=600,
+        description="Generation jobs one client may submit within "
+        "TESSERA_GENERATION_QUOTA_WINDOW_S seconds.",
+    )
+    generation_quota_window_s: Annotated[int, Field(ge=1, le=30 * 24 * 3600)] = Field(
+        default=3600, description="The window of TESSERA_GENERATION_QUOTA, in seconds."
+    )
     inference_max_batch_images: Annotated[int, Field(ge=1, le=256)] = Field(
         default=16,
         description="Images in one UNet batch when queued jobs that share a mix run together; "

@@ -1,19 +1,23 @@
-"""Running one generation job: the work of the inference task, as a plain function.
+"""Running generation jobs: the work of the inference task, as plain functions.
 
-Idempotent: a job already succeeded or failed is not run again; a job found running (its
-worker died, the message came back) runs again from the start, with the same result, since
-generation is deterministic given the seed. Progress goes to the job's row (throttled) and to
-its Redis channel (every step); the database stays the source of truth. While it runs, a
-heartbeat on the rows of its batch tells the inference API's stalled-job loop
-(`services.inference.api.stalled`) that its worker is alive; a job whose heartbeat stops is
-queued again, or failed.
+A message on the inference queue asks a worker to run a queued job, not necessarily the one it
+was sent for: the worker takes the next job in fair order (`run_next`: round robin between
+clients, `services.inference.crud.next_fair_job`), so one client's many jobs never keep another
+client's waiting behind them all. Each queued job was sent one message; a message that finds
+nothing queued (its job ran in another's stead, or in a batch) does nothing.
+
+Idempotent: only a queued job is started, by one worker (a conditional UPDATE), and a job ends
+once. A job whose worker dies stays running until the inference API's stalled-job loop
+(`services.inference.api.stalled`), seeing its heartbeat stop, puts it back in the queue; a
+redelivered message is one more wake-up. A rerun gives the same images (generation is
+deterministic given the seed). Progress goes to the job's row (throttled) and to its Redis
+channel (every step); the database stays the source of truth.
 
 Batches: a job takes queued jobs with the same batch key (mix, steps, guidance, size, prompt
 length) into its run, up to TESSERA_INFERENCE_MAX_BATCH_IMAGES images, and runs them as one
 UNet batch: each keeps its own prompt, negative and seed, so its images are those it would get
-alone (to float tolerance), and each gets its own result and events. A job in another job's
-batch skips its own message; if the leader's worker dies, the leader's redelivered message
-takes the same jobs back.
+alone (to float tolerance), and each gets its own result and events. A batch goes back to the
+queue, or fails, as one.
 """
 
 from __future__ import annotations
@@ -36,7 +40,6 @@ from redis.exceptions import RedisError
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.inference import crud
-from services.inference.crud import is_terminal
 from services.inference.embeddings import input_from_bytes
 from services.inference.mixes import PinnedAdapter
 from services.inference.worker.cache import AdapterCache
@@ -54,8 +57,9 @@ from tessera.storage import ObjectStore, StorageUnavailableError
 log = logging.getLogger(__name__)
 
 PROGRESS_DB_INTERVAL_S = 0.5
+CLAIM_TRIES = 5  # fair picks one message tries while other workers take those jobs first
 MAX_ERROR_CHARS = 2000
-# Connection errors: the task retries them, and the job stays running until then.
+# Connection errors: the job goes back to the queue and the task retries its message.
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
@@ -82,15 +86,32 @@ def output_prefix(job_id: str) -> str:
     return f"generations/{job_id}/"
 
 
-def run_generation(job_id: str, *, runtime: JobRuntime) -> dict[str, Any]:
-    """Run job `job_id` to a terminal state, with any queued jobs that can share its UNet
-    batch; returns a summary (state, the result, the ids of the batch)."""
+def run_next(*, runtime: JobRuntime, give_up: bool = False) -> dict[str, Any]:
+    """Run the next queued job in fair order (with the jobs that share its batch); a summary,
+    state "idle" if nothing is queued. `give_up`: a connection error fails the job instead of
+    putting it back in the queue (the task's last retry)."""
+    for _ in range(CLAIM_TRIES):  # another worker may take the same job first
+        with runtime.sessions() as session:
+            job_id = crud.next_fair_job(session=session)
+        if job_id is None:
+            break
+        summary = run_generation(job_id, runtime=runtime, give_up=give_up)
+        if not summary.get("skipped"):
+            return summary
+    return {"id": None, "state": "idle"}
+
+
+def run_generation(job_id: str, *, runtime: JobRuntime, give_up: bool = False) -> dict[str, Any]:
+    """Run queued job `job_id` to a terminal state, with any queued jobs that can share its
+    UNet batch; returns a summary (state, the result, the ids of the batch). A job that is not
+    queued is skipped. On a connection error the batch goes back to the queue (`give_up`: it
+    fails) and the error propagates."""
     with runtime.sessions() as session:
         job = session.get(GenerationJob, job_id)
         if job is None:
             log.warning("generation job not found", extra={"job_id": job_id})
-            return {"id": job_id, "state": "missing"}
-        if is_terminal(job.state):
+            return {"id": job_id, "state": "missing", "skipped": True}
+        if job.state is not JobState.QUEUED:
             return {"id": job_id, "state": job.state.value, "skipped": True}
         leader = _Member.of(job, runtime=runtime)
         batch_key = job.batch_key
@@ -106,7 +127,12 @@ def run_generation(job_id: str, *, runtime: JobRuntime) -> dict[str, Any]:
             for member in members:
                 member.reporter.publish(JobState.RUNNING, 0)
             results = _generate(members, runtime=runtime)
-    except TRANSIENT_ERRORS:
+    except TRANSIENT_ERRORS as error:
+        if give_up:
+            message = f"gave up after retries: {type(error).__name__}: {error}"
+            fail_job(job_id, message, runtime=runtime, step=leader.reporter.last_step)
+        else:
+            _requeue(job_id, runtime=runtime)
         raise
     except Exception as error:
         message = f"{type(error).__name__}: {error}"
@@ -134,6 +160,16 @@ def run_generation(job_id: str, *, runtime: JobRuntime) -> dict[str, Any]:
         "result": results[0],
         "batch": [member.job_id for member in members],
     }
+
+
+def _requeue(job_id: str, *, runtime: JobRuntime) -> None:
+    """Put the batch back in the queue after a connection error (best effort: while the
+    database is away the stalled-job loop does it once the heartbeat is stale)."""
+    try:
+        with runtime.sessions() as session:
+            crud.requeue_batch(session=session, leader_id=job_id)
+    except Exception as error:
+        log.warning("could not requeue a job", extra={"job_id": job_id, "error": str(error)})
 
 
 def _beat(job_id: str, runtime: JobRuntime) -> None:
@@ -169,8 +205,7 @@ class _Member:
 
 def _gather_batch(leader: _Member, batch_key: str | None, *, runtime: JobRuntime) -> list[_Member]:
     """Queued jobs with the leader's batch key, oldest first, while the images fit in
-    TESSERA_INFERENCE_MAX_BATCH_IMAGES; jobs this leader had taken before its worker died
-    always come back (their own messages were skipped while they were in its batch)."""
+    TESSERA_INFERENCE_MAX_BATCH_IMAGES."""
     if batch_key is None:
         return []
     room = runtime.max_batch_images - leader.images
@@ -178,11 +213,9 @@ def _gather_batch(leader: _Member, batch_key: str | None, *, runtime: JobRuntime
         candidates = crud.batch_candidates(
             session=session, leader_id=leader.job_id, batch_key=batch_key
         )
-        members = [_Member.of(row, runtime=runtime) for row in candidates]
-        ours = {row.id for row in candidates if row.state is JobState.RUNNING}
         taken = []
-        for member in members:
-            if member.job_id not in ours and member.images > room:
+        for member in (_Member.of(row, runtime=runtime) for row in candidates):
+            if member.images > room:
                 continue
             if crud.join_batch(
                 session=session,
@@ -280,8 +313,8 @@ def _float(tensor: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def fail_job(job_id: str, message: str, *, runtime: JobRuntime, step: int = 0) -> None:
-    """Mark a job failed with `message`, and the jobs running in its batch (their messages
-    were skipped: nothing else would end them); tell their listeners, drop their inputs."""
+    """Mark a job failed with `message`, and the jobs running in its batch; tell their
+    listeners, drop their inputs."""
     message = message[:MAX_ERROR_CHARS]
     with runtime.sessions() as session:
         followers = crud.batch_followers(session=session, leader_id=job_id)

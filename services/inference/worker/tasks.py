@@ -1,7 +1,10 @@
-"""The generation task: takes a job id, runs it on this process's model and adapter cache.
+"""The generation task: a wake-up that runs the next queued job in fair order on this
+process's model and adapter cache (`runner.run_next`).
 
-Late acknowledgement (from the app): a worker killed mid-job leaves the message to be
-delivered again, and the job runs again from the start; a job already finished is skipped.
+Late acknowledgement (from the app): a message whose worker dies is delivered again after
+Redis's visibility timeout, as one more wake-up (the job itself goes back to the queue through
+the stalled-job loop, long before). Connection errors put the job back in the queue and retry
+the message with backoff; the last retry fails the job it ran.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from celery import Task, shared_task
 
 from services.inference.queue_depth import record_queue_depth
 from services.inference.worker import runtime as process
-from services.inference.worker.runner import TRANSIENT_ERRORS, fail_job, run_generation
+from services.inference.worker.runner import TRANSIENT_ERRORS, run_next
 from tessera.events import TASK_GENERATE
 
 log = logging.getLogger(__name__)
@@ -24,22 +27,16 @@ RETRY_BACKOFF_S = 5  # doubled at each retry: 5, 10, 20 s
 
 @shared_task(bind=True, name=TASK_GENERATE, max_retries=MAX_RETRIES, acks_late=True)
 def generate_job(self: Task, job_id: str) -> dict[str, Any]:
-    """Run generation job `job_id` (safe to run again); connection errors are retried."""
+    """Run the next queued job, fairly (`job_id`: the job this message was sent for, which is
+    queued or already taken); connection errors are retried."""
     runtime = process.runtime()
     if runtime.redis is not None:
         record_queue_depth(runtime.redis)
+    retries = self.request.retries
     try:
-        return run_generation(job_id, runtime=runtime)
+        return run_next(runtime=runtime, give_up=retries >= MAX_RETRIES)
     except TRANSIENT_ERRORS as error:
-        retries = self.request.retries
         if retries < MAX_RETRIES:
             raise self.retry(exc=error, countdown=RETRY_BACKOFF_S * 2**retries) from error
-        try:
-            fail_job(
-                job_id,
-                f"gave up after {retries} retries: {type(error).__name__}: {error}",
-                runtime=runtime,
-            )
-        except Exception:
-            log.exception("could not mark the job failed", extra={"job_id": job_id})
+        log.error("generation gave up", extra={"sent_for": job_id, "error": str(error)})
         raise

@@ -1,16 +1,20 @@
-"""Generation jobs whose worker went silent: queued again, then failed visibly with a final
-event (the loop's function, on the real database, Redis and queue)."""
+"""Generation jobs that would never run: a silent worker's batch goes back to the queue, then
+fails visibly with a final event; queued jobs whose messages were lost get new ones (the
+loop's functions, on the real database, Redis and queue)."""
 
 from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
 from datetime import timedelta
 
+import pytest
 import redis
+from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.inference.api.stalled import MAX_JOB_RUNS, requeue_stalled_jobs
+from services.inference.api.stalled import MAX_JOB_RUNS, requeue_stalled_jobs, wake_lost_jobs
 from tessera.config import Settings
 from tessera.events import TASK_GENERATE, generation_channel
 from tessera.models import GenerationJob, JobState, Role, utcnow
@@ -18,16 +22,35 @@ from tessera.queue import make_celery
 from tests.services.inference.helpers import make_client, queued_jobs
 
 
-def _running(session: Session, client_id: int, *, leader: str | None = None) -> str:
-    """A job a worker started a while ago and has not reported on since."""
+@pytest.fixture
+def celery(settings: Settings) -> Iterator[Celery]:
+    app = make_celery(settings)
+    yield app
+    app.close()
+
+
+def _job(
+    session: Session,
+    client_id: int,
+    *,
+    state: JobState = JobState.RUNNING,
+    leader: str | None = None,
+    attempts: int = 1,
+    age_s: float = 300,
+) -> str:
+    """A job a worker started `age_s` ago and has not reported on since (or, queued, one
+    submitted `age_s` ago)."""
+    then = utcnow() - timedelta(seconds=age_s)
+    running = state is JobState.RUNNING
     job = GenerationJob(
         id=str(uuid.uuid4()),
         client_id=client_id,
-        state=JobState.RUNNING,
+        state=state,
         params={"steps": 4},
-        started_at=utcnow() - timedelta(minutes=5),
-        heartbeat_at=utcnow() - timedelta(minutes=5),
-        attempts=1,
+        created_at=then,
+        started_at=then if running else None,
+        heartbeat_at=then if running else None,
+        attempts=attempts,
         batch_leader=leader,
     )
     session.add(job)
@@ -35,18 +58,25 @@ def _running(session: Session, client_id: int, *, leader: str | None = None) -> 
     return job.id
 
 
-def test_a_silent_job_is_queued_again_then_failed_with_its_batch(
+def _states(session: Session, *job_ids: str) -> list[tuple[JobState, str | None]]:
+    session.expire_all()
+    return [
+        (job.state, job.batch_leader)
+        for job in (session.get_one(GenerationJob, job_id) for job_id in job_ids)
+    ]
+
+
+def test_a_silent_batch_goes_back_to_the_queue_once(
     settings: Settings,
     session: Session,
     sessions: sessionmaker[Session],
     broker: redis.Redis,
+    celery: Celery,
 ) -> None:
     client_id, _ = make_client(session, settings, Role.GENERATOR)
-    leader = _running(session, client_id)
-    follower = _running(session, client_id, leader=leader)
-    celery = make_celery(settings)
-    listener = broker.pubsub(ignore_subscribe_messages=True)
-    listener.subscribe(generation_channel(leader), generation_channel(follower))
+    leader = _job(session, client_id)
+    follower = _job(session, client_id, leader=leader)
+    alive = _job(session, client_id, age_s=1)  # its worker beat a second ago
     now = utcnow()
 
     requeued = requeue_stalled_jobs(
@@ -55,14 +85,30 @@ def test_a_silent_job_is_queued_again_then_failed_with_its_batch(
     again = requeue_stalled_jobs(
         sessions=sessions, celery=celery, redis_client=broker, stale_s=60, now=now
     )
-    session.expire_all()
-    session.get_one(GenerationJob, leader).attempts = MAX_JOB_RUNS  # each run's worker died
-    session.commit()
-    later = now + timedelta(seconds=61)
+
+    assert requeued == {"requeued": [leader, follower], "failed": []}
+    assert again == {"requeued": [], "failed": []}  # queued now: nothing to take back twice
+    assert _states(session, leader, follower) == [(JobState.QUEUED, None)] * 2
+    assert _states(session, alive) == [(JobState.RUNNING, None)]
+    assert queued_jobs(broker) == [(TASK_GENERATE, [leader]), (TASK_GENERATE, [follower])]
+
+
+def test_a_job_whose_worker_died_each_run_fails_with_its_batch_and_a_final_event(
+    settings: Settings,
+    session: Session,
+    sessions: sessionmaker[Session],
+    broker: redis.Redis,
+    celery: Celery,
+) -> None:
+    client_id, _ = make_client(session, settings, Role.GENERATOR)
+    leader = _job(session, client_id, attempts=MAX_JOB_RUNS)
+    follower = _job(session, client_id, leader=leader)
+    listener = broker.pubsub(ignore_subscribe_messages=True)
+    listener.subscribe(generation_channel(leader), generation_channel(follower))
+
     given_up = requeue_stalled_jobs(
-        sessions=sessions, celery=celery, redis_client=broker, stale_s=60, now=later
+        sessions=sessions, celery=celery, redis_client=broker, stale_s=60
     )
-    celery.close()
     events = []
     for _ in range(20):
         message = listener.get_message(timeout=0.1)
@@ -70,10 +116,8 @@ def test_a_silent_job_is_queued_again_then_failed_with_its_batch(
             events.append(json.loads(message["data"]))
     listener.close()
 
-    assert requeued == {"requeued": [leader], "failed": []}  # a follower comes back with it
-    assert again == {"requeued": [], "failed": []}  # the next pass waits a stale period more
     assert given_up == {"requeued": [], "failed": [leader, follower]}
-    assert queued_jobs(broker) == [(TASK_GENERATE, [leader])]
+    assert queued_jobs(broker) == []
     session.expire_all()
     for job_id in (leader, follower):
         job = session.get_one(GenerationJob, job_id)
@@ -81,3 +125,30 @@ def test_a_silent_job_is_queued_again_then_failed_with_its_batch(
         assert f"stopped {MAX_JOB_RUNS} times" in (job.error or "")
     assert sorted(event["id"] for event in events) == sorted([leader, follower])
     assert all(event["state"] == "failed" for event in events)
+
+
+def test_queued_jobs_whose_messages_were_lost_are_sent_again(
+    settings: Settings,
+    session: Session,
+    sessions: sessionmaker[Session],
+    broker: redis.Redis,
+    celery: Celery,
+) -> None:
+    client_id, _ = make_client(session, settings, Role.GENERATOR)
+    old = [_job(session, client_id, state=JobState.QUEUED, age_s=120 + n) for n in (2, 1)]
+    _job(session, client_id, state=JobState.QUEUED, age_s=0)  # its message is on its way
+    celery.send_task(TASK_GENERATE, args=[old[0]], queue="inference")  # one message survived
+
+    young = wake_lost_jobs(
+        sessions=sessions,
+        celery=celery,
+        redis_client=broker,
+        stale_s=600,  # the oldest queued job has not waited that long yet
+    )
+    woken = wake_lost_jobs(sessions=sessions, celery=celery, redis_client=broker, stale_s=60)
+    again = wake_lost_jobs(sessions=sessions, celery=celery, redis_client=broker, stale_s=60)
+
+    assert young == []
+    assert woken == old  # three queued, one message: two more, sent for the oldest
+    assert again == []  # as many messages as queued jobs now
+    assert len(queued_jobs(broker)) == 3

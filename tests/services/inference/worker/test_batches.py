@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -12,10 +13,13 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.inference import crud
-from services.inference.worker.runner import JobRuntime, run_generation
+from services.inference.api.stalled import requeue_stalled_jobs
+from services.inference.worker.runner import JobRuntime, run_generation, run_next
 from services.worker.publishing import PublishedVersion
+from tessera.config import Settings
 from tessera.events import generation_channel
-from tessera.models import GenerationJob, JobState
+from tessera.models import GenerationJob, JobState, utcnow
+from tessera.queue import make_celery
 from tessera.storage import ObjectStore
 from tests.helpers import bearer
 from tests.services.inference.helpers import (
@@ -128,26 +132,38 @@ def test_a_batch_takes_jobs_only_while_their_images_fit(
     assert run_generation(ids[1], runtime=small)["batch"] == [ids[1]]
 
 
-def test_a_job_taken_by_a_leader_that_died_is_run_by_the_leaders_redelivery(
+def test_a_batch_whose_worker_died_goes_back_to_the_queue_and_runs_again(
     api: TestClient,
     generator: tuple[int, str],
     styles: dict[str, PublishedVersion],
     runtime: JobRuntime,
+    settings: Settings,
     sessions: sessionmaker[Session],
 ) -> None:
     leader, follower = (submit(api, generator[1], adapters=A, steps=3) for _ in range(2))
     with sessions() as session:  # the leader's worker took both, then died
         assert crud.claim_job(session=session, job_id=leader, total_steps=3)
         assert crud.join_batch(session=session, job_id=follower, leader_id=leader, total_steps=3)
+    celery = make_celery(settings)
 
-    own_message = run_generation(follower, runtime=runtime)
+    own_message = run_generation(follower, runtime=runtime)  # taken: its message runs nothing
     still = state_of(sessions, follower)
-    # Even with no room left, the redelivered leader takes back the job it had.
-    redelivered = run_generation(leader, runtime=dataclasses.replace(runtime, max_batch_images=1))
+    loop = requeue_stalled_jobs(
+        sessions=sessions,
+        celery=celery,
+        redis_client=None,
+        stale_s=60,
+        now=utcnow() + timedelta(minutes=2),
+    )
+    celery.close()
+    queued = [state_of(sessions, job_id) for job_id in (leader, follower)]
+    again = run_next(runtime=runtime)
 
-    assert own_message == {"id": follower, "state": "skipped", "skipped": True}
+    assert own_message == {"id": follower, "state": "running", "skipped": True}
     assert still == (JobState.RUNNING, leader)
-    assert redelivered["batch"] == [leader, follower]
+    assert loop == {"requeued": [leader, follower], "failed": []}
+    assert queued == [(JobState.QUEUED, None), (JobState.QUEUED, None)]
+    assert again["batch"] == [leader, follower]
     assert state_of(sessions, follower) == (JobState.SUCCEEDED, leader)
 
 

@@ -13,13 +13,13 @@ import torch
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
+from services.inference import crud
 from services.inference.worker.runner import JobRuntime, run_generation
 from services.worker.publishing import PublishedVersion
 from tessera.events import generation_channel
 from tessera.lora import adapter_from_bytes
 from tessera.model.base import BaseModel
 from tessera.model.generate import generate, latents_from_bytes
-from tessera.models import GenerationJob, JobState
 from tessera.storage import ObjectStore
 from tests.helpers import bearer
 from tests.services.inference.helpers import (
@@ -74,11 +74,9 @@ def test_a_job_runs_once_and_a_crashed_run_is_redone(
     store: ObjectStore,
 ) -> None:
     job_id = submit(api, generator[1], adapters=[{"adapter": "cluster:0", "weight": 1.0}])
-    with sessions() as session:  # as if a worker died mid-job: the message comes back
-        job = session.get(GenerationJob, job_id)
-        assert job is not None
-        job.state, job.progress_step = JobState.RUNNING, 3
-        session.commit()
+    with sessions() as session:  # a worker took it and died; the stalled-job loop put it back
+        assert crud.claim_job(session=session, job_id=job_id, total_steps=6)
+        assert crud.requeue_batch(session=session, leader_id=job_id) == [job_id]
 
     first = run_generation(job_id, runtime=runtime)
     image = images_of(store, sessions, job_id)
