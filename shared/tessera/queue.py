@@ -22,6 +22,20 @@ QUICK_SOCKET_TIMEOUT_S = 1.5
 _QUICK_RETRIES = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
 
 
+# Redis hands an unacknowledged message to another worker this long after it was delivered,
+# whether or not its worker is alive, so it must outlast any task: a shorter one would run a
+# task that is still running a second time. Recovery from a dead worker does not wait for it:
+# heartbeats and the services' housekeeping loops bring a dead worker's round or job back
+# within TESSERA_TASK_STALE_S, and a redelivered message finds its work done or taken
+# (README, "Rounds and jobs always finish").
+VISIBILITY_MARGIN_S = 300
+
+
+def visibility_timeout_s(settings: Settings) -> int:
+    """Redis's visibility timeout: the task time limit and a margin."""
+    return settings.task_time_limit_s + VISIBILITY_MARGIN_S
+
+
 def make_celery(settings: Settings, *, main: str = "tessera", quick: bool = False) -> Celery:
     """A Celery app on the Redis in `settings`; connects lazily, on first use. `quick`: for a
     process that answers requests (short socket timeouts)."""
@@ -45,14 +59,13 @@ def make_celery(settings: Settings, *, main: str = "tessera", quick: bool = Fals
         worker_prefetch_multiplier=1,
         task_time_limit=settings.task_time_limit_s,
         task_soft_time_limit=max(1, settings.task_time_limit_s - 30),
-        # Redis redelivers an unacknowledged message after this; it must outlast any task.
         broker_transport_options={
-            "visibility_timeout": settings.task_time_limit_s + 300,
+            "visibility_timeout": visibility_timeout_s(settings),
             "socket_connect_timeout": connect_timeout,
             "socket_timeout": socket_timeout,
         },
         result_backend_transport_options={
-            "visibility_timeout": settings.task_time_limit_s + 300,
+            "visibility_timeout": visibility_timeout_s(settings),
             "retry_policy": _QUICK_RETRIES,
         },
         broker_connection_timeout=connect_timeout,

@@ -29,7 +29,8 @@ from sqlalchemy import ColumnElement, CursorResult, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.inference import crud
-from tessera.events import INFERENCE_QUEUE, TASK_GENERATE, generation_channel
+from services.inference.messages import send_wakeup
+from tessera.events import INFERENCE_QUEUE, generation_channel
 from tessera.models import GenerationJob, JobState, utcnow
 from tessera.queue import pending_messages
 from tessera.schemas import as_utc
@@ -55,11 +56,6 @@ def _stalled(cutoff: datetime) -> ColumnElement[bool]:
 
 def _moved(result: object) -> bool:
     return cast(CursorResult[Any], result).rowcount >= 1
-
-
-def send_wakeup(celery: Celery, job_id: str) -> None:
-    """One message on the inference queue, sent for `job_id` (a worker runs the next job)."""
-    celery.send_task(TASK_GENERATE, args=[job_id], queue=INFERENCE_QUEUE, ignore_result=True)
 
 
 def requeue_stalled_jobs(

@@ -37,9 +37,10 @@ import sqlalchemy.exc
 import torch
 import urllib3
 from redis.exceptions import RedisError
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.inference import crud
+from services.inference import crud, messages
 from services.inference.embeddings import input_from_bytes
 from services.inference.mixes import PinnedAdapter
 from services.inference.worker.cache import AdapterCache
@@ -80,28 +81,51 @@ class JobRuntime:
     cache: AdapterCache
     max_batch_images: int = 1  # TESSERA_INFERENCE_MAX_BATCH_IMAGES; 1: every job alone
     stale_s: float = 60.0  # TESSERA_TASK_STALE_S: the heartbeat beats every quarter of it
+    # How long what a message ran is remembered: past Redis's visibility timeout, the latest
+    # a dead worker's message can come back (TESSERA_TASK_TIME_LIMIT_S + 300 s).
+    message_ttl_s: float = 3600.0
 
 
 def output_prefix(job_id: str) -> str:
     return f"generations/{job_id}/"
 
 
-def run_next(*, runtime: JobRuntime, give_up: bool = False) -> dict[str, Any]:
+def run_next(
+    *, runtime: JobRuntime, give_up: bool = False, message_id: str | None = None
+) -> dict[str, Any]:
     """Run the next queued job in fair order (with the jobs that share its batch); a summary,
     state "idle" if nothing is queued. `give_up`: a connection error fails the job instead of
-    putting it back in the queue (the task's last retry)."""
+    putting it back in the queue (the task's last retry); `message_id`: the message this runs
+    for, recorded with the job it starts (see `reclaim`)."""
     for _ in range(CLAIM_TRIES):  # another worker may take the same job first
         with runtime.sessions() as session:
             job_id = crud.next_fair_job(session=session)
         if job_id is None:
             break
-        summary = run_generation(job_id, runtime=runtime, give_up=give_up)
+        summary = run_generation(job_id, runtime=runtime, give_up=give_up, message_id=message_id)
         if not summary.get("skipped"):
             return summary
     return {"id": None, "state": "idle"}
 
 
-def run_generation(job_id: str, *, runtime: JobRuntime, give_up: bool = False) -> dict[str, Any]:
+def reclaim(message_id: str, *, runtime: JobRuntime) -> list[str]:
+    """A message came back (the worker that held it died): put the job it started, and that
+    job's batch, back in the queue, unless it has ended or been run again since; the ids."""
+    recorded = messages.recorded_run(runtime.redis, message_id)
+    if recorded is None:
+        return []
+    job_id, attempts = recorded
+    same_run = (GenerationJob.attempts == attempts) & GenerationJob.batch_leader.is_(None)
+    with runtime.sessions() as session:
+        back = crud.requeue_batch(session=session, leader_id=job_id, where=same_run)
+    if back:
+        log.warning("a dead worker's job is queued again", extra={"jobs": back})
+    return back
+
+
+def run_generation(
+    job_id: str, *, runtime: JobRuntime, give_up: bool = False, message_id: str | None = None
+) -> dict[str, Any]:
     """Run queued job `job_id` to a terminal state, with any queued jobs that can share its
     UNet batch; returns a summary (state, the result, the ids of the batch). A job that is not
     queued is skipped. On a connection error the batch goes back to the queue (`give_up`: it
@@ -118,6 +142,13 @@ def run_generation(job_id: str, *, runtime: JobRuntime, give_up: bool = False) -
     with runtime.sessions() as session:
         if not crud.claim_job(session=session, job_id=job_id, total_steps=leader.total):
             return {"id": job_id, "state": "skipped", "skipped": True}
+        if message_id is not None:
+            attempts = session.scalar(
+                select(GenerationJob.attempts).where(GenerationJob.id == job_id)
+            )
+            messages.record_run(
+                runtime.redis, message_id, job_id, int(attempts or 0), runtime.message_ttl_s
+            )
     beat = Heartbeat.for_stale_after(
         lambda: _beat(job_id, runtime), stale_s=runtime.stale_s, name=f"job-{job_id}"
     )

@@ -12,6 +12,7 @@ from services.inference.worker.cache import AdapterCache
 from services.inference.worker.listener import AdapterEventListener
 from services.inference.worker.runner import JobRuntime
 from tessera.config import Settings, get_settings
+from tessera.queue import visibility_timeout_s
 from tessera.service.resources import Resources
 
 if TYPE_CHECKING:
@@ -67,6 +68,7 @@ def build_runtime(settings: Settings, resources: Resources) -> JobRuntime:
         cache=cache,
         max_batch_images=settings.inference_max_batch_images,
         stale_s=settings.task_stale_s,
+        message_ttl_s=visibility_timeout_s(settings) + 300,  # past the latest redelivery
     )
 
 

@@ -1,10 +1,12 @@
 """The generation task: a wake-up that runs the next queued job in fair order on this
 process's model and adapter cache (`runner.run_next`).
 
-Late acknowledgement (from the app): a message whose worker dies is delivered again after
-Redis's visibility timeout, as one more wake-up (the job itself goes back to the queue through
-the stalled-job loop, long before). Connection errors put the job back in the queue and retry
-the message with backoff; the last retry fails the job it ran.
+Late acknowledgement (from the app): a message whose worker dies is delivered again, at once if
+only the pool process died, after Redis's visibility timeout if the whole worker did. A
+redelivered message first puts back in the queue the job its earlier delivery started, if no
+one has run it since (`runner.reclaim`); otherwise the stalled-job loop does that within
+TESSERA_TASK_STALE_S. Connection errors put the job back in the queue and retry the message
+with backoff; the last retry fails the job it ran.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from typing import Any
 
 from celery import Task, shared_task
 
+from services.inference.messages import send_wakeup
 from services.inference.queue_depth import record_queue_depth
 from services.inference.worker import runtime as process
-from services.inference.worker.runner import TRANSIENT_ERRORS, run_next
+from services.inference.worker.runner import TRANSIENT_ERRORS, reclaim, run_next
 from tessera.events import TASK_GENERATE
 
 log = logging.getLogger(__name__)
@@ -33,8 +36,12 @@ def generate_job(self: Task, job_id: str) -> dict[str, Any]:
     if runtime.redis is not None:
         record_queue_depth(runtime.redis)
     retries = self.request.retries
+    message_id = self.request.id
+    if (self.request.delivery_info or {}).get("redelivered"):
+        for back in reclaim(message_id, runtime=runtime)[1:]:
+            send_wakeup(self.app, back)  # its batch's jobs; this message runs the first
     try:
-        return run_next(runtime=runtime, give_up=retries >= MAX_RETRIES)
+        return run_next(runtime=runtime, give_up=retries >= MAX_RETRIES, message_id=message_id)
     except TRANSIENT_ERRORS as error:
         if retries < MAX_RETRIES:
             raise self.retry(exc=error, countdown=RETRY_BACKOFF_S * 2**retries) from error

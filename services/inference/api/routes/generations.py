@@ -26,10 +26,10 @@ from services.inference.api.schemas import (
     GenerationOut,
     JobId,
 )
-from services.inference.api.stalled import send_wakeup
 from services.inference.api.submission import SubmissionError, plan_job, request_fingerprint
 from services.inference.api.views import job_view
 from services.inference.embeddings import input_to_bytes
+from services.inference.messages import send_wakeup
 from services.inference.queue_depth import record_queue_depth
 from tessera.config import Settings
 from tessera.models import GenerationJob, JobState, Role
