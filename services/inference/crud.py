@@ -68,7 +68,7 @@ def next_fair_job(*, session: Session) -> str | None:
     served = dict(
         session.execute(
             select(GenerationJob.client_id, func.max(GenerationJob.started_at))
-            .where(GenerationJob.client_id.in_(oldest), GenerationJob.started_at.is_not(None))
+            .where(GenerationJob.client_id.in_(list(oldest)), GenerationJob.started_at.is_not(None))
             .group_by(GenerationJob.client_id)
         ).all()
     )
