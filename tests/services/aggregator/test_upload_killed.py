@@ -1,5 +1,6 @@
-"""The aggregator SIGKILLed between a re-upload's object write and its commit: the accepted
-update and its object are intact, and the orphan sweep removes the object the kill left."""
+"""The aggregator SIGKILLed between an upload's object write and its commit: an accepted update
+and its object are intact (a re-upload), no update is recorded (a first upload), and the orphan
+sweep removes the object the kill left."""
 
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ from tests.services.aggregator.helpers import lora_file, open_round, upload
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("reupload", [True, False], ids=["re-upload", "first upload"])
 def test_a_kill_between_write_and_commit_loses_no_update_and_leaves_no_orphan(
+    reupload: bool,
     aggregator: TestClient,
     operator: dict,
     device: dict,
@@ -42,7 +45,9 @@ def test_a_kill_between_write_and_commit_loses_no_update_and_leaves_no_orphan(
 ) -> None:
     round_ = open_round(aggregator, operator, min_updates=5)
     first, second = lora_file(spec, 1), lora_file(spec, 2)
-    assert upload(aggregator, device["token"], round_["id"], device["id"], first).status_code == 201
+    if reupload:
+        accepted = upload(aggregator, device["token"], round_["id"], device["id"], first)
+        assert accepted.status_code == 201
     slot = update_key(round_["id"], device["id"], "").rsplit("/", 1)[0] + "/"
     port = procs.free_ports(1)[0]
     log_path = tmp_path / "aggregator.log"
@@ -58,24 +63,27 @@ def test_a_kill_between_write_and_commit_loses_no_update_and_leaves_no_orphan(
             lambda: httpx.get(f"{url}/healthz", timeout=2).status_code == 200,
             timeout=120, what="the aggregator", process=server, log_path=log_path,
         )  # fmt: skip
-        # Hold the round's row (as a close in progress would): the re-upload writes its object,
+        # Hold the round's row (as a close in progress would): the upload writes its object,
         # then waits for the row, between its write and its commit.
         holder = sessions()
         assert crud.hold_collecting_round(session=holder, round_id=round_["id"])
 
-        def reupload() -> None:
+        def send() -> None:
             with contextlib.suppress(httpx.HTTPError):  # the server dies under it
                 httpx.put(
                     f"{url}/v1/rounds/{round_['id']}/updates/{device['id']}",
-                    content=second,
+                    content=second if reupload else first,
                     params={"num_samples": 16},
                     headers={**bearer(device["token"]), "Content-Type": "application/octet-stream"},
                     timeout=60,
                 )
 
-        request = threading.Thread(target=reupload, daemon=True)
+        request = threading.Thread(target=send, daemon=True)
         request.start()
-        procs.wait_until(lambda: len(store.list_keys(slot)) == 2, timeout=60, what="the write")
+        written = len(store.list_keys(slot)) + 1
+        procs.wait_until(
+            lambda: len(store.list_keys(slot)) == written, timeout=60, what="the write"
+        )
         os.killpg(server.pid, signal.SIGKILL)
         server.wait(10)
         holder.rollback()
@@ -85,12 +93,17 @@ def test_a_kill_between_write_and_commit_loses_no_update_and_leaves_no_orphan(
         procs.stop(server)
 
     row = crud.get_update(session=session, round_id=round_["id"], client_id=device["id"])
-    assert row is not None and row.sha256 == hashlib.sha256(first).hexdigest()
-    assert store.get_bytes(row.object_key, expected_sha256=row.sha256) == first
-    left = [key for key in store.list_keys(slot) if key != row.object_key]
+    kept = []
+    if reupload:  # the accepted update is intact
+        assert row is not None and row.sha256 == hashlib.sha256(first).hexdigest()
+        assert store.get_bytes(row.object_key, expected_sha256=row.sha256) == first
+        kept = [row.object_key]
+    else:  # nothing was accepted, nothing is recorded
+        assert row is None
+    left = [key for key in store.list_keys(slot) if key not in kept]
     assert len(left) == 1  # the killed request's object, which no row names
     swept = sweep_orphaned_updates(
         sessions=sessions, store=store, grace_s=0, now=utcnow() + timedelta(seconds=5)
     )
     assert swept == left
-    assert store.list_keys(slot) == [row.object_key]
+    assert store.list_keys(slot) == kept
