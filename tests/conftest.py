@@ -172,7 +172,7 @@ def worker(base_settings: Settings, tmp_path_factory: pytest.TempPathFactory) ->
         app = make_celery(base_settings)
         procs.wait_until(
             lambda: bool(app.control.ping(timeout=0.5)),
-            timeout=60,
+            timeout=180,  # a worker's start on a busy shared machine
             what="Celery worker",
             process=process,
             log_path=log_path,

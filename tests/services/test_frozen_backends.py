@@ -24,15 +24,15 @@ from tessera.devstack import EmbeddedSeaweed, EmbeddedValkey
 from tessera.lora import adapter_to_bytes, random_adapter
 from tessera.model.base import BaseModel
 from tessera.models import Role
-from tessera.queue import QUICK_SOCKET_TIMEOUT_S
 from tessera.storage import QUICK_READ_TIMEOUT_S
 from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
 from tests.helpers import bearer, enrol
 from tests.services.inference.helpers import embeds_b64, make_client, tokens
 
-# Every answer while a backend is frozen comes within this many seconds (a read timeout, one
-# retry of a Redis publish, and a busy shared machine's slack).
-FROZEN_ANSWER_S = 8.0
+# Every answer while a backend is frozen comes within this many seconds: a read timeout and a
+# reconnection's (about 4.7 s for a publish on an idle machine), and a busy shared machine's
+# slack. Before, a hung Redis cost 15 s or more and a hung S3 40 s.
+FROZEN_ANSWER_S = 12.0
 
 
 @contextmanager
@@ -83,7 +83,6 @@ def test_a_frozen_redis_is_a_quick_503_and_generations_resume_after_it(
     assert during.headers["Retry-After"] == "5"
     assert during.json() == {"detail": "the job queue is unavailable; retry"}
     assert during_s < FROZEN_ANSWER_S, during_s
-    assert QUICK_SOCKET_TIMEOUT_S < FROZEN_ANSWER_S
     assert ready.status_code == 503
     assert ready.json()["checks"]["redis"].startswith("TimeoutError")
     assert ready.json()["checks"]["worker"] == "not checked: Redis does not answer"
@@ -131,5 +130,5 @@ def test_a_frozen_object_store_is_a_quick_503_and_uploads_resume_after_it(
     assert during.status_code == 503
     assert during.headers["Retry-After"] == "5"
     assert during.json() == {"detail": "the object store is unavailable; retry after 5 s"}
-    assert during_s < QUICK_READ_TIMEOUT_S + 4, during_s
+    assert during_s < QUICK_READ_TIMEOUT_S + FROZEN_ANSWER_S / 2, during_s
     assert after.status_code == 200, after.text

@@ -112,7 +112,7 @@ def test_a_service_is_ready_only_while_a_worker_of_its_own_queue_answers(
     try:
         procs.wait_until(
             lambda: bool(celery.control.ping(timeout=0.5)),
-            timeout=60,
+            timeout=180,  # a worker's start on a busy shared machine
             what=f"the {other_queue}-queue worker",
             process=process,
             log_path=tmp_path / "worker.log",
