@@ -74,9 +74,9 @@ def next_fair_job(*, session: Session) -> str | None:
     )
 
     def turn(client_id: int) -> tuple[bool, datetime, int]:
+        """Never served first, then served longest ago, then queued longest."""
         last = served.get(client_id)
-        never = last is None
-        return (not never, as_utc(last) if last is not None else _EPOCH, oldest[client_id][0])
+        return (last is not None, _EPOCH if last is None else as_utc(last), oldest[client_id][0])
 
     return oldest[min(oldest, key=turn)][1]
 
