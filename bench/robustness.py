@@ -1,6 +1,6 @@
 """Robustness: what one or two attackers in a cluster of 8 do to its adapter, per strategy.
 
-    python bench/robustness.py --out docs
+    OMP_WAIT_POLICY=PASSIVE python bench/robustness.py --threads 1 --out docs
 
 Ten devices of the synthetic style dataset each train a rank-4 LoRA on their own images
 (`train_lora`, the bundled model): eight of one style (`--style`), two of another (`--other`).
@@ -13,13 +13,17 @@ strategy aggregates the cluster into a rank-32 adapter (8 x 4: exact, nothing tr
 - `unbounded`: `aggregate_exact` over every update, weighted by samples (before bounding);
 - `clip`: the worker's path (`aggregate_plan`, each update read from the embedded SeaweedFS)
   with the round defaults: weights capped, norms clipped at twice the median, no robust rule;
-- `trimmed`: the same with `robust: trimmed`, `robust_trim` 0.25 (two of eight dropped);
-- `krum`: the same with `robust: krum`, `robust_f` 2.
+- `norm`: the same with `robust: norm` (norms over 3 medians rejected);
+- `trimmed-1` / `trimmed-2`: `robust: trimmed` dropping 1 / 2 of the 8 (`robust_trim` 0.125
+  / 0.25), the operator assuming at most 1 / 2 attackers;
+- `krum-1` / `krum-2`: `robust: krum` with `robust_f` 1 / 2.
 
 Reported per (strategy, attack, k): the relative change of the cluster adapter's products
 against the exact mean of the benign updates alone, `||P - P_benign|| / ||P_benign||`, and the
-style share of `--n` generations with the cluster adapter (the shipped evaluator), beside the
-benign aggregate's own style share. Writes docs/bench_robustness.md, .json and .png.
+style share of `--n` generations with the cluster adapter (the shipped evaluator; same prompts
+and noise for every adapter), beside the benign aggregate's own. An adapter within
+SAME_ADAPTER of one already scored reuses its score (its generations are the same images).
+Writes docs/bench_robustness.md, .json and .png.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import argparse
 import dataclasses
 import hashlib
 import math
+import os
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -59,9 +64,14 @@ ATTACKS = ("honest", "scaled", "flipped", "noise", "other_style")
 STRATEGIES: dict[str, dict[str, Any] | None] = {
     "unbounded": None,
     "clip": {},
-    "trimmed": {"robust": "trimmed", "robust_trim": 0.25},
-    "krum": {"robust": "krum", "robust_f": 2},
+    "norm": {"robust": "norm"},
+    "trimmed-1": {"robust": "trimmed", "robust_trim": 0.125},
+    "krum-1": {"robust": "krum", "robust_f": 1},
+    "trimmed-2": {"robust": "trimmed", "robust_trim": 0.25},
+    "krum-2": {"robust": "krum", "robust_f": 2},
 }
+SAME_ADAPTER = 1e-4  # relative distance of products under which two adapters count as one
+AIM_CHANGE, AIM_POINTS = 0.05, 5.0  # the issue's aim for one x1000 attacker
 SCALES = ScaleRange(1e-3, 16.0)  # the settings' defaults
 
 
@@ -191,12 +201,24 @@ class StyleScore:
         self.base, self.evaluator, self.args = base, evaluator, args
         self.subjects = cycled_subjects(args.n, args.seed, "robustness-subjects")
         self.prompts = base.prompts.encode([caption(s, c) for s, c in self.subjects])
+        self.scored: list[tuple[dict[str, torch.Tensor], float]] = []
+        self.generated = 0
 
     def __call__(self, adapter: LoraAdapter | None) -> float | None:
         if self.args.synthetic:
             return None  # synthetic updates draw no style
         if adapter is None or publish_problem(adapter) is not None:
             return None  # not published: nothing to generate with
+        mine = products([adapter])
+        for seen, share in self.scored:
+            if relative_change(adapter, seen) < SAME_ADAPTER:
+                return share
+        share = self._generate(adapter)
+        self.scored.append((mine, share))
+        return share
+
+    def _generate(self, adapter: LoraAdapter) -> float:
+        self.generated += 1
         images = generate(
             self.base,
             self.prompts,
@@ -213,6 +235,7 @@ class StyleScore:
 
 def run(args: argparse.Namespace, store: ObjectStore) -> dict[str, Any]:
     started = time.perf_counter()
+    load_at_start = os.getloadavg()
     base = load_base_model()
     honest = train_devices(base, args.style, CLUSTER, args)
     others = train_devices(base, args.other, 2, args)
@@ -254,6 +277,8 @@ def run(args: argparse.Namespace, store: ObjectStore) -> dict[str, Any]:
         "benign": {str(k): v for k, v in benign.items()},
         "rows": rows,
         "machine": machine(args.threads),
+        "load_at_start": [round(x, 1) for x in load_at_start],
+        "generation_runs": score.generated,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
 
@@ -267,12 +292,20 @@ def _percent(value: float | None) -> str:
 def markdown(report: dict[str, Any]) -> str:
     settings = report["settings"]
     strategies = settings["strategies"]
+    start_load = ", ".join(f"{x:.1f}" for x in report.get("load_at_start", []))
+    by_key = {(r["attackers"], r["attack"], r["strategy"]): r for r in report["rows"]}
+    cases = sorted({(r["attackers"], r["attack"]) for r in report["rows"]})
+    header = [
+        "| k | attack | " + " | ".join(strategies) + " |",
+        "|---|---|" + "---|" * len(strategies),
+    ]
     lines = [
         "# Robustness of a cluster's adapter to attackers",
         "",
-        "Written by `OMP_WAIT_POLICY=PASSIVE python bench/robustness.py --threads 1 --out docs` "
-        f"(one thread: MKL's threads crawl on a busy machine); {report['machine']}; "
-        f"{report['wall_seconds']:.0f} s.",
+        "Written by `nice -n 15 env OMP_WAIT_POLICY=PASSIVE python bench/robustness.py "
+        "--threads 1 --out docs` (also `make bench`; one thread: MKL's threads crawl on a busy "
+        f"machine); {report['machine']}, at the start {start_load}; "
+        f"{report['wall_seconds']:.0f} s, {report.get('generation_runs', '?')} generation runs.",
         "",
         *([f"**Partial run**: {report['partial']}.", ""] if report.get("partial") else []),
         f"A cluster of {CLUSTER} devices of style `{settings['style']}` (each a rank-{RANK} LoRA "
@@ -284,18 +317,17 @@ def markdown(report: dict[str, Any]) -> str:
         "devices move the aggregate.",
         "",
         "Strategies: `unbounded` is plain exact aggregation (before bounded influence); `clip` "
-        "is the worker's default (weights capped, norms clipped at twice the median); "
-        "`trimmed` adds `robust: trimmed` (`robust_trim` 0.25); `krum` adds `robust: krum` "
-        "(`robust_f` 2).",
+        "is the worker's default (weights capped, norms clipped at twice the median); `norm` "
+        "adds `robust: norm` (updates whose norm is over 3 times the cluster's median are "
+        "rejected); `trimmed-f` adds `robust: trimmed` dropping f of the 8 farthest from the "
+        "median; `krum-f` adds `robust: krum` with `robust_f` f (n - f kept). f is what the "
+        "operator assumes, whatever k is.",
         "",
         "Relative change of the cluster adapter's products against the exact mean of the "
         "benign updates alone (— : not finite or not fp16-safe, so never published):",
         "",
-        "| k | attack | " + " | ".join(strategies) + " |",
-        "|---|---|" + "---|" * len(strategies),
+        *header,
     ]
-    by_key = {(r["attackers"], r["attack"], r["strategy"]): r for r in report["rows"]}
-    cases = sorted({(r["attackers"], r["attack"]) for r in report["rows"]})
     for k, kind in cases:
         cells = [_percent(by_key[(k, kind, s)]["relative_change"]) for s in strategies]
         lines.append(f"| {k} | {kind} | " + " | ".join(cells) + " |")
@@ -306,16 +338,39 @@ def markdown(report: dict[str, Any]) -> str:
         + ", ".join(
             f"k={k}: {_share(v['style_share'])}" for k, v in sorted(report["benign"].items())
         )
-        + "):",
+        + "), and updates excluded:",
         "",
-        "| k | attack | " + " | ".join(strategies) + " |",
-        "|---|---|" + "---|" * len(strategies),
+        *header,
     ]
     for k, kind in cases:
-        cells = [_share(by_key[(k, kind, s)]["style_share"]) for s in strategies]
+        cells = [
+            f"{_share(by_key[(k, kind, s)]['style_share'])} ({by_key[(k, kind, s)]['excluded']})"
+            for s in strategies
+        ]
         lines.append(f"| {k} | {kind} | " + " | ".join(cells) + " |")
-    lines.append("")
+    lines += ["", *_aim(report, by_key), ""]
     return "\n".join(lines)
+
+
+def _aim(report: dict[str, Any], by_key: dict[tuple[int, str, str], Any]) -> list[str]:
+    """The issue's aim, read off the rows: one x1000 attacker, clipping on and a robust rule."""
+    benign = report["benign"].get("1", {}).get("style_share")
+    lines = [
+        f"Aim: with clipping on and a robust rule, one x1000 attacker changes the cluster "
+        f"adapter by less than {AIM_CHANGE:.0%} and style share by less than {AIM_POINTS:g} "
+        "points:",
+        "",
+    ]
+    for strategy in report["settings"]["strategies"]:
+        row = by_key.get((1, "scaled", strategy))
+        if row is None or strategy in ("unbounded", "clip"):
+            continue
+        change, share = row["relative_change"], row["style_share"]
+        points = None if share is None or benign is None else 100 * abs(share - benign)
+        met = change is not None and change < AIM_CHANGE and (points is None or points < AIM_POINTS)
+        shown = "not scored" if points is None else f"{points:.1f} points"
+        lines.append(f"- `{strategy}`: {_percent(change)}, {shown}: {'met' if met else 'not met'}")
+    return lines
 
 
 def _share(value: float | None) -> str:

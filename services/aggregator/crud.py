@@ -265,7 +265,15 @@ def collecting_round_ids(*, session: Session) -> list[int]:
 
 
 def count_updates(*, session: Session, round_id: int) -> int:
-    return session.scalar(select(func.count()).where(Update.round_id == round_id)) or 0
+    """The round's updates that count: received or aggregated, not excluded."""
+    return (
+        session.scalar(
+            select(func.count()).where(
+                Update.round_id == round_id, Update.status != UpdateStatus.EXCLUDED
+            )
+        )
+        or 0
+    )
 
 
 def cluster_members(*, session: Session, clustering_id: int) -> dict[int, int]:
@@ -291,7 +299,7 @@ def updates_per_cluster(*, session: Session, round_id: int, clustering_id: int) 
             (Assignment.client_id == Update.client_id)
             & (Assignment.clustering_id == clustering_id),
         )
-        .where(Update.round_id == round_id)
+        .where(Update.round_id == round_id, Update.status != UpdateStatus.EXCLUDED)
         .group_by(Assignment.label)
     ).all()
     return _label_counts(rows)
@@ -306,6 +314,21 @@ def get_update(*, session: Session, round_id: int, client_id: int) -> Update | N
     return session.scalar(
         select(Update).where(Update.round_id == round_id, Update.client_id == client_id)
     )
+
+
+def exclude_update(
+    *, session: Session, round_id: int, client_id: int, reason: str
+) -> Update | None:
+    """Exclude `client_id`'s update from the round with `reason`; None if it sent none.
+
+    The caller holds the collecting round's row lock (`hold_collecting_round`).
+    """
+    row = get_update(session=session, round_id=round_id, client_id=client_id)
+    if row is not None:
+        row.status = UpdateStatus.EXCLUDED
+        row.exclusion_reason = reason
+        session.flush()
+    return row
 
 
 def upsert_update(

@@ -2,8 +2,9 @@
 
 Each pass (every TESSERA_HOUSEKEEPING_INTERVAL_S, in every aggregator replica): close the
 collecting rounds past their deadline or at quorum (`closing`), queue again the aggregating
-rounds whose worker died (`stuck`), and, every ORPHAN_SWEEP_INTERVAL_S, delete update objects
-that no row names (`orphans`).
+rounds whose worker died (`stuck`), delete the raw updates of rounds over for
+TESSERA_UPDATE_RETENTION_DAYS (`retention`) and, every ORPHAN_SWEEP_INTERVAL_S, delete update
+objects that no row names (`orphans`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 from services.aggregator.closing import close_due_rounds
 from services.aggregator.orphans import ORPHAN_SWEEP_INTERVAL_S, sweep_orphaned_updates
+from services.aggregator.retention import delete_expired_updates
 from services.aggregator.stuck import requeue_stale_rounds
 from tessera.service.resources import Resources
 
@@ -32,9 +34,14 @@ class RoundLoop:
             celery=resources.celery,
             stale_s=resources.settings.task_stale_s,
         )
+        expired = delete_expired_updates(
+            sessions=resources.sessions,
+            store=resources.store,
+            retention_days=resources.settings.update_retention_days,
+        )
         swept: list[str] = []
         now = time.monotonic()
         if self._swept_at is None or now - self._swept_at >= ORPHAN_SWEEP_INTERVAL_S:
             self._swept_at = now
             swept = sweep_orphaned_updates(sessions=resources.sessions, store=resources.store)
-        return {"closed": closed, **stuck, "orphans": swept}
+        return {"closed": closed, **stuck, "updates_deleted": expired, "orphans": swept}

@@ -75,6 +75,7 @@ def round_out(
         clustering_id=round_.clustering_id,
         error=round_.error,
         heartbeat_at=round_.heartbeat_at,
+        updates_deleted_at=round_.updates_deleted_at,
         attempts=round_.attempts,
         updates=progress.total,
         clusters=progress.clusters,

@@ -25,7 +25,7 @@ from tessera.lora import LoraAdapter, LoraFileError, adapter_from_bytes
 from tessera.lora.adapter import A_SUFFIX, B_SUFFIX
 from tessera.lora.aggregate import WeightedUpdate
 from tessera.lora.bounds import ScaleRange, capped_weights, clip_bound, clip_update, update_norm
-from tessera.lora.robust import Sketcher, multi_krum, trimmed_by_median
+from tessera.lora.robust import Sketcher, multi_krum, norm_outliers, trimmed_by_median
 from tessera.storage import ChecksumMismatchError, ObjectNotFoundError, ObjectStore
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,8 @@ class BoundedUpdates:
         seed: int = 0,
     ) -> None:
         self._refs = refs
-        self._sketcher = Sketcher(seed=seed) if config.robust != "none" else None
+        sketched = config.robust in ("trimmed", "krum")
+        self._sketcher = Sketcher(seed=seed) if sketched else None
         self._sketches: dict[int, torch.Tensor] = {}
         self._store = store
         self._compatibility = compatibility
@@ -165,11 +166,16 @@ class BoundedUpdates:
         self._weights = {ref.id: weight for ref, weight in zip(usable, weights, strict=True)}
 
     def _select(self, usable: list[UpdateRef]) -> list[UpdateRef]:
-        """The updates the round's robust rule keeps, on their clipped sketches; the rest are
-        excluded with the rule's reason."""
+        """The updates the round's robust rule keeps (on their norms, or their clipped
+        sketches); the rest are excluded with the rule's reason."""
         config = self._config
         if config.robust == "none" or not usable:
             return usable
+        if config.robust == "norm":
+            ratio = config.robust_norm_ratio
+            kept = norm_outliers([self._norms[ref.id] for ref in usable], ratio=ratio)
+            reason = f"rejected by the norm rule: its norm is over {ratio:g} times the median"
+            return self._keep(usable, kept, reason)
         assert self.bound is not None
         sketches = torch.stack(
             [
@@ -186,6 +192,10 @@ class BoundedUpdates:
                 f"rejected by the trimmed rule: among the {config.robust_trim:.0%} of the "
                 "cluster farthest from its median"
             )
+        return self._keep(usable, kept, reason)
+
+    def _keep(self, usable: list[UpdateRef], kept: list[int], reason: str) -> list[UpdateRef]:
+        """`usable` at the indices `kept`; the others are excluded with `reason`."""
         chosen = {usable[i].id for i in kept}
         for ref in usable:
             if ref.id not in chosen:

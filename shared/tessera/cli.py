@@ -165,6 +165,17 @@ def client_disable(client_id: int) -> None:
         _echo_response(http.patch(f"/v1/clients/{client_id}", json={"disabled": True}))
 
 
+@client.command(name="remove")
+@click.argument("client_id", type=click.IntRange(1, 2**31 - 1))
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def client_remove(client_id: int, yes: bool) -> None:
+    """Remove a client with its task vectors, updates, assignments, adapters and jobs."""
+    if not yes:
+        click.confirm(f"Remove client {client_id} and everything it uploaded?", abort=True)
+    with _operator_client() as http:
+        _echo_response(http.delete(f"/v1/clients/{client_id}"))
+
+
 @client.command(name="rotate")
 @click.argument("client_id", type=int)
 def client_rotate(client_id: int) -> None:
@@ -204,11 +215,12 @@ def round_group() -> None:
 @click.option("--clip-norm", type=float, default=None)
 @click.option(
     "--robust",
-    type=click.Choice(["none", "trimmed", "krum"]),
+    type=click.Choice(["none", "norm", "trimmed", "krum"]),
     default=None,
-    help="Robust selection per cluster: drop the --robust-trim share farthest from the median, "
-    "or keep n - --robust-f by Multi-Krum.",
+    help="Robust selection per cluster: drop the norms over --robust-norm-ratio medians, drop "
+    "the --robust-trim share farthest from the median, or keep n - --robust-f by Multi-Krum.",
 )
+@click.option("--robust-norm-ratio", type=float, default=None)
 @click.option("--robust-trim", type=float, default=None)
 @click.option("--robust-f", type=int, default=None)
 @click.option(
@@ -240,6 +252,21 @@ def round_show(round_id: int) -> None:
     for a private round, each device's epsilon after it."""
     with _operator_client() as http:
         _echo_response(http.get(f"/v1/rounds/{round_id}"))
+
+
+@round_group.command(name="exclude")
+@click.argument("round_id", type=click.IntRange(1, 2**31 - 1))
+@click.argument("client_id", type=click.IntRange(1, 2**31 - 1))
+@click.option("--reason", required=True, help="Shown on the round beside the exclusion.")
+def round_exclude(round_id: int, client_id: int, reason: str) -> None:
+    """Exclude CLIENT_ID's update from collecting round ROUND_ID; it cannot replace it."""
+    with _operator_client() as http:
+        _echo_response(
+            http.post(
+                f"/v1/rounds/{round_id}/exclusions",
+                json={"client_id": client_id, "reason": reason},
+            )
+        )
 
 
 @round_group.command(name="retry")

@@ -213,6 +213,11 @@ class Settings(BaseSettings):
         description="How often the aggregator checks rounds (deadlines, quorum, stuck "
         "rounds, orphaned updates) and the inference API stalled generation jobs.",
     )
+    update_retention_days: Annotated[float, Field(ge=0, le=3650, allow_inf_nan=False)] = Field(
+        default=0,
+        description="Days a published or cancelled round's raw updates are kept for audit "
+        "before the round loop deletes them (0: at its next pass).",
+    )
     worker_metrics_port: Annotated[int, Field(ge=0, le=65535)] = Field(
         default=9108,
         description="Port of a Celery worker's /metrics (all its pool processes); 0: none.",

@@ -64,11 +64,15 @@ class RoundConfig(BaseModel):
         default=None, description="fixed clip: the bound on ||scale·B·A||_F (needs clip fixed)"
     )
 
-    robust: Literal["none", "trimmed", "krum"] = Field(
+    robust: Literal["none", "norm", "trimmed", "krum"] = Field(
         default="none",
-        description="robust selection before aggregating, on sketches of the products: "
-        "trimmed drops the robust_trim share farthest from the cluster's median; krum keeps "
+        description="robust selection before aggregating: norm drops the updates whose norm "
+        "is over robust_norm_ratio times the cluster's median; on sketches of the products, "
+        "trimmed drops the robust_trim share farthest from the cluster's median and krum keeps "
         "the n - robust_f updates with the lowest Multi-Krum scores",
+    )
+    robust_norm_ratio: Annotated[float, Field(ge=1.0, le=1000.0, allow_inf_nan=False)] = Field(
+        default=3.0, description="norm: the largest norm kept, in medians of the cluster's norms"
     )
     robust_trim: Annotated[float, Field(ge=0.0, le=0.45, allow_inf_nan=False)] = Field(
         default=0.2, description="trimmed: share of a cluster's updates dropped (rounded down)"
@@ -126,10 +130,15 @@ def personal_adapter_name(client_id: int) -> str:
 UPDATES_PREFIX = "updates/"
 
 
+def update_prefix(round_id: int) -> str:
+    """Where a round's updates live in the object store: `updates/round-7/`."""
+    return f"{UPDATES_PREFIX}round-{round_id}/"
+
+
 def update_key(round_id: int, client_id: int, sha256: str) -> str:
     """Where a device's update for a round lives in the object store: content-addressed, so a
     re-upload never overwrites the update it replaces before the replacement is committed."""
-    return f"{UPDATES_PREFIX}round-{round_id}/client-{client_id}/{sha256}.safetensors"
+    return f"{update_prefix(round_id)}client-{client_id}/{sha256}.safetensors"
 
 
 def adapter_key(adapter_name: str, round_id: int) -> str:

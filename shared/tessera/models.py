@@ -143,6 +143,8 @@ class Round(Base):
     # (the reaper queues it again when the heartbeat is older than TESSERA_TASK_STALE_S).
     heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # When the round loop deleted the round's raw update objects (their rows stay, for audit).
+    updates_deleted_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class Update(Base):

@@ -122,7 +122,7 @@ class ClusterProgress(BaseModel):
 
 
 class ExcludedUpdate(BaseModel):
-    """An update the worker left out of the round's aggregates, and why."""
+    """An update left out of the round's aggregates (by the worker or an operator), and why."""
 
     update_id: int
     client_id: int
@@ -160,7 +160,7 @@ class RoundOut(RoundBrief):
     published_at: UtcDatetime | None
     clustering_id: int | None
     error: str | None
-    updates: int
+    updates: int = Field(description="updates that count: received or aggregated, not excluded")
     clusters: list[ClusterProgress]
     unassigned_updates: int = Field(description="updates from devices outside the clustering")
     quorum_met: bool
@@ -181,6 +181,36 @@ class RoundOut(RoundBrief):
     privacy: RoundPrivacy | None = Field(
         default=None, description="a private round's noise and each device's epsilon after it"
     )
+    updates_deleted_at: UtcDatetime | None = Field(
+        default=None,
+        description="when its raw update objects were deleted (TESSERA_UPDATE_RETENTION_DAYS "
+        "after it was published or cancelled); their rows, reasons and report stay",
+    )
+
+
+ExclusionReason = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=300, pattern=r"^[^\x00-\x1f\x7f]+$"),
+]
+
+
+class ExclusionCreate(Strict):
+    """An operator's exclusion of one device's update from a collecting round."""
+
+    client_id: RowId
+    reason: ExclusionReason = Field(description="shown on the round beside the exclusion")
+
+
+class ClientRemoved(BaseModel):
+    """What removing a client deleted: its rows and its objects in the store."""
+
+    client_id: int
+    task_vectors: int
+    updates: int
+    assignments: int
+    adapters: int
+    generation_jobs: int
+    objects: int
 
 
 class DeviceAssignment(BaseModel):

@@ -22,7 +22,8 @@ def test_a_synthetic_run_writes_the_tables(tmp_path: Path, monkeypatch: pytest.M
         robustness.main(
             [
                 *("--synthetic", "--attackers", "1", "--attacks", "honest", "scaled"),
-                *("--strategies", "unbounded", "trimmed", "--threads", "1", "--out", str(tmp_path)),
+                *("--strategies", "unbounded", "norm", "trimmed-2"),
+                *("--threads", "1", "--out", str(tmp_path)),
             ]
         )
     finally:
@@ -31,7 +32,12 @@ def test_a_synthetic_run_writes_the_tables(tmp_path: Path, monkeypatch: pytest.M
     report = json.loads((tmp_path / "bench_robustness.json").read_text())
     change = {(r["attack"], r["strategy"]): r["relative_change"] for r in report["rows"]}
     assert change[("scaled", "unbounded")] > 10  # the x1000 update dominates
-    assert change[("scaled", "trimmed")] < 0.1  # rejected; two alike honest ones left out
+    assert change[("scaled", "trimmed-2")] < 0.1  # rejected; two alike honest ones left out
+    assert change[("scaled", "norm")] < 5e-3  # rejected alone: the benign mean (fp16 wire)
     assert change[("honest", "unbounded")] < 0.05
     table = (tmp_path / "bench_robustness.md").read_text()
-    assert "| 1 | scaled |" in table and (tmp_path / "bench_robustness.png").stat().st_size > 0
+    assert (
+        "| 1 | scaled |" in table
+        and "- `norm`: " in table
+        and (tmp_path / "bench_robustness.png").stat().st_size > 0
+    )

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tessera.lora import LoraAdapter, LoraSpec, random_adapter
-from tessera.lora.robust import Sketcher, multi_krum, trimmed_by_median
+from tessera.lora.robust import Sketcher, multi_krum, norm_outliers, trimmed_by_median
 
 SPEC = LoraSpec(
     base_model_id="tiny",
@@ -88,3 +88,14 @@ def test_the_rules_keep_everyone_when_there_is_nothing_to_drop() -> None:
     assert trimmed_by_median(sketches, trim=0.2) == [0, 1, 2]  # floor(0.6) = 0 dropped
     with pytest.raises(ValueError, match="trim"):
         trimmed_by_median(sketches, trim=0.5)
+
+
+def test_the_norm_rule_drops_only_norms_far_above_the_median() -> None:
+    norms = [1.0, 1.3, 0.8, 1000.0, 1.1, 3.7, 0.9, 3.5]  # median 1.2: the bound is 3.6
+
+    kept = norm_outliers(norms, ratio=3.0)
+
+    assert kept == [0, 1, 2, 4, 6, 7]
+    assert norm_outliers([], ratio=3.0) == []
+    with pytest.raises(ValueError, match="ratio must be >= 1"):
+        norm_outliers(norms, ratio=0.5)

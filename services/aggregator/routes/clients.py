@@ -1,4 +1,5 @@
-"""Enrolment of devices, operators and generation clients; token rotation; disabling."""
+"""Enrolment of devices, operators and generation clients; token rotation; disabling; removal
+with everything the client left (`removal`)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,18 @@ from fastapi import APIRouter, HTTPException, status
 from sqlalchemy.exc import IntegrityError
 
 from services.aggregator import crud
+from services.aggregator.removal import remove_client
 from tessera.models import Client, Role
-from tessera.schemas import ClientCreate, ClientOut, ClientPatch, ClientWithToken, RowId
+from tessera.schemas import (
+    ClientCreate,
+    ClientOut,
+    ClientPatch,
+    ClientRemoved,
+    ClientWithToken,
+    RowId,
+)
 from tessera.service.auth import OperatorDep, PrincipalDep
-from tessera.service.deps import SessionDep, SettingsDep
+from tessera.service.deps import SessionDep, SettingsDep, StoreDep
 
 router = APIRouter(prefix="/v1/clients", tags=["clients"])
 
@@ -89,3 +98,19 @@ def rotate_client_token(
     )
     session.commit()
     return ClientWithToken(**ClientOut.model_validate(client).model_dump(), token=token)
+
+
+@router.delete(
+    "/{client_id}",
+    summary="Remove a client with its task vectors, updates, assignments, adapters and jobs",
+    description="Its rows and its objects in the store are deleted; what it contributed to "
+    "adapters already published stays in them. On a 503 the client is left disabled: retry.",
+    responses={
+        404: {"description": "no such client"},
+        503: {"description": "the object store is unavailable; the client is disabled, retry"},
+    },
+)
+def remove(
+    client_id: RowId, _operator: OperatorDep, session: SessionDep, store: StoreDep
+) -> ClientRemoved:
+    return remove_client(session=session, store=store, client=_get_client(session, client_id))

@@ -2,7 +2,8 @@
 
 A round collects updates until quorum (see `closing.RoundProgress.quorum_met`) or its deadline,
 then the worker aggregates it: collecting -> aggregating -> published (or failed). An operator
-may cancel a collecting round, and retry or fail an aggregating one (`stuck`).
+may cancel a collecting round, exclude one device's update from it, and retry or fail an
+aggregating one (`stuck`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from services.aggregator.stuck import fail_round, retry_round
 from services.aggregator.views import round_out
 from tessera.federation import RoundConfig
 from tessera.models import Role, Round, RoundState, utcnow
-from tessera.schemas import RoundOut, RowId
+from tessera.schemas import ExclusionCreate, RoundOut, RowId
 from tessera.service.auth import OperatorDep, Principal, require_role
 from tessera.service.deps import CeleryDep, SessionDep, SettingsDep
 
@@ -202,6 +203,38 @@ def cancel(
     if not cancelled:
         raise not_collecting(round_)
     return round_out(session=session, round_=round_, policy=policy)
+
+
+@router.post(
+    "/{round_id}/exclusions",
+    summary="Exclude a device's update from a collecting round, with a reason shown on it",
+    responses={
+        404: {"description": "no such round, or the device sent no update to it"},
+        409: {"description": "the round is not collecting"},
+    },
+)
+def exclude(
+    round_id: RowId, body: ExclusionCreate, operator: OperatorDep, session: SessionDep
+) -> RoundOut:
+    round_ = get_round(session, round_id)
+    if not crud.hold_collecting_round(session=session, round_id=round_id):
+        session.rollback()
+        raise not_collecting(round_)
+    excluded = crud.exclude_update(
+        session=session,
+        round_id=round_id,
+        client_id=body.client_id,
+        reason=f"excluded by {operator.name}: {body.reason}",
+    )
+    if excluded is None:
+        session.rollback()
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND,
+            detail=f"client {body.client_id} has sent no update to round {round_.number}",
+        )
+    session.commit()
+    session.refresh(round_)
+    return round_out(session=session, round_=round_)
 
 
 @router.post(

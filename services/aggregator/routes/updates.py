@@ -37,7 +37,7 @@ from services.aggregator.uploads import (
 from tessera.federation import update_key
 from tessera.lora import LoraFileError, LoraSpec, validate_adapter_bytes
 from tessera.metrics import UPDATES_RECEIVED, RejectionReason
-from tessera.models import AdapterVersion, RoundState, utcnow
+from tessera.models import AdapterVersion, RoundState, UpdateStatus, utcnow
 from tessera.schemas import RowId, UpdateReceipt, UpdateRejection
 from tessera.service.auth import DeviceDep
 from tessera.service.deps import CeleryDep, SessionDep, SettingsDep, StoreDep
@@ -52,6 +52,10 @@ MAX_NUM_SAMPLES = 1_000_000
 
 class _RoundClosedError(Exception):
     """The round stopped collecting between the first check and the database write."""
+
+
+class _ExcludedError(Exception):
+    """An operator excluded the device's update from the round: it cannot be replaced."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,8 @@ def _store_update(
         if not crud.hold_collecting_round(session=session, round_id=round_id):
             raise _RoundClosedError
         previous = crud.get_update(session=session, round_id=round_id, client_id=client_id)
+        if previous is not None and previous.status == UpdateStatus.EXCLUDED:
+            raise _ExcludedError
         replaced_key = None if previous is None else previous.object_key
         row, replaced = crud.upsert_update(
             session=session,
@@ -125,6 +131,13 @@ def _store_update(
         if isinstance(error, _RoundClosedError):
             reject(RejectionReason.ROUND_NOT_OPEN)
             raise not_collecting(get_round(session, round_id)) from None
+        if isinstance(error, _ExcludedError):
+            reject(RejectionReason.NOT_ALLOWED)
+            raise HTTPException(
+                status.HTTP_409_CONFLICT,
+                detail="an operator excluded this device's update from the round; "
+                "it cannot be replaced",
+            ) from None
         raise
     if replaced_key is not None and replaced_key != key:
         _delete_quietly(store, replaced_key)  # on failure, the orphan sweep deletes it later
@@ -187,7 +200,10 @@ def _delete_quietly(store: ObjectStore, key: str) -> None:
         403: {"description": "the slot is another device's"},
         404: {"description": "no such round"},
         408: {"description": "the body sent nothing for TESSERA_BODY_READ_TIMEOUT_S"},
-        409: {"description": "the round is not collecting"},
+        409: {
+            "description": "the round is not collecting, or an operator excluded the "
+            "device's update from it"
+        },
         413: {"description": "the file is over the upload limit"},
         429: {"description": "the device is already sending 2 uploads; see Retry-After"},
         422: {"description": "the file or its metadata is refused", "model": UpdateRejection},

@@ -337,6 +337,7 @@ def test_a_cluster_whose_aggregate_fails_is_withheld_and_the_round_publishes(
 @pytest.mark.parametrize(
     ("rule", "options", "reason"),
     [
+        ("norm", {}, "rejected by the norm rule: its norm is over 3 times the median"),
         ("krum", {"robust_f": 1}, "rejected by Multi-Krum (f=1): too far from the others"),
         (
             "trimmed",
@@ -419,3 +420,38 @@ def test_a_private_round_adds_noise_of_the_right_std_to_each_cluster_sum(
     assert abs(float(residual.mean())) < 5 * std / math.sqrt(residual.numel())
     metrics = {a["adapter"]: a["metrics"] for a in summary["adapters"]}
     assert metrics["cluster:0"]["noise_multiplier"] == PRIVATE_MULTIPLIER
+
+
+@pytest.mark.parametrize("attackers", [1, 2])
+def test_with_devices_far_apart_the_norm_rule_keeps_the_x1000_attackers_under_5_percent(
+    session: Session,
+    store: ObjectStore,
+    resources: Resources,
+    spec: LoraSpec,
+    attackers: int,
+) -> None:
+    """The issue's aim, at small size: honest devices as far apart as trained ones are (each
+    its own random update, norms within a few tens of percent), k of 8 sending B x1000."""
+    devices = [random_adapter(spec, RANK, float(RANK), seed=40 + i, std=0.3) for i in range(8)]
+    kept = devices[: 8 - attackers]
+    sent_updates = kept + [scaled_b(lora, 1000.0) for lora in devices[8 - attackers :]]
+    config = RoundConfig(rank=32, lam=0.0, robust="norm")
+    round_id, sent = make_round(session, store, config, {0: [(a, 16) for a in sent_updates]})
+
+    summary = run(resources, round_id)
+
+    assert summary["status"] == "published"
+    assert set(exclusions(session, round_id)) == {s.update_id for s in sent[0][8 - attackers :]}
+    benign = products([(s.adapter, 1.0) for s in sent[0][: 8 - attackers]])
+    one_more = products([(s.adapter, 1.0) for s in sent[0][: 9 - attackers]])
+    change = relative(published(session, store, "cluster:0", round_id), benign)
+    assert change < 0.05
+    # What the rule spares: these honest devices are far apart (one more moves the mean a lot),
+    # so a rule that dropped an honest update would miss the aim by far.
+    assert (
+        math.sqrt(
+            sum(float((one_more[m] - benign[m]).square().sum()) for m in benign)
+            / sum(float(b.square().sum()) for b in benign.values())
+        )
+        > 0.2
+    )
