@@ -302,9 +302,10 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Robustness of a cluster's adapter to attackers",
         "",
-        "Written by `nice -n 15 env OMP_WAIT_POLICY=PASSIVE python bench/robustness.py "
-        "--threads 1 --out docs` (also `make bench`; one thread: MKL's threads crawl on a busy "
-        f"machine); {report['machine']}, at the start {start_load}; "
+        "Written by `OMP_WAIT_POLICY=PASSIVE python bench/robustness.py --threads 1 "
+        f"{'--synthetic ' if settings.get('synthetic') else ''}--out docs` (also `make bench`; "
+        f"one thread: MKL's threads crawl on a busy machine); {report['machine']}, at the "
+        f"start {start_load}; "
         f"{report['wall_seconds']:.0f} s, {report.get('generation_runs', '?')} generation runs.",
         "",
         *([f"**Partial run**: {report['partial']}.", ""] if report.get("partial") else []),
