@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -39,8 +40,14 @@ DEMO_METHODS = {
 TARGET = 0.8  # style accuracy the demo's headline counts rounds to
 
 
-def run_demo(data_dir: str, config: SimConfig = DEMO_CONFIG) -> dict[str, Any]:
-    """Simulate the federation once per method on fresh stacks; print and write the results."""
+def run_demo(
+    data_dir: str,
+    config: SimConfig = DEMO_CONFIG,
+    *,
+    after: Callable[[StackInfo, SimReport], None] | None = None,
+) -> dict[str, Any]:
+    """Simulate the federation once per method on fresh stacks; print and write the results.
+    `after(info, report)` runs while the cluster-aware run's stack is still up."""
     from tessera.sim.report import cluster_table, comparison_table, plot_convergence
     from tessera.sim.run import device_pool
     from tessera.sim.stack import run_on_fresh_stack
@@ -65,13 +72,17 @@ def run_demo(data_dir: str, config: SimConfig = DEMO_CONFIG) -> dict[str, Any]:
             where = "no server" if method == "local" else "a fresh stack (Valkey, S3, SQLite)"
             click.secho(f"== {title}, on {where}", bold=True)
             run_config = replace(config, method=method)  # type: ignore[arg-type]
-            after = None
+            while_up = None
             if method == "exact":
 
-                def after(info: StackInfo, report: SimReport, report_dir: Path = output) -> None:
+                def while_up(info: StackInfo, report: SimReport, report_dir: Path = output) -> None:
                     grid.update(_grid(info, report, report_dir))
+                    if after is not None:
+                        after(info, report)
 
-            reports[title] = run_on_fresh_stack(run_config, folder / method, after=after, pool=pool)
+            reports[title] = run_on_fresh_stack(
+                run_config, folder / method, after=while_up, pool=pool
+            )
     exact = reports[DEMO_METHODS["exact"]]
     click.secho("== Clusters found vs true styles", bold=True)
     click.echo(cluster_table(exact))
