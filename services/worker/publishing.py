@@ -22,7 +22,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from tessera.events import ADAPTER_PUBLISHED_CHANNEL
+from tessera.events import adapter_published_channel
 from tessera.federation import adapter_key
 from tessera.lora import LoraAdapter, adapter_to_bytes
 from tessera.models import Adapter, AdapterKind, AdapterVersion, Round, RoundState
@@ -85,7 +85,7 @@ class PublishedVersion:
         }
 
     def event(self, *, round_id: int) -> dict[str, Any]:
-        """The message on ADAPTER_PUBLISHED_CHANNEL."""
+        """The message on `adapter_published_channel`."""
         return {
             "adapter": self.adapter,
             "version": self.version,
@@ -209,9 +209,10 @@ def _add_version(
 def announce(redis: Redis, versions: Sequence[PublishedVersion], *, round_id: int) -> int:
     """Publish one event per version; return how many went out (a Redis outage loses them)."""
     sent = 0
+    channel = adapter_published_channel(redis)
     for version in versions:
         try:
-            redis.publish(ADAPTER_PUBLISHED_CHANNEL, json.dumps(version.event(round_id=round_id)))
+            redis.publish(channel, json.dumps(version.event(round_id=round_id)))
         except RedisError as error:
             log.warning(
                 "adapter published but not announced",

@@ -1,6 +1,6 @@
 """A background thread that hands every "adapter published" event to the adapter cache.
 
-Subscribes to ADAPTER_PUBLISHED_CHANNEL on its own connection; after a (re)connection it
+Subscribes to `adapter_published_channel` on its own connection; after a (re)connection it
 resyncs the cache from the database, since events sent while it was away are lost.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 import redis
 
 from services.inference.worker.cache import AdapterCache
-from tessera.events import ADAPTER_PUBLISHED_CHANNEL
+from tessera.events import adapter_published_channel
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class AdapterEventListener:
             client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=2)
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
-                pubsub.subscribe(ADAPTER_PUBLISHED_CHANNEL)
+                pubsub.subscribe(adapter_published_channel(client))
                 self.subscribed.set()
                 self._safely(self.cache.resync)
                 while not self._stop.is_set():

@@ -63,10 +63,10 @@ def publish(
 
 def announce(client: redis.Redis, version: PublishedVersion) -> int:
     """Send the "adapter published" event of `version`; how many subscribers got it."""
-    from tessera.events import ADAPTER_PUBLISHED_CHANNEL
+    from tessera.events import adapter_published_channel
 
     event = version.event(round_id=0)
-    return int(client.publish(ADAPTER_PUBLISHED_CHANNEL, json.dumps(event)))  # type: ignore[arg-type]
+    return int(client.publish(adapter_published_channel(client), json.dumps(event)))  # type: ignore[arg-type]
 
 
 def tokens(seed: int = 0, length: int = 16, width: int = 384) -> torch.Tensor:

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from tessera import procs
 from tessera.config import Settings
-from tessera.events import ADAPTER_PUBLISHED_CHANNEL, INFERENCE_QUEUE
+from tessera.events import INFERENCE_QUEUE, adapter_published_channel
 from tessera.lora import LoraSpec, adapter_from_bytes, random_adapter
 from tessera.model.base import BaseModel
 from tessera.model.generate import generate
@@ -96,7 +96,7 @@ def replicas(settings: Settings, tmp_path: Path, broker: redis.Redis) -> Iterato
 
 
 def _subscribers(broker: redis.Redis) -> int:
-    counts: Any = broker.pubsub_numsub(ADAPTER_PUBLISHED_CHANNEL)
+    counts: Any = broker.pubsub_numsub(adapter_published_channel(broker))
     return int(counts[0][1])
 
 

@@ -23,7 +23,7 @@ from services.worker.rounds import TRANSIENT_ERRORS, aggregate_round_now
 from services.worker.tasks import federation
 from tessera import procs
 from tessera.config import Settings
-from tessera.events import ADAPTER_PUBLISHED_CHANNEL, AGGREGATION_QUEUE, TASK_AGGREGATE_ROUND
+from tessera.events import AGGREGATION_QUEUE, TASK_AGGREGATE_ROUND, adapter_published_channel
 from tessera.federation import RoundConfig, update_key
 from tessera.lora import LoraAdapter, LoraSpec, adapter_from_bytes, adapter_to_bytes, random_adapter
 from tessera.lora.bounds import ScaleRange
@@ -215,8 +215,9 @@ def test_cluster_adapters_are_the_weighted_mean_of_products_and_announced(
     built = build_round(
         session, store, spec, config=config, clusters=TWO_CLUSTERS, centroids=CENTROIDS
     )
-    listener = redis.Redis.from_url(redis_url).pubsub()
-    listener.subscribe(ADAPTER_PUBLISHED_CHANNEL)
+    broker = redis.Redis.from_url(redis_url)
+    listener = broker.pubsub()
+    listener.subscribe(adapter_published_channel(broker))
     assert listener.get_message(timeout=5)["type"] == "subscribe"
 
     summary = run(resources, built.round_id)

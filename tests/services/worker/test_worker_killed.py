@@ -20,7 +20,7 @@ from services.aggregator.closing import send_aggregation
 from services.aggregator.main import create_app
 from tessera import procs
 from tessera.config import Settings
-from tessera.events import ADAPTER_PUBLISHED_CHANNEL, AGGREGATION_QUEUE
+from tessera.events import AGGREGATION_QUEUE, adapter_published_channel
 from tessera.federation import RoundConfig
 from tessera.lora import LoraSpec
 from tessera.model.base import BaseModel
@@ -70,8 +70,9 @@ def test_a_round_held_by_a_killed_worker_is_published_once_by_the_next(
     spec: LoraSpec,
     workers: WorkerProcesses,
 ) -> None:
-    events = redis.Redis.from_url(fast.redis_url or "").pubsub(ignore_subscribe_messages=True)
-    events.subscribe(ADAPTER_PUBLISHED_CHANNEL)
+    broker = redis.Redis.from_url(fast.redis_url or "")
+    events = broker.pubsub(ignore_subscribe_messages=True)
+    events.subscribe(adapter_published_channel(broker))
     first, first_node = workers.spawn(AGGREGATION_QUEUE)
     # The next worker starts at the same time, on a queue of its own: it joins the aggregation
     # queue once the first is dead, as a worker coming back would.

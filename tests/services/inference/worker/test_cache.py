@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from services.inference.worker.cache import AdapterCache, UnknownVersionError, mix_key
 from services.inference.worker.listener import AdapterEventListener
 from tessera.config import Settings
+from tessera.events import adapter_published_channel
 from tessera.lora import LoraSpec, adapter_from_bytes, adapter_to_bytes, random_adapter
 from tessera.lora.adapter import A_SUFFIX
 from tessera.lora.mixing import tensor_bytes
@@ -211,7 +212,7 @@ def test_the_listener_refreshes_the_cache_on_a_published_event(
     try:
         assert listener.subscribed.wait(10)
         new = publish(sessions, store, "cluster:2", random_adapter(spec, RANK, 4.0, seed=8))
-        broker.publish("tessera:adapter-published", "not json")  # ignored, not fatal
+        broker.publish(adapter_published_channel(broker), "not json")  # ignored, not fatal
         assert announce(broker, new) == 1
         deadline = time.monotonic() + 10
         while cache.cached_versions() != [new.version_id] and time.monotonic() < deadline:
