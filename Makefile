@@ -4,6 +4,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 PYTEST := $(BIN)/pytest
+# pytest-xdist workers for test, test-fast and test-backends: 0 (the default) runs the suite in
+# one process; 2 runs it on two isolated workers (tests/conftest.py), at most 2 (each takes 8 of
+# a shared Redis's 16 databases). Not the default until the whole suite has passed on two.
+PYTEST_WORKERS ?= 0
+XDIST  := -n $(PYTEST_WORKERS) --maxprocesses 2 --dist loadgroup
 
 .PHONY: setup demo test test-fast test-backends lint format up down clean bench evidence
 
@@ -19,13 +24,13 @@ demo: setup ## Run the whole system on embedded servers, show it working, stop i
 	$(BIN)/tessera demo
 
 test: setup browser ## The whole suite, slow end-to-end tests included; needs no URL.
-	$(PYTEST)
+	$(PYTEST) $(XDIST)
 
 test-fast: setup ## The suite without the slow end-to-end tests.
-	$(PYTEST) -m "not slow"
+	$(PYTEST) $(XDIST) -m "not slow"
 
 test-backends: setup ## Database, object store and queue tests only.
-	$(PYTEST) -m backend
+	$(PYTEST) $(XDIST) -m backend
 
 bench: setup ## Benchmarks on this machine; tables and plots written to docs/.
 	$(BIN)/python bench/model_speed.py --out docs

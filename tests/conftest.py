@@ -3,6 +3,11 @@
 - Redis: `TESSERA_REDIS_URL` if set, else an embedded Valkey.
 - S3: a SeaweedFS server on a free port, always.
 - Database: `TESSERA_DATABASE_URL` if set (PostgreSQL gets a fresh database per run), else SQLite.
+
+Under pytest-xdist (`make test` runs two workers) each worker is a session of its own: its own
+embedded servers, or its own PostgreSQL database and block of Redis databases on configured
+ones (tests.helpers.redis_database); torch threads are shared out between the workers, and each
+test module runs whole on one worker (`--dist loadgroup`, a module being the default group).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
@@ -25,16 +31,38 @@ from tessera.model.base import BaseModel, load_base_model
 from tessera.models import Base
 from tessera.stack import worker_command
 from tessera.storage import ObjectStore
+from tests.helpers import on_redis_database
 
 S3_ACCESS_KEY = "tessera-test"
 S3_SECRET_KEY = "tessera-test-secret-key"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, share the cores out between the workers: torch here, and the
+    processes that tests start (services, Celery workers, the CLI) through OMP_NUM_THREADS."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers:
+        threads = str(max(1, len(os.sched_getaffinity(0)) // workers))
+        os.environ.setdefault("OMP_NUM_THREADS", threads)
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (--dist loadgroup)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test with no xdist group of its own runs in its module's: a module's fixtures are set
+    up once, on one worker."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
 
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     configured = os.environ.get("TESSERA_REDIS_URL")
     if configured:
-        yield configured
+        # pytest-xdist's workers share the configured server, each on its own databases.
+        under_xdist = "PYTEST_XDIST_WORKER" in os.environ
+        yield on_redis_database(configured, 0) if under_xdist else configured
         return
     server = EmbeddedValkey(tmp_path_factory.mktemp("valkey"), persistent=False)
     yield server.start()

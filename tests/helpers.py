@@ -70,11 +70,44 @@ def metric_values(text: str) -> dict[str, float]:
     return values
 
 
+# pytest-xdist's workers (`make test` runs two) share a configured Redis server: each takes a
+# block of databases, 0 for its session and the rest for test packages' own queues.
+REDIS_DATABASES_PER_WORKER = 8
+REDIS_DATABASES = 16  # the server's default `databases`
+
+
+def xdist_worker() -> int:
+    """This process's pytest-xdist worker number (gw1 -> 1); 0 when pytest runs alone."""
+    return int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+
+
+def redis_database(number: int) -> int:
+    """Redis database `number` (0: the session's) of this pytest process's block."""
+    if not 0 <= number < REDIS_DATABASES_PER_WORKER:
+        raise ValueError(f"a test's Redis database must be in 0..{REDIS_DATABASES_PER_WORKER - 1}")
+    database = xdist_worker() * REDIS_DATABASES_PER_WORKER + number
+    if database >= REDIS_DATABASES:
+        most = REDIS_DATABASES // REDIS_DATABASES_PER_WORKER
+        raise RuntimeError(
+            f"xdist worker {xdist_worker()} would need Redis database {database}, past the "
+            f"server's {REDIS_DATABASES}: run at most {most} workers on a shared Redis"
+        )
+    return database
+
+
+def on_redis_database(url: str, number: int) -> str:
+    """`url` on this process's Redis database `number`."""
+    return urlunsplit(urlsplit(url)._replace(path=f"/{redis_database(number)}"))
+
+
 def on_redis_db(settings: Settings, number: int) -> Settings:
-    """`settings` on Redis database `number`, emptied first: a test package's own queues."""
+    """`settings` on Redis database `number` (1..7 of this process's block), emptied first: a
+    test package's own queues."""
     import redis
 
-    url = urlunsplit(urlsplit(settings.redis_url or "")._replace(path=f"/{number}"))
+    if number == 0:
+        raise ValueError("Redis database 0 is the session's: a test package takes 1..7")
+    url = on_redis_database(settings.redis_url or "", number)
     client = redis.Redis.from_url(url)
     client.flushdb()
     client.close()

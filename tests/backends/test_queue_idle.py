@@ -10,6 +10,9 @@ from tessera.config import Settings
 from tessera.events import TASK_PING
 from tessera.queue import SOCKET_TIMEOUT_S, make_celery
 
+# A wall-clock bound: under pytest-xdist these modules run one at a time, on one worker.
+pytestmark = pytest.mark.xdist_group("timed")
+
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("worker")

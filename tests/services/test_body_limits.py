@@ -19,6 +19,9 @@ from tessera.config import Settings
 from tessera.service.middleware import DRAIN_BYTES
 from tests.serving import served
 
+# A wall-clock bound: under pytest-xdist these modules run one at a time, on one worker.
+pytestmark = pytest.mark.xdist_group("timed")
+
 LIMIT = 64 * 1024
 
 

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 
 EXAMPLES = 5  # per operation and mode (valid, then invalid requests)
 TASK_DIM = 384
-FUZZ_DB = 10  # a Redis database of its own: nothing consumes what the fuzzed requests queue
+FUZZ_DB = 4  # a Redis database of its own: nothing consumes what the fuzzed requests queue
 FACTORIES = {
     "aggregator": create_aggregator,
     "clustering": create_clustering,

@@ -24,7 +24,7 @@ from tessera.service.health import WORKER_PING_TIMEOUT_S
 from tessera.stack import worker_command
 from tests.helpers import on_redis_db
 
-WRONG_WORKER_DB = 9
+WRONG_WORKER_DB = 3
 
 FACTORIES = {
     "aggregator": create_aggregator,

@@ -9,8 +9,9 @@ import pytest
 
 from tests.sim.conftest import METHOD, DemoRun
 
-# The first test to run sets up the shared demo run (three federations): twice the usual limit.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+# The first test to run sets up the shared demo run (three federations): twice the usual limit;
+# under pytest-xdist the tests sharing it run on one worker.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200), pytest.mark.xdist_group("demo")]
 
 # Measured on the retrained base: style accuracy 0.44/0.33/0.81/0.89 for cluster-aware against
 # 0.44/0.47/0.58/0.83 for global FedAvg (the demo itself, 18 images a round: 0.94 against 0.83);

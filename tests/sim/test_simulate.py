@@ -12,8 +12,9 @@ from tessera.demo import write_docs
 from tests.helpers import metric_values
 from tests.sim.conftest import DemoRun
 
-# The first test to run sets up the shared demo run (three federations): twice the usual limit.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+# The first test to run sets up the shared demo run (three federations): twice the usual limit;
+# under pytest-xdist the tests sharing it run on one worker.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200), pytest.mark.xdist_group("demo")]
 
 
 def test_a_cluster_aware_federation_runs_over_http(demo_run: DemoRun) -> None:

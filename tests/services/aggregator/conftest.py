@@ -17,7 +17,7 @@ from tests.helpers import bearer, enrol, on_redis_db
 
 # Messages go to a Redis database of their own, so that a session-wide worker (listening on
 # database 0) cannot take the aggregation task before a test reads it off the queue.
-QUEUE_DB = 7
+QUEUE_DB = 1
 
 
 @pytest.fixture

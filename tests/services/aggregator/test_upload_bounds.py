@@ -22,6 +22,9 @@ from tests.helpers import bearer, enrol
 from tests.services.aggregator.helpers import nothing_stored, open_round, upload
 from tests.serving import served
 
+# A wall-clock bound: under pytest-xdist these modules run one at a time, on one worker.
+pytestmark = pytest.mark.xdist_group("timed")
+
 MiB = 1024 * 1024
 
 

@@ -20,7 +20,7 @@ from tests.helpers import on_redis_db
 from tests.services.aggregator.factories import publish
 from tests.services.console.conftest import sign_in, signed_in_csrf
 
-CONSOLE_QUEUE_DB = 11  # the jobs queued here are never run: no worker listens on this database
+CONSOLE_QUEUE_DB = 5  # the jobs queued here are never run: no worker listens on this database
 
 
 def _console(settings: Settings) -> Iterator[TestClient]:

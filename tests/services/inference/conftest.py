@@ -27,7 +27,7 @@ MiB = 1024 * 1024
 
 # Messages and events go to a Redis database of their own: nothing else consumes the
 # inference queue there, so a test reads exactly what it queued.
-QUEUE_DB = 8
+QUEUE_DB = 2
 
 
 @pytest.fixture(scope="package", autouse=True)

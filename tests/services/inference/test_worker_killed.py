@@ -30,6 +30,9 @@ from tests.services.inference.helpers import embeds_b64, make_client, publish, t
 from tests.services.inference.test_end_to_end import sse_events
 from tests.worker_processes import STANDBY_QUEUE, WorkerProcesses
 
+# A wall-clock bound: under pytest-xdist these modules run one at a time, on one worker.
+pytestmark = pytest.mark.xdist_group("timed")
+
 STALE_S = 2.0
 
 

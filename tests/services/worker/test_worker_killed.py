@@ -31,8 +31,11 @@ from tests.helpers import on_redis_db
 from tests.services.worker.test_aggregate_round import CENTROIDS, build_round
 from tests.worker_processes import STANDBY_QUEUE, WorkerProcesses
 
+# A wall-clock bound: under pytest-xdist these modules run one at a time, on one worker.
+pytestmark = pytest.mark.xdist_group("timed")
+
 # A Redis database of its own: the session's worker (database 0) must not take the round.
-QUEUE_DB = 9
+QUEUE_DB = 3
 STALE_S = 2.0
 # Many updates, so that the first worker is still aggregating when it is killed.
 MANY: dict[int | None, list[int]] = {0: [5] * 12, 1: [7] * 12}

@@ -35,6 +35,9 @@ from tests.helpers import REPO_ROOT, bearer
 from tests.services.inference.helpers import embeds_b64, make_client, tokens
 from tests.serving import served
 
+# A wall-clock bound: under pytest-xdist these modules run one at a time, on one worker.
+pytestmark = pytest.mark.xdist_group("timed")
+
 CLIENTS = 10
 STREAMS_PER_CLIENT = 10  # 100 followers in all
 

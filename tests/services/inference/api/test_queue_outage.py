@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
@@ -14,6 +15,9 @@ from tessera.devstack import EmbeddedValkey
 from tessera.storage import ObjectStore
 from tests.helpers import bearer
 from tests.services.inference.helpers import embeds_b64, job_rows, tokens
+
+# A wall-clock bound: under pytest-xdist these modules run one at a time, on one worker.
+pytestmark = pytest.mark.xdist_group("timed")
 
 
 def test_a_generation_during_a_redis_outage_is_a_quick_503(
