@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
             command="python bench/dp_utility.py --out docs --seed "
             f"{args.seed} --epsilons {' '.join(f'{e:g}' for e in args.epsilons)}",
             seed=args.seed,
+            epsilons=args.epsilons,
             delta=args.delta,
             rounds=config.rounds,
             baseline_file=str(baseline),
@@ -170,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
                 run["noise_multiplier"] = multiplier
                 run["noise_left"] = noise_left(multiplier, rank=config.rank, sizes=CLUSTER_SIZES)
                 runs[key] = run
+                report["machine"] = machine(1)
                 args.out.mkdir(parents=True, exist_ok=True)
                 json_path.write_text(json.dumps(report, indent=2) + "\n")  # kept after each run
         report["machine"] = machine(1)
@@ -215,6 +217,9 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {key} | {run['noise_multiplier']:.3f} | {' / '.join(f'{a:.2f}' for a in acc)} | "
             f"{acc[-1]:.2f} | {_curve(run, 'heldout_loss')[-1]:.4f} | {eps} |"
         )
+    for epsilon in report.get("epsilons", []):
+        if f"{epsilon:g}" not in runs:
+            lines.append(f"| {epsilon:g} | - | not measured (no time left) | - | - | - |")
     lines += [
         "",
         "Noise left in one cluster adapter after the rank-8 re-factorisation, as a multiple of "
