@@ -129,11 +129,11 @@ def test_a_job_whose_pool_process_is_killed_is_run_again_by_its_redelivered_mess
 
 
 def _submit(api: TestClient, session: Session, token: str) -> str:
-    """A 20-step job, once a worker runs it."""
+    """A 100-step job (long enough to be killed mid-way on a busy machine), once it runs."""
     body = {
         "prompt_embeds": embeds_b64(tokens()),
         "adapters": [{"adapter": "cluster:0", "weight": 1.0}],
-        "steps": 20,
+        "steps": 100,
         "seed": 3,
     }
     submitted = api.post("/v1/generations", json=body, headers=bearer(token))

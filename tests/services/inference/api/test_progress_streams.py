@@ -253,7 +253,7 @@ def test_a_stream_cut_by_server_shutdown_ends_with_an_end_event(
     assert first == ("progress", {"id": job.id, "state": "queued", "step": 0, "total_steps": 4})
     assert rest == [("end", {"id": job.id, "state": "queued", "reason": SHUTTING_DOWN})]
     assert ended_s < SHUTDOWN_GRACE_S + 2
-    assert server.returncode == 0
+    assert server.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
 
 
 def _sync_event(lines: Iterator[str]) -> tuple[str, dict[str, Any]] | None:

@@ -1,25 +1,33 @@
 """Generation jobs that would never run: a silent worker's batch goes back to the queue, then
 fails visibly with a final event; queued jobs whose messages were lost get new ones (the
-loop's functions, on the real database, Redis and queue)."""
+loop's functions on the real database, Redis and queue, and the loop itself across a Valkey
+restarted without its data)."""
 
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import redis
 from celery import Celery
+from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
+from services.inference.api.main import create_app
 from services.inference.api.stalled import MAX_JOB_RUNS, requeue_stalled_jobs, wake_lost_jobs
+from tessera import procs
 from tessera.config import Settings
+from tessera.devstack import EmbeddedValkey
 from tessera.events import TASK_GENERATE, generation_channel
 from tessera.models import GenerationJob, JobState, Role, utcnow
 from tessera.queue import make_celery
-from tests.services.inference.helpers import make_client, queued_jobs
+from tests.helpers import bearer
+from tests.services.inference.helpers import embeds_b64, make_client, queued_jobs, tokens
 
 
 @pytest.fixture
@@ -152,3 +160,33 @@ def test_queued_jobs_whose_messages_were_lost_are_sent_again(
     assert woken == old  # three queued, one message: two more, sent for the oldest
     assert again == []  # as many messages as queued jobs now
     assert len(queued_jobs(broker)) == 3
+
+
+def test_a_job_queued_before_redis_restarted_empty_gets_a_new_message(
+    settings: Settings, session: Session, tmp_path: Path
+) -> None:
+    valkey = EmbeddedValkey(tmp_path / "valkey", persistent=False)  # restarts empty
+    own = settings.model_copy(
+        update={"redis_url": valkey.start(), "task_stale_s": 1.0, "housekeeping_interval_s": 0.2}
+    )
+    _, token = make_client(session, own, Role.GENERATOR)
+    body = {"prompt_embeds": embeds_b64(tokens()), "adapters": [], "steps": 2, "seed": 1}
+    try:
+        with TestClient(create_app(own)) as api:  # the job loop, every 0.2 s
+            job_id = api.post("/v1/generations", json=body, headers=bearer(token)).json()["id"]
+            valkey.stop()
+            valkey.start()  # the same port, no data: the job's message is gone
+            restarted = redis.Redis.from_url(own.redis_url or "")
+            lost = queued_jobs(restarted)
+            started = time.monotonic()
+            procs.wait_until(lambda: queued_jobs(restarted) != [], timeout=30, what="a new message")
+            took = time.monotonic() - started
+            again = queued_jobs(restarted)
+            restarted.close()
+    finally:
+        valkey.stop()
+
+    print(f"Valkey restarted empty: the queued job's message sent again {took:.1f} s after")
+    assert lost == []
+    assert again == [(TASK_GENERATE, [job_id])]
+    assert _states(session, job_id) == [(JobState.QUEUED, None)]
