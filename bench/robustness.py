@@ -23,7 +23,8 @@ against the exact mean of the benign updates alone, `||P - P_benign|| / ||P_beni
 style share of `--n` generations with the cluster adapter (the shipped evaluator; same prompts
 and noise for every adapter), beside the benign aggregate's own. An adapter within
 SAME_ADAPTER of one already scored reuses its score (its generations are the same images).
-Writes docs/bench_robustness.md, .json and .png.
+Writes docs/bench_robustness.md, .json and .png (with `--synthetic`:
+docs/bench_robustness_synthetic.*).
 """
 
 from __future__ import annotations
@@ -292,6 +293,7 @@ def _percent(value: float | None) -> str:
 def markdown(report: dict[str, Any]) -> str:
     settings = report["settings"]
     strategies = settings["strategies"]
+    synthetic = bool(settings.get("synthetic"))
     start_load = ", ".join(f"{x:.1f}" for x in report.get("load_at_start", []))
     by_key = {(r["attackers"], r["attack"], r["strategy"]): r for r in report["rows"]}
     cases = sorted({(r["attackers"], r["attack"]) for r in report["rows"]})
@@ -302,16 +304,27 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Robustness of a cluster's adapter to attackers",
         "",
-        "Written by `OMP_WAIT_POLICY=PASSIVE python bench/robustness.py --threads 1 "
-        f"{'--synthetic ' if settings.get('synthetic') else ''}--out docs` (also `make bench`; "
-        f"one thread: MKL's threads crawl on a busy machine); {report['machine']}, at the "
-        f"start {start_load}; "
+        (
+            "Written by `python bench/robustness.py --threads 1 --synthetic --out docs`"
+            if synthetic
+            else "Written by `OMP_WAIT_POLICY=PASSIVE python bench/robustness.py --threads 1 "
+            "--out docs` (also `make bench`; one thread: MKL's threads crawl on a busy machine)"
+        )
+        + f"; {report['machine']}, at the start {start_load}; "
         f"{report['wall_seconds']:.0f} s, {report.get('generation_runs', '?')} generation runs.",
         "",
         *([f"**Partial run**: {report['partial']}.", ""] if report.get("partial") else []),
-        f"A cluster of {CLUSTER} devices of style `{settings['style']}` (each a rank-{RANK} LoRA "
-        f"trained {settings['steps']} steps on {settings['images']} images of its own), "
-        f"aggregated to rank {AGGREGATE_RANK} (exact). With k attackers, the last k devices send "
+        (
+            f"**Synthetic updates, not trained**: a cluster of {CLUSTER} devices whose honest "
+            f"updates are one random rank-{RANK} update plus 10% noise each, so honest devices "
+            "are far closer together than trained ones (docs/bench_robustness.md); no "
+            "generations, so no style share. The cluster is "
+            if synthetic
+            else f"A cluster of {CLUSTER} devices of style `{settings['style']}` (each a "
+            f"rank-{RANK} LoRA trained {settings['steps']} steps on {settings['images']} images "
+            "of its own), "
+        )
+        + f"aggregated to rank {AGGREGATE_RANK} (exact). With k attackers, the last k devices send "
         "B x1000 (`scaled`), B x -1 (`flipped`), random factors of their honest update's norm "
         f"(`noise`) or an update trained on `{settings['other']}` (`other_style`); with "
         "`honest` they send their own honest update: the yardstick of how much k more honest "
@@ -423,11 +436,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     common_arguments(parser)
     args = parser.parse_args(argv)
+    # A synthetic run never overwrites the trained run's report.
+    name = "bench_robustness_synthetic" if args.synthetic else "bench_robustness"
     if args.report_only:
         import json
 
-        report = json.loads((args.out / "bench_robustness.json").read_text())
-        write_report(report, args.out, "bench_robustness", markdown=markdown, plot=plot)
+        report = json.loads((args.out / f"{name}.json").read_text())
+        write_report(report, args.out, name, markdown=markdown, plot=plot)
         return
     torch.set_num_threads(args.threads)
     with (
@@ -435,7 +450,7 @@ def main(argv: list[str] | None = None) -> None:
         embedded_backends(Path(scratch) / "backends") as (_, store),
     ):
         report = run(args, store)
-    write_report(report, args.out, "bench_robustness", markdown=markdown, plot=plot)
+    write_report(report, args.out, name, markdown=markdown, plot=plot)
 
 
 if __name__ == "__main__":

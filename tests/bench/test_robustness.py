@@ -29,15 +29,15 @@ def test_a_synthetic_run_writes_the_tables(tmp_path: Path, monkeypatch: pytest.M
     finally:
         torch.set_num_threads(threads)
 
-    report = json.loads((tmp_path / "bench_robustness.json").read_text())
+    report = json.loads((tmp_path / "bench_robustness_synthetic.json").read_text())
     change = {(r["attack"], r["strategy"]): r["relative_change"] for r in report["rows"]}
     assert change[("scaled", "unbounded")] > 10  # the x1000 update dominates
     assert change[("scaled", "trimmed-2")] < 0.1  # rejected; two alike honest ones left out
     assert change[("scaled", "norm")] < 5e-3  # rejected alone: the benign mean (fp16 wire)
     assert change[("honest", "unbounded")] < 0.05
-    table = (tmp_path / "bench_robustness.md").read_text()
+    table = (tmp_path / "bench_robustness_synthetic.md").read_text()
     assert (
         "| 1 | scaled |" in table
         and "- `norm`: " in table
-        and (tmp_path / "bench_robustness.png").stat().st_size > 0
+        and (tmp_path / "bench_robustness_synthetic.png").stat().st_size > 0
     )
