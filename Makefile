@@ -10,7 +10,7 @@ PYTEST := $(BIN)/pytest
 PYTEST_WORKERS ?= 0
 XDIST  := -n $(PYTEST_WORKERS) --maxprocesses 2 --dist loadgroup
 
-.PHONY: setup demo test test-fast test-backends lint format up down clean bench evidence
+.PHONY: setup demo console-demo console-demo-stop test test-fast test-backends lint format up down clean bench evidence
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,12 @@ setup: $(STAMP) ## Create .venv and install Tessera with its dev and bench extra
 
 demo: setup ## Run the whole system on embedded servers, show it working, stop it.
 	$(BIN)/tessera demo
+
+console-demo: setup ## The demo's federation on a stack left running; prints the console's URL.
+	$(BIN)/tessera console-demo
+
+console-demo-stop: setup ## Stop the stack `make console-demo` left running.
+	$(BIN)/tessera console-demo --stop
 
 test: setup browser ## The whole suite, slow end-to-end tests included; needs no URL.
 	$(PYTEST) $(XDIST)
@@ -59,7 +65,7 @@ down: setup ## Stop the stack started by `make up`.
 	$(BIN)/tessera down
 
 clean:
-	rm -rf .tessera .tessera-demo .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .tessera .tessera-demo .tessera-console-demo .pytest_cache .mypy_cache .ruff_cache
 
 # apt-get needs root: through sudo unless make runs as root (as CI does).
 APT := $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get

@@ -12,7 +12,7 @@ from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Lifespan, Message, Receive, Scope, Send
 
-from services.console import generate, routes
+from services.console import adapters, gallery, generate, routes
 from services.console.auth import SIGNIN_PATH, SignInRequired
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -75,8 +75,11 @@ def _close_on_shutdown(app: FastAPI) -> None:
 def mount_console(app: FastAPI) -> None:
     """The console's routes under /console and its vendored assets under /console/static."""
     app.include_router(routes.router)
+    app.include_router(adapters.router)
     app.include_router(generate.router)
+    app.include_router(gallery.router)
     app.state.console_inference_http = generate.make_inference_http(app.state.resources.settings)
+    app.state.console_gallery_pending = gallery.Pending()
     _close_on_shutdown(app)
     app.mount(f"{CONSOLE_PREFIX}/static", StaticFiles(directory=STATIC_DIR), name="console-static")
     app.add_exception_handler(SignInRequired, _sign_in_first)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 import httpx
@@ -43,24 +44,31 @@ def get_inference_http(request: Request) -> httpx.Client:
 InferenceHttpDep = Annotated[httpx.Client, Depends(get_inference_http)]
 
 
-CONSOLE_CLIENT = "console"
+CONSOLE_CLIENT = "console"  # the operator's generations
+GALLERY_CLIENT = "console-gallery"  # the gallery's, so that it never takes the operator's slots
+_TOKEN_PURPOSES = {
+    CONSOLE_CLIENT: b"tessera-console:generator",
+    GALLERY_CLIENT: b"tessera-console:gallery",
+}
 
 
-def _console_token(settings: Settings) -> str:
-    """The token of the console's own generation client: derived from the token secret, the
-    same in every aggregator replica, never shown or sent anywhere but the inference API."""
+def _console_token(settings: Settings, name: str) -> str:
+    """The token of one of the console's own generation clients: derived from the token secret,
+    the same in every aggregator replica, never shown or sent anywhere but the inference API."""
     secret = settings.token_secret.get_secret_value().encode()
-    return hmac.new(secret, b"tessera-console:generator", hashlib.sha256).hexdigest()
+    return hmac.new(secret, _TOKEN_PURPOSES[name], hashlib.sha256).hexdigest()
 
 
-def console_client_auth(*, session: Session, settings: Settings) -> dict[str, str]:
-    """Headers of the console's generation client (enrolled on first use): the bootstrap
+def console_client_auth(
+    *, session: Session, settings: Settings, name: str = CONSOLE_CLIENT
+) -> dict[str, str]:
+    """Headers of the console's generation client `name` (enrolled on first use): the bootstrap
     operator cannot own generation jobs, and a signed-in operator's own token is not kept."""
-    token = _console_token(settings)
+    token = _console_token(settings, name)
     token_hash = hash_token(token, secret=settings.token_secret.get_secret_value())
-    client = session.scalar(select(Client).where(Client.name == CONSOLE_CLIENT))
+    client = session.scalar(select(Client).where(Client.name == name))
     if client is None:
-        session.add(Client(name=CONSOLE_CLIENT, role=Role.GENERATOR, token_hash=token_hash))
+        session.add(Client(name=name, role=Role.GENERATOR, token_hash=token_hash))
         try:
             session.commit()
         except IntegrityError:  # another request (or replica) enrolled it first: the same token
@@ -69,7 +77,7 @@ def console_client_auth(*, session: Session, settings: Settings) -> dict[str, st
     if client.role != Role.GENERATOR or client.disabled:
         raise HTTPException(
             status.HTTP_409_CONFLICT,
-            detail=f"the client {CONSOLE_CLIENT!r} is a disabled or non-generator client: "
+            detail=f"the client {name!r} is a disabled or non-generator client: "
             "the console generates as an enabled generator of that name",
         )
     elif client.token_hash != token_hash:  # the token secret was rotated
@@ -110,6 +118,28 @@ def generate_page(
     return _page(request, operator, session, settings)
 
 
+def _request(form: Mapping[str, Any]) -> dict[str, Any]:
+    """The inference API's request body from the form (ValueError: a field is not a number).
+    Ranges are the API's to check, so that its refusal is shown as it gives it."""
+    body: dict[str, Any] = {
+        "prompt": str(form.get("prompt", "")).strip() or None,
+        "steps": int(str(form.get("steps") or 20)),
+        "seed": int(str(form.get("seed") or 0)),
+        "guidance": float(str(form.get("guidance") or 3.0)),
+    }
+    if form.get("mix") == "auto":
+        body["adapters"] = "auto"
+        body["top_k"] = int(str(form.get("top_k") or 2))
+        body["temperature"] = float(str(form.get("temperature") or 0.1))
+        return body
+    body["adapters"] = [
+        {"adapter": key.removeprefix("weight:"), "weight": float(str(value))}
+        for key, value in form.items()
+        if key.startswith("weight:") and float(str(value) or 0) > 0
+    ]
+    return body
+
+
 @router.post("/generate")
 async def generate(
     request: Request,
@@ -118,32 +148,26 @@ async def generate(
     settings: SettingsDep,
     inference: InferenceHttpDep,
 ) -> Response:
-    """Queue the job on the inference API (and, to compare, each parent of a hybrid alone with
-    the same seed); a refusal is shown as it came."""
+    """Queue the job on the inference API and, to compare a hybrid with its parents, each
+    adapter it resolved to (an explicit mix's, or those `auto` routed to) alone at weight 1
+    with the same seed; a refusal is shown as it came."""
     form = await request.form()
     try:
-        mix = [
-            {"adapter": key.removeprefix("weight:"), "weight": float(str(value))}
-            for key, value in form.items()
-            if key.startswith("weight:") and float(str(value) or 0) > 0
-        ]
-        steps, seed = int(str(form.get("steps") or 20)), int(str(form.get("seed") or 0))
+        body = _request(form)
     except ValueError:
-        message = "weights, steps and seed must be numbers"
+        message = "weights, steps, seed, guidance, top k and temperature must be numbers"
         return _page(request, operator, session, settings, error=message, status_code=422)
-    mixes = [mix]
-    if form.get("compare") and len(mix) >= 2:
-        mixes += [[{"adapter": part["adapter"], "weight": 1.0}] for part in mix]
-    prompt = str(form.get("prompt", "")).strip() or None
     try:
         headers = console_client_auth(session=session, settings=settings)
     except HTTPException as error:
         return _page(request, operator, session, settings, error=str(error.detail), status_code=409)
-    job_ids = []
-    for adapters in mixes:
-        body = {"prompt": prompt, "adapters": adapters, "steps": steps, "seed": seed}
+    mixes: list[Any] = [body["adapters"]]
+    job_ids: list[str] = []
+    while len(job_ids) < len(mixes):
         try:
-            response = inference.post("/v1/generations", json=body, headers=headers)
+            response = inference.post(
+                "/v1/generations", json={**body, "adapters": mixes[len(job_ids)]}, headers=headers
+            )
         except httpx.HTTPError as error:
             url, kind = settings.inference_url, type(error).__name__
             message = f"the inference service at {url} did not answer ({kind})"
@@ -157,18 +181,27 @@ async def generate(
                 error=_api_detail(response),
                 status_code=response.status_code,
             )
-        job_ids.append(response.json()["id"])
+        job = response.json()
+        job_ids.append(job["id"])
+        if form.get("compare") and len(job_ids) == 1 and len(job["adapters"]) >= 2:
+            mixes += [[{"adapter": a["version_id"], "weight": 1.0}] for a in job["adapters"]]
     return RedirectResponse(
         f"/console/generate/{','.join(job_ids)}", status_code=status.HTTP_303_SEE_OTHER
     )
 
 
-def _job(
-    job_id: str, session: Session, settings: Settings, inference: httpx.Client
+def fetch_job(
+    job_id: str,
+    session: Session,
+    settings: Settings,
+    inference: httpx.Client,
+    *,
+    client: str = CONSOLE_CLIENT,
 ) -> dict[str, Any]:
+    """The job as the inference API shows it to the console's client `client`."""
     if not JOB_ID.match(job_id):
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no such job")
-    headers = console_client_auth(session=session, settings=settings)
+    headers = console_client_auth(session=session, settings=settings, name=client)
     try:
         response = inference.get(f"/v1/generations/{job_id}", headers=headers)
     except httpx.HTTPError as error:
@@ -192,7 +225,7 @@ def job_page(
 ) -> Response:
     """One job, or a hybrid and its parents side by side (ids joined by commas)."""
     ids = job_ids.split(",")[:MAX_COMPARED]
-    jobs = [_job(job_id, session, settings, inference) for job_id in ids]
+    jobs = [fetch_job(job_id, session, settings, inference) for job_id in ids]
     live = any(job["state"] in ("queued", "running") for job in jobs)
     return _render(request, "job.html", operator, jobs=jobs, live=live, path_ids=job_ids)
 
@@ -207,7 +240,11 @@ def job_image(
     inference: InferenceHttpDep,
 ) -> Response:
     """The image through the console, so the page loads nothing from another origin."""
-    job = _job(job_id, session, settings, inference)
+    return image_of(fetch_job(job_id, session, settings, inference), index)
+
+
+def image_of(job: dict[str, Any], index: int) -> Response:
+    """The job's image `index`, fetched from its presigned URL (404 before it exists)."""
     images = (job.get("result") or {}).get("images", [])
     url = next((image["url"] for image in images if image["index"] == index), None)
     if url is None:

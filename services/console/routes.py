@@ -38,7 +38,6 @@ from tessera.service.deps import (
     ResourcesDep,
     SessionDep,
     SettingsDep,
-    StoreDep,
 )
 from tessera.service.resources import Resources
 
@@ -249,6 +248,7 @@ def _rounds_page(
         operator,
         status_code=status_code,
         rounds=rows,
+        timings={r.id: views.round_timings(r) for r in rows},
         current=current,
         error=error,
         form=form or {},
@@ -412,31 +412,3 @@ def recluster(
     log.info("console re-clustering", extra={"operator": operator.name})
     session.expire_all()
     return RedirectResponse("/console/clusters", status_code=status.HTTP_303_SEE_OTHER)
-
-
-# --- adapters --------------------------------------------------------------------------------
-
-
-@router.get("/adapters")
-def adapters_page(request: Request, operator: OperatorSessionDep, session: SessionDep) -> Response:
-    return _render(
-        request, "adapters.html", operator, versions=views.adapter_versions(session=session)
-    )
-
-
-@router.get("/adapters/{version_id}/download")
-def download_adapter(
-    version_id: int, _operator: OperatorSessionDep, session: SessionDep, store: StoreDep
-) -> Response:
-    """The version's safetensors file, checked against its sha256, through the aggregator."""
-    found = crud.get_version(session=session, version_id=version_id)
-    if found is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no such adapter version")
-    adapter, version = found
-    data = store.get_bytes(version.object_key, expected_sha256=version.sha256)
-    filename = f"{adapter.name.replace(':', '-')}-v{version.version}.safetensors"
-    return Response(
-        data,
-        media_type="application/octet-stream",
-        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
-    )

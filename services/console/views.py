@@ -24,6 +24,7 @@ from tessera.models import (
     TaskEmbedding,
     Update,
 )
+from tessera.schemas import RoundOut
 
 RECENT_EVENTS = 12
 
@@ -199,10 +200,58 @@ def cluster_map(*, session: Session) -> ClusterMap | None:
     )
 
 
-def clustering_history(*, session: Session, limit: int = 10) -> list[Clustering]:
-    return list(
-        session.scalars(select(Clustering).order_by(Clustering.version.desc()).limit(limit))
+@dataclass(frozen=True, slots=True)
+class Reclustering:
+    """A clustering version and how its labels carried over from the version before it."""
+
+    clustering: Clustering
+    previous: int | None  # the version before, None for the first
+    kept: list[int]  # labels matched to a cluster of the previous version
+    new: list[int]  # labels never used before
+    retired: list[int]  # labels of the previous version that no cluster carries now
+    stayed: int  # devices in both versions under the same label
+    moved: int  # devices in both versions whose label changed
+    joined: int  # devices assigned now but not in the previous version
+
+
+def clustering_history(*, session: Session, limit: int = 10) -> list[Reclustering]:
+    """The newest clusterings, newest first, each compared with the version before it."""
+    clusterings = list(
+        session.scalars(select(Clustering).order_by(Clustering.version.desc()).limit(limit + 1))
     )
+    ids = [c.id for c in clusterings]
+    labels: dict[int, set[int]] = {i: set() for i in ids}
+    for clustering_id, label in session.execute(
+        select(Cluster.clustering_id, Cluster.label).where(Cluster.clustering_id.in_(ids))
+    ):
+        labels[clustering_id].add(label)
+    members: dict[int, dict[int, int]] = {i: {} for i in ids}
+    for clustering_id, client_id, label in session.execute(
+        select(Assignment.clustering_id, Assignment.client_id, Assignment.label).where(
+            Assignment.clustering_id.in_(ids)
+        )
+    ):
+        members[clustering_id][client_id] = label
+    history = []
+    for current, before in zip(clusterings[:limit], [*clusterings[1:], None], strict=False):
+        now = labels[current.id]
+        old = set() if before is None else labels[before.id]
+        was = {} if before is None else members[before.id]
+        common = [c for c in members[current.id] if c in was]
+        stayed = sum(1 for c in common if members[current.id][c] == was[c])
+        history.append(
+            Reclustering(
+                clustering=current,
+                previous=None if before is None else before.version,
+                kept=sorted(now & old),
+                new=sorted(now - old),
+                retired=sorted(old - now),
+                stayed=stayed,
+                moved=len(common) - stayed,
+                joined=len(members[current.id]) - len(common),
+            )
+        )
+    return history
 
 
 def count_clusterings(*, session: Session) -> int:
@@ -228,3 +277,25 @@ def adapter_versions(*, session: Session, limit: int = 200) -> list[VersionRow]:
         .limit(limit)
     )
     return [VersionRow(adapter, version, number) for adapter, version, number in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class RoundTimings:
+    """How long a round collected and aggregated, and each cluster's share of the aggregation
+    (seconds; None where the round has not reached that point)."""
+
+    collecting_s: float | None
+    aggregating_s: float | None
+    clusters: list[tuple[int | None, float]]
+
+
+def round_timings(round_: RoundOut) -> RoundTimings:
+    closed, published = round_.closed_at, round_.published_at
+    notes = (round_.report or {}).get("clusters", [])
+    return RoundTimings(
+        collecting_s=None if closed is None else (closed - round_.opened_at).total_seconds(),
+        aggregating_s=None
+        if closed is None or published is None
+        else (published - closed).total_seconds(),
+        clusters=[(n.get("label"), float(n["seconds"])) for n in notes if "seconds" in n],
+    )

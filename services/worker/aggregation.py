@@ -94,6 +94,7 @@ class _Group:
     clipped: int
     clip_bound: float | None
     weight: float  # the sum of its updates' capped weights: its share of the global adapter
+    seconds: float  # reading, bounding and aggregating its updates
 
     @property
     def samples(self) -> int:
@@ -153,6 +154,8 @@ def aggregate_plan(
                 "clipped": group.clipped,
                 "clip_bound": group.clip_bound,
                 "noise_multiplier": config.noise_multiplier,
+                "energy_kept": group.energy_kept,
+                "seconds": round(group.seconds, 3),
                 "published": True,
                 "reason": None,
             }
@@ -234,7 +237,8 @@ def _aggregate_group(
         raise _GroupFailedError(
             f"the cluster's aggregate could not be computed ({type(error).__name__.lstrip('_')})"
         ) from error
-    AGGREGATION_SECONDS.observe(time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    AGGREGATION_SECONDS.observe(seconds)
     problem = publish_problem(adapter)
     if problem is not None:  # never blended into others, nor into the global adapter
         raise _GroupFailedError(f"the cluster's aggregate is not publishable: {problem}")
@@ -247,6 +251,7 @@ def _aggregate_group(
         clipped=stream.clipped,
         clip_bound=stream.bound,
         weight=stream.total_weight,
+        seconds=seconds,
     )
 
 

@@ -393,6 +393,28 @@ def demo(data_dir: str, docs: Path | None) -> None:
         write_docs(result, Path(data_dir) / "output", docs)
 
 
+@main.command(name="console-demo")
+@click.option(
+    "--data-dir", default=".tessera-console-demo", show_default=True, help="The stack's folder."
+)
+@click.option("--stop", is_flag=True, help="Stop the console demo's stack instead.")
+def console_demo(data_dir: str, stop: bool) -> None:
+    """Simulate the demo's federation on a stack left running; print the console's URL."""
+    from tessera.demo import run_console_demo, stop_console_demo
+
+    if stop:
+        click.echo("Console demo stopped." if stop_console_demo(data_dir) else "No stack running.")
+        return
+    info = run_console_demo(data_dir)
+    click.secho("== The stack keeps running with the demo's federation in it", bold=True)
+    _print_info(info)
+    click.secho(
+        f"Open the console: {stack.console_url(info.urls)} and sign in with the operator token "
+        f"above. Stop the stack with `tessera console-demo --stop --data-dir {data_dir}`.",
+        bold=True,
+    )
+
+
 main.add_command(device_group)
 main.add_command(model_group)
 main.add_command(simulate_cmd)

@@ -1,4 +1,5 @@
-"""`make demo`: the whole system on embedded defaults, shown working, then stopped.
+"""`make demo`: the whole system on embedded defaults, shown working, then stopped; and
+`make console-demo`: the same federation on a stack left running for the operator console.
 
 The same federation runs three times on fresh stacks, with the same devices, seeds and budget
 per device: cluster-aware (Tessera), one global adapter by FedAvg, and every device alone.
@@ -7,6 +8,7 @@ per device: cluster-aware (Tessera), one global adapter by FedAvg, and every dev
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -16,6 +18,7 @@ from typing import Any
 
 import click
 
+from tessera.config import Settings
 from tessera.sim.run import SimConfig, SimReport
 from tessera.stack import StackInfo
 
@@ -151,3 +154,54 @@ def write_docs(result: dict[str, Any], output: Path, docs: Path) -> None:
     page = federation_page(result, target=TARGET, command=f"tessera demo --docs {docs}")
     (docs / "federation.md").write_text(page)
     click.echo(f"   {docs / 'federation.md'} and its two images written")
+
+
+def console_demo_settings(data_dir: Path) -> Settings:
+    """The console demo's stack: embedded servers on free ports, plaintext prompts allowed
+    (the console's Generate and Gallery send fixed or typed prompts for the server to encode)."""
+    from tessera.sim.stack import demo_settings
+
+    return demo_settings(data_dir, allow_plaintext_prompts=True)
+
+
+def run_console_demo(data_dir: str, config: SimConfig = DEMO_CONFIG) -> StackInfo:
+    """The demo's cluster-aware federation on a stack left running in the background, so that
+    the operator console shows it; `stop_console_demo` stops it."""
+    from tessera.sim.run import device_pool, simulate
+    from tessera.stack import start_detached
+
+    folder = Path(data_dir).resolve()
+    stop_console_demo(data_dir)
+    shutil.rmtree(folder, ignore_errors=True)
+    settings = console_demo_settings(folder)
+    # The supervisor reads its settings from the environment: these, and no other TESSERA_*.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TESSERA_")}
+    click.secho(f"== A stack on embedded servers in {folder}", bold=True)
+    info = start_detached(settings, env={**env, **settings.as_env()})
+    try:
+        run_config = replace(config, method="exact")
+        click.secho(
+            f"== The demo's federation ({config.devices} devices), cluster-aware", bold=True
+        )
+        with device_pool(config.workers) as pool:
+            simulate(
+                run_config,
+                aggregator_url=info.urls["aggregator"],
+                clustering_url=info.urls["clustering"],
+                operator_token=info.operator_token,
+                work_dir=folder / "devices",
+                log=click.echo,
+                pool=pool,
+            )
+    except BaseException:
+        stop_console_demo(data_dir)
+        raise
+    return info
+
+
+def stop_console_demo(data_dir: str) -> bool:
+    """Stop the console demo's stack in `data_dir`; False if none was running."""
+    from tessera.devstack import embedded_settings
+    from tessera.stack import stop_detached
+
+    return stop_detached(embedded_settings(Path(data_dir).resolve()))

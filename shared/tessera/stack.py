@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -340,8 +341,14 @@ def run_foreground(settings: Settings, *, on_ready: object = None) -> None:
             signal.signal(signum, handler)
 
 
-def start_detached(settings: Settings, *, timeout: float = READY_TIMEOUT_S * 2) -> StackInfo:
-    """`tessera up --detach`: run the supervisor in the background; return once it is ready."""
+def start_detached(
+    settings: Settings,
+    *,
+    timeout: float = READY_TIMEOUT_S * 2,
+    env: Mapping[str, str] | None = None,
+) -> StackInfo:
+    """`tessera up --detach`: run the supervisor in the background; return once it is ready.
+    `env` (default: this process's) must make the supervisor read the same `settings`."""
     path = state_path(settings)
     if path.exists():
         existing = read_state(settings)
@@ -358,6 +365,7 @@ def start_detached(settings: Settings, *, timeout: float = READY_TIMEOUT_S * 2) 
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            env=None if env is None else dict(env),
         )
     procs.wait_until(
         path.exists,

@@ -8,8 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from tessera.demo import write_docs
+import httpx
+
+from tessera.demo import run_console_demo, stop_console_demo, write_docs
+from tessera.sim import SimConfig
+from tessera.stack import console_url
 from tests.helpers import metric_values
+from tests.services.console.conftest import sign_in
 from tests.sim.conftest import DemoRun
 
 # The first test to run sets up the shared demo run (three federations): twice the usual limit;
@@ -74,3 +79,29 @@ def test_demo_reports_every_method_and_the_hybrid(demo_run: DemoRun, tmp_path: P
     assert f"{grid['hybrid']['carries_both']:.0%} of its" in page
     assert "- Against global FedAvg:" in page and "- Against local only:" in page
     assert (tmp_path / "docs" / "federation_generations.png").exists()
+
+
+# `make console-demo`'s path with a smaller federation: the stack it leaves is what is checked.
+CONSOLE_DEMO = SimConfig(
+    devices=4, styles=2, rounds=2, steps=2, batch_size=2, samples=4, eval_images=1, eval_steps=2
+)
+
+
+def test_console_demo_leaves_a_stack_the_console_shows(tmp_path: Path) -> None:
+    folder = str(tmp_path / "console-demo")
+    info = run_console_demo(folder, config=CONSOLE_DEMO)
+    try:
+        with httpx.Client(base_url=info.urls["aggregator"], timeout=30) as http:
+            signed_in = sign_in(http, info.operator_token)
+            clusters = http.get("/console/clusters").text
+            rounds = http.get("/console/rounds").text
+            generate = http.get("/console/generate").text
+    finally:
+        stopped = stop_console_demo(folder)
+
+    assert console_url(info.urls) == f"{info.urls['aggregator']}/console/"
+    assert signed_in.status_code == 303
+    assert '<span id="cluster-count">2</span> clusters' in clusters
+    assert rounds.count('<span class="state published">published</span>') == CONSOLE_DEMO.rounds
+    assert "encodes it on the server" in generate  # plaintext prompts allowed in the demo
+    assert stopped and not stop_console_demo(folder)

@@ -54,6 +54,15 @@
     });
   }
 
+  // A weight slider shows its value beside its label.
+  document.addEventListener("input", function (event) {
+    var target = event.target;
+    if (target.dataset && target.dataset.output) {
+      var output = document.getElementById(target.dataset.output);
+      if (output) { output.textContent = target.value; }
+    }
+  });
+
   document.addEventListener("DOMContentLoaded", function () {
     drawCharts();
     tickDeadlines();

@@ -11,7 +11,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from services.aggregator.main import create_app
+from services.clustering.main import create_app as create_clustering_app
 from services.console.session import COOKIE_NAME
+from services.inference.api.main import create_app as create_inference_app
 from tessera.config import Settings
 from tests.serving import served
 
@@ -55,3 +57,19 @@ def served_aggregator(settings: Settings) -> Iterator[ServedStack]:
     app = create_app(settings)
     with served(app, access_log=True, log_level="info", log_config=None) as url:
         yield ServedStack(url=url, settings=settings)
+
+
+CONSOLE_QUEUE_DB = 5  # the jobs queued here are never run: no worker listens on this database
+
+
+def console_over_inference(settings: Settings) -> Iterator[TestClient]:
+    """The aggregator (the console mounted) whose inference client is the real inference app,
+    whose clustering client is the real clustering app (both in-process)."""
+    with (
+        TestClient(create_app(settings)) as console,
+        TestClient(create_inference_app(settings)) as inference,
+        TestClient(create_clustering_app(settings)) as clustering,
+    ):
+        console.app.state.console_inference_http = inference  # type: ignore[attr-defined]
+        inference.app.state.clustering_http = clustering  # type: ignore[attr-defined]
+        yield console

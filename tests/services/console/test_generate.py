@@ -11,25 +11,19 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy.orm import Session
 
-from services.aggregator.main import create_app
-from services.inference.api.main import create_app as create_inference_app
 from tessera.config import Settings
+from tessera.model.encoder import task_encoder_info
 from tessera.models import AdapterKind, GenerationJob, JobState
 from tessera.storage import ObjectStore
 from tests.helpers import on_redis_db
 from tests.services.aggregator.factories import publish
-from tests.services.console.conftest import sign_in, signed_in_csrf
-
-CONSOLE_QUEUE_DB = 5  # the jobs queued here are never run: no worker listens on this database
-
-
-def _console(settings: Settings) -> Iterator[TestClient]:
-    with (
-        TestClient(create_app(settings)) as console,
-        TestClient(create_inference_app(settings)) as inference,
-    ):
-        console.app.state.console_inference_http = inference  # type: ignore[attr-defined]
-        yield console
+from tests.services.console.conftest import (
+    CONSOLE_QUEUE_DB,
+    console_over_inference,
+    sign_in,
+    signed_in_csrf,
+)
+from tests.services.console.factories import federation
 
 
 @pytest.fixture
@@ -37,12 +31,12 @@ def plaintext_console(settings: Settings) -> Iterator[TestClient]:
     own = on_redis_db(settings, CONSOLE_QUEUE_DB).model_copy(
         update={"allow_plaintext_prompts": True}
     )
-    yield from _console(own)
+    yield from console_over_inference(own)
 
 
 @pytest.fixture
 def encoded_only_console(settings: Settings) -> Iterator[TestClient]:
-    yield from _console(on_redis_db(settings, CONSOLE_QUEUE_DB))
+    yield from console_over_inference(on_redis_db(settings, CONSOLE_QUEUE_DB))
 
 
 def test_generate_queues_a_job_and_follows_it(
@@ -145,3 +139,37 @@ def test_a_hybrid_is_queued_beside_its_parents_with_the_same_seed(
         "cluster:1 v1 \u00d7 1.0",
     ]
     assert compared.count("Seed 3,") == 3
+
+
+def test_auto_routes_the_prompt_and_queues_its_clusters_beside_it(
+    plaintext_console: TestClient,
+    operator_token: str,
+    session: Session,
+    store: ObjectStore,
+    settings: Settings,
+) -> None:
+    width = task_encoder_info(settings.task_encoder).width
+    federation(plaintext_console, operator_token, session, groups=3, per_group=2, dim=width)
+    for label in (0, 1, 2):
+        publish(session, store, f"cluster:{label}", b"bytes", kind=AdapterKind.CLUSTER)
+    sign_in(plaintext_console, operator_token)
+    csrf = signed_in_csrf(plaintext_console)
+    form = {"csrf": csrf, "prompt": "a red square", "steps": "4", "seed": "5", "mix": "auto"}
+
+    too_strong = plaintext_console.post("/console/generate", data={**form, "guidance": "50"})
+    queued = plaintext_console.post(
+        "/console/generate",
+        data={**form, "guidance": "5", "top_k": "2", "compare": "1"},
+        follow_redirects=False,
+    )
+    page = plaintext_console.get(queued.headers["location"]).text
+
+    assert too_strong.status_code == 422 and "guidance" in too_strong.text
+    assert queued.status_code == 303 and queued.headers["location"].count(",") == 2
+    assert "auto: routed by clustering v1 to cluster" in page
+    titles = re.findall(r'<h2 id="h-job-\d">(.*?)</h2>', page)
+    assert titles[0].count(" + ") == 1  # the two nearest clusters, blended
+    assert [t.split(" \u00d7 ")[0] for t in titles[1:]] == [
+        part.split(" \u00d7 ")[0] for part in titles[0].split(" + ")
+    ]
+    assert page.count("Seed 5, 4 steps, guidance 5.0") == 3

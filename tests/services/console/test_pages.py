@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from collections.abc import Iterator
+from datetime import timedelta
 
 import pytest
 from fastapi.testclient import TestClient
+from safetensors.torch import load
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from services.clustering.main import create_app as create_clustering_app
 from services.console.app import STATIC_DIR
 from tessera.config import Settings
+from tessera.lora import adapter_to_bytes, random_adapter
+from tessera.model.facts import load_facts
 from tessera.models import AdapterKind, Round, RoundState
 from tessera.storage import ObjectStore
 from tests.services.aggregator.factories import publish
@@ -136,6 +141,9 @@ def test_recluster_from_the_console(
     assert done.status_code == 200
     versions = re.findall(r"<tr><td>(\d+)</td><td>\d{4}-", done.text)
     assert versions == ["2", "1"]
+    # The same devices clustered again: both labels carried over, every device kept its own.
+    assert "from v1: kept 0, 1</td>" in done.text and "6 stayed, 0 moved</td>" in done.text
+    assert "first clustering: labels 0, 1" in done.text
 
 
 def test_assets_are_vendored_and_served(aggregator: TestClient) -> None:
@@ -174,3 +182,60 @@ def test_adapters_list_versions_with_lineage_and_download_them(
     assert 'filename="cluster-0-v1.safetensors"' in download.headers["content-disposition"]
     assert missing.status_code == 404
     assert anonymous.status_code == 303
+
+
+def test_a_rounds_timings_and_report_are_shown(
+    aggregator: TestClient, operator_token: str, session: Session
+) -> None:
+    csrf = _signed_in(aggregator, operator_token)
+    aggregator.post("/console/rounds", data={"csrf": csrf})
+    round_ = session.scalars(select(Round)).one()
+    round_.state = RoundState.PUBLISHED
+    round_.closed_at = round_.opened_at + timedelta(seconds=12)
+    round_.published_at = round_.closed_at + timedelta(seconds=3.5)
+    below = "below quorum: 0 usable of 1 updates < 1"
+    round_.report = {
+        "clusters": [
+            {"label": 0, "updates": 2, "used": 2, "clipped": 1, "energy_kept": 0.981,
+             "seconds": 0.25, "published": True, "reason": None},
+            {"label": 1, "updates": 1, "used": 0, "samples": 0, "published": False,
+             "reason": below},
+        ],
+        "withheld": [],
+    }  # fmt: skip
+    session.commit()
+
+    page = aggregator.get("/console/rounds").text
+    timings = re.search(r'<td class="timings">(.*?)</td>', page, re.S)
+
+    assert timings is not None
+    assert [" ".join(t.split()) for t in re.findall(r"<div>(.*?)</div>", timings.group(1))] == [
+        "collected 12.0 s",
+        "aggregated and published 3.5 s",
+        "cluster 0: 0.25 s",
+    ]
+    assert "<td>98.1%</td>" in page and f"no: {html.escape(below)}" in page
+
+
+def test_an_adapter_exports_to_diffusers_and_kohya(
+    aggregator: TestClient,
+    operator_token: str,
+    session: Session,
+    store: ObjectStore,
+    settings: Settings,
+) -> None:
+    spec = load_facts(settings.base_model).lora_spec()
+    data = adapter_to_bytes(random_adapter(spec, 4, 4.0, seed=0))
+    version = publish(session, store, "global", data, kind=AdapterKind.GLOBAL)
+    _signed_in(aggregator, operator_token)
+
+    page = aggregator.get("/console/adapters").text
+    diffusers = aggregator.get(f"/console/adapters/{version.id}/export/diffusers")
+    kohya = aggregator.get(f"/console/adapters/{version.id}/export/kohya")
+    unknown = aggregator.get(f"/console/adapters/{version.id}/export/onnx")
+
+    assert f'href="/console/adapters/{version.id}/export/kohya"' in page
+    assert 'filename="global-v1.diffusers.safetensors"' in diffusers.headers["content-disposition"]
+    assert {key.split(".")[0] for key in load(diffusers.content)} == {"unet"}
+    assert all(key.startswith("lora_unet_") for key in load(kohya.content))
+    assert unknown.status_code == 404 and "diffusers, kohya" in unknown.text

@@ -7,22 +7,30 @@ import io
 import json
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import redis
 import torch
+from celery.contrib.testing.worker import start_worker
 from fastapi.testclient import TestClient
 from safetensors.torch import save
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from services.inference.worker import runtime as inference_runtime
+from services.inference.worker.cache import AdapterCache
+from services.inference.worker.runner import JobRuntime
 from services.worker.publishing import PublishedVersion, ToPublish, publish_version
 from tessera.config import Settings
 from tessera.events import INFERENCE_QUEUE
 from tessera.federation import CLUSTER_PREFIX, GLOBAL_ADAPTER
 from tessera.lora import LoraAdapter
+from tessera.model.base import BaseModel
 from tessera.models import AdapterKind, Client, GenerationJob, JobState, Role, Round, RoundState
+from tessera.queue import make_celery
 from tessera.storage import ObjectStore
 from tessera.tokens import hash_token, new_token
 from tests.helpers import bearer
@@ -139,3 +147,27 @@ def drain(pubsub: Any, quiet_s: float = 0.5) -> list[dict[str, Any]]:
             break
     pubsub.close()
     return events
+
+
+@contextmanager
+def inference_worker(
+    settings: Settings, base: BaseModel, sessions: sessionmaker[Session], store: ObjectStore
+) -> Iterator[None]:
+    """A Celery worker on the inference queue, in a thread, with this process's model."""
+    resources_redis = redis.Redis.from_url(settings.redis_url or "")
+    cache = AdapterCache(base=base, sessions=sessions, store=store, max_bytes=64 * 2**20)
+    inference_runtime.use_runtime(
+        JobRuntime(sessions=sessions, store=store, redis=resources_redis, base=base, cache=cache)
+    )
+    import services.inference.worker.tasks  # noqa: F401 - registers the task with every app
+
+    app = make_celery(settings, main="tessera-inference-test")
+    try:
+        with start_worker(
+            app, pool="solo", perform_ping_check=False, queues=[INFERENCE_QUEUE], loglevel="WARNING"
+        ):
+            yield
+    finally:
+        inference_runtime.use_runtime(None)
+        app.close()
+        resources_redis.close()

@@ -12,23 +12,22 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import redis
 import torch
-from celery.contrib.testing.worker import start_worker
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.inference.api.main import create_app
-from services.inference.worker import runtime as inference_runtime
-from services.inference.worker.cache import AdapterCache
-from services.inference.worker.runner import JobRuntime
 from tessera.config import Settings
-from tessera.events import INFERENCE_QUEUE
 from tessera.lora import LoraAdapter, LoraSpec, random_adapter
 from tessera.model.base import BaseModel
-from tessera.queue import make_celery
 from tessera.storage import ObjectStore
 from tests.helpers import bearer
-from tests.services.inference.helpers import embeds_b64, png_array, publish, tokens
+from tests.services.inference.helpers import (
+    embeds_b64,
+    inference_worker,
+    png_array,
+    publish,
+    tokens,
+)
 from tests.serving import served
 
 
@@ -37,30 +36,6 @@ def serving(settings: Settings) -> Iterator[str]:
     """The inference API on a free port, in a thread of this process; its base URL."""
     with served(create_app(settings)) as url:
         yield url
-
-
-@contextmanager
-def inference_worker(
-    settings: Settings, base: BaseModel, sessions: sessionmaker[Session], store: ObjectStore
-) -> Iterator[None]:
-    """A Celery worker on the inference queue, in a thread, with this process's model."""
-    resources_redis = redis.Redis.from_url(settings.redis_url or "")
-    cache = AdapterCache(base=base, sessions=sessions, store=store, max_bytes=64 * 2**20)
-    inference_runtime.use_runtime(
-        JobRuntime(sessions=sessions, store=store, redis=resources_redis, base=base, cache=cache)
-    )
-    import services.inference.worker.tasks  # noqa: F401 - registers the task with every app
-
-    app = make_celery(settings, main="tessera-inference-test")
-    try:
-        with start_worker(
-            app, pool="solo", perform_ping_check=False, queues=[INFERENCE_QUEUE], loglevel="WARNING"
-        ):
-            yield
-    finally:
-        inference_runtime.use_runtime(None)
-        app.close()
-        resources_redis.close()
 
 
 def sse_events(lines: Iterator[str]) -> Iterator[tuple[str, dict[str, Any]]]:
