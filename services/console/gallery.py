@@ -202,10 +202,12 @@ def gallery_page(
     def fetch(job_id: str) -> dict[str, Any]:
         return fetch_job(job_id, session, settings, inference, client=GALLERY_CLIENT)
 
-    shown, error = [], None
+    shown: list[GalleryRow] = []
+    error = None
     for row in gallery_rows(session):
+        before, after = row.cells
         try:
-            cells = tuple(_with_jobs(drawn, store, fetch) for drawn in row.cells)
+            cells = (_with_jobs(before, store, fetch), _with_jobs(after, store, fetch))
         except HTTPException as failure:  # the inference service did not answer
             cells, error = row.cells, str(failure.detail)
         shown.append(replace(row, cells=cells))

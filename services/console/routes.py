@@ -14,6 +14,7 @@ from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
 
 from services.aggregator import crud
+from services.aggregator.privacy import Policy
 from services.aggregator.routes import rounds as rounds_api
 from services.aggregator.views import round_out
 from services.console import views
@@ -223,9 +224,11 @@ ROUND_FIELDS = (
     "temperature",
     "weighting",
     "clip",
+    "clip_norm",
     "robust",
     "robust_trim",
     "robust_f",
+    "noise_multiplier",
 )
 
 
@@ -238,8 +241,10 @@ def _rounds_page(
     status_code: int = 200,
     form: dict[str, str] | None = None,
 ) -> Response:
+    policy = Policy.of(request.app.state.resources.settings)
     rows = [
-        round_out(session=session, round_=r) for r in crud.list_rounds(session=session, limit=20)
+        round_out(session=session, round_=r, policy=policy)
+        for r in crud.list_rounds(session=session, limit=20)
     ]
     current = next((r for r in rows if r.state == RoundState.COLLECTING), None)
     return _render(
@@ -253,6 +258,7 @@ def _rounds_page(
         error=error,
         form=form or {},
         defaults=RoundConfig(),
+        privacy_default=policy.noise_multiplier,
         now=utcnow(),
     )
 

@@ -239,3 +239,26 @@ def test_an_adapter_exports_to_diffusers_and_kohya(
     assert {key.split(".")[0] for key in load(diffusers.content)} == {"unet"}
     assert all(key.startswith("lora_unet_") for key in load(kohya.content))
     assert unknown.status_code == 404 and "diffusers, kohya" in unknown.text
+
+
+def test_a_private_round_is_opened_and_its_privacy_shown(
+    aggregator: TestClient, operator_token: str, session: Session
+) -> None:
+    csrf = _signed_in(aggregator, operator_token)
+    private = {"method": "exact", "weighting": "equal", "clip": "fixed", "robust": "none"}
+
+    unbounded = aggregator.post(
+        "/console/rounds", data={"csrf": csrf, **private, "noise_multiplier": "1.5"}
+    )
+    opened = aggregator.post(
+        "/console/rounds",
+        data={"csrf": csrf, **private, "clip_norm": "2", "noise_multiplier": "1.5"},
+        follow_redirects=False,
+    )
+    page = aggregator.get("/console/rounds").text
+
+    assert unbounded.status_code == 422 and "clip_norm is required" in unbounded.text
+    assert opened.status_code == 303
+    round_ = session.scalars(select(Round)).one()
+    assert round_.config["noise_multiplier"] == 1.5 and round_.config["clip_norm"] == 2.0
+    assert "Private: noise multiplier 1.5, clip 2.0; largest ε 0.00" in page

@@ -419,6 +419,7 @@ def test_devices_without_assignment_fall_back_or_are_excluded(
         "used": 2,
         "samples": 8,
         "clipped": 0,
+        "noise_multiplier": None,
         "published": True,
         "reason": None,
     }
