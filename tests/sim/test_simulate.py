@@ -6,9 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 import httpx
+import pytest
 
 from tessera.demo import run_console_demo, stop_console_demo, write_docs
 from tessera.sim import SimConfig
