@@ -125,6 +125,11 @@ def close_at_deadline(*, session: Session, celery: Celery, round_id: int) -> boo
     if not crud.hold_collecting_round(session=session, round_id=round_id):
         session.rollback()
         return False
+    round_ = session.get_one(Round, round_id)
+    if round_.config.get("method") == "secure":
+        from services.aggregator import secagg  # it closes rounds through this module
+
+        return secagg.close_at_deadline(session=session, celery=celery, round_id=round_id)
     if crud.count_updates(session=session, round_id=round_id) > 0:
         return close_round(session=session, celery=celery, round_id=round_id, why="deadline")
     cancelled = crud.move_round(

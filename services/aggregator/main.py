@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from services.aggregator.lifespan import extend_lifespan
-from services.aggregator.routes import adapters, clients, devices, rounds, updates
+from services.aggregator.routes import adapters, clients, devices, rounds, secagg, updates
 from services.aggregator.uploads import UPLOAD_PREFIX, CountOversizedUploads, upload_limit
 from services.console.app import mount_console
 from tessera.config import Settings, get_settings
@@ -19,7 +19,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = create_service_app(
         service="aggregator",
         description="Enrolment, encoded task vectors, federated rounds, LoRA updates, adapters.",
-        routers=[clients.router, devices.router, rounds.router, updates.router, adapters.router],
+        routers=[
+            clients.router,
+            devices.router,
+            rounds.router,
+            updates.router,
+            secagg.router,
+            adapters.router,
+        ],
         checks=("database", "redis", "s3", "worker"),
         settings=settings,
         upload_limits={UPLOAD_PREFIX: lambda: upload_limit(resolved)},

@@ -1,10 +1,11 @@
 """The aggregator's round loop: the one place that makes every round finish.
 
-Each pass (every TESSERA_HOUSEKEEPING_INTERVAL_S, in every aggregator replica): close the
-collecting rounds past their deadline or at quorum (`closing`), queue again the aggregating
+Each pass (every TESSERA_HOUSEKEEPING_INTERVAL_S, in every aggregator replica): move secure
+rounds through their phases (`secagg`), close the collecting rounds past their deadline or at
+quorum (`closing`), queue again the aggregating
 rounds whose worker died (`stuck`), delete the raw updates of rounds over for
 TESSERA_UPDATE_RETENTION_DAYS (`retention`) and, every ORPHAN_SWEEP_INTERVAL_S, delete update
-objects that no row names (`orphans`).
+objects that no row names (`orphans`) and the masked inputs of failed secure rounds.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from services.aggregator.closing import close_due_rounds
 from services.aggregator.orphans import ORPHAN_SWEEP_INTERVAL_S, sweep_orphaned_updates
 from services.aggregator.retention import delete_expired_updates
+from services.aggregator.secagg import advance_secure_rounds, forget_failed_inputs
 from services.aggregator.stuck import requeue_stale_rounds
 from tessera.service.resources import Resources
 
@@ -28,7 +30,9 @@ class RoundLoop:
         self._swept_at: float | None = None
 
     def __call__(self, resources: Resources) -> dict[str, Any]:
-        closed = close_due_rounds(sessions=resources.sessions, celery=resources.celery)
+        # Secure rounds first: their deadline and phases close them, never an update count.
+        closed = advance_secure_rounds(sessions=resources.sessions, celery=resources.celery)
+        closed += close_due_rounds(sessions=resources.sessions, celery=resources.celery)
         stuck = requeue_stale_rounds(
             sessions=resources.sessions,
             celery=resources.celery,
@@ -44,4 +48,5 @@ class RoundLoop:
         if self._swept_at is None or now - self._swept_at >= ORPHAN_SWEEP_INTERVAL_S:
             self._swept_at = now
             swept = sweep_orphaned_updates(sessions=resources.sessions, store=resources.store)
+            forget_failed_inputs(sessions=resources.sessions, store=resources.store)
         return {"closed": closed, **stuck, "updates_deleted": expired, "orphans": swept}

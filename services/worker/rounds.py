@@ -31,8 +31,10 @@ from services.worker.aggregation import (
     aggregate_plan,
 )
 from services.worker.publishing import PublishedVersion, announce, publish_round
+from services.worker.secure import aggregate_secure, forget_masked_inputs
 from tessera.federation import RoundConfig, task_vector_from_bytes
 from tessera.heartbeat import Heartbeat
+from tessera.lora import LoraSpec
 from tessera.lora.bounds import ScaleRange
 from tessera.metrics import ROUND_DURATION
 from tessera.models import (
@@ -74,13 +76,15 @@ def aggregate_round_now(
     scales: ScaleRange,
     stale_s: float = DEFAULT_STALE_S,
     noise_seed: int | None = None,
+    spec: LoraSpec | None = None,
 ) -> dict[str, Any]:
     """Aggregate an `aggregating` round and publish its adapters; return what was done.
 
     A published round returns what it published; any other state is skipped. An unusable update
     is excluded with its reason (`scales`: the LoRA scales accepted); an error that is not a
     connection's marks the round failed and propagates. `noise_seed` fixes a private round's
-    noise (tests only; by default it is seeded from the OS's randomness).
+    noise (tests only; by default it is seeded from the OS's randomness). A secure round needs
+    the base model's LoRA `spec` (the layout of its devices' inputs).
     """
     with sessions() as session:
         round_row = session.get(Round, round_id)
@@ -106,6 +110,7 @@ def aggregate_round_now(
                 redis=redis,
                 scales=scales,
                 noise_seed=noise_seed,
+                spec=spec,
             )
     except TRANSIENT_ERRORS:
         raise
@@ -253,9 +258,15 @@ def _aggregate_and_publish(
     redis: Redis,
     scales: ScaleRange,
     noise_seed: int | None,
+    spec: LoraSpec | None,
 ) -> dict[str, Any]:
     config = plan.config
-    result = aggregate_plan(plan, store=store, scales=scales, noise_seed=noise_seed)
+    if config.method == "secure":
+        if spec is None:
+            raise ValueError("a secure round needs the base model's LoRA spec")
+        result = aggregate_secure(plan, sessions=sessions, store=store, spec=spec)
+    else:
+        result = aggregate_plan(plan, store=store, scales=scales, noise_seed=noise_seed)
     report = {"clusters": result.clusters, "withheld": result.withheld}
     if not result.outputs:
         reason = "nothing to publish: no group had enough usable updates"
@@ -293,6 +304,8 @@ def _aggregate_and_publish(
             excluded=result.excluded,
         )
     versions = published
+    if config.method == "secure":
+        forget_masked_inputs(plan, sessions=sessions, store=store)
     ROUND_DURATION.observe((utcnow() - plan.opened_at).total_seconds())
     events = announce(redis, versions, round_id=plan.round_id)
     log.info(

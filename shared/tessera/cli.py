@@ -190,7 +190,7 @@ def round_group() -> None:
 
 
 @round_group.command(name="open")
-@click.option("--method", type=click.Choice(["exact", "fedavg"]), default=None)
+@click.option("--method", type=click.Choice(["exact", "fedavg", "secure"]), default=None)
 @click.option("--scope", type=click.Choice(["cluster", "global"]), default=None)
 @click.option("--rank", type=int, default=None)
 @click.option("--min-updates", type=int, default=None)
@@ -230,9 +230,23 @@ def round_group() -> None:
     help="Differential privacy: Gaussian noise of std this times --clip-norm on each cluster's "
     "sum (needs --clip fixed, --weighting equal); `round show` then gives each device's epsilon.",
 )
+@click.option(
+    "--secure-threshold", type=int, default=None, help="Secure mode: devices needed per phase."
+)
+@click.option(
+    "--secure-phase-s", type=float, default=None, help="Secure mode: seconds each phase waits."
+)
 def round_open(**options: object) -> None:
     """Open the next round; options left out take the server's defaults."""
-    config = {name: value for name, value in options.items() if value is not None}
+    secure = {
+        "threshold": options.pop("secure_threshold"),
+        "phase_s": options.pop("secure_phase_s"),
+    }
+    config: dict[str, object] = {
+        name: value for name, value in options.items() if value is not None
+    }
+    if any(value is not None for value in secure.values()):
+        config["secure"] = {name: value for name, value in secure.items() if value is not None}
     with _operator_client() as http:
         _echo_response(http.post("/v1/rounds", json=config))
 

@@ -21,14 +21,44 @@ Temperature = Annotated[float, Field(ge=MIN_TEMPERATURE, le=100.0, allow_inf_nan
 stays far from overflowing (a subnormal one makes every weight NaN)."""
 
 
+class SecureAggregation(BaseModel):
+    """How a round in secure mode (`method: secure`) masks and sums each cluster's inputs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    threshold: Annotated[int | None, Field(ge=2, le=10_000)] = Field(
+        default=None,
+        description="t: devices that must answer every phase after the keys (below it the "
+        "cluster fails); default more than half of those that sent keys. Devices refuse a t "
+        "of half or less: a server could then rebuild both secrets of one device",
+    )
+    value_range: Annotated[float, Field(gt=0, le=1e3, allow_inf_nan=False)] = Field(
+        default=1.0, description="each weighted B value is clipped to [-value_range, value_range]"
+    )
+    clip_norm: Annotated[float | None, Field(gt=0, le=1e4, allow_inf_nan=False)] = Field(
+        default=None, description="devices scale B so that ||scale·B·A||_F <= clip_norm"
+    )
+    alpha: Annotated[float | None, Field(gt=0, le=1e4, allow_inf_nan=False)] = Field(
+        default=None, description="the LoRA alpha every device trains with (default: the rank)"
+    )
+    sample_cap: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
+        default=64, description="weighting samples: a device weighs min(samples, cap) / cap"
+    )
+    phase_s: Annotated[float, Field(gt=0, le=24 * 3600, allow_inf_nan=False)] = Field(
+        default=60.0, description="how long each phase waits for the cluster's devices"
+    )
+
+
 class RoundConfig(BaseModel):
     """How a round collects and aggregates; stored as JSON on the round."""
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["exact", "fedavg"] = Field(
+    method: Literal["exact", "fedavg", "secure"] = Field(
         default="exact",
-        description="exact: mean of B·A, re-factorised by SVD; fedavg: mean of A and of B",
+        description="exact: mean of B·A, re-factorised by SVD; fedavg: mean of A and of B; "
+        "secure: A frozen per cluster from a seed, devices send masked B, the server unmasks "
+        "only each cluster's sum (docs/secure_aggregation.md)",
     )
     scope: Literal["cluster", "global"] = Field(
         default="cluster",
@@ -90,6 +120,10 @@ class RoundConfig(BaseModel):
         )
     )
 
+    secure: SecureAggregation = Field(
+        default_factory=SecureAggregation, description="secure mode's settings (method secure)"
+    )
+
     @model_validator(mode="after")
     def _clip_norm_with_fixed(self) -> RoundConfig:
         if (self.clip == "fixed") != (self.clip_norm is not None):
@@ -116,6 +150,20 @@ class RoundConfig(BaseModel):
         """True when the round adds Gaussian noise to each cluster's aggregate."""
         return self.noise_multiplier is not None
 
+    @model_validator(mode="after")
+    def _secure_is_linear(self) -> RoundConfig:
+        # The server sees only each cluster's sum: it cannot blend, select or clip per update.
+        if self.method == "secure" and (
+            self.scope != "cluster" or self.lam != 0 or self.robust != "none"
+        ):
+            raise ValueError("method 'secure' needs scope 'cluster', lam 0 and robust 'none'")
+        return self
+
+    @property
+    def secure_alpha(self) -> float:
+        """The LoRA alpha of every update in secure mode."""
+        return float(self.rank) if self.secure.alpha is None else self.secure.alpha
+
 
 def cluster_adapter_name(label: int) -> str:
     """`cluster:3`."""
@@ -139,6 +187,12 @@ def update_key(round_id: int, client_id: int, sha256: str) -> str:
     """Where a device's update for a round lives in the object store: content-addressed, so a
     re-upload never overwrites the update it replaces before the replacement is committed."""
     return f"{update_prefix(round_id)}client-{client_id}/{sha256}.safetensors"
+
+
+def masked_input_key(round_id: int, label: int, client_id: int) -> str:
+    """Where a device's masked input (secure mode) waits for the unmasking of its cluster's sum;
+    deleted once the round is published."""
+    return f"secagg/round-{round_id}/cluster-{label}/client-{client_id}.u32"
 
 
 def adapter_key(adapter_name: str, round_id: int) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     DateTime,
     Enum,
     Float,
@@ -286,4 +287,73 @@ class GenerationJob(Base):
     __table_args__ = (
         UniqueConstraint("client_id", "idempotency_key"),
         Index("ix_generation_jobs_state_batch_key", "state", "batch_key"),
+    )
+
+
+class SecAggPhase(StrEnum):
+    """Where one cluster's secure aggregation stands (`tessera.secagg.protocol`)."""
+
+    KEYS = "keys"  # devices advertise their public keys (U1)
+    SHARES = "shares"  # devices send sealed shares to every other device of U1 (U2)
+    MASKED = "masked"  # devices send their masked inputs (U3)
+    UNMASKING = "unmasking"  # survivors reveal the shares the server needs (U4)
+    READY = "ready"  # enough reveals: the worker can unmask the cluster's sum
+    FAILED = "failed"  # fewer devices than the threshold answered a phase in time
+
+
+class SecAggGroup(Base):
+    """One cluster's secure aggregation in a round: its frozen-A seed and its phase."""
+
+    __tablename__ = "secagg_groups"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"))
+    label: Mapped[int] = mapped_column(Integer)
+    a_seed: Mapped[int] = mapped_column(BigInteger)
+    phase: Mapped[SecAggPhase] = mapped_column(_enum(SecAggPhase, "secagg_phase"))
+    expected: Mapped[int] = mapped_column(Integer)  # the cluster's members when it started
+    threshold: Mapped[int | None] = mapped_column(Integer, default=None)  # set once U1 is
+    phase_started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    error: Mapped[str | None] = mapped_column(String(500), default=None)
+
+    __table_args__ = (UniqueConstraint("round_id", "label"),)
+
+
+class SecAggMember(Base):
+    """A device in a secure group: public keys, share index, and how far it got.
+
+    Its masked input (uniformly random mod 2^32 without the others') lives in the object store
+    until the round is published; its reveal holds only the shares the server asked for.
+    """
+
+    __tablename__ = "secagg_members"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    group_id: Mapped[int] = mapped_column(ForeignKey("secagg_groups.id", ondelete="CASCADE"))
+    client_id: Mapped[int] = mapped_column(ForeignKey("clients.id", ondelete="CASCADE"))
+    c_public: Mapped[bytes] = mapped_column(LargeBinary)
+    s_public: Mapped[bytes] = mapped_column(LargeBinary)
+    share_index: Mapped[int | None] = mapped_column(Integer, default=None)
+    shared_at: Mapped[datetime | None] = mapped_column(default=None)
+    masked_key: Mapped[str | None] = mapped_column(String(512), default=None)
+    revealed: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (UniqueConstraint("group_id", "client_id"),)
+
+
+class SecAggShare(Base):
+    """Shares one device sealed for another (AES-GCM under their agreed key): opaque here."""
+
+    __tablename__ = "secagg_shares"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    group_id: Mapped[int] = mapped_column(ForeignKey("secagg_groups.id", ondelete="CASCADE"))
+    sender_id: Mapped[int] = mapped_column(ForeignKey("clients.id", ondelete="CASCADE"))
+    recipient_id: Mapped[int] = mapped_column(ForeignKey("clients.id", ondelete="CASCADE"))
+    sealed: Mapped[bytes] = mapped_column(LargeBinary)
+
+    __table_args__ = (
+        UniqueConstraint("group_id", "sender_id", "recipient_id"),
+        Index("ix_secagg_shares_group_id_recipient_id", "group_id", "recipient_id"),
     )

@@ -129,3 +129,21 @@ def test_dead_directions_of_an_init_are_revived_without_changing_the_start(
     revived = result.adapter.tensors[module + ".lora_A.weight"]
     assert revived[3].abs().sum() > 0
     torch.testing.assert_close(result.adapter.delta(module), init.delta(module))
+
+
+def test_training_b_alone_keeps_the_frozen_a(base_model: BaseModel, stripes: Data) -> None:
+    from tessera.secagg.vector import frozen_a, frozen_adapter, zero_b
+
+    spec = base_model.lora_spec
+    a = frozen_a(spec, rank=4, seed=11)
+    start = frozen_adapter(spec, a, zero_b(spec, rank=4), rank=4, alpha=4.0)
+
+    trained = train_lora(
+        base_model, *stripes, init=start, steps=2, batch_size=2, seed=6, train_a=False
+    ).adapter
+
+    for module, a_trained, _ in trained.pairs():
+        assert torch.equal(a_trained, a[module]), module
+    assert any(float(b.abs().max()) > 0 for _, _, b in trained.pairs())
+    with pytest.raises(ValueError, match="needs an init adapter"):
+        train_lora(base_model, *stripes, rank=4, steps=1, train_a=False)

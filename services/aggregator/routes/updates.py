@@ -72,6 +72,13 @@ def _check_round(session: Session, celery: Celery, round_id: int) -> None:
     if round_.state != RoundState.COLLECTING:
         reject(RejectionReason.ROUND_NOT_OPEN)
         raise not_collecting(round_)
+    if round_.config.get("method") == "secure":
+        reject(RejectionReason.ROUND_NOT_OPEN)
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            detail=f"round {round_.number} aggregates securely: send a masked input "
+            f"(PUT /v1/rounds/{round_.id}/secagg/masked), not an update",
+        )
     if is_due(round_, utcnow()):  # still collecting only because its closing failed just now
         reject(RejectionReason.ROUND_NOT_OPEN)
         raise HTTPException(

@@ -8,6 +8,7 @@ Deadlines, quorum and stuck rounds belong to the aggregator's round loop
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -18,9 +19,18 @@ from celery.signals import worker_process_init
 from services.worker import context
 from services.worker.rounds import TRANSIENT_ERRORS, aggregate_round_now, mark_round_failed
 from tessera.events import TASK_AGGREGATE_ROUND
+from tessera.lora import LoraSpec
 from tessera.lora.bounds import ScaleRange
+from tessera.model.facts import load_facts, resolve_targets
 
 log = logging.getLogger(__name__)
+
+
+@functools.cache
+def lora_spec_of(model: str, targets: str) -> LoraSpec:
+    """The base model's LoRA spec from its facts (no weights loaded), once per process."""
+    return load_facts(model).lora_spec(resolve_targets(targets, model))
+
 
 MAX_RETRIES = 3
 RETRY_BACKOFF_S = 10  # doubled at each retry: 10, 20, 40 s
@@ -50,6 +60,7 @@ def aggregate_round(self: Task, round_id: int) -> dict[str, Any]:
             redis=resources.redis,
             scales=ScaleRange(resources.settings.min_lora_scale, resources.settings.max_lora_scale),
             stale_s=resources.settings.task_stale_s,
+            spec=lora_spec_of(resources.settings.base_model, resources.settings.lora_targets),
         )
     except TRANSIENT_ERRORS as error:
         retries = self.request.retries

@@ -52,6 +52,7 @@ def train_lora(
     caption_dropout: float = 0.1,
     gradient_checkpointing: bool = False,
     progress: bool = False,
+    train_a: bool = True,
 ) -> TrainResult:
     """Fine-tune a LoRA on `images` [n, 3, H, W] in [-1, 1] (any size: resized and
     centre-cropped to the model's resolution) captioned by the model's conditioning of each.
@@ -59,12 +60,15 @@ def train_lora(
     Starts from `init` (e.g. the device's cluster adapter; its rank and alpha are kept) or from
     peft's default (A random, B zero: the adapter starts as a no-op). A `caption_dropout` share
     of each batch is trained on the empty prompt, so the adapter also shapes the unconditional
-    branch that classifier-free guidance uses.
+    branch that classifier-free guidance uses. With `train_a` False, A stays `init`'s (secure
+    aggregation's frozen A, `tessera.secagg.vector.frozen_a`) and only B trains.
     """
     from peft import LoraConfig
     from tqdm.auto import tqdm
 
     rank, alpha = _rank_alpha(init, rank, alpha)
+    if not train_a and init is None:
+        raise ValueError("training B alone needs an init adapter holding the frozen A")
     captions = as_conditioning(token_embeds)
     _check_data(base, images, captions)
     spec = base.lora_spec
@@ -82,6 +86,8 @@ def train_lora(
     with _peft_adapter(base, config, seed, gradient_checkpointing) as params:
         if init is not None:
             _load_into(unet, init)
+        if not train_a:
+            params = _freeze_a(unet, params)
         optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         for _ in tqdm(range(steps), desc="lora", disable=not progress, unit="step"):
             pick = torch.randint(0, n, (batch_size,), generator=generator)
@@ -156,6 +162,17 @@ def _peft_adapter(
             unet.disable_gradient_checkpointing()
         unet.unload_lora()
         unet.requires_grad_(False)
+
+
+def _freeze_a(unet: torch.nn.Module, params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    """Stop training every LoRA A; the parameters left to train (the B factors)."""
+    frozen = {
+        id(param) for name, param in unet.named_parameters() if f"lora_A.{ADAPTER_NAME}" in name
+    }
+    for param in params:
+        if id(param) in frozen:
+            param.requires_grad_(False)
+    return [param for param in params if id(param) not in frozen]
 
 
 def _autocast(base: BaseModel) -> contextlib.AbstractContextManager[Any]:
