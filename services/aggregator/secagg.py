@@ -2,9 +2,10 @@
 
 A secure round (`method: secure`) has one `SecAggGroup` per cluster of its clustering with
 members, made on the first request about the round. A group moves keys -> shares -> masked ->
-unmasking -> ready when every device still in it has answered the phase, or when the phase's
-`phase_s` has passed and at least `threshold` have; with fewer it fails, with the counts as its
-reason. Phases move through a conditional UPDATE, so of racing requests and replicas one wins.
+unmasking -> ready when every device still in it has answered the phase, or when `phase_s` has
+passed without an answer and at least `threshold` devices have answered; with fewer it fails,
+with the counts as its reason. Phases move through a conditional UPDATE, so of racing requests
+and replicas one wins.
 When every group has finished, the round closes: aggregating (the worker unmasks each ready
 group's sum) if any group is ready, else failed with each group's reason. Requests advance their
 own round's groups; the round loop advances every secure round, so a cluster whose devices all
@@ -92,7 +93,7 @@ def ensure_groups(*, session: Session, round_: Round) -> list[SecAggGroup]:
                     a_seed=_a_seed(session, label, config),
                     phase=SecAggPhase.KEYS,
                     expected=count,
-                    phase_started_at=now,
+                    waiting_since=now,
                 )
             )
     try:
@@ -132,11 +133,12 @@ def _a_seed(session: Session, label: int, config: RoundConfig) -> int:
 
 
 def hold_group(*, session: Session, group_id: int, phase: SecAggPhase) -> bool:
-    """Take the group's row lock if it is in `phase` (see `crud.hold_collecting_round`)."""
+    """Take the group's row lock if it is in `phase` (see `crud.hold_collecting_round`), and
+    restart the phase's wait: a device is answering."""
     result = session.execute(
         update(SecAggGroup)
         .where(SecAggGroup.id == group_id, SecAggGroup.phase == phase)
-        .values(phase=SecAggGroup.phase)
+        .values(waiting_since=utcnow())
         .execution_options(synchronize_session=False)
     )
     return bool(getattr(result, "rowcount", 0) == 1)
@@ -171,7 +173,7 @@ def advance_group(*, session: Session, group: SecAggGroup, config: RoundConfig) 
     done, asked = answered(session, group, phase)
     threshold = group_threshold(group, config)
     now = utcnow()
-    timed_out = as_utc(group.phase_started_at) + timedelta(seconds=config.secure.phase_s) <= now
+    timed_out = as_utc(group.waiting_since) + timedelta(seconds=config.secure.phase_s) <= now
     if done < asked and not timed_out:
         return False
     if done >= threshold:
@@ -196,7 +198,7 @@ def _move(
     moved = session.execute(
         update(SecAggGroup)
         .where(SecAggGroup.id == group.id, SecAggGroup.phase == from_phase)
-        .values(phase=to_phase, phase_started_at=now, error=error)
+        .values(phase=to_phase, waiting_since=now, error=error)
         .execution_options(synchronize_session=False)
     )
     if getattr(moved, "rowcount", 0) != 1:
@@ -301,7 +303,7 @@ def advance_secure_rounds(*, sessions: sessionmaker[Session], celery: Celery) ->
 def phase_deadline(group: SecAggGroup, config: RoundConfig) -> datetime | None:
     if group.phase in FINISHED:
         return None
-    return as_utc(group.phase_started_at) + timedelta(seconds=config.secure.phase_s)
+    return as_utc(group.waiting_since) + timedelta(seconds=config.secure.phase_s)
 
 
 def summary(session: Session, group: SecAggGroup) -> dict[str, Any]:

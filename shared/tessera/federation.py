@@ -45,7 +45,8 @@ class SecureAggregation(BaseModel):
         default=64, description="weighting samples: a device weighs min(samples, cap) / cap"
     )
     phase_s: Annotated[float, Field(gt=0, le=24 * 3600, allow_inf_nan=False)] = Field(
-        default=60.0, description="how long each phase waits for the cluster's devices"
+        default=60.0,
+        description="how long a phase waits for the next answer of the cluster's devices",
     )
 
 

@@ -313,7 +313,8 @@ class SecAggGroup(Base):
     phase: Mapped[SecAggPhase] = mapped_column(_enum(SecAggPhase, "secagg_phase"))
     expected: Mapped[int] = mapped_column(Integer)  # the cluster's members when it started
     threshold: Mapped[int | None] = mapped_column(Integer, default=None)  # set once U1 is
-    phase_started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # When the phase started or last got an answer: it times out phase_s after that.
+    waiting_since: Mapped[datetime] = mapped_column(default=utcnow)
     error: Mapped[str | None] = mapped_column(String(500), default=None)
 
     __table_args__ = (UniqueConstraint("round_id", "label"),)

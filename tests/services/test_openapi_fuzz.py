@@ -53,7 +53,7 @@ def token_for(settings: Settings, session: Session) -> Callable[[str, str], str]
     disabled or rotated any client), else the bootstrap operator."""
 
     def token(path: str, method: str) -> str:
-        if path.startswith("/v1/devices/me") or "/updates/" in path:
+        if path.startswith("/v1/devices/me") or "/updates/" in path or "/secagg" in path:
             return make_client(session, settings, Role.DEVICE)[1]
         if path.startswith("/v1/generations") and method.upper() == "POST":
             return make_client(session, settings, Role.GENERATOR)[1]

@@ -32,7 +32,7 @@ def upgrade() -> None:
         ),
         sa.Column("expected", sa.Integer(), nullable=False),
         sa.Column("threshold", sa.Integer(), nullable=True),
-        sa.Column("phase_started_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("waiting_since", sa.DateTime(timezone=True), nullable=False),
         sa.Column("error", sa.String(length=500), nullable=True),
         sa.ForeignKeyConstraint(
             ["round_id"],
