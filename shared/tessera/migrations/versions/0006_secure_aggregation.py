@@ -1,7 +1,7 @@
 """secure aggregation: per-cluster groups, their members' public keys and the sealed shares
 
-Revision ID: 0005_secagg
-Revises: 0004
+Revision ID: 0006_secagg
+Revises: 0005_update_retention
 Create Date: 2026-11-30 14:00:00
 """
 
@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0005_secagg"
-down_revision: str | None = "0004"
+revision: str = "0006_secagg"
+down_revision: str | None = "0005_update_retention"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
