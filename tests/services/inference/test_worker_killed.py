@@ -34,6 +34,7 @@ from tests.worker_processes import STANDBY_QUEUE, WorkerProcesses
 pytestmark = pytest.mark.xdist_group("timed")
 
 STALE_S = 2.0
+IMAGES = 8
 
 
 @pytest.fixture
@@ -92,7 +93,7 @@ def test_a_job_whose_worker_is_killed_finishes_on_the_next_and_its_stream_ends(
     assert job.attempts == 2  # the killed run, then the next worker's
     assert not stream_open
     assert events and events[-1][0] == "succeeded"
-    assert len(view["result"]["images"]) == 1
+    assert len(view["result"]["images"]) == IMAGES
     assert done_at - up_at < 4 * STALE_S + 30
 
 
@@ -124,16 +125,18 @@ def test_a_job_whose_pool_process_is_killed_is_run_again_by_its_redelivered_mess
     assert job.attempts == 2  # the killed run, then its redelivered message's
     assert not stream_open
     assert events and events[-1][0] == "succeeded"
-    assert len(view["result"]["images"]) == 1
+    assert len(view["result"]["images"]) == IMAGES
     assert done_at - killed_at < 120  # far below TESSERA_TASK_STALE_S
 
 
 def _submit(api: TestClient, session: Session, token: str) -> str:
-    """A 100-step job (long enough to be killed mid-way on a busy machine), once it runs."""
+    """A job of 8 images and 100 steps (long enough to be killed mid-way on a busy machine),
+    once it runs."""
     body = {
         "prompt_embeds": embeds_b64(tokens()),
         "adapters": [{"adapter": "cluster:0", "weight": 1.0}],
         "steps": 100,
+        "num_images": IMAGES,
         "seed": 3,
     }
     submitted = api.post("/v1/generations", json=body, headers=bearer(token))
