@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import statistics
 import time
 from dataclasses import replace
@@ -175,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.out.mkdir(parents=True, exist_ok=True)
                 json_path.write_text(json.dumps(report, indent=2) + "\n")  # kept after each run
         report["machine"] = machine(1)
+        shutil.rmtree(args.scratch, ignore_errors=True)
     write_report(report, args.out, NAME, markdown=markdown, plot=plot)
 
 
