@@ -41,6 +41,7 @@ test-backends: setup ## Database, object store and queue tests only.
 bench: setup ## Benchmarks on this machine; tables and plots written to docs/.
 	$(BIN)/python bench/model_speed.py --out docs
 	$(BIN)/python bench/inference_speed.py --out docs
+	$(BIN)/python bench/mixed_batches.py --out docs
 	$(BIN)/python bench/federation_speed.py --out docs
 	$(BIN)/python bench/aggregation_scale.py --out docs
 	$(BIN)/python bench/real_model.py --out docs

@@ -187,7 +187,8 @@ class Settings(BaseSettings):
     )
     inference_max_batch_images: Annotated[int, Field(ge=1, le=256)] = Field(
         default=16,
-        description="Images in one UNet batch when queued jobs that share a mix run together; "
+        description="Images in one UNet batch when queued jobs with the same steps and "
+        "guidance run together, each with its own mix; "
         "1: every job alone.",
     )
 

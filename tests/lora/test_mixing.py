@@ -16,6 +16,7 @@ from tessera.lora.mixing import (
     active_mix,
     install_mixing,
     merge_mix,
+    per_sample_mix,
     place_adapter,
     tensor_bytes,
     unmerged_mix,
@@ -231,3 +232,75 @@ def test_on_a_unet_unmerged_equals_merged(base_model: BaseModel, targets: str) -
         assert any(isinstance(m, MixedConv2d) for m in unet.modules())
     torch.testing.assert_close(unmerged, merged, atol=1e-4, rtol=1e-4)
     assert (unmerged - base).abs().max() > 1e-3  # the adapters did something
+
+
+def each_alone(
+    model: torch.nn.Module, spec: LoraSpec, mixes: list, x: torch.Tensor
+) -> torch.Tensor:
+    """Row i of `x` through the model under mixes[i % len(mixes)], one row at a time."""
+    rows = []
+    for index in range(x.shape[0]):
+        mix = mixes[index % len(mixes)]
+        active = unmerged_mix(model, spec, mix) if mix else None
+        with use_mix(active), torch.no_grad():
+            rows.append(model(x[index : index + 1]))
+    return torch.cat(rows)
+
+
+def test_each_sample_of_a_batch_gets_its_own_mix_on_linear_layers() -> None:
+    model = linear_model()
+    spec = spec_of(model, ["0", "2", "3"])
+    adapters = [random_adapter(spec, r, 2.0, seed=10 + r, std=0.3) for r in (2, 3, 5)]
+    only_first = pairs_adapter({"0": (torch.randn(RANK, 8), torch.randn(16, RANK))}, alpha=1.0)
+    mixes = [
+        [(adapters[0], 0.7), (adapters[1], 0.4)],
+        [],  # the base alone
+        [(adapters[2], 1.0)],
+        [(only_first, 0.5), (adapters[0], 0.2)],  # a layer only some samples' adapters touch
+    ]
+    install_mixing(model, spec)
+    batch = per_sample_mix([unmerged_mix(model, spec, m) if m else None for m in mixes])
+    x = torch.randn(8, 7, 8)  # two rows per sample, as classifier-free guidance doubles them
+
+    with use_mix(batch), torch.no_grad():
+        together = model(x)
+
+    assert batch.samples == 4 and set(batch.per_sample) == {"0", "2", "3"}
+    assert batch.per_sample["2"].a.shape == (4, 5, 16)  # zero-padded to the largest rank
+    torch.testing.assert_close(together, each_alone(model, spec, mixes, x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(together[1::4], model(x[1::4]), atol=1e-6, rtol=0)
+
+
+def test_each_sample_of_a_batch_gets_its_own_mix_on_conv_pairs() -> None:
+    model = conv_model()
+    names = ["0", "2", "3", "4"]
+    spec = spec_of(model, names)
+    mixes = [
+        [(conv_pairs(model, names, seed=3), 0.5), (conv_pairs(model, ["2", "4"], seed=4), 1.5)],
+        [(conv_pairs(model, names, seed=5), 1.0)],
+        [],
+    ]
+    install_mixing(model, spec)
+    batch = per_sample_mix([unmerged_mix(model, spec, m) if m else None for m in mixes])
+    x = torch.randn(6, 4, 9, 11)
+
+    with use_mix(batch), torch.no_grad():
+        together = model(x)
+
+    torch.testing.assert_close(together, each_alone(model, spec, mixes, x), atol=1e-5, rtol=1e-5)
+    assert batch.nbytes == tensor_bytes(
+        [t for terms in batch.per_sample.values() for t in (terms.a, terms.b)]
+    )
+
+
+def test_a_per_sample_mix_refuses_a_batch_it_was_not_built_for() -> None:
+    model = linear_model()
+    spec = spec_of(model, ["0", "2", "3"])
+    adapter = random_adapter(spec, RANK, 2.0, seed=9)
+    install_mixing(model, spec)
+    batch = per_sample_mix([unmerged_mix(model, spec, [(adapter, 1.0)]), None, None])
+
+    with use_mix(batch), pytest.raises(ValueError, match="4 rows cannot carry 3"):
+        model(torch.randn(4, 8))
+    with pytest.raises(ValueError, match="built from unmerged mixes"):
+        per_sample_mix([merge_mix(model, spec, [(adapter, 1.0)])])

@@ -54,13 +54,13 @@ class JobPlan:
 
     @property
     def batch_key(self) -> str | None:
-        """What jobs must share to run as one UNet batch: the mix (pinned versions and
-        weights), steps, guidance, size and prompt length. Split jobs always run alone."""
+        """What jobs must share to run as one UNet batch: steps, guidance, size and prompt
+        length (the sampler is the server's). Each sample of a batch carries its own adapter mix,
+        so the mix is not part of it. Split jobs always run alone."""
         params = self.params
         if params["stop_at_step"] is not None:
             return None
-        mix = sorted((a["version_id"], a["weight"]) for a in params["adapters"] if a["weight"] > 0)
-        shared = [mix, params["steps"], params["guidance"], params["size"], params["tokens"]]
+        shared = [params["steps"], params["guidance"], params["size"], params["tokens"]]
         return hashlib.sha256(json.dumps(shared).encode()).hexdigest()
 
 

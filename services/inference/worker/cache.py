@@ -9,6 +9,9 @@ Everything it keeps counts in one byte budget (TESSERA_ADAPTER_CACHE_BYTES):
   the sorted (version id, weight) pairs, weights quantised (`mix_key`), when they take at most
   half the budget. A merged mix owns only its merged weights, never its adapters' tensors.
 
+A batch whose jobs carry different mixes (`batch_mix`) runs them as one per-sample mix over the
+same cached adapters: the stacks it builds belong to the batch, not to the cache.
+
 A mix is served unmerged by default (`tessera.lora.mixing.unmerged_mix`): it references its
 cached adapters' tensors, is built per call in microseconds and owns no memory, so no mix ever
 costs a copy of the UNet's weights unless merging is turned on and the budget has room.
@@ -39,6 +42,7 @@ from tessera.lora.mixing import (
     ActiveMix,
     install_mixing,
     merge_mix,
+    per_sample_mix,
     place_adapter,
     tensor_bytes,
     unmerged_mix,
@@ -209,13 +213,15 @@ class AdapterCache:
         cached: CachedAdapter = entry.value
         return cached, hit
 
-    def mix(self, pins: Sequence[tuple[int, float]]) -> PreparedMix:
+    def mix(self, pins: Sequence[tuple[int, float]], *, merge: bool = True) -> PreparedMix:
         """The mix of (version id, weight) pairs over cached adapters: unmerged, or its merged
-        weights when it is hot (`merge_after`) and they fit in half the budget."""
+        weights when it is hot (`merge_after`) and they fit in half the budget. `merge=False`:
+        always unmerged (a batch whose samples carry different mixes), and not counted as a use.
+        """
         key = mix_key(pins)
         if not key:
             return PreparedMix(active=None, adapters=(), key=key, cached=True, loaded=())
-        merged = self._cached_merge(key)
+        merged = self._cached_merge(key) if merge else None
         if merged is not None:
             return PreparedMix(active=merged, adapters=(), key=key, cached=True, loaded=())
         loaded: list[int] = []
@@ -230,7 +236,7 @@ class AdapterCache:
         label = "+".join(
             f"{a.name}@v{a.version}x{w:g}" for a, (_, w) in zip(held, key, strict=True)
         )
-        if self._is_hot(key) and self._merged_bytes(mix) <= self.max_bytes // 2:
+        if merge and self._is_hot(key) and self._merged_bytes(mix) <= self.max_bytes // 2:
             entry, hit = self._get_or_load(
                 ("merged", key),
                 lambda: self._merge(mix, label),
@@ -240,6 +246,21 @@ class AdapterCache:
             )
         active = unmerged_mix(self.base.unet, self.spec, mix, label=label, placed=True)
         return PreparedMix(active, held, key, cached=not loaded, loaded=tuple(loaded))
+
+    def batch_mix(
+        self, mixes: Sequence[Sequence[tuple[int, float]]], counts: Sequence[int]
+    ) -> tuple[list[PreparedMix], ActiveMix | None]:
+        """For a batch of jobs (`counts[i]` images under `mixes[i]`): each job's mix, and what
+        the UNet runs with. Jobs that share one mix run it as `mix` would (merged if hot); jobs
+        with different mixes run a per-sample mix, each image under its own job's mix."""
+        keys = [mix_key(pins) for pins in mixes]
+        if len(set(keys)) == 1:
+            shared = self.mix(keys[0])
+            return [shared] * len(keys), shared.active
+        distinct = {key: self.mix(key, merge=False) for key in dict.fromkeys(keys)}
+        prepared = [distinct[key] for key in keys]
+        samples = [job.active for job, n in zip(prepared, counts, strict=True) for _ in range(n)]
+        return prepared, per_sample_mix(samples)
 
     def _cached_merge(self, key: MixKey) -> ActiveMix | None:
         if self.merge_after <= 0:

@@ -13,9 +13,10 @@ redelivered message is one more wake-up. A rerun gives the same images (generati
 deterministic given the seed). Progress goes to the job's row (throttled) and to its Redis
 channel (every step); the database stays the source of truth.
 
-Batches: a job takes queued jobs with the same batch key (mix, steps, guidance, size, prompt
-length) into its run, up to TESSERA_INFERENCE_MAX_BATCH_IMAGES images, and runs them as one
-UNet batch: each keeps its own prompt, negative and seed, so its images are those it would get
+Batches: a job takes queued jobs with the same batch key (steps, guidance, size, prompt length)
+into its run, up to TESSERA_INFERENCE_MAX_BATCH_IMAGES images, and runs them as one UNet batch:
+each keeps its own prompt, negative, seed and adapter mix (jobs with different mixes run with a
+per-sample mix, `tessera.lora.mixing.per_sample_mix`), so its images are those it would get
 alone (to float tolerance), and each gets its own result and events. A batch goes back to the
 queue, or fails, as one.
 """
@@ -233,6 +234,10 @@ class _Member:
     def images(self) -> int:
         return int(self.params["num_images"])
 
+    @property
+    def pins(self) -> list[PinnedAdapter]:
+        return [PinnedAdapter.from_dict(item) for item in self.params["adapters"]]
+
 
 def _gather_batch(leader: _Member, batch_key: str | None, *, runtime: JobRuntime) -> list[_Member]:
     """Queued jobs with the leader's batch key, oldest first, while the images fit in
@@ -263,16 +268,17 @@ def _generate(members: list[_Member], *, runtime: JobRuntime) -> list[dict[str, 
     """Run the batch as one generation; each member's result, its images stored."""
     started = time.perf_counter()
     leader = members[0]
-    params = leader.params  # the batch key makes mix, steps, guidance and size the same
+    params = leader.params  # the batch key makes steps, guidance, size and prompt length the same
     inputs = []
     for member in members:
         if member.input_key is None:
             raise ValueError(f"job {member.job_id} has no input object")
         inputs.append(input_from_bytes(runtime.store.get_bytes(member.input_key)))
-    pins = [PinnedAdapter.from_dict(item) for item in params["adapters"]]
-    prepared = runtime.cache.mix([(p.version_id, p.weight) for p in pins])
-    guidance = float(params["guidance"])
     counts = [member.images for member in members]
+    prepared, active = runtime.cache.batch_mix(
+        [[(p.version_id, p.weight) for p in member.pins] for member in members], counts
+    )
+    guidance = float(params["guidance"])
     prompts, negatives, latents = [], [], []
     for member, encoded, n in zip(members, inputs, counts, strict=True):
         prompts.append(Conditioning(encoded.prompt.float(), _float(encoded.pooled)).expand(n))
@@ -295,13 +301,19 @@ def _generate(members: list[_Member], *, runtime: JobRuntime) -> list[dict[str, 
         negative_embeds=Conditioning.cat(negatives),
         start_latents=torch.cat(latents),
         stop_step=params.get("stop_at_step"),
-        merged=prepared.active,
+        merged=active,
         progress=progress,
     )
     seconds = round(time.perf_counter() - started, 3)
+    batch = {
+        "leader": leader.job_id,
+        "jobs": len(members),
+        "images": sum(counts),
+        "mixes": len({mix.key for mix in prepared}),
+    }
     results = []
     offset = 0
-    for member, n in zip(members, counts, strict=True):
+    for member, mix, n in zip(members, prepared, counts, strict=True):
         part = GenerationResult(
             images=None if output.images is None else output.images[offset : offset + n],
             latents=output.latents[offset : offset + n],
@@ -314,14 +326,14 @@ def _generate(members: list[_Member], *, runtime: JobRuntime) -> list[dict[str, 
         results.append(
             {
                 **stored,
-                "adapters": [p.as_dict() for p in pins],
-                "mix": "base" if prepared.active is None else prepared.active.label,
-                "mix_cached": prepared.cached,
-                "mix_merged": prepared.is_merged,
-                "loaded_from_store": list(prepared.loaded),
+                "adapters": [p.as_dict() for p in member.pins],
+                "mix": "base" if mix.active is None else mix.active.label,
+                "mix_cached": mix.cached,
+                "mix_merged": mix.is_merged,
+                "loaded_from_store": list(mix.loaded),
                 "worker": f"{socket.gethostname()}:{os.getpid()}",
                 "seconds": seconds,
-                "batch": {"leader": leader.job_id, "jobs": len(members), "images": sum(counts)},
+                "batch": batch,
             }
         )
     return results

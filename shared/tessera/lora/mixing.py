@@ -12,6 +12,14 @@ adapters' tensors) and a layer no adapter of the mix touches costs exactly the b
 `merge_mix` builds merged weights `W + sum_i c_i * B_i @ A_i` instead: one matmul per layer, at
 the price of a copy of every weight the mix touches (357 MiB for SD-1.5's attention), so it is
 for a hot mix within a budget, never the default.
+
+`per_sample_mix` serves each sample of a batch with its own mix, as multi-LoRA LLM servers do:
+per target layer it gathers each sample's pairs once per batch, A stacked to [S, R, in] and
+`coeff * B` to [S, out, R] (R: the largest summed rank of any sample at that layer, zero-padded),
+and the layer adds one batched product `B_s (A_s x_s)` per sample. A Linear pair is two batched
+matmuls; a conv pair is one grouped convolution (one group per row) then a batched 1x1 product.
+Rows of the UNet batch map to samples cyclically (row j is sample j mod S), which is how
+classifier-free guidance lays out its doubled batch.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch.nn import functional
@@ -41,17 +49,82 @@ class LoraTerm:
 
 
 @dataclass(frozen=True)
-class ActiveMix:
-    """What the target layers read in a context: per layer, LoRA terms or a merged weight.
+class SampleTerms:
+    """One layer's pairs for each sample of a batch: `a` [S, R, in] (conv: [S, R, in, kh, kw])
+    and `b` [S, out, R], each sample's coefficients folded into its B columns."""
 
-    `nbytes` counts the tensors this mix owns (merged weights, casts it had to make), not the
-    adapters' tensors it only references; `label` says what it holds, for logs.
+    a: torch.Tensor
+    b: torch.Tensor
+    _by_rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+
+    @property
+    def samples(self) -> int:
+        return int(self.a.shape[0])
+
+    def _repeats(self, x: torch.Tensor) -> int:
+        rows, samples = int(x.shape[0]), self.samples
+        if rows % samples:
+            raise ValueError(f"a batch of {rows} rows cannot carry {samples} per-sample mixes")
+        return rows // samples
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """Each row's `B_s (A_s x)`, for x [rows, ..., in]."""
+        k = self._repeats(x)
+        flat = x.reshape(k, self.samples, -1, x.shape[-1])  # [k, S, tokens, in]
+        low = torch.matmul(flat, self.a.transpose(1, 2))  # [k, S, tokens, R]
+        out = torch.matmul(low, self.b.transpose(1, 2))  # [k, S, tokens, out]
+        return out.reshape(*x.shape[:-1], self.b.shape[1])
+
+    def conv(self, layer: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        """Each row's `B_s (A_s * x)`, A with the layer's stride, padding and dilation."""
+        a, b = self._for_rows(self._repeats(x))
+        rows, channels = int(x.shape[0]), int(x.shape[1])
+        if layer.padding_mode != "zeros":
+            x = functional.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+            padding: Any = 0
+        else:
+            padding = layer.padding
+        low = functional.conv2d(
+            x.reshape(1, rows * channels, *x.shape[2:]),
+            a,
+            None,
+            layer.stride,
+            padding,
+            layer.dilation,
+            groups=rows,
+        )  # [1, rows * R, h, w]
+        height, width = low.shape[2:]
+        out = torch.bmm(b, low.reshape(rows, -1, height * width))  # [rows, out, h * w]
+        return out.reshape(rows, -1, height, width)
+
+    def _for_rows(self, repeats: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The conv's A as grouped weights [rows * R, in, kh, kw] and B as [rows, out, R]."""
+        found = self._by_rows.get(repeats)
+        if found is None:
+            a = self.a.flatten(0, 1).repeat(repeats, 1, 1, 1)
+            b = self.b.repeat(repeats, 1, 1)
+            found = self._by_rows[repeats] = (a, b)
+        return found
+
+
+@dataclass(frozen=True)
+class ActiveMix:
+    """What the target layers read in a context: per layer, LoRA terms or a merged weight, or
+    (`per_sample_mix`) each sample's own pairs.
+
+    `nbytes` counts the tensors this mix owns (merged weights, casts it had to make, stacked
+    per-sample pairs), not the adapters' tensors it only references; `label` says what it
+    holds, for logs; `samples` is the batch size a per-sample mix was built for (0: any).
     """
 
     terms: Mapping[str, tuple[LoraTerm, ...]] = field(default_factory=dict)
     merged: Mapping[str, torch.Tensor] = field(default_factory=dict)
     label: str = "base"
     nbytes: int = 0
+    per_sample: Mapping[str, SampleTerms] = field(default_factory=dict)
+    samples: int = 0
 
     @property
     def weights(self) -> Mapping[str, torch.Tensor]:
@@ -77,6 +150,9 @@ class MixedLinear(torch.nn.Linear):
         out = functional.linear(x, self.weight, self.bias)
         for term in mix.terms.get(self.mix_key, ()):
             out = out + functional.linear(functional.linear(x, term.a) * term.coeff, term.b)
+        stacked = mix.per_sample.get(self.mix_key)
+        if stacked is not None:
+            out = out + stacked.linear(x)
         return out
 
 
@@ -96,6 +172,9 @@ class MixedConv2d(torch.nn.Conv2d):
         for term in mix.terms.get(self.mix_key, ()):
             # _conv_forward applies this layer's padding mode too; lora_spec admits groups == 1.
             out = out + functional.conv2d(self._conv_forward(x, term.a, None) * term.coeff, term.b)
+        stacked = mix.per_sample.get(self.mix_key)
+        if stacked is not None:
+            out = out + stacked.conv(self, x)
         return out
 
 
@@ -207,6 +286,51 @@ def merge_mix(unet: torch.nn.Module, spec: LoraSpec, mix: Mix, label: str = "") 
                     total = total + adapter.delta(module).to(weight.device) * float(share)
             merged[module] = total.to(weight.dtype)
     return ActiveMix(merged=merged, label=label or describe_mix(mix), nbytes=tensor_bytes(merged))
+
+
+def per_sample_mix(mixes: Sequence[ActiveMix | None], label: str = "") -> ActiveMix:
+    """One mix per sample of a batch, from each sample's unmerged mix (None: the base alone).
+
+    Per layer any of them touches, each sample's terms are gathered once: A stacked, and B
+    scaled by its coefficient and stacked, zero-padded to the largest summed rank, on the
+    layer's device and dtype. The stacks cost `nbytes` (about the batch size times the
+    adapters' own bytes) for as long as the batch runs; the adapters are not copied otherwise.
+    """
+    if not mixes:
+        raise ValueError("a per-sample mix needs at least one sample")
+    for index, mix in enumerate(mixes):
+        if mix is not None and (mix.merged or mix.per_sample):
+            raise ValueError(f"sample {index}: a per-sample mix is built from unmerged mixes")
+    modules = sorted({module for mix in mixes if mix is not None for module in mix.terms})
+    stacked: dict[str, SampleTerms] = {}
+    with torch.no_grad():
+        for module in modules:
+            stacked[module] = _stack(
+                module, [() if m is None else m.terms.get(module, ()) for m in mixes]
+            )
+    labels = [mix.label if mix is not None else "base" for mix in mixes]
+    return ActiveMix(
+        per_sample=stacked,
+        label=label or " | ".join(labels),
+        nbytes=tensor_bytes([t for s in stacked.values() for t in (s.a, s.b)]),
+        samples=len(mixes),
+    )
+
+
+def _stack(module: str, per_sample: Sequence[tuple[LoraTerm, ...]]) -> SampleTerms:
+    """The module's pairs of every sample, stacked and zero-padded to the largest summed rank."""
+    first = next(term for terms in per_sample for term in terms)
+    rank = max(sum(int(term.a.shape[0]) for term in terms) for terms in per_sample)
+    a = first.a.new_zeros((len(per_sample), rank, *first.a.shape[1:]))
+    b = first.b.new_zeros((len(per_sample), first.b.shape[0], rank))
+    for sample, terms in enumerate(per_sample):
+        offset = 0
+        for term in terms:
+            r = int(term.a.shape[0])
+            a[sample, offset : offset + r] = term.a
+            b[sample, :, offset : offset + r] = (term.b.flatten(1).float() * term.coeff).to(b.dtype)
+            offset += r
+    return SampleTerms(a, b)
 
 
 def _check(spec: LoraSpec, mix: Mix) -> None:

@@ -11,13 +11,20 @@ device equal one full run.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from tessera.lora.mixing import ActiveMix, Mix, install_mixing, unmerged_mix, use_mix
+from tessera.lora.mixing import (
+    ActiveMix,
+    Mix,
+    install_mixing,
+    per_sample_mix,
+    unmerged_mix,
+    use_mix,
+)
 from tessera.model.base import BaseModel
 from tessera.model.conditioning import Conditioning
 from tessera.model.latents import decode_latents
@@ -90,6 +97,13 @@ def prepare_mix(base: BaseModel, mix: Mix) -> ActiveMix | None:
     return unmerged_mix(base.unet, base.lora_spec, mix)
 
 
+def prepare_sample_mixes(base: BaseModel, mixes: Sequence[Mix]) -> ActiveMix | None:
+    """One mix per sample of a batch (`per_sample_mix`), unmerged; None when none has adapters."""
+    if not any(mixes):
+        return None
+    return per_sample_mix([prepare_mix(base, mix) for mix in mixes])
+
+
 def as_conditioning(value: Conditioning | torch.Tensor) -> Conditioning:
     """Token embeddings alone (models without pooled embeddings) as a Conditioning."""
     return value if isinstance(value, Conditioning) else Conditioning(value)
@@ -116,7 +130,8 @@ def generate(
 
     `prompt_embeds` is the model's conditioning (a `Conditioning`, or token embeddings
     [n, T, width] for models without pooled embeddings). `adapters` is `[(adapter, weight),
-    ...]`; pass `merged` (from `prepare_mix`) instead to reuse it across calls.
+    ...]`; pass `merged` (from `prepare_mix`) instead to reuse it across calls, or a mix per
+    prompt (from `prepare_sample_mixes`) to give each image its own.
     `negative_embeds` ([1 or n] prompts) defaults to the model's empty prompt. The start noise
     comes from `seed`, unless `start_latents` are given: unit noise when `start_step` is 0 (as
     `seeded_latents` draws it), else the latents a stopped run returned.
@@ -130,6 +145,8 @@ def generate(
         merged = prepare_mix(base, adapters)
     elif adapters:
         raise ValueError("pass either adapters or merged, not both")
+    if merged is not None and merged.samples not in (0, n):
+        raise ValueError(f"the mix was built for {merged.samples} samples; the batch has {n}")
     negative = base.prompts.empty() if negative_embeds is None else negative_embeds
     negative = as_conditioning(negative)
     check_conditioning(base, negative, "negative_embeds")

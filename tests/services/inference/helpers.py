@@ -151,13 +151,24 @@ def drain(pubsub: Any, quiet_s: float = 0.5) -> list[dict[str, Any]]:
 
 @contextmanager
 def inference_worker(
-    settings: Settings, base: BaseModel, sessions: sessionmaker[Session], store: ObjectStore
+    settings: Settings,
+    base: BaseModel,
+    sessions: sessionmaker[Session],
+    store: ObjectStore,
+    max_batch_images: int = 1,
 ) -> Iterator[None]:
     """A Celery worker on the inference queue, in a thread, with this process's model."""
     resources_redis = redis.Redis.from_url(settings.redis_url or "")
     cache = AdapterCache(base=base, sessions=sessions, store=store, max_bytes=64 * 2**20)
     inference_runtime.use_runtime(
-        JobRuntime(sessions=sessions, store=store, redis=resources_redis, base=base, cache=cache)
+        JobRuntime(
+            sessions=sessions,
+            store=store,
+            redis=resources_redis,
+            base=base,
+            cache=cache,
+            max_batch_images=max_batch_images,
+        )
     )
     import services.inference.worker.tasks  # noqa: F401 - registers the task with every app
 

@@ -68,9 +68,11 @@ def run_hybrid(
     store: ObjectStore,
     token: str,
     requests: list[dict[str, Any]],
+    max_batch_images: int = 1,
 ) -> list[Hybrid]:
     """Submit each request over HTTP, follow it over SSE (the worker starts after the first
-    event, so that the stream sees the job queued, then every step), download its images."""
+    event, so that the stream sees the job queued, then every step), download its images.
+    The worker starts with every job queued: with `max_batch_images` > 1 it batches them."""
     runs = []
     with serving(settings) as url, httpx.Client(base_url=url, headers=bearer(token)) as http:
         submitted = []
@@ -81,7 +83,7 @@ def run_hybrid(
         with http.stream("GET", f"/v1/generations/{submitted[0]}/events", timeout=120) as stream:
             lines = stream.iter_lines()
             events = [next(sse_events(lines))]
-            with inference_worker(settings, base, sessions, store):
+            with inference_worker(settings, base, sessions, store, max_batch_images):
                 events += list(sse_events(lines))
                 for job_id in submitted:
                     rest = http.get(f"/v1/generations/{job_id}/events", timeout=120)
@@ -135,6 +137,58 @@ def test_a_hybrid_generation_over_http_with_progress_over_sse(
     assert [a["adapter"] for a in run.job["adapters"]] == ["cluster:3", "cluster:5"]
     assert len(run.images) == 2 and all(i.shape == (32, 32, 3) for i in run.images)
     assert any(i.std() > 5 for i in run.images)  # a drawing, not a flat image
+
+
+def test_queued_jobs_with_different_mixes_share_one_batch_through_the_worker(
+    settings: Settings,
+    base_model: BaseModel,
+    sessions: sessionmaker[Session],
+    store: ObjectStore,
+    spec: LoraSpec,
+    generator: tuple[int, str],
+) -> None:
+    names = ["cluster:6", "cluster:7", "cluster:8"]
+    for seed, name in enumerate(names, start=41):
+        publish(sessions, store, name, random_adapter(spec, 4, 4.0, seed=seed, std=0.25))
+    mixes: list[list[tuple[str, float]]] = [
+        [(names[0], 0.7), (names[1], 0.3)],
+        [(names[1], 0.5), (names[2], 0.5)],
+        [(names[2], 1.0)],
+        [],  # the base alone
+    ]
+    requests = [
+        {
+            "prompt_embeds": embeds_b64(tokens(index)),
+            "adapters": [{"adapter": name, "weight": weight} for name, weight in mix],
+            "steps": 4,
+            "seed": index,
+        }
+        for index, mix in enumerate(mixes)
+    ]
+
+    def run(max_batch_images: int) -> list[Hybrid]:
+        return run_hybrid(
+            settings=settings,
+            base=base_model,
+            sessions=sessions,
+            store=store,
+            token=generator[1],
+            requests=requests,
+            max_batch_images=max_batch_images,
+        )
+
+    together, alone = run(16), run(1)
+
+    leader = together[0].job["id"]
+    for mixed, single, mix in zip(together, alone, mixes, strict=True):
+        batch = mixed.job["result"]["batch"]
+        assert batch == {"leader": leader, "jobs": 4, "images": 4, "mixes": 4}
+        assert single.job["result"]["batch"]["jobs"] == 1
+        assert [a["adapter"] for a in mixed.job["adapters"]] == [name for name, _ in mix]
+        # Each job's image is the one it gets alone, to one level of 255 (float rounding of
+        # another batch size, then PNG quantisation).
+        diff = np.abs(mixed.images[0].astype(int) - single.images[0].astype(int))
+        assert diff.max() <= 1, mix
 
 
 def _train(base: BaseModel, style: str, steps: int, lr: float) -> LoraAdapter:

@@ -1,4 +1,5 @@
-"""Queued jobs that share a mix run as one UNet batch, and each still gets what it would alone."""
+"""Queued jobs with the same steps and guidance run as one UNet batch, whatever their mixes, and
+each still gets what it would alone."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def state_of(sessions: sessionmaker[Session], job_id: str) -> tuple[JobState, st
         return job.state, job.batch_leader
 
 
-def test_queued_jobs_sharing_a_mix_run_together_and_each_equals_its_run_alone(
+def test_queued_jobs_run_together_whatever_their_mixes_and_each_equals_its_run_alone(
     api: TestClient,
     generator: tuple[int, str],
     styles: dict[str, PublishedVersion],
@@ -72,8 +73,8 @@ def test_queued_jobs_sharing_a_mix_run_together_and_each_equals_its_run_alone(
             "seed": 3,
             "prompt_embeds": embeds_b64(tokens(7)),
         },
-        # Not in the batch: another mix, other steps, a split job.
-        "other mix": {"adapters": B, "num_images": 1},
+        "other mix": {"adapters": B, "num_images": 1, "seed": 4},
+        # Not in the batch: other steps, a split job.
         "other steps": {"adapters": A, "num_images": 1, "steps": 8},
         "split": {"adapters": A, "num_images": 1, "stop_at_step": 3},
     }
@@ -84,26 +85,29 @@ def test_queued_jobs_sharing_a_mix_run_together_and_each_equals_its_run_alone(
     summary = run_generation(ids["first"], runtime=runtime)
     followers_message = run_generation(ids["negative"], runtime=runtime)
 
-    batch = [ids["first"], ids["negative"], ids["third"]]
+    batch = [ids["first"], ids["negative"], ids["third"], ids["other mix"]]
     assert summary["batch"] == batch
     assert followers_message == {"id": ids["negative"], "state": "succeeded", "skipped": True}
-    for name in ("other mix", "other steps", "split"):
+    for name in ("other steps", "split"):
         assert state_of(sessions, ids[name]) == (JobState.QUEUED, None), name
     with sessions() as session:
         results = [session.get(GenerationJob, job_id).result for job_id in batch]  # type: ignore[union-attr]
-    assert all(r["batch"] == {"leader": ids["first"], "jobs": 3, "images": 6} for r in results)
-    assert [len(r["images"]) for r in results] == [2, 1, 3]
+    together = {"leader": ids["first"], "jobs": 4, "images": 7, "mixes": 2}
+    assert all(r["batch"] == together for r in results)
+    assert [len(r["images"]) for r in results] == [2, 1, 3, 1]
+    assert [r["adapters"][0]["adapter"] for r in results] == ["cluster:0"] * 3 + ["cluster:1"]
     assert [(e["state"], e["step"]) for e in drain(pubsub)] == [
         ("running", 0),
         *[("running", i) for i in range(1, 7)],
         ("succeeded", 6),
     ]
-    # The same requests run one by one give the same images: within one level, except where a
-    # random negative prompt (far from any caption) steers guidance hard enough that float
-    # rounding of another batch size grows over the steps (measured: mean 4.3 levels, bounded
-    # on average at 8 levels here).
+    # The same requests run one by one give the same images: within two levels (measured: at
+    # most 2 levels on 2 of 9,216 values, mean 0.09; the per-sample LoRA products round a little
+    # differently from one job's), except where a random negative prompt (far from any caption)
+    # steers guidance hard enough that float rounding of another batch size grows over the
+    # steps (measured: mean 4.3-4.9 levels, bounded on average at 8 levels here).
     alone = dataclasses.replace(runtime, max_batch_images=1)
-    for name in ("first", "negative", "third"):
+    for name in ("first", "negative", "third", "other mix"):
         again = submit(api, token, **requests[name])
         assert run_generation(again, runtime=alone)["batch"] == [again]
         together, single = images_of(store, sessions, ids[name]), images_of(store, sessions, again)
@@ -111,7 +115,7 @@ def test_queued_jobs_sharing_a_mix_run_together_and_each_equals_its_run_alone(
         if name == "negative":
             assert diff.mean() <= 8, name
         else:
-            assert diff.max() <= 1, name
+            assert diff.max() <= 2 and diff.mean() <= 0.1, name
     assert store.list_keys("inputs/") != []  # the jobs left queued keep their inputs
 
 
