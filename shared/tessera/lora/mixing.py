@@ -17,7 +17,8 @@ for a hot mix within a budget, never the default.
 per target layer it gathers each sample's pairs once per batch, A stacked to [S, R, in] and
 `coeff * B` to [S, out, R] (R: the largest summed rank of any sample at that layer, zero-padded),
 and the layer adds one batched product `B_s (A_s x_s)` per sample. A Linear pair is two batched
-matmuls; a conv pair is one grouped convolution (one group per row) then a batched 1x1 product.
+matmuls; a conv pair is one grouped convolution (one group per sample) then a batched 1x1
+product.
 Rows of the UNet batch map to samples cyclically (row j is sample j mod S), which is how
 classifier-free guidance lays out its doubled batch.
 """
@@ -55,9 +56,6 @@ class SampleTerms:
 
     a: torch.Tensor
     b: torch.Tensor
-    _by_rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(
-        default_factory=dict, compare=False, repr=False
-    )
 
     @property
     def samples(self) -> int:
@@ -78,35 +76,26 @@ class SampleTerms:
         return out.reshape(*x.shape[:-1], self.b.shape[1])
 
     def conv(self, layer: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-        """Each row's `B_s (A_s * x)`, A with the layer's stride, padding and dilation."""
-        a, b = self._for_rows(self._repeats(x))
-        rows, channels = int(x.shape[0]), int(x.shape[1])
+        """Each row's `B_s (A_s * x)`, A with the layer's stride, padding and dilation: the
+        samples are the groups of one convolution, the repeats of the batch its batch."""
+        k, samples = self._repeats(x), self.samples
         if layer.padding_mode != "zeros":
             x = functional.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
             padding: Any = 0
         else:
             padding = layer.padding
         low = functional.conv2d(
-            x.reshape(1, rows * channels, *x.shape[2:]),
-            a,
+            x.reshape(k, samples * x.shape[1], *x.shape[2:]),
+            self.a.flatten(0, 1),  # [S * R, in, kh, kw]: group s is sample s
             None,
             layer.stride,
             padding,
             layer.dilation,
-            groups=rows,
-        )  # [1, rows * R, h, w]
+            groups=samples,
+        )  # [k, S * R, h, w]
         height, width = low.shape[2:]
-        out = torch.bmm(b, low.reshape(rows, -1, height * width))  # [rows, out, h * w]
-        return out.reshape(rows, -1, height, width)
-
-    def _for_rows(self, repeats: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The conv's A as grouped weights [rows * R, in, kh, kw] and B as [rows, out, R]."""
-        found = self._by_rows.get(repeats)
-        if found is None:
-            a = self.a.flatten(0, 1).repeat(repeats, 1, 1, 1)
-            b = self.b.repeat(repeats, 1, 1)
-            found = self._by_rows[repeats] = (a, b)
-        return found
+        out = torch.matmul(self.b, low.reshape(k, samples, -1, height * width))  # [k, S, out, hw]
+        return out.reshape(k * samples, -1, height, width)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from services.inference.api.main import create_app
 from tessera.config import Settings
 from tessera.lora import LoraAdapter, LoraSpec, random_adapter
 from tessera.model.base import BaseModel
+from tessera.models import GenerationJob
 from tessera.storage import ObjectStore
 from tests.helpers import bearer
 from tests.services.inference.helpers import (
@@ -177,18 +178,25 @@ def test_queued_jobs_with_different_mixes_share_one_batch_through_the_worker(
             max_batch_images=max_batch_images,
         )
 
+    def batch_of(run: Hybrid) -> dict[str, Any]:
+        """The batch the worker ran the job in, as it recorded it on the job's row."""
+        with sessions() as session:
+            job = session.get(GenerationJob, run.job["id"])
+            assert job is not None
+            batch: dict[str, Any] = job.result["batch"]
+            return batch
+
     together, alone = run(16), run(1)
 
     leader = together[0].job["id"]
     for mixed, single, mix in zip(together, alone, mixes, strict=True):
-        batch = mixed.job["result"]["batch"]
-        assert batch == {"leader": leader, "jobs": 4, "images": 4, "mixes": 4}
-        assert single.job["result"]["batch"]["jobs"] == 1
+        assert batch_of(mixed) == {"leader": leader, "jobs": 4, "images": 4, "mixes": 4}
+        assert batch_of(single)["jobs"] == 1
         assert [a["adapter"] for a in mixed.job["adapters"]] == [name for name, _ in mix]
-        # Each job's image is the one it gets alone, to one level of 255 (float rounding of
-        # another batch size, then PNG quantisation).
+        # Each job's image is the one it gets alone, to float rounding of another batch size
+        # and of the per-sample products, then PNG quantisation (as in test_batches.py).
         diff = np.abs(mixed.images[0].astype(int) - single.images[0].astype(int))
-        assert diff.max() <= 1, mix
+        assert diff.max() <= 2 and diff.mean() <= 0.1, mix
 
 
 def _train(base: BaseModel, style: str, steps: int, lr: float) -> LoraAdapter:
