@@ -61,11 +61,12 @@ def remove_client(*, session: Session, store: ObjectStore, client: Client) -> Cl
 def _object_keys(session: Session, store: ObjectStore, client_id: int) -> set[str]:
     """Every object the client's rows name, and its update objects no row names any more."""
     keys: set[str] = set()
-    for round_id, key in session.execute(
-        select(Update.round_id, Update.object_key).where(Update.client_id == client_id)
-    ):
-        keys.add(key)
-        keys.update(store.list_keys(f"{update_prefix(round_id)}client-{client_id}/"))
+    updates: list[Update] = list(
+        session.scalars(select(Update).where(Update.client_id == client_id))
+    )
+    for row in updates:
+        keys.add(row.object_key)
+        keys.update(store.list_keys(f"{update_prefix(row.round_id)}client-{client_id}/"))
     keys.update(
         session.scalars(
             select(AdapterVersion.object_key)
@@ -73,11 +74,10 @@ def _object_keys(session: Session, store: ObjectStore, client_id: int) -> set[st
             .where(Adapter.client_id == client_id)
         )
     )
-    for input_key, result in session.execute(
-        select(GenerationJob.input_key, GenerationJob.result).where(
-            GenerationJob.client_id == client_id
-        )
-    ):
-        keys.update(key for key in [input_key, result.get("latents_key")] if key)
-        keys.update(result.get("images") or [])
+    jobs: list[GenerationJob] = list(
+        session.scalars(select(GenerationJob).where(GenerationJob.client_id == client_id))
+    )
+    for job in jobs:
+        keys.update(key for key in [job.input_key, job.result.get("latents_key")] if key)
+        keys.update(job.result.get("images") or [])
     return keys
