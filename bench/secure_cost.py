@@ -20,6 +20,7 @@ import argparse
 import json
 import threading
 import time
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +148,8 @@ def run_round(
         phase: max(t.reached[phase] for t in survivors if phase in t.reached)
         for phase in NEXT_PHASE.values()
     }
-    starts = {"keys": started, **{NEXT_PHASE[s]: phase_end[NEXT_PHASE[s]] for s in STEPS[:-1]}}
+    # a step's phase starts when the previous step's phase ended
+    starts = {"keys": started, **{s: phase_end[NEXT_PHASE[p]] for p, s in pairwise(STEPS)}}
     phases = {step: round(phase_end[NEXT_PHASE[step]] - starts[step], 3) for step in STEPS}
     (cluster,) = seen["report"]["clusters"] if seen.get("report") else [{}]
     return {
