@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from services.aggregator.lifespan import extend_lifespan
-from services.aggregator.routes import adapters, clients, devices, rounds, secagg, updates
+from services.aggregator.routes import adapters, clients, devices, rounds, secagg, slots, updates
 from services.aggregator.uploads import UPLOAD_PREFIX, CountOversizedUploads, upload_limit
 from services.console.app import mount_console
 from tessera.config import Settings, get_settings
@@ -25,6 +25,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             rounds.router,
             updates.router,
             secagg.router,
+            slots.router,
             adapters.router,
         ],
         checks=("database", "redis", "s3", "worker"),

@@ -1,4 +1,5 @@
-"""Update objects that no row refers to: left by an upload killed between write and commit.
+"""Update objects that no row refers to: left by an upload killed between write and commit;
+and uploads begun through a slot (`services.aggregator.slots`) whose slot expired uncommitted.
 
 Uploads are content-addressed (`tessera.federation.update_key`): a new object never overwrites
 the accepted one, the row switches to it in one transaction, and the old object is deleted
@@ -56,3 +57,24 @@ def sweep_orphaned_updates(
     if deleted:
         log.warning("orphaned update objects deleted", extra={"count": len(deleted)})
     return deleted
+
+
+def abort_abandoned_uploads(
+    *, store: ObjectStore, older_than_s: float, now: datetime | None = None
+) -> list[str]:
+    """Abort the update uploads begun through a slot more than `older_than_s` ago (their slot
+    has expired, so nothing can complete them); the keys they were for."""
+    cutoff = (now or utcnow()) - timedelta(seconds=older_than_s)
+    aborted = []
+    for upload in store.pending_uploads(UPDATES_PREFIX):
+        if upload.initiated is None or upload.initiated >= cutoff:
+            continue
+        try:
+            store.abort_multipart(upload.key, upload_id=upload.upload_id)
+        except StorageError:
+            log.exception("could not abort an abandoned upload", extra={"key": upload.key})
+            continue
+        aborted.append(upload.key)
+    if aborted:
+        log.warning("abandoned uploads aborted", extra={"count": len(aborted)})
+    return aborted

@@ -5,7 +5,8 @@ rounds through their phases (`secagg`), close the collecting rounds past their d
 quorum (`closing`), queue again the aggregating
 rounds whose worker died (`stuck`), delete the raw updates of rounds over for
 TESSERA_UPDATE_RETENTION_DAYS (`retention`) and, every ORPHAN_SWEEP_INTERVAL_S, delete update
-objects that no row names (`orphans`) and the masked inputs of failed secure rounds.
+objects that no row names and abort uploads whose slot expired (`orphans`), and the masked
+inputs of failed secure rounds.
 """
 
 from __future__ import annotations
@@ -14,7 +15,11 @@ import time
 from typing import Any
 
 from services.aggregator.closing import close_due_rounds
-from services.aggregator.orphans import ORPHAN_SWEEP_INTERVAL_S, sweep_orphaned_updates
+from services.aggregator.orphans import (
+    ORPHAN_SWEEP_INTERVAL_S,
+    abort_abandoned_uploads,
+    sweep_orphaned_updates,
+)
 from services.aggregator.retention import delete_expired_updates
 from services.aggregator.secagg import advance_secure_rounds, forget_failed_inputs
 from services.aggregator.stuck import requeue_stale_rounds
@@ -44,9 +49,19 @@ class RoundLoop:
             retention_days=resources.settings.update_retention_days,
         )
         swept: list[str] = []
+        aborted: list[str] = []
         now = time.monotonic()
         if self._swept_at is None or now - self._swept_at >= ORPHAN_SWEEP_INTERVAL_S:
             self._swept_at = now
             swept = sweep_orphaned_updates(sessions=resources.sessions, store=resources.store)
             forget_failed_inputs(sessions=resources.sessions, store=resources.store)
-        return {"closed": closed, **stuck, "updates_deleted": expired, "orphans": swept}
+            aborted = abort_abandoned_uploads(
+                store=resources.store, older_than_s=resources.settings.upload_slot_expiry_s
+            )
+        return {
+            "closed": closed,
+            **stuck,
+            "updates_deleted": expired,
+            "orphans": swept,
+            "abandoned_uploads": aborted,
+        }

@@ -135,6 +135,19 @@ class Settings(BaseSettings):
     presign_expiry_s: Annotated[int, Field(gt=0, le=7 * 24 * 3600)] = Field(
         default=300, description="Lifetime of presigned download URLs, in seconds."
     )
+    direct_upload_max_bytes: Annotated[int, Field(ge=0)] = Field(
+        default=16 * 1024 * 1024,
+        description="The device SDK PUTs an update this size or smaller to the aggregator; a "
+        "larger one goes straight to the object store through an upload slot.",
+    )
+    upload_part_bytes: Annotated[int, Field(ge=5 * 1024**2, le=5 * 1024**3)] = Field(
+        default=16 * 1024 * 1024,
+        description="Part size of uploads through a slot (S3's bounds: 5 MiB to 5 GiB).",
+    )
+    upload_slot_expiry_s: Annotated[int, Field(ge=60, le=7 * 24 * 3600)] = Field(
+        default=3600,
+        description="Lifetime of an upload slot: its parts must be sent and committed within it.",
+    )
     min_lora_scale: Annotated[float, Field(gt=0, le=1e4, allow_inf_nan=False)] = Field(
         default=1e-3, description="Smallest LoRA scale alpha / rank an update may have (422 below)."
     )

@@ -196,6 +196,12 @@ def masked_input_key(round_id: int, label: int, client_id: int) -> str:
     return f"secagg/round-{round_id}/cluster-{label}/client-{client_id}.u32"
 
 
+def staged_update_key(round_id: int, client_id: int, nonce: str) -> str:
+    """Where an update sent straight to the object store through an upload slot lands: a key
+    of its own per slot, so that an upload never touches the accepted update's object."""
+    return f"{UPDATES_PREFIX}round-{round_id}/client-{client_id}/upload-{nonce}.safetensors"
+
+
 def adapter_key(adapter_name: str, round_id: int) -> str:
     """Where the version of an adapter published by a round lives: fixed per round, so a rerun
     of the aggregation overwrites the same object instead of leaving a second copy."""

@@ -251,3 +251,40 @@ class UpdateRejection(BaseModel):
     detail: str
     key: str
     expected: Any
+
+
+MAX_NUM_SAMPLES = 1_000_000  # training samples one update may claim
+Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{64}$")]
+
+
+class UploadSlotCreate(Strict):
+    """The update a device is about to send straight to the object store."""
+
+    size: Annotated[int, Field(ge=1, description="the file's size in bytes")]
+    sha256: Annotated[Sha256Hex, Field(description="the file's sha256, hex")]
+
+
+class UploadPartOut(BaseModel):
+    number: int
+    size: int = Field(description="bytes this part must have")
+    url: str | None = Field(description="where to PUT it (presigned); null once it is held")
+
+
+class UploadSlotOut(BaseModel):
+    """An upload slot: PUT each part still missing to its URL, then commit."""
+
+    slot: str = Field(description="the slot's token, for its status and commit paths")
+    size: int
+    sha256: str
+    part_bytes: int
+    parts: list[UploadPartOut] = Field(description="every part, by number")
+    missing: int = Field(description="parts not yet held by the object store")
+    expires_at: datetime
+
+
+class UploadCommit(Strict):
+    """The facts of a direct upload's query, for an update sent through a slot."""
+
+    num_samples: Annotated[int, Field(ge=1, le=MAX_NUM_SAMPLES)]
+    base_version_id: RowId | None = None
+    train_loss: Annotated[float | None, Field(ge=0, allow_inf_nan=False)] = None

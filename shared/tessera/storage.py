@@ -18,6 +18,7 @@ from typing import BinaryIO, cast
 
 import urllib3
 from minio import Minio
+from minio.datatypes import Part
 from minio.error import MinioException, S3Error
 
 from tessera.config import Settings
@@ -31,7 +32,7 @@ CONNECT_TIMEOUT_S = 2.0
 # a hung S3 server is a 503 within a few seconds (it was 40 s).
 READ_TIMEOUT_S = 20.0
 QUICK_READ_TIMEOUT_S = 4.0
-_NOT_FOUND = frozenset({"NoSuchKey", "NoSuchObject", "NotFound"})
+_NOT_FOUND = frozenset({"NoSuchKey", "NoSuchObject", "NotFound", "NoSuchUpload"})
 # S3 error codes of a server that is overloaded or failing, not of a bad request.
 _SERVER_CODES = frozenset({"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout"})
 
@@ -77,6 +78,24 @@ class StoredObject:
     key: str
     size: int
     sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class UploadedPart:
+    """A part of a multipart upload that the object store holds."""
+
+    number: int
+    etag: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class PendingUpload:
+    """A multipart upload begun and neither completed nor aborted."""
+
+    key: str
+    upload_id: str
+    initiated: datetime | None
 
 
 class _HashingReader(io.RawIOBase):
@@ -263,3 +282,75 @@ class ObjectStore:
         return self._presigner.presigned_get_object(
             self.bucket, key, expires=timedelta(seconds=expires_s)
         )
+
+    def size_of(self, key: str) -> int:
+        """The object's size in bytes; ObjectNotFoundError where there is none."""
+        missing = f"no object {key!r} in bucket {self.bucket!r}"
+        with _failures(f"cannot stat {key!r}", missing=missing):
+            size = self._client.stat_object(self.bucket, key).size
+        return int(size or 0)
+
+    # -- multipart uploads that clients send through presigned URLs ------------------------
+
+    def start_multipart(self, key: str) -> str:
+        """Begin a multipart upload to `key`; its upload id."""
+        with _failures(f"cannot begin an upload to {key!r}"):
+            return self._client._create_multipart_upload(
+                self.bucket, key, {"Content-Type": "application/octet-stream"}
+            )
+
+    def presigned_part_url(self, key: str, *, upload_id: str, number: int, expires_s: int) -> str:
+        """A URL through which a client PUTs part `number` of an upload without credentials."""
+        return self._presigner.get_presigned_url(
+            "PUT",
+            self.bucket,
+            key,
+            expires=timedelta(seconds=expires_s),
+            extra_query_params={"partNumber": str(number), "uploadId": upload_id},
+        )
+
+    def uploaded_parts(self, key: str, *, upload_id: str) -> list[UploadedPart]:
+        """The parts the store holds for an upload, by number; ObjectNotFoundError once the
+        upload is completed or aborted."""
+        parts: list[UploadedPart] = []
+        marker: str | None = None
+        missing = f"no upload {upload_id!r} to {key!r}"
+        while True:
+            with _failures(f"cannot list the parts of {key!r}", missing=missing):
+                listed = self._client._list_parts(
+                    self.bucket, key, upload_id, part_number_marker=marker
+                )
+            parts.extend(UploadedPart(p.part_number, p.etag, p.size or 0) for p in listed.parts)
+            if not listed.is_truncated or not listed.next_part_number_marker:
+                return sorted(parts, key=lambda part: part.number)
+            marker = listed.next_part_number_marker
+
+    def complete_multipart(self, key: str, *, upload_id: str, parts: list[UploadedPart]) -> None:
+        """Join the parts into the object `key` (the upload then ends)."""
+        joined = [Part(part.number, part.etag) for part in parts]
+        with _failures(f"cannot complete the upload to {key!r}"):
+            self._client._complete_multipart_upload(self.bucket, key, upload_id, joined)
+
+    def abort_multipart(self, key: str, *, upload_id: str) -> None:
+        """Drop an upload and the parts it holds."""
+        with _failures(f"cannot abort the upload to {key!r}"):
+            self._client._abort_multipart_upload(self.bucket, key, upload_id)
+
+    def pending_uploads(self, prefix: str = "") -> list[PendingUpload]:
+        """Multipart uploads under `prefix` that were neither completed nor aborted."""
+        found: list[PendingUpload] = []
+        key_marker: str | None = None
+        id_marker: str | None = None
+        while True:
+            with _failures(f"cannot list the uploads under {prefix!r}"):
+                listed = self._client._list_multipart_uploads(
+                    self.bucket, prefix=prefix, key_marker=key_marker, upload_id_marker=id_marker
+                )
+            found.extend(
+                PendingUpload(u.object_name, u.upload_id, u.initiated_time)
+                for u in listed.uploads
+                if u.object_name is not None and u.upload_id is not None
+            )
+            if not listed.is_truncated:
+                return found
+            key_marker, id_marker = listed.next_key_marker, listed.next_upload_id_marker

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -19,6 +20,7 @@ from tessera.lora import (
     random_adapter,
     read_header,
     validate_adapter_bytes,
+    validate_adapter_stream,
 )
 from tessera.lora.files import FILE_FORMAT, MAX_HEADER_ENTRIES
 
@@ -398,3 +400,70 @@ def test_a_header_with_too_many_entries_is_refused() -> None:
 
     with pytest.raises(LoraFileError, match="too many entries"):
         read_header(raw(json.dumps(header).encode()))
+
+
+# -- the same checks over a stream (an object read back from the store) --------------------------
+
+
+def pieces(data: bytes, size: int, read: list[int] | None = None) -> Iterator[bytes]:
+    """`data` in chunks of `size` bytes, counting in `read` how many bytes were handed out."""
+    for start in range(0, len(data), size):
+        chunk = data[start : start + size]
+        if read is not None:
+            read.append(len(chunk))
+        yield chunk
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 4096])
+def test_a_stream_in_any_chunks_passes_as_its_bytes_do(chunk: int) -> None:
+    data = blob()
+    checked = validate_adapter_stream(pieces(data, chunk), SPEC, size=len(data))
+    assert (checked.rank, checked.alpha) == (4, 4.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
+def test_a_stream_refuses_non_finite_values_of_every_wire_dtype(
+    dtype: torch.dtype, bad: float
+) -> None:
+    values = tensors(dtype=dtype)
+    values[KEY_B][2, 0] = bad
+    wire = "float32" if dtype == torch.float32 else "bfloat16"
+    data = bytes(save(values, metadata=metadata(dtype=wire)))
+    with pytest.raises(LoraFileError) as caught:
+        validate_adapter_stream(pieces(data, 64), SPEC, size=len(data))
+    assert caught.value.key == KEY_B and caught.value.found == "1 NaN/inf"
+
+
+def test_a_stream_with_a_bad_header_is_refused_before_its_values_are_read() -> None:
+    data = blob(base_model_hash="cd" * 32)
+    read: list[int] = []
+    with pytest.raises(LoraFileError, match="another base model"):
+        validate_adapter_stream(pieces(data, 64, read), SPEC, size=len(data))
+    (length,) = struct.unpack("<Q", data[:8])
+    assert sum(read) < 8 + length + 64  # the header and at most one chunk more
+
+
+def test_a_stream_shorter_or_longer_than_its_size_is_refused() -> None:
+    data = blob()
+    with pytest.raises(LoraFileError, match="header"):
+        validate_adapter_stream(pieces(data[:-10], 64), SPEC, size=len(data))
+    with pytest.raises(LoraFileError, match="longer"):
+        validate_adapter_stream(pieces(data + b"xx", 64), SPEC, size=len(data))
+
+
+def test_offsets_that_overlap_are_refused() -> None:
+    data = blob()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    first = min((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])
+    second = sorted(
+        (k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"]
+    )[1]
+    begin, end = header[second]["data_offsets"]
+    header[second]["data_offsets"] = [begin - 2, end - 2]  # overlaps the first tensor
+    text = json.dumps(header).encode()
+    forged = struct.pack("<Q", len(text)) + text + data[8 + length :]
+    error = failure(forged)
+    assert error.key == second and "tile" in str(error)
+    assert first != second

@@ -38,16 +38,14 @@ from tessera.federation import update_key
 from tessera.lora import LoraFileError, LoraSpec, validate_adapter_bytes
 from tessera.metrics import UPDATES_RECEIVED, RejectionReason
 from tessera.models import AdapterVersion, RoundState, UpdateStatus, utcnow
-from tessera.schemas import RowId, UpdateReceipt, UpdateRejection
+from tessera.schemas import MAX_NUM_SAMPLES, RowId, UpdateReceipt, UpdateRejection
 from tessera.service.auth import DeviceDep
 from tessera.service.deps import CeleryDep, SessionDep, SettingsDep, StoreDep
-from tessera.storage import ObjectStore, StorageError
+from tessera.storage import ObjectStore, StorageError, StoredObject
 
 log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/rounds", tags=["updates"])
-
-MAX_NUM_SAMPLES = 1_000_000
 
 
 class _RoundClosedError(Exception):
@@ -65,7 +63,7 @@ class UpdateMetadata:
     train_loss: float | None
 
 
-def _check_round(session: Session, celery: Celery, round_id: int) -> None:
+def check_round(session: Session, celery: Celery, round_id: int) -> None:
     """404 for an unknown round; 409 unless it is collecting and before its deadline."""
     round_ = get_round(session, round_id)
     close_if_due(session=session, celery=celery, round_=round_)
@@ -88,6 +86,15 @@ def _check_round(session: Session, celery: Celery, round_id: int) -> None:
     session.rollback()  # end the read transaction before the body arrives
 
 
+def check_base_version(session: Session, base_version_id: int | None) -> None:
+    """422 unless `base_version_id` (if given) is a published adapter version."""
+    if base_version_id is not None and session.get(AdapterVersion, base_version_id) is None:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            detail="base_version_id is not a published adapter version",
+        )
+
+
 def _store_update(
     *,
     session: Session,
@@ -100,19 +107,36 @@ def _store_update(
     meta: UpdateMetadata,
 ) -> tuple[UpdateReceipt, bool]:
     """Validate, store and record an update, then close the round if it reached quorum."""
-    if (
-        meta.base_version_id is not None
-        and session.get(AdapterVersion, meta.base_version_id) is None
-    ):
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT,
-            detail="base_version_id is not a published adapter version",
-        )
+    check_base_version(session, meta.base_version_id)
     validate_adapter_bytes(data, spec)  # raises LoraFileError: nothing is stored
     sha256 = hashlib.sha256(data).hexdigest()
     key = update_key(round_id, client_id, sha256)
     # A StorageError is a 503 with Retry-After (tessera.service.errors): the device retries.
     stored = store.put_bytes(key, data, expected_sha256=sha256)
+    return record_update(
+        session=session,
+        store=store,
+        celery=celery,
+        round_id=round_id,
+        client_id=client_id,
+        stored=stored,
+        meta=meta,
+    )
+
+
+def record_update(
+    *,
+    session: Session,
+    store: ObjectStore,
+    celery: Celery,
+    round_id: int,
+    client_id: int,
+    stored: StoredObject,
+    meta: UpdateMetadata,
+) -> tuple[UpdateReceipt, bool]:
+    """Count a stored, validated update as the device's for the round (replacing its earlier
+    one), then close the round if it reached quorum. Its object is deleted if it cannot count."""
+    key = stored.key
     try:
         if not crud.hold_collecting_round(session=session, round_id=round_id):
             raise _RoundClosedError
@@ -147,7 +171,7 @@ def _store_update(
             ) from None
         raise
     if replaced_key is not None and replaced_key != key:
-        _delete_quietly(store, replaced_key)  # on failure, the orphan sweep deletes it later
+        delete_quietly(store, replaced_key)  # on failure, the orphan sweep deletes it later
     UPDATES_RECEIVED.inc()
     round_ = get_round(session, round_id)
     # If the task cannot be sent, the round stays collecting: the round loop closes it.
@@ -175,10 +199,19 @@ def _forget_unaccepted(
     accepted_key = None if accepted is None else accepted.object_key
     session.rollback()
     if accepted_key != key:
-        _delete_quietly(store, key)
+        delete_quietly(store, key)
 
 
-def _delete_quietly(store: ObjectStore, key: str) -> None:
+def file_refused(error: LoraFileError) -> JSONResponse:
+    """The 422 of a refused file: what is wrong and what was expected, never what was found."""
+    reject(rejection_reason(error))
+    rejection = UpdateRejection(
+        detail=error.public, key=error.key, expected=jsonable_encoder(error.expected)
+    )
+    return JSONResponse(rejection.model_dump(), status_code=422)
+
+
+def delete_quietly(store: ObjectStore, key: str) -> None:
     try:
         store.delete(key)
     except StorageError:
@@ -243,7 +276,7 @@ async def upload_update(
         raise HTTPException(
             status.HTTP_403_FORBIDDEN, detail="a device can only upload its own update"
         )
-    await run_in_threadpool(_check_round, session, celery, round_id)
+    await run_in_threadpool(check_round, session, celery, round_id)
     async with upload_slot(request, client_id):
         data = await read_body(request, limit=upload_limit(settings))
     try:
@@ -260,11 +293,7 @@ async def upload_update(
             )
         )
     except LoraFileError as error:
-        reject(rejection_reason(error))
-        rejection = UpdateRejection(
-            detail=error.public, key=error.key, expected=jsonable_encoder(error.expected)
-        )
-        return JSONResponse(rejection.model_dump(), status_code=422)
+        return file_refused(error)
     if replaced:
         response.status_code = status.HTTP_200_OK
     return receipt

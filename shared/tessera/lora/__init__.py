@@ -19,6 +19,7 @@ from tessera.lora.files import (
     adapter_to_bytes,
     read_header,
     validate_adapter_bytes,
+    validate_adapter_stream,
 )
 
 __all__ = [
@@ -37,5 +38,6 @@ __all__ = [
     "read_header",
     "unflatten_pair",
     "validate_adapter_bytes",
+    "validate_adapter_stream",
     "zeros_like_spec",
 ]

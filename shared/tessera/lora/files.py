@@ -13,7 +13,8 @@ import math
 import re
 import reprlib
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -78,7 +79,12 @@ def _with_facts(message: str, facts: list[str]) -> str:
 
 
 def adapter_to_bytes(adapter: LoraAdapter, dtype: str = "float16") -> bytes:
-    """Serialise to safetensors; tensors cast to `dtype` (fp16 on the wire by default)."""
+    """Serialise to safetensors; tensors cast to `dtype` (fp16 on the wire by default).
+
+    The same adapter always gives the same bytes (so the same sha256: a resumed upload is
+    recognised): the header's JSON is written with sorted keys, where safetensors orders the
+    metadata at random.
+    """
     import torch
     from safetensors.torch import save
 
@@ -97,7 +103,17 @@ def adapter_to_bytes(adapter: LoraAdapter, dtype: str = "float16") -> bytes:
         "targets": adapter.targets,
         "dtype": dtype,
     }
-    return bytes(save(tensors, metadata=metadata))
+    return _sorted_header(bytes(save(tensors, metadata=metadata)))
+
+
+def _sorted_header(data: bytes) -> bytes:
+    """A safetensors file with its header's JSON keys sorted (offsets are unchanged: they count
+    from the end of the header, which stays padded to 8 bytes as safetensors pads it)."""
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data[8 + length :]
 
 
 def adapter_from_bytes(
@@ -125,16 +141,26 @@ def read_header(data: bytes) -> tuple[dict[str, dict], dict[str, str]]:
 
 def _parse_header(data: bytes) -> tuple[dict[str, Any], dict[str, str]]:
     """The header's JSON object (entries unchecked) and its string metadata."""
-    if len(data) < 8:
-        raise LoraFileError("not a safetensors file", expected=">= 8 bytes", found=len(data))
-    (length,) = struct.unpack("<Q", data[:8])
-    if length > MAX_HEADER_BYTES or 8 + length > len(data):
+    length = _header_length(data[:8], size=len(data))
+    return _parse_header_text(data[8 : 8 + length])
+
+
+def _header_length(prefix: bytes, *, size: int) -> int:
+    """The header's length from a file's first 8 bytes, checked against the file's `size`."""
+    if size < 8 or len(prefix) < 8:
+        raise LoraFileError("not a safetensors file", expected=">= 8 bytes", found=size)
+    (length,) = struct.unpack("<Q", prefix[:8])
+    if length > MAX_HEADER_BYTES or 8 + length > size:
         raise LoraFileError(
             "safetensors header length is out of range",
-            expected=f"<= {min(MAX_HEADER_BYTES, len(data) - 8)} bytes",
+            expected=f"<= {min(MAX_HEADER_BYTES, size - 8)} bytes",
             found=length,
         )
-    text = data[8 : 8 + length]
+    return int(length)
+
+
+def _parse_header_text(text: bytes) -> tuple[dict[str, Any], dict[str, str]]:
+    """The header's JSON object (entries unchecked) and its string metadata, from its text."""
     _check_nesting(text)
     try:
         header = json.loads(text)
@@ -239,14 +265,58 @@ def validate_adapter_bytes(
 ) -> LoraAdapter:
     """Check a file against a base model's spec and return the adapter, or raise LoraFileError.
 
-    Checks, in order: size, header, format, base model (id and hash), target preset, rank and
-    alpha, the exact set of keys, each tensor's dtype and shape, then that every value is finite.
+    The checks are `validate_adapter_stream`'s, over the bytes at hand.
     """
     if max_bytes is not None and len(data) > max_bytes:
         raise LoraFileError("file is too large", expected=f"<= {max_bytes} bytes", found=len(data))
+    checked = validate_adapter_stream([data], spec, size=len(data))
+    return _build(data, checked.metadata, checked.rank, checked.alpha)
+
+
+@dataclass(frozen=True)
+class CheckedFile:
+    """What validating a file found: its metadata, rank and alpha (the values stay unread)."""
+
+    metadata: dict[str, str]
+    rank: int
+    alpha: float
+
+
+def validate_adapter_stream(
+    chunks: Iterable[bytes], spec: LoraSpec, *, size: int, max_bytes: int | None = None
+) -> CheckedFile:
+    """Check a file of `size` bytes, read once from `chunks`, against a base model's spec.
+
+    Checks, in order: size, header, format, base model (id and hash), target preset, rank and
+    alpha, the exact set of keys, each tensor's dtype and shape, that the tensors tile the data
+    as safetensors lays them out, then that every value is finite (VALUE_CHUNK_BYTES at a time).
+    A bad header stops the reading: the values of a refused file are never read.
+    """
+    if max_bytes is not None and size > max_bytes:
+        raise LoraFileError("file is too large", expected=f"<= {max_bytes} bytes", found=size)
+    reader = _ChunkReader(chunks)
+    length = _header_length(reader.read(8), size=size)
+    text = reader.read(length)
+    if len(text) < length:
+        raise LoraFileError("file is shorter than its header", expected=f"{size} bytes")
     # The keys are checked against the spec before their entries, so that an error names only
     # the spec's keys, never one taken from the file.
-    header, metadata = _parse_header(data)
+    header, metadata = _parse_header_text(text)
+    rank, alpha = _check_metadata(metadata, spec)
+    _check_keys(header, spec)
+    dtype = metadata.get("dtype")
+    for key, entry in sorted(header.items()):
+        _check_header_entry(key, entry)
+        _check_entry(key, entry, spec, rank, dtype)
+    for key, wire, nbytes in _layout(header, data_bytes=size - 8 - length):
+        _check_finite(key, wire, reader, nbytes)
+    if reader.read(1):
+        raise LoraFileError("file is longer than its header says", expected=f"{size} bytes")
+    return CheckedFile(metadata=metadata, rank=rank, alpha=alpha)
+
+
+def _check_metadata(metadata: Mapping[str, str], spec: LoraSpec) -> tuple[int, float]:
+    """Format, base model, target preset, rank and scale; the file's rank and alpha."""
     found_format = metadata.get("format")
     if found_format != FILE_FORMAT:
         raise LoraFileError(
@@ -283,19 +353,87 @@ def validate_adapter_bytes(
             expected=f"alpha / rank in [{spec.min_scale:g}, {spec.max_scale:g}]",
             found=alpha / rank,
         )
-    _check_keys(header, spec)
-    dtype = metadata.get("dtype")
-    for key, entry in sorted(header.items()):
-        _check_header_entry(key, entry)
-        _check_entry(key, entry, spec, rank, dtype)
-    adapter = _build(data, metadata, rank, alpha)
-    for key, tensor in sorted(adapter.tensors.items()):
-        if not bool(tensor.isfinite().all()):
-            bad = int((~tensor.isfinite()).sum())
+    return rank, alpha
+
+
+_ITEM_BYTES = {"F16": 2, "BF16": 2, "F32": 4}
+VALUE_CHUNK_BYTES = 1 << 20
+
+
+def _layout(header: Mapping[str, Any], *, data_bytes: int) -> list[tuple[str, str, int]]:
+    """(key, dtype, bytes) of each tensor in file order, once they are shown to tile the
+    `data_bytes` after the header exactly, as safetensors requires: no gap, no overlap."""
+    position = 0
+    tiles = []
+    for key, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+        begin, end = entry["data_offsets"]
+        nbytes = math.prod(entry["shape"]) * _ITEM_BYTES[entry["dtype"]]
+        if begin != position or end - begin != nbytes:
             raise LoraFileError(
-                "values must be finite", key=key, expected="0 NaN/inf", found=f"{bad} NaN/inf"
+                "data_offsets in the header do not tile the data (a gap or an overlap)",
+                key=key,
+                expected=f"[{position}, {position + nbytes}]",
+                found=[begin, end],
             )
-    return adapter
+        position = end
+        tiles.append((key, entry["dtype"], nbytes))
+    if position != data_bytes:
+        raise LoraFileError(
+            "the file's data does not match its header (truncated, or bytes past the tensors)",
+            expected=f"{position} bytes of values",
+            found=data_bytes,
+        )
+    return tiles
+
+
+# Exponent bits that are all set in inf and NaN, and only there.
+_NON_FINITE_MASK = {"F16": 0x7C00, "BF16": 0x7F80}
+
+
+def _check_finite(key: str, wire: str, reader: _ChunkReader, nbytes: int) -> None:
+    """Read one tensor's values `VALUE_CHUNK_BYTES` at a time; refuse any NaN or inf."""
+    bad = 0
+    step = VALUE_CHUNK_BYTES - VALUE_CHUNK_BYTES % _ITEM_BYTES[wire]
+    left = nbytes
+    while left:
+        raw = reader.read(min(step, left))
+        if not raw:
+            raise LoraFileError("file is shorter than its header says", key=key)
+        left -= len(raw)
+        if wire == "F32":
+            bad += int((~np.isfinite(np.frombuffer(raw, dtype="<f4"))).sum())
+        else:
+            mask = _NON_FINITE_MASK[wire]
+            bad += int(((np.frombuffer(raw, dtype="<u2") & mask) == mask).sum())
+    if bad:
+        raise LoraFileError(
+            "values must be finite", key=key, expected="0 NaN/inf", found=f"{bad} NaN/inf"
+        )
+
+
+class _ChunkReader:
+    """Reads exact byte counts from an iterable of chunks, one chunk held at a time."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = iter(chunks)
+        self._current = memoryview(b"")
+        self._position = 0
+
+    def read(self, count: int) -> bytes:
+        """The next `count` bytes, fewer only at the end of the stream."""
+        parts = []
+        while count > 0:
+            if self._position >= len(self._current):
+                chunk = next(self._chunks, None)
+                if chunk is None:
+                    break
+                self._current, self._position = memoryview(chunk), 0
+                continue
+            part = self._current[self._position : self._position + count]
+            self._position += len(part)
+            count -= len(part)
+            parts.append(part)
+        return b"".join(parts)
 
 
 def _rank_alpha(metadata: Mapping[str, str]) -> tuple[int, float]:

@@ -65,8 +65,12 @@ class DeviceClient:
         http: httpx.Client | None = None,
         policy: RetryPolicy | None = None,
         timeout_s: float = 60.0,
+        direct_upload_max_bytes: int | None = None,
     ):
         self.aggregator_url = aggregator_url.rstrip("/")
+        # Larger updates go straight to the object store through an upload slot.
+        self.direct_upload_max_bytes = direct_upload_max_bytes
+        self._open_slots: dict[tuple[int, str], str] = {}  # (round, sha256) -> slot token
         self.token = token
         self.client_id = client_id
         self.name = name
@@ -266,22 +270,105 @@ class DeviceClient:
         num_samples: int,
         base_version_id: int | None = None,
         train_loss: float | None = None,
+        dtype: str = "float16",
     ) -> dict[str, Any]:
-        """PUT the adapter (fp16) as this device's update; retried and safe to re-send."""
+        """Send the adapter (fp16 unless `dtype` says otherwise) as this device's update;
+        retried and safe to re-send.
+
+        Up to `direct_upload_max_bytes` (TESSERA_DIRECT_UPLOAD_MAX_BYTES) it is PUT to the
+        aggregator; a larger one goes to the object store through an upload slot.
+        """
+        data = adapter_to_bytes(adapter, dtype=dtype)
         params: dict[str, Any] = {"num_samples": num_samples}
         if base_version_id is not None:
             params["base_version_id"] = base_version_id
         if train_loss is not None:
             params["train_loss"] = round(float(train_loss), 6)
+        if len(data) > self._direct_limit():
+            return self.upload_through_slot(round_id, data, commit=params)
         response = self._call(
             "PUT",
             f"/v1/rounds/{round_id}/updates/{self.client_id}",
-            content=adapter_to_bytes(adapter),
+            content=data,
             params=params,
             headers={"Content-Type": "application/octet-stream"},
         )
         result: dict[str, Any] = response.json()
         return result
+
+    def _direct_limit(self) -> int:
+        if self.direct_upload_max_bytes is None:
+            from tessera.config import get_settings
+
+            self.direct_upload_max_bytes = get_settings().direct_upload_max_bytes
+        return self.direct_upload_max_bytes
+
+    def upload_through_slot(
+        self, round_id: int, data: bytes, *, commit: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Send an update file straight to the object store, then commit it.
+
+        The slot is kept in the state folder (when there is one) until the commit: a call
+        interrupted part-way, even in another process, resumes it, sending only the parts the
+        store does not hold yet.
+        """
+        sha256 = hashlib.sha256(data).hexdigest()
+        saved = self._slot_file(round_id, sha256)
+        slot = self._resume_slot(round_id, sha256, saved)
+        if slot is None:
+            body = {"size": len(data), "sha256": sha256}
+            slot = self._call("POST", f"/v1/rounds/{round_id}/uploads", json=body).json()
+            self._open_slots[(round_id, sha256)] = slot["slot"]
+            if saved is not None:
+                saved.parent.mkdir(parents=True, exist_ok=True)
+                saved.write_text(json.dumps({"slot": slot["slot"]}) + "\n")
+        for part in slot["parts"]:
+            if part["url"] is None:
+                continue
+            start = (part["number"] - 1) * slot["part_bytes"]
+            request(
+                self.downloads,
+                "PUT",
+                part["url"],
+                policy=self.policy,
+                traffic=self.traffic,
+                content=data[start : start + part["size"]],
+            )
+        response = self._call(
+            "POST", f"/v1/rounds/{round_id}/uploads/{slot['slot']}/commit", json=commit
+        )
+        self._forget_slot(round_id, sha256, saved)
+        result: dict[str, Any] = response.json()
+        return result
+
+    def _slot_file(self, round_id: int, sha256: str) -> Path | None:
+        if self.state_dir is None:
+            return None
+        return self.state_dir / "uploads" / f"round-{round_id}-{sha256}.json"
+
+    def _resume_slot(self, round_id: int, sha256: str, saved: Path | None) -> dict[str, Any] | None:
+        """The state of the slot open for this file (which parts the store holds), or None when
+        there is none or it can no longer be used (expired, ended)."""
+        token = self._open_slots.get((round_id, sha256))
+        if token is None and saved is not None and saved.exists():
+            token = json.loads(saved.read_text())["slot"]
+        if token is None:
+            return None
+        try:
+            slot: dict[str, Any] = self._call(
+                "GET", f"/v1/rounds/{round_id}/uploads/{token}"
+            ).json()
+        except ApiError as error:
+            if error.status not in (404, 410):
+                raise
+            self._forget_slot(round_id, sha256, saved)
+            return None
+        return slot
+
+    def _forget_slot(self, round_id: int, sha256: str, saved: Path | None) -> None:
+        self._open_slots.pop((round_id, sha256), None)
+        if saved is not None:
+            saved.unlink(missing_ok=True)
 
     def round(self, round_id: int) -> dict[str, Any]:
         """A round's state and progress."""
