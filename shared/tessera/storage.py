@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -237,7 +237,7 @@ class ObjectStore:
             raise ChecksumMismatchError(key, expected_sha256, found)
         return buffer.getvalue()
 
-    def iter_chunks(self, key: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    def iter_chunks(self, key: str, chunk_bytes: int = CHUNK_BYTES) -> Generator[bytes, None, None]:
         """Stream an object's bytes in chunks."""
         missing = f"no object {key!r} in bucket {self.bucket!r}"
         with _failures(f"cannot read {key!r}", missing=missing):

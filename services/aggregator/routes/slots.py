@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 from fastapi import APIRouter, HTTPException, Response, status
 from fastapi.responses import JSONResponse
@@ -45,13 +46,13 @@ from tessera.schemas import (
     UploadSlotCreate,
     UploadSlotOut,
 )
-from tessera.service.auth import DeviceDep
+from tessera.service.auth import DeviceDep, Principal
 from tessera.service.deps import CeleryDep, SessionDep, SettingsDep, StoreDep
 from tessera.storage import ObjectNotFoundError, ObjectStore, StoredObject, UploadedPart
 
 router = APIRouter(prefix="/v1/rounds", tags=["uploads"])
 
-_SLOT_ERRORS = {
+_SLOT_ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"description": "no such round, or no such slot for this device and round"},
     410: {"description": "the slot has expired: open a new one"},
 }
@@ -109,6 +110,13 @@ def _read(
         ) from None
 
 
+def _device_id(device: Principal) -> int:
+    """The device's client id (a device principal always has one)."""
+    if device.client_id is None:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, detail="upload slots are for devices")
+    return device.client_id
+
+
 def _ended() -> HTTPException:
     return HTTPException(
         status.HTTP_404_NOT_FOUND,
@@ -146,7 +154,7 @@ def create_upload_slot(
     slot = open_slot(
         store=store,
         round_id=round_id,
-        client_id=device.client_id,
+        client_id=_device_id(device),
         size=body.size,
         sha256=body.sha256,
         part_bytes=settings.upload_part_bytes,
@@ -164,7 +172,7 @@ def get_upload_slot(
     round_id: RowId, slot: str, device: DeviceDep, settings: SettingsDep, store: StoreDep
 ) -> UploadSlotOut:
     found = _read(
-        slot, round_id=round_id, client_id=device.client_id, settings=settings, store=store
+        slot, round_id=round_id, client_id=_device_id(device), settings=settings, store=store
     )
     try:
         parts = store.uploaded_parts(found.key, upload_id=found.upload_id)
@@ -203,7 +211,7 @@ def commit_upload(
     spec: LoraSpecDep,
 ) -> UpdateReceipt | JSONResponse:
     found = _read(
-        slot, round_id=round_id, client_id=device.client_id, settings=settings, store=store
+        slot, round_id=round_id, client_id=_device_id(device), settings=settings, store=store
     )
     check_base_version(session, body.base_version_id)
     check_round(session, celery, round_id)
@@ -218,7 +226,7 @@ def commit_upload(
         store=store,
         celery=celery,
         round_id=round_id,
-        client_id=device.client_id,
+        client_id=_device_id(device),
         stored=stored,
         meta=UpdateMetadata(body.num_samples, body.base_version_id, body.train_loss),
     )
