@@ -91,16 +91,20 @@ def spent_multipliers(
 ) -> dict[int, list[float]]:
     """Each device's noise multipliers, one per private round it uploaded to (round numbers
     up to `up_to` when given), in counted states only."""
+    # Deduplicated here, not by SELECT DISTINCT: PostgreSQL has no equality for a json column.
     query = (
         select(Update.client_id, Round.id, Round.config)
         .join(Round, Round.id == Update.round_id)
         .where(Update.client_id.in_(list(client_ids)), Round.state.in_(COUNTED_STATES))
-        .distinct()
     )
     if up_to is not None:
         query = query.where(Round.number <= up_to)
     spent: dict[int, list[float]] = {}
+    seen: set[tuple[int, int]] = set()
     for row in session.execute(query):
+        if (row.client_id, row.id) in seen:
+            continue
+        seen.add((row.client_id, row.id))
         multiplier = row.config.get("noise_multiplier")
         if multiplier is not None:
             spent.setdefault(row.client_id, []).append(float(multiplier))
