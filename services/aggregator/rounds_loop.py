@@ -2,8 +2,9 @@
 
 Each pass (every TESSERA_HOUSEKEEPING_INTERVAL_S, in every aggregator replica): move secure
 rounds through their phases (`secagg`), close the collecting rounds past their deadline or at
-quorum (`closing`), queue again the aggregating
-rounds whose worker died (`stuck`), delete the raw updates of rounds over for
+quorum (`closing`), queue again the aggregating rounds and the re-clustering jobs whose worker
+died (`stuck`, `services.clustering.jobs`), queue a re-clustering when the clusters drifted
+(TESSERA_CLUSTER_DRIFT_SHARE), delete the raw updates of rounds over for
 TESSERA_UPDATE_RETENTION_DAYS (`retention`) and, every ORPHAN_SWEEP_INTERVAL_S, delete update
 objects that no row names and abort uploads whose slot expired (`orphans`), and the masked
 inputs of failed secure rounds.
@@ -23,6 +24,7 @@ from services.aggregator.orphans import (
 from services.aggregator.retention import delete_expired_updates
 from services.aggregator.secagg import advance_secure_rounds, forget_failed_inputs
 from services.aggregator.stuck import requeue_stale_rounds
+from services.clustering.jobs import queue_drift_job, requeue_stale_jobs
 from tessera.service.resources import Resources
 
 LOOP_NAME = "round-loop"
@@ -43,6 +45,17 @@ class RoundLoop:
             celery=resources.celery,
             stale_s=resources.settings.task_stale_s,
         )
+        jobs = requeue_stale_jobs(
+            sessions=resources.sessions,
+            celery=resources.celery,
+            stale_s=resources.settings.task_stale_s,
+        )
+        drift_job = queue_drift_job(
+            sessions=resources.sessions,
+            celery=resources.celery,
+            share_limit=resources.settings.cluster_drift_share,
+            similarity=resources.settings.cluster_drift_similarity,
+        )
         expired = delete_expired_updates(
             sessions=resources.sessions,
             store=resources.store,
@@ -61,6 +74,9 @@ class RoundLoop:
         return {
             "closed": closed,
             **stuck,
+            "clustering_jobs_requeued": jobs["requeued"],
+            "clustering_jobs_failed": jobs["failed"],
+            "drift_job": drift_job,
             "updates_deleted": expired,
             "orphans": swept,
             "abandoned_uploads": aborted,

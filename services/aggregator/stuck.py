@@ -2,23 +2,22 @@
 
 The aggregation task beats a heartbeat on its round (`services.worker.rounds.claim_round`). A
 round whose heartbeat (or, before any run, its closing) is older than TESSERA_TASK_STALE_S has
-no live worker: its message was lost, or the worker died holding it, which Redis would only
-notice after its visibility timeout (TESSERA_TASK_TIME_LIMIT_S + 300 s). The round loop queues
-it again, and fails it after MAX_AGGREGATION_RUNS runs whose worker died. Every move is one
-conditional UPDATE, so replicas racing on a round move it once.
+no live worker: the round loop queues it again through `tessera.leases` (which re-clustering
+jobs share), and fails it after MAX_AGGREGATION_RUNS runs whose worker died.
 """
 
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta
-from typing import Any, cast
+from datetime import datetime
+from typing import Any
 
 from celery import Celery
-from sqlalchemy import ColumnElement, CursorResult, func, select, update
+from sqlalchemy import ColumnElement, func, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.aggregator.closing import EnqueueError, send_aggregation
+from tessera.leases import Lease, moved, requeue_stale
 from tessera.models import Round, RoundState, utcnow
 
 log = logging.getLogger(__name__)
@@ -33,8 +32,23 @@ def _stale(cutoff: datetime) -> ColumnElement[bool]:
     return (Round.state == RoundState.AGGREGATING) & (last_seen < cutoff)
 
 
-def _moved(result: object) -> bool:
-    return cast(CursorResult[Any], result).rowcount == 1
+def _failed_values(attempts: int, _now: datetime) -> dict[str, Any]:
+    error = (
+        f"aggregation started {attempts} times and its worker stopped each time; "
+        "retry it with `tessera round retry`"
+    )
+    return {"state": RoundState.FAILED, "error": error}
+
+
+ROUND_LEASE = Lease(
+    what="round",
+    model=Round,
+    stale=_stale,
+    send=send_aggregation,
+    requeue_values={},
+    failed_values=_failed_values,
+    max_runs=MAX_AGGREGATION_RUNS,
+)
 
 
 def requeue_stale_rounds(
@@ -42,41 +56,7 @@ def requeue_stale_rounds(
 ) -> dict[str, list[int]]:
     """Queue again each aggregating round without a live worker, or fail it after
     MAX_AGGREGATION_RUNS runs; the ids queued and failed."""
-    now = now or utcnow()
-    cutoff = now - timedelta(seconds=stale_s)
-    requeued: list[int] = []
-    failed: list[int] = []
-    with sessions() as session:
-        stale = session.execute(select(Round.id, Round.attempts).where(_stale(cutoff))).all()
-        for round_id, attempts in stale:
-            where = (Round.id == round_id) & _stale(cutoff)
-            if attempts >= MAX_AGGREGATION_RUNS:
-                error = (
-                    f"aggregation started {attempts} times and its worker stopped each time; "
-                    "retry it with `tessera round retry`"
-                )
-                if _moved(
-                    session.execute(
-                        update(Round).where(where).values(state=RoundState.FAILED, error=error)
-                    )
-                ):
-                    failed.append(round_id)
-                session.commit()
-                continue
-            # The heartbeat moves on, so the next pass waits another stale period for a worker.
-            moved = _moved(session.execute(update(Round).where(where).values(heartbeat_at=now)))
-            session.commit()
-            if not moved:
-                continue
-            try:
-                send_aggregation(celery, round_id)
-            except Exception:
-                log.exception("could not queue a stuck round again", extra={"round_id": round_id})
-                continue
-            requeued.append(round_id)
-    if requeued or failed:
-        log.warning("stuck rounds", extra={"requeued": requeued, "failed": failed})
-    return {"requeued": requeued, "failed": failed}
+    return requeue_stale(ROUND_LEASE, sessions=sessions, celery=celery, stale_s=stale_s, now=now)
 
 
 def retry_round(*, session: Session, celery: Celery, round_id: int) -> bool:
@@ -85,7 +65,7 @@ def retry_round(*, session: Session, celery: Celery, round_id: int) -> bool:
     Raises EnqueueError if the task cannot be sent (the round stays aggregating, and the round
     loop queues it again once it looks stale).
     """
-    moved = _moved(
+    changed = moved(
         session.execute(
             update(Round)
             .where(
@@ -96,7 +76,7 @@ def retry_round(*, session: Session, celery: Celery, round_id: int) -> bool:
         )
     )
     session.commit()
-    if not moved:
+    if not changed:
         return False
     try:
         send_aggregation(celery, round_id)
@@ -110,7 +90,7 @@ def retry_round(*, session: Session, celery: Celery, round_id: int) -> bool:
 def fail_round(*, session: Session, round_id: int, why: str) -> bool:
     """Fail an aggregating round with `why`; False if it is not aggregating (a worker that
     finishes it later publishes nothing: its final commit needs the round aggregating)."""
-    moved = _moved(
+    changed = moved(
         session.execute(
             update(Round)
             .where(Round.id == round_id, Round.state == RoundState.AGGREGATING)
@@ -118,6 +98,6 @@ def fail_round(*, session: Session, round_id: int, why: str) -> bool:
         )
     )
     session.commit()
-    if moved:
+    if changed:
         log.warning("round failed by hand", extra={"round_id": round_id})
-    return moved
+    return changed

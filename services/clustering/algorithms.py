@@ -1,11 +1,14 @@
 """Clustering of L2-normalised task vectors: pure functions over numpy arrays, no I/O.
 
 Devices are clustered by cosine similarity; centroids are the L2-normalised mean of members,
-so that every centroid lives on the unit sphere like the vectors it summarises.
+so that every centroid lives on the unit sphere like the vectors it summarises. Up to `large_n`
+vectors every method works on the exact pairwise distances; above it, k-means runs as
+MiniBatchKMeans with the silhouette on a sample, so that nothing n x n is ever formed.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
@@ -13,12 +16,16 @@ from typing import Any, Literal, get_args
 import numpy as np
 import numpy.typing as npt
 from scipy.optimize import linear_sum_assignment
-from sklearn.cluster import HDBSCAN, AgglomerativeClustering, KMeans
+from scipy.sparse import csr_matrix
+from sklearn.cluster import HDBSCAN, AgglomerativeClustering, KMeans, MiniBatchKMeans
 from sklearn.metrics import adjusted_rand_score, silhouette_score
 
 Method = Literal["agglomerative", "kmeans", "hdbscan"]
 METHODS: tuple[Method, ...] = get_args(Method)
 NORM_TOLERANCE = 1e-3
+DEFAULT_LARGE_N = 5000  # TESSERA_CLUSTERING_LARGE_N's default
+DEFAULT_SILHOUETTE_SAMPLE = 4000  # TESSERA_CLUSTERING_SILHOUETTE_SAMPLE's default
+MINIBATCH_SIZE = 4096
 
 Vectors = npt.NDArray[np.float64]
 Labels = npt.NDArray[np.int64]
@@ -94,12 +101,15 @@ def cluster_vectors(
     seed: int = 0,
     distance_threshold: float | None = None,
     min_cluster_size: int = 2,
+    large_n: int = DEFAULT_LARGE_N,
+    silhouette_sample: int = DEFAULT_SILHOUETTE_SAMPLE,
 ) -> ClusteringResult:
     """Clusters unit vectors by cosine similarity; k by best silhouette in `k_range` when None.
 
     `distance_threshold` (cosine distance, agglomerative only) cuts the tree instead of a k;
     `min_cluster_size` is HDBSCAN's, which finds its own k and takes neither. One cluster comes
     back where the vectors are all alike, or too few (n < 3) for a silhouette to choose k.
+    Above `large_n` vectors only k-means is accepted, as `_cluster_large` runs it.
     """
     x = check_vectors(vectors)
     n = x.shape[0]
@@ -111,6 +121,13 @@ def cluster_vectors(
         distance_threshold=distance_threshold,
         min_cluster_size=min_cluster_size,
     )
+    if n > large_n:
+        if method != "kmeans":
+            raise ValueError(
+                f"{method} needs every pairwise distance, too many for n={n} devices (above "
+                f"TESSERA_CLUSTERING_LARGE_N={large_n}): use kmeans"
+            )
+        return _cluster_large(x, k=k, k_range=k_range, seed=seed, sample=silhouette_sample)
     distinct = len(np.unique(x, axis=0))
     if k is not None and k > distinct:
         raise ValueError(f"k={k} exceeds the {distinct} distinct vectors among the n={n} given")
@@ -130,6 +147,20 @@ def cluster_vectors(
         if best is None or _score(result) > _score(best):
             best = result
     return best if best is not None else _result(x, np.zeros(n, dtype=np.int64), method=method)
+
+
+def check_options(
+    *, method: str, k: int | None, distance_threshold: float | None, min_cluster_size: int
+) -> None:
+    """Refuses options that contradict each other, whatever the vectors (before queueing)."""
+    _check_options(
+        method=method,
+        n=sys.maxsize,
+        k=k,
+        k_range=(2, 8),
+        distance_threshold=distance_threshold,
+        min_cluster_size=min_cluster_size,
+    )
 
 
 def _check_options(
@@ -223,17 +254,25 @@ def _result(
     method: Method,
     distances: Vectors | None = None,
     noise: int = 0,
+    sample: int | None = None,
+    seed: int = 0,
 ) -> ClusteringResult:
-    """A result with clusters renumbered 0..k-1 in order of first appearance."""
+    """A result with clusters renumbered 0..k-1 in order of first appearance.
+
+    The silhouette comes from `distances` (computed when None), or with `sample` from that many
+    vectors drawn with `seed`, without any n x n matrix.
+    """
     _, first, inverse = np.unique(raw_labels, return_index=True, return_inverse=True)
     order = np.argsort(first)
     rank = np.empty_like(order)
     rank[order] = np.arange(order.size)
     labels = rank[inverse].astype(np.int64)
     k = int(order.size)
-    centroids = np.stack([mean_direction(x[labels == c]) for c in range(k)])
+    centroids = _centroids(x, labels, k)
     silhouette = None
-    if 2 <= k < x.shape[0]:
+    if sample is not None:
+        silhouette = _sampled_silhouette(x, labels, sample=sample, seed=seed)
+    elif 2 <= k < x.shape[0]:
         d = cosine_distances(x) if distances is None else distances
         silhouette = float(silhouette_score(d, labels, metric="precomputed"))
     labels.flags.writeable = False
@@ -247,6 +286,47 @@ def _result(
         k=k,
         noise=noise,
     )
+
+
+def _cluster_large(
+    x: Vectors, *, k: int | None, k_range: tuple[int, int], seed: int, sample: int
+) -> ClusteringResult:
+    """MiniBatchKMeans for each candidate k, chosen by the silhouette of a sample: O(n k d)."""
+    if not np.ptp(x, axis=0).any():  # every vector alike: nothing to split
+        return _result(x, np.zeros(x.shape[0], dtype=np.int64), method="kmeans")
+    candidates = [k] if k is not None else range(k_range[0], k_range[1] + 1)
+    best: ClusteringResult | None = None
+    for candidate in candidates:
+        model = MiniBatchKMeans(
+            n_clusters=candidate, batch_size=MINIBATCH_SIZE, n_init=3, random_state=seed
+        )
+        labels = np.asarray(model.fit_predict(x), dtype=np.int64)
+        result = _result(x, labels, method="kmeans", sample=sample, seed=seed)
+        if best is None or _score(result) > _score(best):
+            best = result
+    assert best is not None  # k_range holds at least one k
+    return best
+
+
+def _centroids(x: Vectors, labels: Labels, k: int) -> Vectors:
+    """Each cluster's `mean_direction`, summed through a sparse one-hot product (no row copies)."""
+    n = x.shape[0]
+    one_hot = csr_matrix((np.ones(n), (labels, np.arange(n))), shape=(k, n))
+    sums = np.asarray(one_hot @ x, dtype=np.float64)
+    norms = np.linalg.norm(sums, axis=1)
+    cancelled = np.nonzero(norms < 1e-12 * np.bincount(labels, minlength=k))[0]
+    for c in cancelled:  # members that cancel out exactly: the first one, as mean_direction
+        sums[c], norms[c] = x[int(np.argmax(labels == c))], 1.0
+    return np.asarray(sums / norms[:, np.newaxis], dtype=np.float64)
+
+
+def _sampled_silhouette(x: Vectors, labels: Labels, *, sample: int, seed: int) -> float | None:
+    """The cosine silhouette of `sample` vectors drawn with `seed`; None with one cluster."""
+    rng = np.random.default_rng(seed)
+    rows = rng.choice(x.shape[0], size=min(sample, x.shape[0]), replace=False)
+    if len(np.unique(labels[rows])) < 2:
+        return None
+    return float(silhouette_score(x[rows], labels[rows], metric="cosine"))
 
 
 def _score(result: ClusteringResult) -> float:

@@ -15,7 +15,10 @@ import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from services.clustering import algorithms
 from services.clustering.algorithms import (
+    DEFAULT_LARGE_N,
+    DEFAULT_SILHOUETTE_SAMPLE,
     ClusteringResult,
     Method,
     Vectors,
@@ -32,6 +35,7 @@ from tessera.federation import task_vector_bytes, task_vector_from_bytes
 from tessera.models import Assignment, Client, Cluster, Clustering, Role, TaskEmbedding
 
 DEFAULT_MIN_CLUSTER_SIZE = 2
+DEFAULT_FAR_SIMILARITY = 0.5  # TESSERA_CLUSTER_DRIFT_SIMILARITY's default
 
 
 class ClusteringStateError(Exception):
@@ -92,6 +96,35 @@ def device_directions(*, session: Session) -> dict[int, Vectors]:
             f"task vectors have different dimensions ({described}): re-upload them with one encoder"
         )
     return {client_id: task_direction(vectors) for client_id, vectors in by_client.items()}
+
+
+def require_something_to_cluster(*, session: Session) -> None:
+    """NothingToClusterError unless an enabled device has task vectors (one indexed lookup)."""
+    found = session.scalar(
+        select(TaskEmbedding.id)
+        .join(Client, Client.id == TaskEmbedding.client_id)
+        .where(Client.role == Role.DEVICE, Client.disabled_at.is_(None))
+        .limit(1)
+    )
+    if found is None:
+        raise NothingToClusterError(
+            "no enabled device has uploaded task vectors: there is nothing to cluster"
+        )
+
+
+def check_options(
+    *, method: str, k: int | None, distance_threshold: float | None, min_cluster_size: int
+) -> None:
+    """ClusteringOptionsError for options that contradict each other, before any job runs."""
+    try:
+        algorithms.check_options(
+            method=method,
+            k=k,
+            distance_threshold=distance_threshold,
+            min_cluster_size=min_cluster_size,
+        )
+    except ValueError as error:
+        raise ClusteringOptionsError(str(error)) from error
 
 
 def client_direction(*, session: Session, client_id: int) -> Vectors | None:
@@ -182,12 +215,17 @@ def recluster(
     seed: int = 0,
     min_cluster_size: int = DEFAULT_MIN_CLUSTER_SIZE,
     distance_threshold: float | None = None,
+    large_n: int = DEFAULT_LARGE_N,
+    silhouette_sample: int = DEFAULT_SILHOUETTE_SAMPLE,
+    far_similarity: float = DEFAULT_FAR_SIMILARITY,
 ) -> Clustering:
     """Cluster every enabled device's task direction into a new version under stable labels.
 
     Labels are carried over from the previous clustering by centroid matching; a new cluster
     gets a label never used before. With one device there is nothing to split: one cluster,
-    whatever `k` asks.
+    whatever `k` asks. Above `large_n` devices, k-means runs on mini-batches (`cluster_vectors`).
+    The metrics record the share of devices less similar than `far_similarity` to their
+    centroid, from which the round loop measures drift.
     """
     directions = device_directions(session=session)
     if not directions:
@@ -203,6 +241,8 @@ def recluster(
         seed=seed,
         min_cluster_size=min_cluster_size,
         distance_threshold=distance_threshold,
+        large_n=large_n,
+        silhouette_sample=silhouette_sample,
     )
     previous = current_clustering(session=session)
     old = {} if previous is None else centroids_of(session=session, clustering=previous)
@@ -211,6 +251,7 @@ def recluster(
     used = session.scalar(select(func.max(Cluster.label)))
     fresh = 0 if used is None else used + 1  # a retired label is never handed out again
     stable = relabel(result, match_clusters(old, result.centroids, next_id=fresh))
+    similarity = (x @ result.centroids.T)[np.arange(len(client_ids)), result.labels]  # [n, k]
 
     clustering = Clustering(
         version=(session.scalar(select(func.max(Clustering.version))) or 0) + 1,
@@ -228,6 +269,7 @@ def recluster(
             "k": result.k,
             "n_devices": len(client_ids),
             "noise": result.noise,
+            "far_share": float(np.mean(similarity < far_similarity)),
         },
     )
     session.add(clustering)
@@ -248,7 +290,7 @@ def recluster(
                 clustering_id=clustering.id,
                 client_id=client_id,
                 label=label,
-                similarity=float(x[row] @ stable.centroids[label]),
+                similarity=float(similarity[row]),
             )
         )
     session.flush()
@@ -263,6 +305,8 @@ def _cluster(
     seed: int,
     min_cluster_size: int,
     distance_threshold: float | None,
+    large_n: int,
+    silhouette_sample: int,
 ) -> ClusteringResult:
     """`cluster_vectors`, its refusals turned into ClusteringOptionsError."""
     try:
@@ -273,6 +317,8 @@ def _cluster(
             seed=seed,
             min_cluster_size=min_cluster_size,
             distance_threshold=distance_threshold,
+            large_n=large_n,
+            silhouette_sample=silhouette_sample,
         )
     except ValueError as error:
         raise ClusteringOptionsError(str(error)) from error

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from services.clustering.routes import assignments, clusterings, routing
+from services.clustering.routes import assignments, clusterings, jobs, routing
 from tessera.config import Settings
 from tessera.service.app import create_service_app
 
@@ -13,7 +13,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return create_service_app(
         service="clustering",
         description="Clusters devices by their encoded task vectors; routes prompts to clusters.",
-        routers=[clusterings.router, assignments.router, routing.router],
-        checks=("database",),
+        routers=[clusterings.router, jobs.router, assignments.router, routing.router],
+        checks=("database", "redis"),  # redis: re-clustering jobs are sent through it
         settings=settings,
     )

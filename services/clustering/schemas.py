@@ -45,6 +45,22 @@ class ClusteringOut(BaseModel):
     created_at: datetime
 
 
+class ClusteringJobOut(BaseModel):
+    """A re-clustering job: queued, running, succeeded (with its clustering) or failed (why)."""
+
+    id: int
+    state: str
+    trigger: str = Field(description="operator, or drift (queued by the round loop)")
+    params: dict[str, Any]
+    base_version: int | None = Field(description="the current clustering when it was queued")
+    clustering_version: int | None = Field(description="the version it made, once succeeded")
+    error: str | None = Field(description="why it failed")
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
 class AssignmentCreate(Strict):
     client_id: RowId
 

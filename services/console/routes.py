@@ -17,6 +17,7 @@ from services.aggregator import crud
 from services.aggregator.privacy import Policy
 from services.aggregator.routes import rounds as rounds_api
 from services.aggregator.views import round_out
+from services.clustering.jobs import recent_jobs
 from services.console import views
 from services.console.auth import CsrfOperatorDep, OperatorSessionDep
 from services.console.session import (
@@ -363,6 +364,7 @@ def _clusters_page(
         map=cluster_map,
         chart=None if cluster_map is None else cluster_map.chart_data(),
         history=views.clustering_history(session=session),
+        jobs=recent_jobs(session=session, limit=5),
         error=error,
     )
 
@@ -393,7 +395,8 @@ def recluster(
     method: Annotated[str, Form()] = "kmeans",
     k: Annotated[str, Form()] = "",
 ) -> Response:
-    """Ask the clustering service for a new clustering version (with the operator token)."""
+    """Ask the clustering service to queue a re-clustering (with the operator token); the
+    page then shows the job's state until a worker has run it."""
     body: dict[str, Any] = {"method": method}
     if k.strip():
         body["k"] = k.strip()

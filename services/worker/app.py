@@ -16,7 +16,11 @@ from tessera.logs import configure_logging
 from tessera.queue import make_celery
 from tessera.worker_metrics import connect as connect_metrics
 
-TASK_MODULES = ["services.worker.tasks.system", "services.worker.tasks.federation"]
+TASK_MODULES = [
+    "services.worker.tasks.system",
+    "services.worker.tasks.federation",
+    "services.worker.tasks.clustering",
+]
 
 
 def create_worker_app() -> Celery:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 import httpx
@@ -297,6 +298,78 @@ def round_fail(round_id: int) -> None:
     """Fail an aggregating round: nothing it would publish is announced."""
     with _operator_client() as http:
         _echo_response(http.post(f"/v1/rounds/{round_id}/fail"))
+
+
+@main.group(name="cluster")
+def cluster_group() -> None:
+    """Re-cluster devices through the clustering service (needs the operator token)."""
+
+
+def _clustering_client() -> httpx.Client:
+    settings = get_settings()
+    info = stack.read_state(settings)
+    return _operator_client(info.urls["clustering"] if info else settings.clustering_url)
+
+
+def _echo_job(job: dict[str, Any]) -> None:
+    reason = f": {job['error']}" if job.get("error") else ""
+    made = f" (version {job['clustering_version']})" if job.get("clustering_version") else ""
+    click.echo(f"job {job['id']} {job['state']}{made}{reason}", err=True)
+
+
+def _follow(http: httpx.Client, job_id: int, timeout_s: float) -> None:
+    from tessera.sdk.operator import ClusteringJobError, follow_job
+
+    try:
+        job = follow_job(http, job_id, timeout_s=timeout_s, on_change=_echo_job)
+    except ClusteringJobError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(json.dumps(job, indent=2))
+    if job["state"] == "failed":
+        raise click.ClickException(f"re-clustering job {job_id} failed: {job['error']}")
+
+
+@cluster_group.command(name="run")
+@click.option("--method", type=click.Choice(["kmeans", "agglomerative", "hdbscan"]), default=None)
+@click.option("--k", type=click.IntRange(1, 64), default=None, help="Default: by silhouette.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=None)
+@click.option("--min-cluster-size", type=click.IntRange(2, 1000), default=None)
+@click.option("--distance-threshold", type=float, default=None)
+@click.option("--follow", is_flag=True, help="Wait for the job, printing each state it takes.")
+@click.option("--timeout-s", type=float, default=3600, show_default=True, help="With --follow.")
+def cluster_run(follow: bool, timeout_s: float, **options: object) -> None:
+    """Queue a re-clustering of every enabled device; print the job (and follow it)."""
+    body = {name: value for name, value in options.items() if value is not None}
+    with _clustering_client() as http:
+        response = http.post("/v1/clusterings", json=body)
+        if not follow:
+            _echo_response(response)
+            return
+        if response.is_error:
+            raise click.ClickException(f"{response.status_code}: {response.text}")
+        _echo_job(response.json())
+        _follow(http, response.json()["id"], timeout_s)
+
+
+@cluster_group.command(name="job")
+@click.argument("job_id", type=click.IntRange(1, 2**31 - 1))
+@click.option("--follow", is_flag=True, help="Wait until it has succeeded or failed.")
+@click.option("--timeout-s", type=float, default=3600, show_default=True, help="With --follow.")
+def cluster_job(job_id: int, follow: bool, timeout_s: float) -> None:
+    """Show a re-clustering job: its state, the version it made, or why it failed."""
+    with _clustering_client() as http:
+        if follow:
+            _follow(http, job_id, timeout_s)
+        else:
+            _echo_response(http.get(f"/v1/clustering-jobs/{job_id}"))
+
+
+@cluster_group.command(name="jobs")
+@click.option("--limit", type=click.IntRange(1, 100), default=20, show_default=True)
+def cluster_jobs(limit: int) -> None:
+    """The newest re-clustering jobs, newest first."""
+    with _clustering_client() as http:
+        _echo_response(http.get("/v1/clustering-jobs", params={"limit": limit}))
 
 
 @main.group()

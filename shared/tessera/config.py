@@ -205,6 +205,29 @@ class Settings(BaseSettings):
         "1: every job alone.",
     )
 
+    # Clustering.
+    clustering_large_n: Annotated[int, Field(ge=10, le=10_000_000)] = Field(
+        default=5000,
+        description="Above this many devices, re-clustering runs k-means as MiniBatchKMeans "
+        "with the silhouette on a sample, and refuses agglomerative and hdbscan (which need "
+        "every pairwise distance).",
+    )
+    clustering_silhouette_sample: Annotated[int, Field(ge=100, le=100_000)] = Field(
+        default=4000,
+        description="Devices the silhouette (which chooses k) is computed on above "
+        "TESSERA_CLUSTERING_LARGE_N.",
+    )
+    cluster_drift_share: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = Field(
+        default=0.25,
+        description="Share of assigned devices far from their centroid above which the round "
+        "loop queues a re-clustering (once per clustering version); 0: never.",
+    )
+    cluster_drift_similarity: Annotated[float, Field(ge=-1, le=1, allow_inf_nan=False)] = Field(
+        default=0.5,
+        description="Cosine similarity to its centroid below which a device counts as far "
+        "from it, for TESSERA_CLUSTER_DRIFT_SHARE.",
+    )
+
     # Service addresses, for calls between services and for the CLI.
     aggregator_url: str = Field(default="http://127.0.0.1:8100", description="Aggregator URL.")
     clustering_url: str = Field(default="http://127.0.0.1:8101", description="Clustering URL.")
@@ -219,8 +242,9 @@ class Settings(BaseSettings):
     )
     task_stale_s: Annotated[float, Field(ge=1, le=24 * 3600)] = Field(
         default=60,
-        description="A round's aggregation or a generation job whose worker has not reported "
-        "for this long is taken to be dead and queued again; workers report every quarter of it.",
+        description="A round's aggregation, a re-clustering or a generation job whose worker "
+        "has not reported for this long is taken to be dead and queued again; workers report "
+        "every quarter of it.",
     )
     housekeeping_interval_s: Annotated[float, Field(gt=0, le=3600)] = Field(
         default=5,

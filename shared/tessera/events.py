@@ -15,6 +15,7 @@ INFERENCE_QUEUE = "inference"
 TASK_PING = "tessera.system.ping"
 TASK_AGGREGATE_ROUND = "tessera.federation.aggregate_round"
 TASK_GENERATE = "tessera.inference.generate"
+TASK_RECLUSTER = "tessera.clustering.recluster"  # on the aggregation queue
 
 # Pub/sub channel prefix on which inference workers publish a generation job's progress.
 GENERATION_PROGRESS_PREFIX = "tessera:generation:"

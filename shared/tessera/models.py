@@ -184,6 +184,32 @@ class Clustering(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class ClusteringJob(Base):
+    """A re-clustering queued for a worker: asked by an operator, or by drift in the round loop."""
+
+    __tablename__ = "clustering_jobs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    state: Mapped[JobState] = mapped_column(_enum(JobState, "job_state"))
+    trigger: Mapped[str] = mapped_column(String(16))  # "operator" or "drift"
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # The current clustering's version when the job was queued (None: there was none); the
+    # round loop queues at most one drift job per version.
+    base_version: Mapped[int | None] = mapped_column(Integer, default=None)
+    clustering_id: Mapped[int | None] = mapped_column(
+        ForeignKey("clusterings.id", ondelete="SET NULL"), default=None
+    )
+    error: Mapped[str | None] = mapped_column(String(2000), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    # As for rounds: the worker's last sign of life, and how many runs a worker started.
+    heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+    __table_args__ = (Index("ix_clustering_jobs_state", "state"),)
+
+
 class Cluster(Base):
     """A cluster of one clustering: its stable label and centroid."""
 

@@ -1,17 +1,22 @@
-"""Clusterings: run a new version, read the current one."""
+"""Clusterings: queue a new version (a worker makes it), read the current one."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, status
-from sqlalchemy.exc import IntegrityError
+from fastapi import APIRouter, Response, status
 from sqlalchemy.orm import Session
 
-from services.clustering import crud
-from services.clustering.routes.errors import concurrent_write, http_error
-from services.clustering.schemas import ClusteringCreate, ClusteringOut, ClusterOut
+from services.clustering import crud, jobs
+from services.clustering.routes.errors import http_error
+from services.clustering.routes.jobs import job_out
+from services.clustering.schemas import (
+    ClusteringCreate,
+    ClusteringJobOut,
+    ClusteringOut,
+    ClusterOut,
+)
 from tessera.models import Clustering, Role
 from tessera.service.auth import GeneratorDep, OperatorDep
-from tessera.service.deps import SessionDep
+from tessera.service.deps import CeleryDep, SessionDep
 
 router = APIRouter(prefix="/v1/clusterings", tags=["clusterings"])
 
@@ -41,33 +46,38 @@ def clustering_out(
 
 @router.post(
     "",
-    status_code=status.HTTP_201_CREATED,
-    summary="Recluster every enabled device's task vectors into a new version",
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Queue a re-clustering of every enabled device's task vectors into a new version",
+    description="A worker runs it; poll the job at `GET /v1/clustering-jobs/{id}` (its "
+    "`Location`) until it has succeeded, with the version it made, or failed, with why.",
     responses={
-        409: {"description": "no device has task vectors, or their dimensions differ"},
+        409: {"description": "no device has task vectors, or a re-clustering is already queued"},
         422: {"description": "bad or contradictory options"},
     },
 )
 def create_clustering(
-    body: ClusteringCreate, _operator: OperatorDep, session: SessionDep
-) -> ClusteringOut:
+    body: ClusteringCreate,
+    _operator: OperatorDep,
+    session: SessionDep,
+    celery: CeleryDep,
+    response: Response,
+) -> ClusteringJobOut:
     try:
-        clustering = crud.recluster(
-            session=session,
+        crud.check_options(
             method=body.method,
             k=body.k,
-            seed=body.seed,
-            min_cluster_size=body.min_cluster_size,
             distance_threshold=body.distance_threshold,
+            min_cluster_size=body.min_cluster_size,
         )
-        session.commit()
+        crud.require_something_to_cluster(session=session)
+        job = jobs.submit_job(
+            session=session, celery=celery, params=body.model_dump(), trigger=jobs.OPERATOR
+        )
     except crud.ClusteringStateError as error:
         session.rollback()
         raise http_error(error) from error
-    except IntegrityError as error:
-        session.rollback()
-        raise concurrent_write() from error
-    return clustering_out(session, clustering)
+    response.headers["Location"] = f"/v1/clustering-jobs/{job.id}"
+    return job_out(session, job)
 
 
 @router.get(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import HTTPException, status
 
-from services.clustering import crud
+from services.clustering import crud, jobs
 
 _STATUS: dict[type[crud.ClusteringStateError], int] = {
     crud.NothingToClusterError: status.HTTP_409_CONFLICT,
@@ -14,6 +14,8 @@ _STATUS: dict[type[crud.ClusteringStateError], int] = {
     crud.NoClusteringError: status.HTTP_404_NOT_FOUND,
     crud.MixedDimensionsError: status.HTTP_409_CONFLICT,
     crud.ClusteringOptionsError: status.HTTP_422_UNPROCESSABLE_CONTENT,
+    jobs.ActiveJobError: status.HTTP_409_CONFLICT,
+    jobs.NoSuchJobError: status.HTTP_404_NOT_FOUND,
 }
 
 

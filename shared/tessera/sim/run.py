@@ -119,7 +119,9 @@ class Operator:
 
     def __init__(self, *, aggregator_url: str, clustering_url: str, token: str):
         self.aggregator = httpx.Client(base_url=aggregator_url, timeout=60)
-        self.clustering = httpx.Client(base_url=clustering_url, timeout=120)
+        self.clustering = httpx.Client(
+            base_url=clustering_url, timeout=120, headers={"Authorization": f"Bearer {token}"}
+        )
         self.token = token
         self.headers = {"Authorization": f"Bearer {token}"}
 
@@ -132,11 +134,11 @@ class Operator:
         return response.json()
 
     def recluster(self, seed: int) -> dict[str, Any]:
-        """Cluster every enabled device (k-means, k chosen by silhouette)."""
-        body = {"method": "kmeans", "seed": seed}
-        return dict(
-            self._ok(self.clustering.post("/v1/clusterings", json=body, headers=self.headers))
-        )
+        """Cluster every enabled device (k-means, k chosen by silhouette) and wait for it."""
+        from tessera.sdk.operator import recluster_and_wait
+
+        options = {"method": "kmeans", "seed": seed}
+        return recluster_and_wait(self.clustering, options, timeout_s=ROUND_TIMEOUT_S)
 
     def open_round(self, config: dict[str, Any]) -> dict[str, Any]:
         """Open a collecting round."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from services.clustering import algorithms
 from services.clustering.algorithms import (
     METHODS,
     adjusted_rand_index,
@@ -286,3 +287,41 @@ def test_check_vectors_accepts_unit_rows():
 def test_check_vectors_names_the_fault(vectors, message):
     with pytest.raises(ValueError, match=message):
         check_vectors(vectors, dim=DIM)
+
+
+def test_a_large_population_runs_minibatch_kmeans_without_any_pairwise_matrix(monkeypatch):
+    vectors, truth = scatter(directions(4, seed=11), [700, 800, 750, 750], seed=12)
+
+    def no_matrix(x):
+        raise AssertionError(f"an n x n distance matrix was formed for n={x.shape[0]}")
+
+    monkeypatch.setattr(algorithms, "cosine_distances", no_matrix)
+    result = cluster_vectors(vectors, method="kmeans", large_n=1000, silhouette_sample=500, seed=0)
+
+    assert result.k == 4  # chosen by the sampled silhouette among k = 2..8
+    assert adjusted_rand_index(truth, result.labels) > 0.99
+    assert sorted(result.sizes) == [700, 750, 750, 800]
+    assert result.silhouette is not None and result.silhouette > 0.5
+    assert np.allclose(np.linalg.norm(result.centroids, axis=1), 1.0)
+    for c in range(result.k):  # centroids are still the normalised means of the members
+        mean = vectors[result.labels == c].mean(axis=0)
+        assert np.allclose(result.centroids[c], mean / np.linalg.norm(mean))
+
+
+def test_a_large_population_follows_a_given_k_and_the_small_path_agrees():
+    vectors, truth = scatter(directions(3, seed=21), [400, 400, 400], seed=22)
+
+    large = cluster_vectors(vectors, method="kmeans", k=3, large_n=100, silhouette_sample=300)
+    small = cluster_vectors(vectors, method="kmeans", k=3, large_n=10_000)
+
+    assert large.k == small.k == 3
+    assert adjusted_rand_index(large.labels, small.labels) == 1.0
+    assert adjusted_rand_index(truth, large.labels) == 1.0
+
+
+@pytest.mark.parametrize("method", ["agglomerative", "hdbscan"])
+def test_methods_that_need_every_distance_are_refused_above_large_n(method):
+    vectors, _ = blobs(3, per_cluster=10)
+
+    with pytest.raises(ValueError, match=f"{method} needs every pairwise distance.*n=3"):
+        cluster_vectors(vectors, method=method, large_n=20)

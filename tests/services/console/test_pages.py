@@ -19,10 +19,12 @@ from services.console.app import STATIC_DIR
 from tessera.config import Settings
 from tessera.lora import adapter_to_bytes, random_adapter
 from tessera.model.facts import load_facts
-from tessera.models import AdapterKind, Round, RoundState
+from tessera.models import AdapterKind, ClusteringJob, Round, RoundState
 from tessera.storage import ObjectStore
+from tests.helpers import on_redis_db
 from tests.services.aggregator.factories import publish
-from tests.services.console.conftest import sign_in, signed_in_csrf
+from tests.services.clustering.helpers import run_here
+from tests.services.console.conftest import CONSOLE_QUEUE_DB, sign_in, signed_in_csrf
 from tests.services.console.factories import federation
 
 
@@ -115,8 +117,9 @@ def test_cluster_map_has_every_device_and_cluster(
 
 @pytest.fixture
 def clustering_service(aggregator: TestClient, settings: Settings) -> Iterator[TestClient]:
-    """The real clustering app in-process, as the console's (the aggregator's) clustering client."""
-    with TestClient(create_clustering_app(settings)) as client:
+    """The real clustering app in-process, as the console's (the aggregator's) clustering client;
+    its re-clustering jobs wait on a Redis database that no worker reads (a test runs them)."""
+    with TestClient(create_clustering_app(on_redis_db(settings, CONSOLE_QUEUE_DB))) as client:
         aggregator.app.state.clustering_http = client  # type: ignore[attr-defined]
         yield client
 
@@ -126,6 +129,7 @@ def test_recluster_from_the_console(
     clustering_service: TestClient,
     operator_token: str,
     session: Session,
+    settings: Settings,
 ) -> None:
     csrf = _signed_in(aggregator, operator_token)
     nothing = aggregator.post("/console/clusters", data={"csrf": csrf, "method": "kmeans"})
@@ -133,13 +137,30 @@ def test_recluster_from_the_console(
     contradictory = aggregator.post(
         "/console/clusters", data={"csrf": csrf, "method": "hdbscan", "k": "2"}
     )
-    done = aggregator.post("/console/clusters", data={"csrf": csrf, "method": "kmeans", "k": "2"})
+    queued = aggregator.post("/console/clusters", data={"csrf": csrf, "method": "kmeans", "k": "2"})
+    job = session.scalars(select(ClusteringJob)).one()
+    run_here(settings, job.id)  # what the worker does with the job
+    done = aggregator.get("/console/clusters")
+    refused = aggregator.post(
+        "/console/clusters", data={"csrf": csrf, "method": "kmeans", "k": "9"}
+    )
+    run_here(
+        settings,
+        session.scalars(select(ClusteringJob.id).order_by(ClusteringJob.id.desc())).first(),
+    )
+    failed = aggregator.get("/console/clusters")
 
     assert nothing.status_code == 409
     assert "no enabled device has uploaded task vectors" in nothing.text
     assert contradictory.status_code in (409, 422) and 'role="alert"' in contradictory.text
+    assert queued.status_code == 200
+    assert re.search(r'<td class="job-state">queued</td>', queued.text)
     assert done.status_code == 200
-    versions = re.findall(r"<tr><td>(\d+)</td><td>\d{4}-", done.text)
+    assert re.search(r'<td class="job-state">succeeded</td>', done.text)
+    assert refused.status_code == 200
+    assert re.search(r'<td class="job-state">failed</td>\s*<td>k=9 exceeds the number', failed.text)
+    history = done.text.split('id="history-table"')[1]
+    versions = re.findall(r"<tr><td>(\d+)</td><td>\d{4}-", history)
     assert versions == ["2", "1"]
     # The same devices clustered again: both labels carried over, every device kept its own.
     assert "from v1: kept 0, 1</td>" in done.text and "6 stayed, 0 moved</td>" in done.text
