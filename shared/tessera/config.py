@@ -129,6 +129,17 @@ class Settings(BaseSettings):
         default=30.0,
         description="Seconds a request body may go without sending a byte before it is refused.",
     )
+    max_requests_in_flight: Annotated[int, Field(ge=1, le=1000)] = Field(
+        default=16,
+        description="Requests one API process works on at once (probes and open streams "
+        "aside); the rest wait their turn, and the database pool holds this many connections "
+        "plus a few.",
+    )
+    request_queue_s: Annotated[float, Field(ge=0, le=600)] = Field(
+        default=10.0,
+        description="Seconds a request waits for its turn before it is answered 503 with "
+        "Retry-After.",
+    )
     max_request_bytes: Annotated[int, Field(gt=0)] = Field(
         default=4 * MiB, description="Largest JSON request body accepted, in bytes."
     )
@@ -234,6 +245,11 @@ class Settings(BaseSettings):
     inference_url: str = Field(default="http://127.0.0.1:8102", description="Inference URL.")
 
     # Worker.
+    aggregator_replicas: Annotated[int, Field(ge=1, le=64)] = Field(
+        default=1,
+        description="Aggregator processes `tessera up` runs on the aggregator's port "
+        "(uvicorn --workers).",
+    )
     worker_concurrency: Annotated[int, Field(gt=0)] = Field(
         default=1, description="Celery worker processes per worker."
     )

@@ -16,14 +16,29 @@ from sqlalchemy.orm import Session, sessionmaker
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 
-def create_db_engine(url: str) -> Engine:
-    """An engine for `url`; SQLite gets foreign keys, a busy timeout and WAL for concurrent use."""
+POOL_SIZE = 5  # connections kept open; more are opened up to the engine's `connections`
+POOL_TIMEOUT_S = 10.0
+"""How long a request waits for a pooled connection before its 503 (sqlalchemy's TimeoutError).
+With authentication on a brief session and work in flight bounded below the pool, it waits
+only when something else holds connections (a housekeeping pass, a console page)."""
+
+
+def create_db_engine(url: str, *, connections: int = 15) -> Engine:
+    """An engine for `url` holding at most `connections` connections; SQLite gets foreign keys,
+    a busy timeout and WAL for concurrent use."""
     parsed = make_url(url)
+    pool: dict[str, Any] = {
+        "pool_size": min(POOL_SIZE, connections),
+        "max_overflow": max(0, connections - POOL_SIZE),
+        "pool_timeout": POOL_TIMEOUT_S,
+    }
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+        return create_engine(url, pool_pre_ping=True, **pool)
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+    else:
+        pool = {}  # an in-memory database is one connection's (SingletonThreadPool)
+    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, **pool)
 
     @event.listens_for(engine, "connect")
     def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

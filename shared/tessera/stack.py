@@ -206,6 +206,8 @@ class Stack:
                 str(parts.port or 80),
                 "--no-access-log",
             ]
+            if name == "aggregator" and self.settings.aggregator_replicas > 1:
+                argv += ["--workers", str(self.settings.aggregator_replicas)]
             children.append(
                 Child(name, argv, self.log_dir / f"{name}.log", ready_url=f"{url}/readyz")
             )

@@ -21,6 +21,7 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from services.aggregator import crud
@@ -173,11 +174,6 @@ def record_update(
     if replaced_key is not None and replaced_key != key:
         delete_quietly(store, replaced_key)  # on failure, the orphan sweep deletes it later
     UPDATES_RECEIVED.inc()
-    round_ = get_round(session, round_id)
-    # If the task cannot be sent, the round stays collecting: the round loop closes it.
-    with contextlib.suppress(EnqueueError):
-        if close_at_quorum(session=session, celery=celery, round_=round_):
-            session.refresh(round_)
     receipt = UpdateReceipt(
         update_id=row.id,
         round_id=round_id,
@@ -186,9 +182,24 @@ def record_update(
         size_bytes=stored.size,
         num_samples=meta.num_samples,
         replaced=replaced,
-        round_state=round_.state,
+        round_state=_state_after_quorum(session, celery, round_id),
     )
     return receipt, replaced
+
+
+def _state_after_quorum(session: Session, celery: Celery, round_id: int) -> RoundState:
+    """Close the round if it reached quorum; its state after. The update is counted already,
+    so a failure here is logged, never the upload's answer: the round loop closes the round."""
+    try:
+        round_ = get_round(session, round_id)
+        with contextlib.suppress(EnqueueError):
+            if close_at_quorum(session=session, celery=celery, round_=round_):
+                session.refresh(round_)
+        return round_.state
+    except SQLAlchemyError:
+        session.rollback()
+        log.warning("quorum check failed after an update was counted", exc_info=True)
+        return RoundState.COLLECTING  # what it was when the update was counted
 
 
 def _forget_unaccepted(

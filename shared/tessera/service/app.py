@@ -14,7 +14,11 @@ from tessera.config import Settings, get_settings
 from tessera.logs import configure_logging
 from tessera.service.errors import install_error_handlers
 from tessera.service.health import Readiness, health_router
-from tessera.service.middleware import BodySizeLimitMiddleware, MetricsMiddleware
+from tessera.service.middleware import (
+    BodySizeLimitMiddleware,
+    InFlightLimitMiddleware,
+    MetricsMiddleware,
+)
 from tessera.service.resources import Resources
 
 log = logging.getLogger(__name__)
@@ -67,6 +71,11 @@ def create_service_app(
     app.include_router(health_router(readiness))
     for router in routers:
         app.include_router(router)
+    app.add_middleware(  # inside the metrics: its 503s are counted
+        InFlightLimitMiddleware,
+        limit=settings.max_requests_in_flight,
+        queue_s=settings.request_queue_s,
+    )
     app.add_middleware(MetricsMiddleware, service=service)
     app.add_middleware(
         BodySizeLimitMiddleware,

@@ -1,5 +1,8 @@
 """Bearer-token authentication and role checks for every service.
 
+A token is looked up on a session of its own, closed before the handler runs: a request never
+holds a pooled database connection while it waits (for its body, a worker thread or a stream).
+
 Service tokens (`tessera.tokens.service_token`) pass only where a route names their scope
 (`require_role(..., scope=...)`); everywhere else, including `PrincipalDep`, they are 403.
 """
@@ -16,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from tessera.config import Settings
 from tessera.models import Client, Role
-from tessera.service.deps import ResourcesDep, SessionDep, SettingsDep
+from tessera.service.deps import ResourcesDep
 from tessera.tokens import ServiceScope, hash_token, service_scope, service_token, tokens_equal
 
 _bearer = HTTPBearer(auto_error=False, description="A client token, or the operator token")
@@ -45,12 +48,15 @@ def _unauthorized(detail: str) -> HTTPException:
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
-def identify(settings: SettingsDep, session: SessionDep, credentials: Credentials) -> Principal:
+def identify(resources: ResourcesDep, credentials: Credentials) -> Principal:
     """The caller behind the bearer token, services included; 401 if it is missing, unknown
-    or disabled."""
+    or disabled. The lookup's session is closed at once (see the module's docstring)."""
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise _unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
-    return principal_for_token(settings=settings, session=session, token=credentials.credentials)
+    with resources.sessions() as session:
+        return principal_for_token(
+            settings=resources.settings, session=session, token=credentials.credentials
+        )
 
 
 def principal_for_token(*, settings: Settings, session: Session, token: str) -> Principal:
@@ -90,16 +96,6 @@ def authenticate(caller: CallerDep) -> Principal:
 
 
 PrincipalDep = Annotated[Principal, Depends(authenticate)]
-
-
-def authenticate_briefly(resources: ResourcesDep, credentials: Credentials) -> Principal:
-    """`authenticate` on a session of its own, closed at once: for a response that outlives
-    its handler (a stream), which must not hold a database connection while it runs."""
-    with resources.sessions() as session:
-        return authenticate(identify(resources.settings, session, credentials))
-
-
-StreamPrincipalDep = Annotated[Principal, Depends(authenticate_briefly)]
 
 
 def require_role(*roles: Role, scope: ServiceScope | None = None) -> object:

@@ -31,6 +31,7 @@ _BACKENDS: tuple[tuple[type[Exception], str], ...] = (
     (redis.exceptions.TimeoutError, "Redis"),
     (QueueError, "the job queue"),
     (sqlalchemy.exc.OperationalError, "the database"),
+    (sqlalchemy.exc.TimeoutError, "the database"),  # no pooled connection came free in time
 )
 
 

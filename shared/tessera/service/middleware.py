@@ -1,4 +1,5 @@
-"""ASGI middleware: request body limits (size, and time between its bytes) and request metrics."""
+"""ASGI middleware: request body limits (size, and time between its bytes), work in flight, and
+request metrics."""
 
 from __future__ import annotations
 
@@ -157,6 +158,74 @@ async def _reject(send: Send, error: HTTPException) -> None:
     await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
     body = json.dumps({"detail": error.detail}).encode()
     await send({"type": "http.response.body", "body": body})
+
+
+BUSY_RETRY_AFTER_S = 2
+"""What a request refused for want of a turn is told to wait: turns come free in well under a
+second each, and the refused client's retry comes back behind those already waiting."""
+UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+class InFlightLimitMiddleware:
+    """Work on at most `limit` requests at once; the others wait their turn up to `queue_s`,
+    then get a 503 with Retry-After (never a 500 from a pool or a thread run dry).
+
+    A request's turn ends when its response starts: a stream that outlives its handler (server
+    sent events) does not hold one. Probes are never held back, so that readiness answers
+    while the service is busy.
+    """
+
+    def __init__(self, app: ASGIApp, *, limit: int, queue_s: float) -> None:
+        self.app = app
+        self.limit = limit
+        self.queue_s = queue_s
+        self._turns: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
+
+    def _semaphore(self) -> asyncio.Semaphore:
+        """The turns of the running loop (a test client runs the app on one loop per block)."""
+        loop = asyncio.get_running_loop()
+        if loop not in self._turns:
+            self._turns = {loop: asyncio.Semaphore(self.limit)}  # an earlier loop is done
+        return self._turns[loop]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in UNLIMITED_PATHS:
+            await self.app(scope, receive, send)
+            return
+        turns = self._semaphore()
+        if turns.locked():
+            try:
+                await asyncio.wait_for(turns.acquire(), self.queue_s)
+            except TimeoutError:
+                await _reject(send, self._busy())
+                return
+        else:
+            await turns.acquire()  # free: returns at once
+        held = True
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                turns.release()
+
+        async def releasing_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                release()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, releasing_send)
+        finally:
+            release()
+
+    def _busy(self) -> HTTPException:
+        return HTTPException(
+            503,
+            detail=f"the service is busy ({self.limit} requests in flight, "
+            f"TESSERA_MAX_REQUESTS_IN_FLIGHT); retry after {BUSY_RETRY_AFTER_S} s",
+            headers={"Retry-After": str(BUSY_RETRY_AFTER_S)},
+        )
 
 
 class MetricsMiddleware:

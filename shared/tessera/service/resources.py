@@ -21,6 +21,7 @@ from tessera.queue import QUICK_SOCKET_TIMEOUT_S, make_celery
 from tessera.storage import ObjectStore
 
 REDIS_TIMEOUT_S = 2
+SPARE_CONNECTIONS = 4
 
 
 @dataclass
@@ -33,7 +34,10 @@ class Resources:
 
     @cached_property
     def engine(self) -> Engine:
-        return db.create_db_engine(self.settings.resolved_database_url)
+        """A connection for each request in flight, and a few for what runs beside them
+        (the housekeeping loop, readiness probes)."""
+        connections = self.settings.max_requests_in_flight + SPARE_CONNECTIONS
+        return db.create_db_engine(self.settings.resolved_database_url, connections=connections)
 
     @cached_property
     def sessions(self) -> sessionmaker[Session]:

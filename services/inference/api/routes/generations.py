@@ -33,7 +33,7 @@ from services.inference.messages import send_wakeup
 from services.inference.queue_depth import record_queue_depth
 from tessera.config import Settings
 from tessera.models import GenerationJob, JobState, Role
-from tessera.service.auth import GeneratorDep, Principal, PrincipalDep, StreamPrincipalDep
+from tessera.service.auth import GeneratorDep, Principal, PrincipalDep
 from tessera.service.deps import (
     CeleryDep,
     ClusteringHttpDep,
@@ -262,7 +262,7 @@ def get_generation(
     },
 )
 async def generation_events(
-    job_id: JobId, request: Request, principal: StreamPrincipalDep, resources: ResourcesDep
+    job_id: JobId, request: Request, principal: PrincipalDep, resources: ResourcesDep
 ) -> EventSourceResponse:
     await run_in_threadpool(_check_owner, resources, job_id, principal)  # 404 before the stream
     settings = resources.settings
