@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
@@ -103,22 +104,58 @@ def request(
             if traffic is not None:
                 traffic.up += len(response.request.content or b"")
                 traffic.down += len(response.content)
-            if response.status_code < 400:
+            last, retry_after = _judge(method, url, response, attempt)
+            if last is None:
                 return response
-            if response.status_code not in RETRY_STATUSES:
-                raise ApiError(method, url, response.status_code, _detail(response))
-            last = ApiError(method, url, response.status_code, _detail(response))
-            if response.status_code in (429, 503):
-                retry_after = response.headers.get("Retry-After")
-            log.warning(
-                "%s %s answered %d, attempt %d", method, url, response.status_code, attempt + 1
-            )
         if attempt + 1 < policy.attempts:
             policy.sleep(policy.delay(attempt, retry_after))
+    raise _gave_up(method, url, policy, last)
+
+
+async def request_async(
+    client: httpx.AsyncClient, method: str, url: str, *, policy: RetryPolicy, **kwargs: Any
+) -> httpx.Response:
+    """`request` on an event loop (many simulated devices in one process): the same retries,
+    waits (asyncio's sleep, not `policy.sleep`) and errors."""
+    last: Exception | None = None
+    for attempt in range(policy.attempts):
+        retry_after = None
+        try:
+            response = await client.request(method, url, **kwargs)
+        except RETRY_ERRORS as error:
+            last = error
+            log.warning("%s %s failed (%s), attempt %d", method, url, error, attempt + 1)
+        else:
+            last, retry_after = _judge(method, url, response, attempt)
+            if last is None:
+                return response
+        if attempt + 1 < policy.attempts:
+            await asyncio.sleep(policy.delay(attempt, retry_after))
+    raise _gave_up(method, url, policy, last)
+
+
+def _judge(
+    method: str, url: str, response: httpx.Response, attempt: int
+) -> tuple[ApiError | None, str | None]:
+    """(None, None) for a success; for a retryable answer, its error and `Retry-After` (on 429
+    and 503); ApiError raised for a refusal."""
+    if response.status_code < 400:
+        return None, None
+    error = ApiError(method, url, response.status_code, _detail(response))
+    if response.status_code not in RETRY_STATUSES:
+        raise error
+    log.warning("%s %s answered %d, attempt %d", method, url, response.status_code, attempt + 1)
+    retry_after = None
+    if response.status_code in (429, 503):
+        retry_after = response.headers.get("Retry-After")
+    return error, retry_after
+
+
+def _gave_up(method: str, url: str, policy: RetryPolicy, last: Exception | None) -> ApiError:
     assert last is not None
     if isinstance(last, ApiError):
-        raise last
-    raise ApiError(method, url, 0, f"unreachable after {policy.attempts} attempts: {last}")
+        return last
+    return ApiError(method, url, 0, f"unreachable after {policy.attempts} attempts: {last}")
 
 
 def _detail(response: httpx.Response) -> Any:

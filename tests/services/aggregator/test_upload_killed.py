@@ -8,7 +8,6 @@ import contextlib
 import hashlib
 import os
 import signal
-import sys
 import threading
 from datetime import timedelta
 from pathlib import Path
@@ -25,9 +24,11 @@ from tessera.config import Settings
 from tessera.federation import update_key
 from tessera.lora import LoraSpec
 from tessera.models import utcnow
+from tessera.stack import SERVICE_APPS
 from tessera.storage import ObjectStore
-from tests.helpers import REPO_ROOT, bearer
+from tests.helpers import bearer
 from tests.services.aggregator.helpers import lora_file, open_round, upload
+from tests.serving import served_process
 
 
 @pytest.mark.slow
@@ -49,20 +50,9 @@ def test_a_kill_between_write_and_commit_loses_no_update_and_leaves_no_orphan(
         accepted = upload(aggregator, device["token"], round_["id"], device["id"], first)
         assert accepted.status_code == 201
     slot = update_key(round_["id"], device["id"], "").rsplit("/", 1)[0] + "/"
-    port = procs.free_ports(1)[0]
-    log_path = tmp_path / "aggregator.log"
-    server = procs.spawn(
-        [sys.executable, "-m", "uvicorn", "--factory", "services.aggregator.main:create_app",
-         "--host", "127.0.0.1", "--port", str(port)],
-        log_path=log_path, env={**os.environ, **settings.as_env()}, cwd=REPO_ROOT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
     sessions = db.session_factory(db.create_db_engine(settings.resolved_database_url))
-    try:
-        procs.wait_until(
-            lambda: httpx.get(f"{url}/healthz", timeout=2).status_code == 200,
-            timeout=120, what="the aggregator", process=server, log_path=log_path,
-        )  # fmt: skip
+    log_path = tmp_path / "aggregator.log"
+    with served_process(SERVICE_APPS["aggregator"], settings, log_path) as (url, server):
         # Hold the round's row (as a close in progress would): the upload writes its object,
         # then waits for the row, between its write and its commit.
         holder = sessions()
@@ -89,8 +79,6 @@ def test_a_kill_between_write_and_commit_loses_no_update_and_leaves_no_orphan(
         holder.rollback()
         holder.close()
         request.join(10)
-    finally:
-        procs.stop(server)
 
     row = crud.get_update(session=session, round_id=round_["id"], client_id=device["id"])
     kept = []
