@@ -7,9 +7,9 @@ import asyncio
 import math
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
@@ -17,6 +17,7 @@ import numpy as np
 from tessera.sdk.http import ApiError, RetryPolicy, request_async
 
 STEPS = ("enrol", "task_vectors", "update")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -100,8 +101,11 @@ async def run_devices(
     name_prefix: str,
     policy: RetryPolicy | None = None,
     timeout_s: float = 300.0,
+    lockstep: bool = False,
 ) -> LoadReport:
-    """`devices` simulated devices, all at once, each on its own connection."""
+    """`devices` simulated devices, all at once, each on its own connection. `lockstep`: every
+    device starts each step at the same moment, once all have finished the one before (the
+    hardest arrival pattern for the server); otherwise each goes on at its own pace."""
     policy = policy or RetryPolicy(attempts=10)
     report = LoadReport(devices=devices)
 
@@ -126,7 +130,7 @@ async def run_devices(
             report.seconds[step].append(time.perf_counter() - started)
             return response
 
-        async def device(index: int) -> None:
+        async def enrol(index: int) -> tuple[int, int, str]:
             enrolled = await timed(
                 "enrol",
                 "POST",
@@ -134,29 +138,51 @@ async def run_devices(
                 json={"name": f"{name_prefix}-{index}", "role": "device"},
                 headers={"Authorization": f"Bearer {operator_token}"},
             )
-            client_id, token = enrolled.json()["id"], enrolled.json()["token"]
-            auth = {"Authorization": f"Bearer {token}"}
+            return index, enrolled.json()["id"], enrolled.json()["token"]
+
+        async def send_vectors(index: int, client_id: int, token: str) -> tuple[int, int, str]:
             await timed(
                 "task_vectors",
                 "POST",
                 "/v1/devices/me/task-vectors",
                 json={"encoder_id": payloads.encoder_id, "vectors": payloads.vectors(index)},
-                headers=auth,
+                headers={"Authorization": f"Bearer {token}"},
             )
+            return index, client_id, token
+
+        async def upload(index: int, client_id: int, token: str) -> None:
             receipt = await timed(
                 "update",
                 "PUT",
                 f"/v1/rounds/{round_id}/updates/{client_id}",
                 content=payloads.updates[index % len(payloads.updates)],
                 params={"num_samples": 16},
-                headers={**auth, "Content-Type": "application/octet-stream"},
+                headers={
+                    "Authorization": f"Bearer {token}",
+                    "Content-Type": "application/octet-stream",
+                },
             )
             report.accepted[client_id] = receipt.json()["sha256"]
 
+        async def device(index: int) -> None:
+            await upload(*await send_vectors(*await enrol(index)))
+
         started = time.perf_counter()
-        results = await asyncio.gather(*(device(i) for i in range(devices)), return_exceptions=True)
+        if lockstep:
+            enrolled = await _settled(enrol(i) for i in range(devices))
+            sent = await _settled(send_vectors(*one) for one in enrolled)
+            await _settled(upload(*one) for one in sent)
+        else:
+            await _settled(device(i) for i in range(devices))
         report.wall_s = time.perf_counter() - started
-    for result in results:  # an ApiError is counted already; anything else is a bug here
+    return report
+
+
+async def _settled(steps: Iterable[Awaitable[T]]) -> list[T]:
+    """Run `steps` at once; the results of those that succeeded. An ApiError (a step that gave
+    up, counted already) drops its device; any other error is a bug here, raised."""
+    results = await asyncio.gather(*steps, return_exceptions=True)
+    for result in results:
         if isinstance(result, BaseException) and not isinstance(result, ApiError):
             raise result
-    return report
+    return [result for result in results if not isinstance(result, BaseException)]

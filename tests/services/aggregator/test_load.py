@@ -77,6 +77,7 @@ def test_200_devices_at_once_get_no_500_and_leave_no_orphan(
                     devices=DEVICES,
                     name_prefix="load",
                     policy=RetryPolicy(attempts=60),
+                    lockstep=True,
                 )
             )
         finally:
