@@ -77,7 +77,11 @@ def _principal(operator: ConsoleSession) -> Principal:
 
 
 def _cookie_secure(request: Request) -> bool:
-    return request.url.scheme == "https"
+    """Whether the console's cookies are Secure: as TESSERA_CONSOLE_SECURE_COOKIE says, else
+    when the request came over HTTPS (uvicorn takes the scheme from X-Forwarded-Proto only
+    from a proxy in its FORWARDED_ALLOW_IPS)."""
+    setting = request.app.state.resources.settings.console_secure_cookie
+    return request.url.scheme == "https" if setting is None else setting
 
 
 # --- sign-in ---------------------------------------------------------------------------------
@@ -148,14 +152,26 @@ def signin(
         samesite="strict",
         secure=_cookie_secure(request),
     )
-    response.delete_cookie(SIGNIN_COOKIE_NAME, path="/console")
+    response.delete_cookie(
+        SIGNIN_COOKIE_NAME,
+        path="/console",
+        httponly=True,
+        samesite="strict",
+        secure=_cookie_secure(request),
+    )
     return response
 
 
 @router.post("/signout")
-def signout(_operator: CsrfOperatorDep) -> Response:
+def signout(request: Request, _operator: CsrfOperatorDep) -> Response:
     response = RedirectResponse("/console/signin", status_code=status.HTTP_303_SEE_OTHER)
-    response.delete_cookie(COOKIE_NAME, path="/console", httponly=True, samesite="strict")
+    response.delete_cookie(
+        COOKIE_NAME,
+        path="/console",
+        httponly=True,
+        samesite="strict",
+        secure=_cookie_secure(request),
+    )
     return response
 
 

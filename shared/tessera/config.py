@@ -118,6 +118,11 @@ class Settings(BaseSettings):
         default=SecretStr(DEV_TOKEN_SECRET),
         description="Key of the HMAC under which client tokens are stored.",
     )
+    console_secure_cookie: bool | None = Field(
+        default=None,
+        description="Mark the console's cookies Secure: true always (behind a TLS proxy), false "
+        "never; unset, exactly when the request came over HTTPS as uvicorn sees it.",
+    )
 
     # Limits.
     max_upload_bytes: Annotated[int, Field(gt=0)] | None = Field(

@@ -10,11 +10,13 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from services.console.session import COOKIE_NAME, decode_session
+from services.aggregator.main import create_app
+from services.console.session import COOKIE_NAME, SIGNIN_COOKIE_NAME, decode_session
 from tessera.config import Settings
 from tessera.models import Round
 from tests.helpers import bearer, enrol
-from tests.services.console.conftest import ServedStack, sign_in, signed_in_csrf
+from tests.services.console.conftest import ServedStack, csrf_of, sign_in, signed_in_csrf
+from tests.serving import served
 
 
 def test_pages_redirect_to_sign_in_without_a_session(aggregator: TestClient) -> None:
@@ -159,3 +161,56 @@ def test_token_never_in_a_url_or_the_access_log(
     assert all(operator_token not in url for url in urls)
     assert all(operator_token not in record.getMessage() for record in caplog.records)
     assert all(operator_token not in str(record.args) for record in caplog.records)
+
+
+def _secure_cookies(url: str, token: str, headers: dict[str, str]) -> dict[str, bool]:
+    """Sign in over plain HTTP with `headers` on both requests; whether each cookie set on the
+    way is Secure. (The nonce is sent by hand: a client's jar keeps a Secure cookie off HTTP.)"""
+    secure: dict[str, bool] = {}
+    with httpx.Client(base_url=url, timeout=10) as client:
+        form = client.get("/console/signin", headers=headers)
+        client.cookies.clear()
+        nonce = form.cookies[SIGNIN_COOKIE_NAME]
+        signed_in = client.post(
+            "/console/signin",
+            data={"token": token, "csrf": csrf_of(form.text)},
+            headers={**headers, "Cookie": f"{SIGNIN_COOKIE_NAME}={nonce}"},
+        )
+        assert signed_in.status_code == 303, signed_in.text
+        for response in (form, signed_in):
+            for header in response.headers.get_list("set-cookie"):
+                name = header.split("=", 1)[0]
+                if name == SIGNIN_COOKIE_NAME and response is signed_in:
+                    continue  # its deletion
+                attributes = {part.strip().lower() for part in header.split(";")[1:]}
+                secure[name] = "secure" in attributes
+    assert set(secure) == {SIGNIN_COOKIE_NAME, COOKIE_NAME}
+    return secure
+
+
+HTTPS_PROXIED = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.7"}
+
+
+@pytest.mark.parametrize(
+    ("setting", "trusted", "headers", "secure"),
+    [
+        (None, "127.0.0.1", {}, False),  # plain HTTP, no proxy
+        (None, "127.0.0.1", HTTPS_PROXIED, True),  # a TLS proxy uvicorn trusts (its default)
+        (None, "192.0.2.1", HTTPS_PROXIED, False),  # a peer uvicorn does not trust: not believed
+        (True, "192.0.2.1", {}, True),  # behind a TLS ingress uvicorn cannot tell: the setting
+        (False, "127.0.0.1", HTTPS_PROXIED, False),
+    ],
+)
+def test_cookies_are_secure_behind_a_tls_proxy(
+    settings: Settings,
+    operator_token: str,
+    setting: bool | None,
+    trusted: str,
+    headers: dict[str, str],
+    secure: bool,
+) -> None:
+    own = settings.model_copy(update={"console_secure_cookie": setting})
+    with served(create_app(own), forwarded_allow_ips=trusted) as url:
+        cookies = _secure_cookies(url, operator_token, headers)
+
+    assert cookies == {SIGNIN_COOKIE_NAME: secure, COOKIE_NAME: secure}
