@@ -76,7 +76,7 @@ def test_each_version_is_drawn_once_beside_the_one_before(
     assert after_fourth == cap and fourth.count("Queued for drawing") == after_first + 3 - cap
 
 
-def test_a_drawn_image_is_shown_and_polling_stops(
+def test_a_drawn_image_is_shown_and_polling_slows_down(
     gallery: TestClient, operator_token: str, session: Session, store: ObjectStore
 ) -> None:
     sign_in(gallery, operator_token)
@@ -94,7 +94,8 @@ def test_a_drawn_image_is_shown_and_polling_stops(
 
     assert page.count("data-gallery-image") == 2 * len(PROMPTS)
     assert f'alt="global v1: {PROMPTS[0]}"' in page
-    assert "hx-trigger" not in page.split('id="live"')[1].split(">")[0]
+    # Drawn: polled now and then only, for the versions the next round publishes.
+    assert 'hx-trigger="every 30s"' in page.split('id="live"')[1].split(">")[0]
 
 
 def test_without_plaintext_prompts_nothing_is_drawn_and_the_page_says_why(

@@ -39,6 +39,9 @@ def test_empty_platform_says_what_to_do_next(aggregator: TestClient, operator_to
     overview = aggregator.get("/console/").text
     rounds = aggregator.get("/console/rounds").text
     clusters = aggregator.get("/console/clusters").text
+    adapters = aggregator.get("/console/adapters").text
+    generate = aggregator.get("/console/generate").text
+    gallery = aggregator.get("/console/gallery").text
 
     assert "No round yet:" in overview and 'href="/console/rounds">open one' in overview
     assert "No device enrolled yet" in overview
@@ -54,6 +57,9 @@ def test_empty_platform_says_what_to_do_next(aggregator: TestClient, operator_to
     assert services.count("unreachable (ConnectError)") == 2
     assert "No round yet: open one above." in rounds
     assert "No clustering yet" in clusters
+    assert "No adapter published yet: a round publishes one per cluster" in adapters
+    assert "No adapter published yet: the base model alone" in generate
+    assert "No adapter published yet: once a round publishes its adapters" in gallery
 
 
 def test_open_close_cancel_show_the_apis_refusals(
