@@ -181,8 +181,9 @@ def store(settings: Settings) -> ObjectStore:
 def worker(base_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """A real Celery worker process on the session's Redis and database, consuming the
     aggregation queue and the inference queue, so that every service's /readyz finds a worker
-    of its own queue. It runs aggregation tasks only; no test sends a generation job to the
-    session's Redis database (the inference tests queue theirs on a database of their own)."""
+    of its own queue. It runs aggregation tasks only, and drops a generation job's message as
+    an unregistered task: the inference tests queue theirs on a Redis database of their own,
+    and the console's browser test takes the inference queue from this worker while it runs."""
     log_path = tmp_path_factory.mktemp("worker") / "worker.log"
     env = {**os.environ, **base_settings.as_env()}
     process = procs.spawn(
