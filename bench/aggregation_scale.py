@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from benchlib import common_arguments, machine, write_report
+from benchlib import common_arguments, machine, reset_peak, status_bytes, write_report
 
 from tessera.lora import LoraSpec, adapter_from_bytes, adapter_to_bytes
 from tessera.lora.adapter import random_adapter
@@ -116,17 +116,6 @@ def make_update(model_spec: LoraSpec, rank: int, index: int) -> WeightedUpdate:
 # -- one method in this process ------------------------------------------------------------------
 
 
-def _peak_reset() -> None:
-    Path("/proc/self/clear_refs").write_text("5")
-
-
-def _status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def floor(updates: list[WeightedUpdate]) -> dict[str, torch.Tensor]:
     """The weighted sum of every factor, in place: the least any mean of the updates costs."""
     total = sum(u.weight for u in updates)
@@ -166,14 +155,14 @@ def run_child(job: dict[str, Any]) -> dict[str, Any]:
             means.update(dense_means(updates))
             return truncate_means(means, updates[0].adapter, count=count, rank=rank, alpha=None)
 
-    inputs = _status_bytes("VmRSS")
-    _peak_reset()
+    inputs = status_bytes("VmRSS")
+    reset_peak()
     start = time.perf_counter()
     result = call()
     seconds = time.perf_counter() - start
     row: dict[str, Any] = {
         "seconds": seconds,
-        "peak_bytes": _status_bytes("VmHWM"),
+        "peak_bytes": status_bytes("VmHWM"),
         "inputs_bytes": inputs,
     }
     if method == "exact":
@@ -217,12 +206,12 @@ def _streamed(job: dict[str, Any], model_spec: LoraSpec) -> dict[str, Any]:
             groups={None: refs},
             centroids={},
         )
-        inputs = _status_bytes("VmRSS")
-        _peak_reset()
+        inputs = status_bytes("VmRSS")
+        reset_peak()
         start = time.perf_counter()
         outcome = aggregate_plan(plan, store=store, scales=ScaleRange(1e-3, 16.0))
         seconds = time.perf_counter() - start
-        peak = _status_bytes("VmHWM")
+        peak = status_bytes("VmHWM")
     assert len(outcome.used) == count and not outcome.excluded
     return {"seconds": seconds, "peak_bytes": peak, "inputs_bytes": inputs}
 

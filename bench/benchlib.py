@@ -103,3 +103,16 @@ def resident_bytes() -> int:
     """This process's resident set size now (Linux `/proc/self/statm`), in bytes."""
     pages = int(Path("/proc/self/statm").read_text().split()[1])
     return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak() -> None:
+    """Start this process's peak resident set (VmHWM) again from its current size (Linux)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def status_bytes(field: str) -> int:
+    """A size field of `/proc/self/status` (VmHWM: the peak resident set, VmRSS: now), bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")

@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from itertools import groupby
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
 from services.clustering import algorithms
@@ -36,6 +37,7 @@ from tessera.models import Assignment, Client, Cluster, Clustering, Role, TaskEm
 
 DEFAULT_MIN_CLUSTER_SIZE = 2
 DEFAULT_FAR_SIMILARITY = 0.5  # TESSERA_CLUSTER_DRIFT_SIMILARITY's default
+ASSIGNMENT_BATCH = 5000  # assignment rows per INSERT
 
 
 class ClusteringStateError(Exception):
@@ -75,27 +77,33 @@ def task_direction(vectors: Sequence[Vectors]) -> Vectors:
     return mean_direction(normalise_rows(as_matrix(np.stack(vectors))))
 
 
-def device_directions(*, session: Session) -> dict[int, Vectors]:
-    """Every enabled device with task vectors, by client id, mapped to its task direction."""
+def device_directions(*, session: Session) -> tuple[list[int], Vectors]:
+    """Every enabled device with task vectors (ascending ids) and its task direction, one row
+    each [n, d]: the rows stream in client order, so one device's vectors are held at a time."""
     rows = session.execute(
         select(TaskEmbedding.client_id, TaskEmbedding.vector, TaskEmbedding.dim)
         .join(Client, Client.id == TaskEmbedding.client_id)
         .where(Client.role == Role.DEVICE, Client.disabled_at.is_(None))
         .order_by(TaskEmbedding.client_id, TaskEmbedding.id)
     )
-    by_client: dict[int, list[Vectors]] = defaultdict(list)
-    for row in rows:
-        by_client[row.client_id].append(task_vector_from_bytes(row.vector, dim=row.dim))
+    client_ids: list[int] = []
+    directions: list[Vectors] = []
     widths: dict[int, list[int]] = defaultdict(list)
-    for client_id, vectors in by_client.items():
+    for client_id, group in groupby(rows, key=lambda row: int(row.client_id)):
+        vectors = [task_vector_from_bytes(row.vector, dim=row.dim) for row in group]
         for width in {v.shape[0] for v in vectors}:
             widths[width].append(client_id)
+        if len(widths) == 1:
+            client_ids.append(client_id)
+            directions.append(task_direction(vectors))
     if len(widths) > 1:
         described = "; ".join(f"{w} for clients {ids[:5]}" for w, ids in sorted(widths.items()))
         raise MixedDimensionsError(
             f"task vectors have different dimensions ({described}): re-upload them with one encoder"
         )
-    return {client_id: task_direction(vectors) for client_id, vectors in by_client.items()}
+    if not directions:
+        return [], np.zeros((0, 0))
+    return client_ids, np.stack(directions)
 
 
 def require_something_to_cluster(*, session: Session) -> None:
@@ -227,13 +235,11 @@ def recluster(
     The metrics record the share of devices less similar than `far_similarity` to their
     centroid, from which the round loop measures drift.
     """
-    directions = device_directions(session=session)
-    if not directions:
+    client_ids, x = device_directions(session=session)
+    if not client_ids:
         raise NothingToClusterError(
             "no enabled device has uploaded task vectors: there is nothing to cluster"
         )
-    client_ids = list(directions)
-    x = np.stack([directions[client_id] for client_id in client_ids])
     result = _cluster(
         x,
         method=method,
@@ -283,17 +289,23 @@ def recluster(
                 size=stable.sizes[label],
             )
         )
-    for row, client_id in enumerate(client_ids):
-        label = int(stable.labels[row])
-        session.add(
-            Assignment(
-                clustering_id=clustering.id,
-                client_id=client_id,
-                label=label,
-                similarity=float(similarity[row]),
-            )
-        )
     session.flush()
+    now = datetime.now(UTC)
+    for start in range(0, len(client_ids), ASSIGNMENT_BATCH):  # bulk: no ORM object per device
+        rows = range(start, min(start + ASSIGNMENT_BATCH, len(client_ids)))
+        session.execute(
+            insert(Assignment),
+            [
+                {
+                    "clustering_id": clustering.id,
+                    "client_id": client_ids[row],
+                    "label": int(stable.labels[row]),
+                    "similarity": float(similarity[row]),
+                    "created_at": now,
+                }
+                for row in rows
+            ],
+        )
     return clustering
 
 
