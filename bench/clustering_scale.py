@@ -326,7 +326,28 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {row['n']:,} | {row['samples']} | {row['median_s'] * 1e3:.1f} ms "
             f"| {row['p95_s'] * 1e3:.1f} ms |"
         )
-    lines += ["", f"![time and memory]({NAME}.png)", ""]
+    large, task = report["algorithm"][-1], report["task"][-1]
+    small, big = report["assignment"][0], report["assignment"][-1]
+    lines += [
+        "",
+        "## Reading",
+        "",
+        f"- At {large['n']:,} devices the algorithm took {large['seconds']:.0f} s and "
+        f"{_gb(large['peak_bytes'] - large['before_bytes'])} over the resident vectors; the "
+        f"task, reading every device's vectors from SQLite and writing {task['n']:,} "
+        f"assignments in the job's commit, {task['seconds']:.0f} s and "
+        f"{_gb(task['peak_bytes'] - task['before_bytes'])} over the worker's resident set "
+        "(the fetched rows, one direction per device and their stacked matrix are held at "
+        "once). Neither forms anything n x n.",
+        f"- Assigning a new device took {small['median_s'] * 1e3:.0f} / "
+        f"{big['median_s'] * 1e3:.0f} ms (p50) with {small['n']:,} / {big['n']:,} devices "
+        "clustered: it reads the device's own vectors and the k centroids only.",
+        "- One run on a shared machine: timings move with the load average, so compare rows "
+        "of one run only.",
+        "",
+        f"![time and memory]({NAME}.png)",
+        "",
+    ]
     return "\n".join(lines)
 
 
