@@ -64,6 +64,10 @@ class NoClusteringError(ClusteringStateError):
     """No clustering yet, or the client has no assignment in the current one."""
 
 
+class FirstClusteringTooLargeError(NoClusteringError):
+    """No clustering yet, and too many devices to make the first one within a request."""
+
+
 class MixedDimensionsError(ClusteringStateError):
     """Vectors of different widths (different encoders) cannot be compared."""
 
@@ -118,6 +122,18 @@ def require_something_to_cluster(*, session: Session) -> None:
         raise NothingToClusterError(
             "no enabled device has uploaded task vectors: there is nothing to cluster"
         )
+
+
+def count_devices_with_vectors(*, session: Session) -> int:
+    """How many enabled devices have task vectors."""
+    return (
+        session.scalar(
+            select(func.count(func.distinct(TaskEmbedding.client_id)))
+            .join(Client, Client.id == TaskEmbedding.client_id)
+            .where(Client.role == Role.DEVICE, Client.disabled_at.is_(None))
+        )
+        or 0
+    )
 
 
 def check_options(
@@ -336,13 +352,16 @@ def _cluster(
         raise ClusteringOptionsError(str(error)) from error
 
 
-def assign_device(*, session: Session, client_id: int) -> Assignment:
+def assign_device(
+    *, session: Session, client_id: int, large_n: int = DEFAULT_LARGE_N
+) -> Assignment:
     """A device's assignment in the current clustering, made now if it uploaded since.
 
     A device with no assignment in the current clustering, or with task vectors newer than it,
     goes to its nearest current centroid (the cluster sizes follow); otherwise its assignment
     stands, so calling this twice changes nothing. Before any clustering, this runs the first
-    one (k-means, k by silhouette) over every device with vectors.
+    one (k-means, k by silhouette) over every device with vectors, unless they are more than
+    `large_n`: then FirstClusteringTooLargeError (the caller queues a job).
     """
     client = session.get(Client, client_id)
     if client is None:
@@ -360,7 +379,13 @@ def assign_device(*, session: Session, client_id: int) -> Assignment:
         )
     clustering = current_clustering(session=session)
     if clustering is None:
-        clustering = recluster(session=session, method="kmeans")
+        devices = count_devices_with_vectors(session=session)
+        if devices > large_n:
+            raise FirstClusteringTooLargeError(
+                f"no clustering yet, and {devices} devices are too many to cluster within a "
+                f"request (TESSERA_CLUSTERING_LARGE_N={large_n})"
+            )
+        clustering = recluster(session=session, method="kmeans", large_n=large_n)
         return current_assignment(session=session, client_id=client_id)[1]
 
     existing = assignment_in(session=session, clustering=clustering, client_id=client_id)

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 MAX_JOB_RUNS = 3
 MAX_ERROR_CHARS = 2000
 ACTIVE = (JobState.QUEUED, JobState.RUNNING)
-OPERATOR, DRIFT = "operator", "drift"
+OPERATOR, DRIFT, ASSIGNMENT = "operator", "drift", "assignment"
 
 
 class ActiveJobError(ClusteringStateError):
@@ -98,6 +98,23 @@ def submit_job(
         )
     log.info("re-clustering queued", extra={"job_id": job.id, "trigger": trigger})
     return job
+
+
+def queued_or_submit(
+    *, session: Session, celery: Celery, params: dict[str, Any], trigger: str
+) -> ClusteringJob:
+    """The job queued or running, else a new one (`submit_job`)."""
+    active = active_job(session=session)
+    if active is not None:
+        return active
+    try:
+        return submit_job(session=session, celery=celery, params=params, trigger=trigger)
+    except ActiveJobError:  # another request queued one meanwhile
+        session.rollback()
+        found = active_job(session=session)
+        if found is None:
+            raise
+        return found
 
 
 def _stale(cutoff: datetime) -> ColumnElement[bool]:

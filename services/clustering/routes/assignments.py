@@ -5,13 +5,13 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, status
 from sqlalchemy.exc import IntegrityError
 
-from services.clustering import crud
+from services.clustering import crud, jobs
 from services.clustering.routes.errors import concurrent_write, http_error
 from services.clustering.schemas import AssignmentCreate, AssignmentOut
 from tessera.models import Assignment, Clustering, Role
 from tessera.schemas import RowId
 from tessera.service.auth import AssignerDep, PrincipalDep
-from tessera.service.deps import SessionDep
+from tessera.service.deps import CeleryDep, SessionDep, SettingsDep
 
 router = APIRouter(prefix="/v1/assignments", tags=["assignments"])
 
@@ -30,13 +30,34 @@ def assignment_out(clustering: Clustering, assignment: Assignment) -> Assignment
     summary="Assign a device to its nearest current cluster (after it uploads task vectors)",
     responses={
         404: {"description": "unknown client, or no task vectors"},
-        409: {"description": "not an enabled device, or vectors of another dimension"},
+        409: {
+            "description": "not an enabled device, vectors of another dimension, or no "
+            "clustering yet and too many devices for a request (a re-clustering job is queued)"
+        },
     },
 )
-def assign(body: AssignmentCreate, _caller: AssignerDep, session: SessionDep) -> AssignmentOut:
+def assign(
+    body: AssignmentCreate,
+    _caller: AssignerDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    celery: CeleryDep,
+) -> AssignmentOut:
     try:
-        assignment = crud.assign_device(session=session, client_id=body.client_id)
+        assignment = crud.assign_device(
+            session=session, client_id=body.client_id, large_n=settings.clustering_large_n
+        )
         session.commit()
+    except crud.FirstClusteringTooLargeError as error:
+        session.rollback()
+        job = jobs.queued_or_submit(
+            session=session, celery=celery, params={}, trigger=jobs.ASSIGNMENT
+        )
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            detail=f"{error}: re-clustering job {job.id} is queued; the device is assigned "
+            "when it has succeeded",
+        ) from error
     except crud.ClusteringStateError as error:
         session.rollback()
         raise http_error(error) from error

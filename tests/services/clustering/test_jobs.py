@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import redis
@@ -225,6 +226,34 @@ def test_drift_queues_one_reclustering_per_clustering_version(
     assert after is None and off is None
     current = crud.require_current_clustering(session=session)
     assert current.metrics["far_share"] == 0.0 and current.metrics["n_devices"] == 18
+
+
+def test_the_first_assignment_over_too_many_devices_queues_a_job_instead(
+    settings: Settings, session: Session, fleet: list[Member], broker: redis.Redis
+) -> None:
+    small = settings.model_copy(update={"clustering_large_n": 10})  # the fleet has 12
+    with TestClient(create_app(small)) as api:
+
+        def assign(member: Member) -> httpx.Response:
+            return api.post(
+                "/v1/assignments", json={"client_id": member.id}, headers=operator(settings)
+            )
+
+        first, second = assign(fleet[0]), assign(fleet[1])
+        job = session.scalars(select(ClusteringJob)).one()
+        nothing_yet = crud.current_clustering(session=session)
+        ran = run_here(small, job.id)
+        after = assign(fleet[0])
+
+    assert first.status_code == second.status_code == 409
+    detail = first.json()["detail"]
+    assert "no clustering yet, and 12 devices are too many to cluster within a request" in detail
+    assert f"re-clustering job {job.id} is queued" in detail
+    assert f"re-clustering job {job.id} is queued" in second.json()["detail"]  # the same job
+    assert job.trigger == "assignment" and nothing_yet is None
+    assert queued_tasks(broker) == [(TASK_RECLUSTER, [job.id])]
+    assert ran["state"] == "succeeded"
+    assert after.status_code == 200 and after.json()["clustering_version"] == 1
 
 
 def test_assigning_a_device_reads_only_its_vectors_and_the_k_centroids(
