@@ -1,5 +1,6 @@
 """The aggregator's round loop, the one place rounds finish: deadlines, quorum, an atomic
-deadline cancel, content-addressed re-uploads and the orphan sweep."""
+deadline cancel, content-addressed re-uploads and the orphan sweep; re-clustering jobs whose
+worker died, and re-clusterings for drift."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import hashlib
 import threading
 import time
 from datetime import timedelta
+from typing import Any
 
 import pytest
 import redis
 from fastapi import HTTPException
 from fastapi.testclient import TestClient
+from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session
 
 from services.aggregator import closing, crud
@@ -19,16 +22,28 @@ from services.aggregator.deps import get_base_model_facts
 from services.aggregator.main import create_app
 from services.aggregator.orphans import sweep_orphaned_updates
 from services.aggregator.routes import updates
+from services.clustering import crud as clustering_crud
 from tessera import db
 from tessera.config import Settings
-from tessera.events import TASK_AGGREGATE_ROUND
+from tessera.events import TASK_AGGREGATE_ROUND, TASK_RECLUSTER
 from tessera.federation import NO_UPDATES_AT_DEADLINE, update_key
 from tessera.lora import LoraSpec
-from tessera.models import Client, Role, Round, RoundState, Update, UpdateStatus, utcnow
+from tessera.models import (
+    Client,
+    ClusteringJob,
+    JobState,
+    Role,
+    Round,
+    RoundState,
+    Update,
+    UpdateStatus,
+    utcnow,
+)
 from tessera.queue import make_celery
 from tessera.storage import ObjectStore
 from tests.helpers import bearer, enrol
 from tests.services.aggregator.helpers import lora_file, open_round, queued_tasks, upload
+from tests.services.clustering.helpers import add_device
 
 
 def _wait_for_state(session: Session, round_id: int, timeout: float = 10) -> RoundState:
@@ -204,3 +219,51 @@ def test_the_sweep_deletes_old_objects_that_no_update_names(
     assert swept == [orphan.key]
     assert not store.exists(orphan.key)
     assert store.exists(row.object_key)
+
+
+def _wait_for_job(session: Session, where: ColumnElement[bool], timeout: float = 10) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        session.expire_all()
+        job = session.scalars(select(ClusteringJob).where(where)).first()
+        if job is not None or time.monotonic() > deadline:
+            return job
+
+
+def test_the_loop_queues_a_reclustering_when_the_clusters_drift(
+    settings: Settings, session: Session, broker: redis.Redis
+) -> None:
+    fast = settings.model_copy(update={"housekeeping_interval_s": 0.05})
+    for i in range(9):
+        add_device(session, settings, f"edge-{i}", i % 3, seed=i)
+    clustering_crud.recluster(session=session, k=3)
+    session.commit()
+    # Four devices land far from every centroid: 4 of 13 (31%) are far, above the 25% default.
+    for i in range(4):
+        newcomer = add_device(session, settings, f"far-{i}", -1, seed=50 + i)
+        clustering_crud.assign_device(session=session, client_id=newcomer.id)
+        session.commit()
+    with TestClient(create_app(fast)):
+        job = _wait_for_job(session, ClusteringJob.trigger == "drift")
+
+    assert job is not None and job.state == JobState.QUEUED and job.base_version == 1
+    assert queued_tasks(broker) == [(TASK_RECLUSTER, [job.id])]
+
+
+def test_the_loop_queues_again_a_reclustering_whose_worker_died(
+    settings: Settings, session: Session, broker: redis.Redis
+) -> None:
+    fast = settings.model_copy(update={"housekeeping_interval_s": 0.05, "task_stale_s": 1})
+    long_ago = utcnow() - timedelta(minutes=5)
+    dead = ClusteringJob(
+        state=JobState.RUNNING, trigger="operator", params={}, attempts=1, heartbeat_at=long_ago
+    )
+    session.add(dead)
+    session.commit()
+    with TestClient(create_app(fast)):
+        requeued = _wait_for_job(
+            session, (ClusteringJob.id == dead.id) & (ClusteringJob.state == JobState.QUEUED)
+        )
+
+    assert requeued is not None and requeued.attempts == 1
+    assert queued_tasks(broker) == [(TASK_RECLUSTER, [dead.id])]

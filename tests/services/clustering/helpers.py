@@ -35,6 +35,7 @@ def run_here(settings: Settings, job_id: int) -> dict[str, Any]:
 
 
 CENTRES = directions(3, seed=7)
+ELSEWHERE = unit(np.random.default_rng(3).normal(size=DIM))  # far from every centre
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,9 @@ def tasks_near(centre: np.ndarray, *, seed: int, count: int = 2, noise: float = 
 def add_device(
     session: Session, settings: Settings, name: str, centre: int, *, seed: int
 ) -> Member:
+    """A device with task vectors around CENTRES[centre], or around ELSEWHERE for centre -1."""
     member = add_client(session, settings, name)
-    upload(session, member.id, tasks_near(CENTRES[centre], seed=seed))
+    upload(session, member.id, tasks_near(ELSEWHERE if centre < 0 else CENTRES[centre], seed=seed))
     return Member(id=member.id, token=member.token, truth=centre)
 
 

@@ -9,7 +9,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 import redis
 from fastapi.testclient import TestClient
@@ -37,9 +36,7 @@ from tests.services.clustering.helpers import (
     add_device,
     operator,
     run_here,
-    upload,
 )
-from tests.services.clustering.synthetic import DIM, unit
 from tests.serving import served
 from tests.worker_processes import WorkerProcesses
 
@@ -199,14 +196,8 @@ def test_drift_queues_one_reclustering_per_clustering_version(
     run_here(settings, first.json()["id"])
     fresh = drift()
     # Six devices with a new task, far from every centroid, join: 6 of 18 are far.
-    newcomers = [add_device(session, settings, f"new-{i}", 0, seed=500 + i) for i in range(6)]
-    elsewhere = unit(np.random.default_rng(3).normal(size=DIM))
+    newcomers = [add_device(session, settings, f"new-{i}", -1, seed=500 + i) for i in range(6)]
     for member in newcomers:
-        upload(
-            session,
-            member.id,
-            unit(elsewhere + np.random.default_rng(member.id).normal(scale=0.03, size=DIM)),
-        )
         assigned = clustering_api.post(
             "/v1/assignments", json={"client_id": member.id}, headers=operator(settings)
         )
