@@ -1,6 +1,7 @@
 """A backend that hangs (its process SIGSTOPped: connections are accepted, nothing answers) is
 a 503 with Retry-After within a few seconds on the API paths, not after tens of seconds, and
-requests succeed again once it resumes."""
+requests succeed again once it resumes. PostgreSQL is shared with others: a proxy in front of a
+scratch database of it stops forwarding instead."""
 
 from __future__ import annotations
 
@@ -15,19 +16,22 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from services.aggregator.main import create_app as create_aggregator
 from services.inference.api.main import create_app as create_inference
+from tessera import db
 from tessera.config import Settings
 from tessera.devstack import EmbeddedSeaweed, EmbeddedValkey
 from tessera.lora import adapter_to_bytes, random_adapter
 from tessera.model.base import BaseModel
 from tessera.models import Role
 from tessera.storage import QUICK_READ_TIMEOUT_S
-from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
+from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY, fresh_postgres_database
 from tests.helpers import bearer, enrol
 from tests.services.inference.helpers import embeds_b64, make_client, tokens
+from tests.tcp_proxy import TcpProxy
 
 # Every answer while a backend is frozen comes within this many seconds: a read timeout and a
 # reconnection's (about 4.7 s for a publish on an idle machine), and a busy shared machine's
@@ -131,4 +135,47 @@ def test_a_frozen_object_store_is_a_quick_503_and_uploads_resume_after_it(
     assert during.headers["Retry-After"] == "5"
     assert during.json() == {"detail": "the object store is unavailable; retry after 5 s"}
     assert during_s < QUICK_READ_TIMEOUT_S + FROZEN_ANSWER_S / 2, during_s
+    assert after.status_code == 200, after.text
+
+
+def test_a_frozen_database_is_a_quick_503_and_requests_resume_after_it(
+    settings: Settings, postgres_admin_url: str | None
+) -> None:
+    if postgres_admin_url is None:
+        pytest.skip("PostgreSQL only (TESSERA_DATABASE_URL): an SQLite file cannot hang")
+    with fresh_postgres_database(postgres_admin_url) as url:
+        db.upgrade(url)
+        server = make_url(url)
+        with TcpProxy((server.host or "127.0.0.1", server.port or 5432)) as proxy:
+            proxied = server.set(host="127.0.0.1", port=proxy.port)
+            own = settings.model_copy(
+                update={"database_url": proxied.render_as_string(hide_password=False)}
+            )
+            operator = bearer(own.operator_token.get_secret_value())
+            with TestClient(create_aggregator(own)) as aggregator:
+                before = aggregator.get("/v1/rounds", headers=operator)
+                proxy.freeze()
+                try:
+                    during, during_s = _timed(
+                        lambda: aggregator.get("/v1/rounds", headers=operator)
+                    )
+                    again, again_s = _timed(lambda: aggregator.get("/v1/rounds", headers=operator))
+                    ready, ready_s = _timed(lambda: aggregator.get("/readyz"))
+                finally:
+                    proxy.thaw()
+                after, after_s = _timed(lambda: aggregator.get("/v1/rounds", headers=operator))
+
+    print(
+        f"frozen PostgreSQL: GET /v1/rounds 503 in {during_s:.1f} s and {again_s:.1f} s, "
+        f"/readyz in {ready_s:.1f} s; thawed, 200 in {after_s:.1f} s"
+    )
+    assert before.status_code == 200, before.text
+    for answer, seconds in ((during, during_s), (again, again_s)):
+        assert answer.status_code == 503
+        assert answer.headers["Retry-After"] == "5"
+        assert answer.json() == {"detail": "the database is unavailable; retry after 5 s"}
+        assert seconds < db.QUICK_DATABASE_TIMEOUT_S + db.CONNECT_TIMEOUT_S + 3, seconds
+    assert ready.status_code == 503
+    assert ready.json()["checks"]["database"].startswith("OperationalError")
+    assert ready_s < FROZEN_ANSWER_S, ready_s
     assert after.status_code == 200, after.text

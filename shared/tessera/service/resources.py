@@ -35,9 +35,14 @@ class Resources:
     @cached_property
     def engine(self) -> Engine:
         """A connection for each request in flight, and a few for what runs beside them
-        (the housekeeping loop, readiness probes)."""
+        (the housekeeping loop, readiness probes); a request process gives up on a database that
+        does not answer within db.QUICK_DATABASE_TIMEOUT_S."""
         connections = self.settings.max_requests_in_flight + SPARE_CONNECTIONS
-        return db.create_db_engine(self.settings.resolved_database_url, connections=connections)
+        return db.create_db_engine(
+            self.settings.resolved_database_url,
+            connections=connections,
+            timeout_s=db.QUICK_DATABASE_TIMEOUT_S if self.quick else None,
+        )
 
     @cached_property
     def sessions(self) -> sessionmaker[Session]:
