@@ -28,7 +28,7 @@ from tessera.storage import ObjectStore
 from tests.helpers import bearer
 from tests.services.inference.helpers import embeds_b64, make_client, publish, tokens
 from tests.services.inference.test_end_to_end import sse_events
-from tests.worker_processes import STANDBY_QUEUE, WorkerProcesses
+from tests.worker_processes import WorkerProcesses, quick_to_recover
 
 # A wall-clock bound: under pytest-xdist these modules run one at a time, on one worker.
 pytestmark = pytest.mark.xdist_group("timed")
@@ -39,9 +39,7 @@ IMAGES = 8
 
 @pytest.fixture
 def fast(settings: Settings) -> Settings:
-    return settings.model_copy(
-        update={"task_stale_s": STALE_S, "housekeeping_interval_s": 0.2, "worker_metrics_port": 0}
-    )
+    return quick_to_recover(settings, stale_s=STALE_S)
 
 
 @pytest.fixture
@@ -67,21 +65,13 @@ def test_a_job_whose_worker_is_killed_finishes_on_the_next_and_its_stream_ends(
 ) -> None:
     publish(sessions, store, "cluster:0", random_adapter(spec, 4, 4.0, seed=0))
     _, token = make_client(session, fast, Role.GENERATOR)
-    first, first_node = workers.spawn(INFERENCE_QUEUE)
-    # The next worker starts at the same time, on a queue of its own: it joins the inference
-    # queue once the first is dead, as a worker coming back would.
-    second, second_node = workers.spawn(STANDBY_QUEUE)
-    workers.wait_ready(first, first_node)
-    workers.wait_ready(second, second_node)
+    relay = workers.relay(INFERENCE_QUEUE)
     with TestClient(create_app(fast)) as api:  # the stalled-job loop, every 0.2 s
         job_id = _submit(api, session, token)
-        os.killpg(first.pid, signal.SIGKILL)  # the worker and its pool, mid-job
-        killed_at = time.monotonic()
+        killed_at = relay.kill_first()
         killed_state = _job(session, job_id).state
-        first.wait(10)
         events, follower = _follow(api, job_id, token)
-        workers.join(second_node, INFERENCE_QUEUE)
-        up_at = time.monotonic()
+        up_at = relay.bring_standby()
         procs.wait_until(
             lambda: _job(session, job_id).attempts == 2, timeout=120, what="the job run again"
         )
