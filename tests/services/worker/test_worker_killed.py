@@ -1,11 +1,11 @@
 """A worker SIGKILLed while it holds a round: the round loop queues it again and the next
-worker publishes it, once, within seconds of being up (not after Redis's 35-minute timeout)."""
+worker publishes it, once, within seconds of being up (not after Redis's 35-minute timeout).
+The same for a run killed by Celery's hard time limit, which acknowledges its message: no
+redelivery ever comes, only the round loop brings the round back."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +20,7 @@ from services.aggregator.closing import send_aggregation
 from services.aggregator.main import create_app
 from tessera import procs
 from tessera.config import Settings
-from tessera.events import AGGREGATION_QUEUE, adapter_published_channel
+from tessera.events import AGGREGATION_QUEUE, TASK_AGGREGATE_ROUND, adapter_published_channel
 from tessera.federation import RoundConfig
 from tessera.lora import LoraSpec
 from tessera.model.base import BaseModel
@@ -29,7 +29,7 @@ from tessera.stack import WORKER_APP
 from tessera.storage import ObjectStore
 from tests.helpers import on_redis_db
 from tests.services.worker.test_aggregate_round import CENTROIDS, build_round
-from tests.worker_processes import STANDBY_QUEUE, WorkerProcesses
+from tests.worker_processes import WorkerProcesses, quick_to_recover
 
 # A wall-clock bound: under pytest-xdist these modules run one at a time, on one worker.
 pytestmark = pytest.mark.xdist_group("timed")
@@ -39,13 +39,13 @@ QUEUE_DB = 3
 STALE_S = 2.0
 # Many updates, so that the first worker is still aggregating when it is killed.
 MANY: dict[int | None, list[int]] = {0: [5] * 12, 1: [7] * 12}
+# The first run's hard time limit: aggregating MANY takes about 0.9 s on an idle machine.
+HARD_LIMIT_S = 0.4
 
 
 @pytest.fixture
 def fast(settings: Settings) -> Settings:
-    return on_redis_db(settings, QUEUE_DB).model_copy(
-        update={"task_stale_s": STALE_S, "housekeeping_interval_s": 0.2, "worker_metrics_port": 0}
-    )
+    return quick_to_recover(on_redis_db(settings, QUEUE_DB), stale_s=STALE_S)
 
 
 @pytest.fixture
@@ -60,9 +60,29 @@ def workers(fast: Settings, tmp_path: Path) -> Iterator[WorkerProcesses]:
     pool.close()
 
 
+@pytest.fixture
+def hard_limited(fast: Settings, tmp_path: Path) -> Iterator[WorkerProcesses]:
+    """Workers whose tasks have no soft time limit: a run over its limit is killed at once."""
+    pool = WorkerProcesses(fast, tmp_path, app="tests.hard_limit_worker")
+    yield pool
+    pool.close()
+
+
 def _round(session: Session, round_id: int) -> Round:
     session.expire_all()
     return session.get_one(Round, round_id)
+
+
+def _published(session: Session, round_id: int) -> list[str]:
+    """The names of the adapters the round published a version of."""
+    return list(
+        session.scalars(
+            select(Adapter.name)
+            .join(AdapterVersion, AdapterVersion.adapter_id == Adapter.id)
+            .where(AdapterVersion.round_id == round_id)
+            .order_by(Adapter.name)
+        ).all()
+    )
 
 
 @pytest.mark.slow
@@ -76,12 +96,7 @@ def test_a_round_held_by_a_killed_worker_is_published_once_by_the_next(
     broker = redis.Redis.from_url(fast.redis_url or "")
     events = broker.pubsub(ignore_subscribe_messages=True)
     events.subscribe(adapter_published_channel(broker))
-    first, first_node = workers.spawn(AGGREGATION_QUEUE)
-    # The next worker starts at the same time, on a queue of its own: it joins the aggregation
-    # queue once the first is dead, as a worker coming back would.
-    second, second_node = workers.spawn(STANDBY_QUEUE)
-    workers.wait_ready(first, first_node)
-    workers.wait_ready(second, second_node)
+    relay = workers.relay(AGGREGATION_QUEUE)
     with TestClient(create_app(fast)):  # the round loop, every 0.2 s
         for seed in (0, 100, 200):  # the kill must land while the worker aggregates
             built = build_round(
@@ -95,17 +110,13 @@ def test_a_round_held_by_a_killed_worker_is_published_once_by_the_next(
                 what="the worker taking the round",
                 interval=0.01,
             )
-            os.killpg(first.pid, signal.SIGKILL)  # the worker and its pool, mid-task
-            killed_at = time.monotonic()
+            killed_at = relay.kill_first()
             if _round(session, built.round_id).state == RoundState.AGGREGATING:
                 break
-            first, first_node = workers.spawn(AGGREGATION_QUEUE)
-            workers.wait_ready(first, first_node)
+            relay.replace_first()
         else:
             pytest.fail("the worker finished every round before it could be killed")
-        first.wait(10)
-        workers.join(second_node, AGGREGATION_QUEUE)
-        up_at = time.monotonic()
+        up_at = relay.bring_standby()
         procs.wait_until(
             lambda: _round(session, built.round_id).state == RoundState.PUBLISHED,
             timeout=60,
@@ -123,18 +134,66 @@ def test_a_round_held_by_a_killed_worker_is_published_once_by_the_next(
             announced.append(json.loads(message["data"])["adapter"])
     events.close()
     row = _round(session, built.round_id)
-    published = session.scalars(
-        select(Adapter.name)
-        .join(AdapterVersion, AdapterVersion.adapter_id == Adapter.id)
-        .where(AdapterVersion.round_id == built.round_id)
-        .order_by(Adapter.name)
-    ).all()
+    published = _published(session, built.round_id)
     recovery_s, since_kill_s = published_at - up_at, published_at - killed_at
     print(
         f"published {recovery_s:.1f} s after the next worker joined the queue, "
         f"{since_kill_s:.1f} s after the kill"
     )
     assert row.state == RoundState.PUBLISHED and row.attempts == 2  # the killed run, the next
-    assert list(published) == ["cluster:0", "cluster:1", "global"]  # each version once
+    assert published == ["cluster:0", "cluster:1", "global"]  # each version once
     assert sorted(announced) == ["cluster:0", "cluster:1", "global"]  # each announced once
+    assert recovery_s < 4 * STALE_S + 10
+
+
+@pytest.mark.slow
+def test_a_round_whose_run_hit_the_hard_time_limit_is_published_by_the_next_run(
+    fast: Settings,
+    session: Session,
+    store: ObjectStore,
+    spec: LoraSpec,
+    hard_limited: WorkerProcesses,
+) -> None:
+    workers = hard_limited
+    broker = redis.Redis.from_url(fast.redis_url or "")
+    worker, node = workers.spawn(AGGREGATION_QUEUE)
+    workers.wait_ready(worker, node)
+    with TestClient(create_app(fast)):  # the round loop, every 0.2 s
+        built = build_round(
+            session, store, spec, config=RoundConfig(), clusters=MANY, centroids=CENTROIDS
+        )
+        # The round's first message, as send_aggregation sends it but with a short time limit
+        # and its result kept (to see the time limit's verdict). The round loop's later message
+        # has the default limit.
+        timed_out = workers.celery.send_task(
+            TASK_AGGREGATE_ROUND,
+            args=[built.round_id],
+            queue=AGGREGATION_QUEUE,
+            time_limit=HARD_LIMIT_S,
+        )
+        procs.wait_until(
+            lambda: timed_out.state == "FAILURE", timeout=60, what="the hard time limit"
+        )
+        killed_at = time.monotonic()
+        after_kill = _round(session, built.round_id)
+        state_after_kill, runs_before = after_kill.state, after_kill.attempts
+        procs.wait_until(
+            lambda: not any(timed_out.id.encode() in value for value in broker.hvals("unacked")),
+            timeout=5,
+            what="the timed-out run's message acknowledged",
+        )
+        procs.wait_until(
+            lambda: _round(session, built.round_id).state == RoundState.PUBLISHED,
+            timeout=60,
+            what="the round published by the next run",
+            interval=0.05,
+        )
+        recovery_s = time.monotonic() - killed_at
+
+    row = _round(session, built.round_id)
+    print(f"published {recovery_s:.1f} s after the hard time limit killed its first run")
+    assert type(timed_out.result).__name__ == "TimeLimitExceeded"
+    assert state_after_kill == RoundState.AGGREGATING  # killed mid-run, not after it
+    assert row.state == RoundState.PUBLISHED and row.attempts == runs_before + 1  # one more run
+    assert _published(session, built.round_id) == ["cluster:0", "cluster:1", "global"]
     assert recovery_s < 4 * STALE_S + 10
