@@ -49,7 +49,11 @@ def spawn(
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start `argv` with stdout and stderr appended to `log_path`, tied to this process's life."""
+    """Start `argv` with stdout and stderr appended to `log_path`, tied to this process's life.
+
+    Tied, in fact, to the calling thread's: Linux sends the parent-death signal when the thread
+    that forked the child ends, so start a long-lived child from a thread that outlives it.
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         return subprocess.Popen(
