@@ -4,10 +4,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 PYTEST := $(BIN)/pytest
-# pytest-xdist workers for test, test-fast and test-backends: 0 (the default) runs the suite in
-# one process; 2 runs it on two isolated workers (tests/conftest.py), at most 2 (each takes 8 of
-# a shared Redis's 16 databases). Not the default until the whole suite has passed on two.
-PYTEST_WORKERS ?= 0
+# pytest-xdist workers for test, test-fast and test-backends: 2 (the default) runs the suite on
+# two isolated workers (tests/conftest.py), at most 2 (each takes 8 of a shared Redis's 16
+# databases); 0 runs it in one process.
+PYTEST_WORKERS ?= 2
 XDIST  := -n $(PYTEST_WORKERS) --maxprocesses 2 --dist loadgroup
 
 .PHONY: setup demo console-demo console-demo-stop test test-fast test-backends lint format up down clean bench evidence
