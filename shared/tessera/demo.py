@@ -192,6 +192,7 @@ def run_console_demo(data_dir: str, config: SimConfig = DEMO_CONFIG) -> StackInf
                 work_dir=folder / "devices",
                 log=click.echo,
                 pool=pool,
+                keep_devices=True,  # the console's map and overview show enabled devices
             )
     except BaseException:
         stop_console_demo(data_dir)

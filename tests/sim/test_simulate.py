@@ -4,6 +4,7 @@ demo's run of tests/sim/conftest.py)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import httpx
@@ -92,6 +93,7 @@ def test_console_demo_leaves_a_stack_the_console_shows(tmp_path: Path) -> None:
     try:
         with httpx.Client(base_url=info.urls["aggregator"], timeout=30) as http:
             signed_in = sign_in(http, info.operator_token)
+            overview = http.get("/console/").text
             clusters = http.get("/console/clusters").text
             rounds = http.get("/console/rounds").text
             generate = http.get("/console/generate").text
@@ -101,6 +103,12 @@ def test_console_demo_leaves_a_stack_the_console_shows(tmp_path: Path) -> None:
     assert console_url(info.urls) == f"{info.urls['aggregator']}/console/"
     assert signed_in.status_code == 303
     assert '<span id="cluster-count">2</span> clusters' in clusters
+    # Every device stays enabled, on the map in its cluster (a disabled one is left off it).
+    assert "<dt>disabled</dt><dd>0</dd>" in overview
+    chart = re.search(r'id="cluster-map-data">(.*?)</script>', clusters, flags=re.DOTALL)
+    assert chart is not None
+    mapped = json.loads(chart.group(1))["clusters"]
+    assert sorted(len(points) for points in mapped.values()) == [2, 2]
     assert rounds.count('<span class="state published">published</span>') == CONSOLE_DEMO.rounds
     assert "encodes it on the server" in generate  # plaintext prompts allowed in the demo
     assert stopped and not stop_console_demo(folder)

@@ -188,12 +188,15 @@ def simulate(
     log: Callable[[str], None] = print,
     pool: Executor | None = None,
     round_options: Mapping[str, Any] | None = None,
+    keep_devices: bool = False,
 ) -> SimReport:
     """Run the whole simulation against live services and return what it measured.
 
     `round_options` are added to every round the operator opens (e.g. a private round's
     `noise_multiplier`, `clip`, `clip_norm`, `weighting`); they are not part of `config`, so
-    runs saved under a configuration's digest are unaffected."""
+    runs saved under a configuration's digest are unaffected. At the end the devices are
+    disabled, so that a later simulation on the same stack clusters only its own, unless
+    `keep_devices` (a stack left running for the console to show)."""
     from sklearn.metrics import adjusted_rand_score
 
     started = time.perf_counter()
@@ -221,8 +224,9 @@ def simulate(
         config, styles, devices, found, work_dir, serving, aggregator_url, dict(round_options or {})
     )
     rounds = federation.run(pool, log)
-    for device in devices:
-        operator.disable(device.client_id)
+    if not keep_devices:
+        for device in devices:
+            operator.disable(device.client_id)
     return SimReport(
         config=asdict(config),
         devices=[
