@@ -27,6 +27,15 @@ from tests.services.clustering.helpers import run_here
 from tests.services.console.conftest import CONSOLE_QUEUE_DB, sign_in, signed_in_csrf
 from tests.services.console.factories import federation
 
+# The pages that show state (Generate is a form; its job pages are polled until they end).
+LIVE_PAGES = (
+    "/console/",
+    "/console/rounds",
+    "/console/clusters",
+    "/console/adapters",
+    "/console/gallery",
+)
+
 
 def _signed_in(aggregator: TestClient, operator_token: str) -> str:
     assert sign_in(aggregator, operator_token).status_code == 303
@@ -60,6 +69,17 @@ def test_empty_platform_says_what_to_do_next(aggregator: TestClient, operator_to
     assert "No adapter published yet: a round publishes one per cluster" in adapters
     assert "No adapter published yet: the base model alone" in generate
     assert "No adapter published yet: once a round publishes its adapters" in gallery
+
+
+def test_every_page_refreshes_itself(aggregator: TestClient, operator_token: str) -> None:
+    """Each page's content polls its own URL (htmx), so that no page needs a manual reload."""
+    _signed_in(aggregator, operator_token)
+    for path in LIVE_PAGES:
+        live = re.search(r'<div id="live" ([^>]*)>', aggregator.get(path).text)
+
+        assert live is not None, path
+        assert f'hx-get="{path}"' in live.group(1), path
+        assert 'hx-trigger="every ' in live.group(1), path
 
 
 def test_open_close_cancel_show_the_apis_refusals(
