@@ -38,6 +38,7 @@ from tessera.models import Assignment, Client, Cluster, Clustering, Role, TaskEm
 DEFAULT_MIN_CLUSTER_SIZE = 2
 DEFAULT_FAR_SIMILARITY = 0.5  # TESSERA_CLUSTER_DRIFT_SIMILARITY's default
 ASSIGNMENT_BATCH = 5000  # assignment rows per INSERT
+DIRECTION_BATCH = 5000  # task-vector rows fetched at a time when reclustering
 
 
 class ClusteringStateError(Exception):
@@ -83,31 +84,39 @@ def task_direction(vectors: Sequence[Vectors]) -> Vectors:
 
 def device_directions(*, session: Session) -> tuple[list[int], Vectors]:
     """Every enabled device with task vectors (ascending ids) and its task direction, one row
-    each [n, d]: the rows stream in client order, so one device's vectors are held at a time."""
+    each [n, d]. Rows stream in client order, DIRECTION_BATCH at a time, and each direction is
+    written into one matrix sized by a count first: nothing else grows with the population."""
+    capacity = count_devices_with_vectors(session=session)
     rows = session.execute(
         select(TaskEmbedding.client_id, TaskEmbedding.vector, TaskEmbedding.dim)
         .join(Client, Client.id == TaskEmbedding.client_id)
         .where(Client.role == Role.DEVICE, Client.disabled_at.is_(None))
         .order_by(TaskEmbedding.client_id, TaskEmbedding.id)
+        .execution_options(yield_per=DIRECTION_BATCH)
     )
     client_ids: list[int] = []
-    directions: list[Vectors] = []
+    matrix: Vectors | None = None
     widths: dict[int, list[int]] = defaultdict(list)
     for client_id, group in groupby(rows, key=lambda row: int(row.client_id)):
         vectors = [task_vector_from_bytes(row.vector, dim=row.dim) for row in group]
         for width in {v.shape[0] for v in vectors}:
             widths[width].append(client_id)
-        if len(widths) == 1:
-            client_ids.append(client_id)
-            directions.append(task_direction(vectors))
+        if len(widths) > 1:
+            continue  # refused below, once every width is known
+        if matrix is None:
+            matrix = np.empty((max(capacity, 1), vectors[0].shape[0]))
+        elif len(client_ids) == matrix.shape[0]:  # devices that uploaded since the count
+            matrix = np.concatenate([matrix, np.empty_like(matrix)])
+        matrix[len(client_ids)] = task_direction(vectors)
+        client_ids.append(client_id)
     if len(widths) > 1:
         described = "; ".join(f"{w} for clients {ids[:5]}" for w, ids in sorted(widths.items()))
         raise MixedDimensionsError(
             f"task vectors have different dimensions ({described}): re-upload them with one encoder"
         )
-    if not directions:
+    if matrix is None:
         return [], np.zeros((0, 0))
-    return client_ids, np.stack(directions)
+    return client_ids, matrix[: len(client_ids)]
 
 
 def require_something_to_cluster(*, session: Session) -> None:

@@ -9,6 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import redis
 from fastapi.testclient import TestClient
@@ -37,6 +38,7 @@ from tests.services.clustering.helpers import (
     operator,
     run_here,
 )
+from tests.services.clustering.synthetic import DIM
 from tests.serving import served
 from tests.worker_processes import WorkerProcesses
 
@@ -343,3 +345,17 @@ def test_a_real_worker_runs_the_cli_job_and_one_whose_worker_died(
     assert job.state == JobState.SUCCEEDED and job.attempts == 2
     versions = session.scalars(select(ClusteringJob.clustering_id)).all()
     assert len([v for v in versions if v is not None]) == 2
+
+
+def test_directions_fill_one_matrix_and_grow_it_for_devices_counted_late(
+    session: Session, fleet: list[Member], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    exact_ids, exact = crud.device_directions(session=session)
+    # Devices that uploaded between the count and the read: the matrix doubles until all fit.
+    monkeypatch.setattr(crud, "count_devices_with_vectors", lambda *, session: 1)
+    late_ids, late = crud.device_directions(session=session)
+
+    assert exact_ids == late_ids == sorted(member.id for member in fleet)
+    assert exact.shape == late.shape == (12, DIM)
+    assert np.array_equal(exact, late)
+    assert np.allclose(np.linalg.norm(exact, axis=1), 1.0)
