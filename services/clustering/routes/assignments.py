@@ -11,7 +11,7 @@ from services.clustering.schemas import AssignmentCreate, AssignmentOut
 from tessera.models import Assignment, Clustering, Role
 from tessera.schemas import RowId
 from tessera.service.auth import AssignerDep, PrincipalDep
-from tessera.service.deps import CeleryDep, SessionDep, SettingsDep
+from tessera.service.deps import ResourcesDep, SessionDep
 
 router = APIRouter(prefix="/v1/assignments", tags=["assignments"])
 
@@ -40,18 +40,19 @@ def assign(
     body: AssignmentCreate,
     _caller: AssignerDep,
     session: SessionDep,
-    settings: SettingsDep,
-    celery: CeleryDep,
+    resources: ResourcesDep,  # its Celery app only where a job is queued: no Redis otherwise
 ) -> AssignmentOut:
     try:
         assignment = crud.assign_device(
-            session=session, client_id=body.client_id, large_n=settings.clustering_large_n
+            session=session,
+            client_id=body.client_id,
+            large_n=resources.settings.clustering_large_n,
         )
         session.commit()
     except crud.FirstClusteringTooLargeError as error:
         session.rollback()
         job = jobs.queued_or_submit(
-            session=session, celery=celery, params={}, trigger=jobs.ASSIGNMENT
+            session=session, celery=resources.celery, params={}, trigger=jobs.ASSIGNMENT
         )
         raise HTTPException(
             status.HTTP_409_CONFLICT,
