@@ -337,8 +337,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"task, reading every device's vectors from SQLite and writing {task['n']:,} "
         f"assignments in the job's commit, {task['seconds']:.0f} s and "
         f"{_gb(task['peak_bytes'] - task['before_bytes'])} over the worker's resident set "
-        "(the fetched rows, one direction per device and their stacked matrix are held at "
-        "once). Neither forms anything n x n.",
+        "(the directions as one [n, d] float64 matrix, filled as the rows stream in 5,000 at "
+        "a time, and k-means' working memory). Neither forms anything n x n.",
         f"- Assigning a new device took {small['median_s'] * 1e3:.0f} / "
         f"{big['median_s'] * 1e3:.0f} ms (p50) with {small['n']:,} / {big['n']:,} devices "
         "clustered: it reads the device's own vectors and the k centroids only.",
