@@ -45,6 +45,7 @@ bench: setup ## Benchmarks on this machine; tables and plots written to docs/.
 	$(BIN)/python bench/federation_speed.py --out docs
 	$(BIN)/python bench/aggregation_scale.py --out docs
 	OMP_NUM_THREADS=1 $(BIN)/python bench/clustering_scale.py --threads 1 --out docs
+	$(BIN)/python bench/load.py --out docs
 	$(BIN)/python bench/real_model.py --out docs
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python bench/robustness.py --threads 1 --out docs
 

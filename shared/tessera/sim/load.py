@@ -36,13 +36,17 @@ class DevicePayloads:
 
 @dataclass
 class LoadReport:
-    """Per step, each device's time to success (retries included); every answer's status
-    (those retried too); the operations that gave up; the updates the server accepted."""
+    """Per step, each device's time to success (retries included) and when the step's last
+    success came (from the run's start: its rate is successes over that); every answer's
+    status (those retried too) and every request that got none; the operations that gave up;
+    the updates the server accepted."""
 
     devices: int
     wall_s: float = 0.0
     seconds: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in STEPS})
+    last_done_s: dict[str, float] = field(default_factory=dict)  # step -> its last success
     statuses: Counter[tuple[str, int]] = field(default_factory=Counter)
+    transport_errors: Counter[tuple[str, str]] = field(default_factory=Counter)  # (step, type)
     failures: Counter[tuple[str, int]] = field(default_factory=Counter)
     accepted: dict[int, str] = field(default_factory=dict)  # client id -> update sha256
 
@@ -63,7 +67,7 @@ class LoadReport:
         for step, samples in self.seconds.items():
             steps[step] = {
                 "done": len(samples),
-                "per_s": len(samples) / self.wall_s if self.wall_s else 0.0,
+                "per_s": len(samples) / self.last_done_s[step] if samples else 0.0,
                 **{f"p{q}_s": percentile(samples, q) for q in (50, 95, 99)},
             }
         return {
@@ -72,6 +76,9 @@ class LoadReport:
             "wall_s": self.wall_s,
             "steps": steps,
             "statuses": {f"{s} {c}": n for (s, c), n in sorted(self.statuses.items())},
+            "transport_errors": {
+                f"{s} {kind}": n for (s, kind), n in sorted(self.transport_errors.items())
+            },
             "failures": {f"{s} {c}": n for (s, c), n in sorted(self.failures.items())},
         }
 
@@ -82,6 +89,22 @@ def percentile(samples: Sequence[float], q: float) -> float:
         return math.nan
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+class _CountingTransport(httpx.AsyncHTTPTransport):
+    """Counts each request that got no answer (a reset connection, a timeout) by step and
+    error type, before the retry policy sees it."""
+
+    def __init__(self, report: LoadReport, **options: Any) -> None:
+        super().__init__(**options)
+        self.report = report
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            return await super().handle_async_request(request)
+        except httpx.TransportError as error:
+            self.report.transport_errors[(_step(request), type(error).__name__)] += 1
+            raise
 
 
 def _step(request: httpx.Request) -> str:
@@ -115,7 +138,7 @@ async def run_devices(
     limits = httpx.Limits(max_connections=devices, max_keepalive_connections=devices)
     async with httpx.AsyncClient(
         base_url=url,
-        limits=limits,
+        transport=_CountingTransport(report, limits=limits),
         timeout=httpx.Timeout(timeout_s),
         event_hooks={"response": [record]},
     ) as client:
@@ -127,7 +150,9 @@ async def run_devices(
             except ApiError as error:
                 report.failures[(step, error.status)] += 1
                 raise
-            report.seconds[step].append(time.perf_counter() - started)
+            done = time.perf_counter()
+            report.seconds[step].append(done - started)
+            report.last_done_s[step] = done - run_started
             return response
 
         async def enrol(index: int) -> tuple[int, int, str]:
@@ -167,14 +192,14 @@ async def run_devices(
         async def device(index: int) -> None:
             await upload(*await send_vectors(*await enrol(index)))
 
-        started = time.perf_counter()
+        run_started = time.perf_counter()
         if lockstep:
             enrolled = await _settled(enrol(i) for i in range(devices))
             sent = await _settled(send_vectors(*one) for one in enrolled)
             await _settled(upload(*one) for one in sent)
         else:
             await _settled(device(i) for i in range(devices))
-        report.wall_s = time.perf_counter() - started
+        report.wall_s = time.perf_counter() - run_started
     return report
 
 
