@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
@@ -16,18 +15,21 @@ from fastapi.responses import StreamingResponse
 from tessera.service.middleware import BUSY_RETRY_AFTER_S, InFlightLimitMiddleware
 from tests.serving import served
 
-QUEUE_S = 0.5
+QUEUE_S = 2.0
+
+pytestmark = pytest.mark.xdist_group("timed")
 
 
 @pytest.fixture
-def app_url() -> Iterator[tuple[str, threading.Event]]:
-    """An app with one turn: `/slow` holds it until the event is set; `/stream` streams until
-    then; `/fast` answers at once."""
-    release = threading.Event()
+def app_url() -> Iterator[tuple[str, threading.Event, threading.Event]]:
+    """An app with one turn: `/slow` holds it (and sets the second event) until the first is
+    set; `/stream` streams until then; `/fast` answers at once."""
+    release, holding = threading.Event(), threading.Event()
     app = FastAPI()
 
     @app.get("/slow")
     async def slow() -> dict[str, bool]:
+        holding.set()
         while not release.is_set():
             await asyncio.sleep(0.02)
         return {"ok": True}
@@ -52,7 +54,7 @@ def app_url() -> Iterator[tuple[str, threading.Event]]:
 
     app.add_middleware(InFlightLimitMiddleware, limit=1, queue_s=QUEUE_S)
     with served(app) as url:
-        yield url, release
+        yield url, release, holding
         release.set()
 
 
@@ -63,11 +65,11 @@ def _in_background(url: str) -> threading.Thread:
 
 
 def test_past_the_limit_a_request_waits_then_gets_503_with_retry_after(
-    app_url: tuple[str, threading.Event],
+    app_url: tuple[str, threading.Event, threading.Event],
 ) -> None:
-    url, release = app_url
+    url, release, holding = app_url
     holder = _in_background(f"{url}/slow")
-    time.sleep(0.3)  # the slow request holds the only turn
+    assert holding.wait(10)  # the slow request holds the only turn
     busy = httpx.get(f"{url}/fast", timeout=10)
     assert busy.status_code == 503
     assert busy.headers["Retry-After"] == str(BUSY_RETRY_AFTER_S)
@@ -78,17 +80,21 @@ def test_past_the_limit_a_request_waits_then_gets_503_with_retry_after(
     assert httpx.get(f"{url}/fast", timeout=10).status_code == 200  # the turn came back
 
 
-def test_a_request_within_its_wait_gets_the_turn(app_url: tuple[str, threading.Event]) -> None:
-    url, release = app_url
+def test_a_request_within_its_wait_gets_the_turn(
+    app_url: tuple[str, threading.Event, threading.Event],
+) -> None:
+    url, release, holding = app_url
     holder = _in_background(f"{url}/slow")
-    time.sleep(0.3)
-    threading.Timer(QUEUE_S / 3, release.set).start()
+    assert holding.wait(10)
+    threading.Timer(QUEUE_S / 10, release.set).start()
     assert httpx.get(f"{url}/fast", timeout=10).status_code == 200
     holder.join()
 
 
-def test_a_started_stream_holds_no_turn(app_url: tuple[str, threading.Event]) -> None:
-    url, release = app_url
+def test_a_started_stream_holds_no_turn(
+    app_url: tuple[str, threading.Event, threading.Event],
+) -> None:
+    url, release, _holding = app_url
     with httpx.stream("GET", f"{url}/stream", timeout=10) as streaming:
         lines = streaming.iter_lines()
         assert next(lines) == "first"

@@ -30,6 +30,8 @@ from tests.serving import served_process
 DEVICES = 200
 IN_FLIGHT = 4  # a pool of 8 connections
 
+pytestmark = pytest.mark.xdist_group("timed")  # it bounds /readyz's answer time
+
 
 @pytest.mark.slow
 def test_200_devices_at_once_get_no_500_and_leave_no_orphan(
