@@ -279,6 +279,7 @@ def _outputs(plan: RoundPlan, groups: dict[int | None, _Group]) -> list[ToPublis
             "clipped": group.clipped,
             "clip_bound": group.clip_bound,
             "weighting": config.weighting,
+            "staleness_exponent": config.staleness_exponent,
             "robust": config.robust,
             "noise_multiplier": config.noise_multiplier,
             "lam": config.lam,
@@ -327,6 +328,7 @@ def _usage(refs: Sequence[UpdateRef]) -> dict[str, Any]:
     ]
     return {
         "updates": len(refs),
+        "stale_updates": sum(r.staleness > 0 for r in refs),
         "samples": sum(r.num_samples for r in refs),
         "mean_train_loss": sum(losses) / len(losses) if losses else None,
     }

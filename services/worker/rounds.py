@@ -21,7 +21,7 @@ import sqlalchemy.exc
 import torch
 import urllib3.exceptions
 from redis import Redis
-from sqlalchemy import CursorResult, case, select, update
+from sqlalchemy import CursorResult, Integer, case, func, select, type_coerce, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.worker.aggregation import (
@@ -173,6 +173,7 @@ def _load_plan(session: Session, round_id: int) -> RoundPlan:
     ).all()
     refs: list[UpdateRef] = []
     unassigned: list[Exclusion] = []
+    behind = _versions_behind(session, {row.base_version_id for row, _ in rows})
     for row, disabled_at in rows:
         if disabled_at is not None:
             reason = f"client {row.client_id} is disabled"
@@ -186,6 +187,7 @@ def _load_plan(session: Session, round_id: int) -> RoundPlan:
                 sha256=row.sha256,
                 num_samples=row.num_samples,
                 train_loss=row.train_loss,
+                staleness=behind.get(row.base_version_id, 0),
             )
         )
     groups: dict[int | None, list[UpdateRef]] = {}
@@ -213,6 +215,25 @@ def _load_plan(session: Session, round_id: int) -> RoundPlan:
         centroids=centroids,
         unassigned=unassigned,
     )
+
+
+def _versions_behind(session: Session, version_ids: set[int | None]) -> dict[int | None, int]:
+    """For each adapter version an update trained from, how many versions of the same adapter
+    were published after it (its staleness; a missing one counts as fresh)."""
+    ids = [version_id for version_id in version_ids if version_id is not None]
+    if not ids:
+        return {}
+    newest = (
+        select(AdapterVersion.adapter_id, func.max(AdapterVersion.version).label("newest"))
+        .group_by(AdapterVersion.adapter_id)
+        .subquery()
+    )
+    rows = session.execute(
+        select(AdapterVersion.id, type_coerce(newest.c.newest - AdapterVersion.version, Integer))
+        .join(newest, newest.c.adapter_id == AdapterVersion.adapter_id)
+        .where(AdapterVersion.id.in_(ids))
+    )
+    return {version_id: behind for version_id, behind in rows}
 
 
 def _labels(session: Session, clustering_id: int | None, client_ids: list[int]) -> dict[int, int]:

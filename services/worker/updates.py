@@ -24,7 +24,14 @@ from tessera.federation import RoundConfig
 from tessera.lora import LoraAdapter, LoraFileError, adapter_from_bytes
 from tessera.lora.adapter import A_SUFFIX, B_SUFFIX
 from tessera.lora.aggregate import WeightedUpdate
-from tessera.lora.bounds import ScaleRange, capped_weights, clip_bound, clip_update, update_norm
+from tessera.lora.bounds import (
+    ScaleRange,
+    capped_weights,
+    clip_bound,
+    clip_update,
+    staleness_discount,
+    update_norm,
+)
 from tessera.lora.robust import Sketcher, multi_krum, norm_outliers, trimmed_by_median
 from tessera.storage import ChecksumMismatchError, ObjectNotFoundError, ObjectStore
 
@@ -42,6 +49,7 @@ class UpdateRef:
     sha256: str
     num_samples: int
     train_loss: float | None
+    staleness: int = 0  # versions its base adapter was behind that adapter's newest
 
 
 @dataclass(frozen=True)
@@ -163,7 +171,11 @@ class BoundedUpdates:
             weighting=config.weighting,
             max_ratio=config.max_weight_ratio,
         )
-        self._weights = {ref.id: weight for ref, weight in zip(usable, weights, strict=True)}
+        exponent = config.staleness_exponent
+        self._weights = {
+            ref.id: weight * staleness_discount(ref.staleness, exponent=exponent)
+            for ref, weight in zip(usable, weights, strict=True)
+        }
 
     def _select(self, usable: list[UpdateRef]) -> list[UpdateRef]:
         """The updates the round's robust rule keeps (on their norms, or their clipped

@@ -83,6 +83,12 @@ class RoundConfig(BaseModel):
     max_weight_ratio: Annotated[float, Field(ge=1.0, le=1000.0, allow_inf_nan=False)] = Field(
         default=2.0, description="cap of a sample-weighted update, in cluster medians"
     )
+    staleness_exponent: Annotated[float, Field(ge=0.0, le=4.0, allow_inf_nan=False)] = Field(
+        default=0.0,
+        description="an update trained from an adapter version s versions older than that "
+        "adapter's newest weighs (1 + s) ** -staleness_exponent times its weight (FedBuff's "
+        "polynomial staleness); 0: off",
+    )
     clip: Literal["adaptive", "fixed"] = Field(
         default="adaptive",
         description="bound on each update's ||scale·B·A||_F: adaptive, clip_multiplier times "
@@ -135,7 +141,13 @@ class RoundConfig(BaseModel):
     def _private_rounds_bound_each_update(self) -> RoundConfig:
         if self.noise_multiplier is None:
             return self
-        needs = {"method": "exact", "clip": "fixed", "weighting": "equal", "robust": "none"}
+        needs = {
+            "method": "exact",
+            "clip": "fixed",
+            "weighting": "equal",
+            "robust": "none",
+            "staleness_exponent": 0.0,
+        }
         wrong = [f"{name} {want!r}" for name, want in needs.items() if getattr(self, name) != want]
         if wrong:
             raise ValueError(
@@ -155,9 +167,15 @@ class RoundConfig(BaseModel):
     def _secure_is_linear(self) -> RoundConfig:
         # The server sees only each cluster's sum: it cannot blend, select or clip per update.
         if self.method == "secure" and (
-            self.scope != "cluster" or self.lam != 0 or self.robust != "none"
+            self.scope != "cluster"
+            or self.lam != 0
+            or self.robust != "none"
+            or self.staleness_exponent != 0
         ):
-            raise ValueError("method 'secure' needs scope 'cluster', lam 0 and robust 'none'")
+            raise ValueError(
+                "method 'secure' needs scope 'cluster', lam 0 and robust 'none', and "
+                "staleness_exponent 0"
+            )
         return self
 
     @property

@@ -17,6 +17,7 @@ from tessera.lora.bounds import (
     clip_update,
     publish_problem,
     squared_module_norms,
+    staleness_discount,
     update_norm,
 )
 
@@ -97,6 +98,15 @@ def test_weights_are_capped_at_a_multiple_of_the_median_or_equal() -> None:
 
     assert capped_weights(samples, weighting="samples", max_ratio=2.0) == [8, 8, 8, 16, 16]
     assert capped_weights(samples, weighting="equal", max_ratio=2.0) == [1.0] * 5
+
+
+def test_a_stale_update_weighs_one_over_its_versions_behind_plus_one_to_the_exponent() -> None:
+    assert staleness_discount(0, exponent=1.0) == 1.0
+    assert staleness_discount(3, exponent=1.0) == 0.25
+    assert staleness_discount(3, exponent=0.5) == 0.5
+    assert staleness_discount(3, exponent=0.0) == 1.0
+    with pytest.raises(ValueError, match="versions behind, found -1"):
+        staleness_discount(-1, exponent=1.0)
 
 
 def test_only_finite_fp16_safe_adapters_are_publishable() -> None:

@@ -98,6 +98,14 @@ def capped_weights(
     return [float(min(n, cap)) for n in samples]
 
 
+def staleness_discount(staleness: int, *, exponent: float) -> float:
+    """The factor on the weight of an update trained `staleness` versions behind the newest:
+    (1 + staleness) ** -exponent, FedBuff's polynomial discount (1 when fresh or off)."""
+    if staleness < 0:
+        raise ValueError(f"staleness counts versions behind, found {staleness}")
+    return float((1 + staleness) ** -exponent)
+
+
 def publish_problem(adapter: LoraAdapter) -> str | None:
     """Why an aggregate must not be published (non-finite, or beyond fp16's range), or None."""
     if not (math.isfinite(adapter.alpha) and 0 < adapter.alpha <= FP16_MAX):

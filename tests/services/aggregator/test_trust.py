@@ -74,6 +74,8 @@ def test_a_lora_scale_out_of_range_is_422_without_echoing_it(
         ({"clip": "fixed", "clip_norm": 1e300}, "clip_norm"),
         ({"robust": "median-of-means"}, "robust"),
         ({"robust_trim": 0.5}, "robust_trim"),
+        ({"staleness_exponent": 4.5}, "staleness_exponent"),
+        ({"staleness_exponent": -1}, "staleness_exponent"),
     ],
 )
 def test_round_bounds_are_validated(

@@ -30,6 +30,7 @@ from tessera.lora.bounds import ScaleRange, clip_update, publish_problem, update
 from tessera.model.base import BaseModel
 from tessera.models import (
     Adapter,
+    AdapterKind,
     AdapterVersion,
     Assignment,
     Client,
@@ -260,6 +261,39 @@ def test_equal_weighting_ignores_sample_counts(
 
     expected = products([(s.adapter, 1.0) for s in sent[0]])
     assert relative(published(session, store, "cluster:0", round_id), expected) < TOLERANCE
+
+
+def test_an_update_trained_from_an_older_version_is_weighted_down(
+    session: Session, store: ObjectStore, resources: Resources, honest: list[LoraAdapter]
+) -> None:
+    # cluster:0 has versions 1..3; one device trained from v3 (fresh), one from v1 (2 behind):
+    # with exponent 1 the stale one weighs (1 + 2) ** -1 = 1/3 of the fresh one.
+    config = RoundConfig(rank=32, lam=0.0, weighting="equal", staleness_exponent=1.0)
+    round_id, sent = make_round(session, store, config, {0: [(honest[0], 8), (honest[1], 8)]})
+    line = Adapter(name=f"cluster:{uuid.uuid4().hex[:6]}", kind=AdapterKind.CLUSTER)
+    session.add(line)
+    session.flush()
+    versions = [
+        AdapterVersion(
+            adapter_id=line.id, version=v, object_key="-", sha256="0" * 64, size_bytes=0, rank=4
+        )
+        for v in (1, 2, 3)
+    ]
+    session.add_all(versions)
+    session.flush()
+    for sent_update, version in zip(sent[0], (versions[2], versions[0]), strict=True):
+        session.get_one(Update, sent_update.update_id).base_version_id = version.id
+    session.commit()
+
+    summary = run(resources, round_id)
+
+    assert summary["status"] == "published"
+    expected = products([(sent[0][0].adapter, 1.0), (sent[0][1].adapter, 1 / 3)])
+    assert relative(published(session, store, "cluster:0", round_id), expected) < TOLERANCE
+    equal = products([(s.adapter, 1.0) for s in sent[0]])
+    assert relative(published(session, store, "cluster:0", round_id), equal) > 10 * TOLERANCE
+    metrics = {a["adapter"]: a["metrics"] for a in summary["adapters"]}
+    assert metrics["cluster:0"]["stale_updates"] == 1
 
 
 def test_unusable_updates_are_excluded_with_their_reason_and_the_rest_publish(
