@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from tessera.sim.run import METHODS, SimConfig, simulate
+from tessera.sim.run import METHODS, SimConfig, Stragglers, simulate
 from tessera.sim.stack import run_on_fresh_stack
 
 
@@ -27,6 +27,20 @@ from tessera.sim.stack import run_on_fresh_stack
     default=0,
     show_default=True,
     help="Per round, images of the equal hybrid of two styles' adapters, scored for both looks.",
+)
+@click.option(
+    "--slow-devices",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="How many devices (the first enrolled) are slow.",
+)
+@click.option(
+    "--slow-factor",
+    type=click.FloatRange(min=1.0, max=100.0),
+    default=1.0,
+    show_default=True,
+    help="A slow device's training takes this many times as long (it waits the rest).",
 )
 @click.option("--workers", default=2, show_default=True, help="Device processes at once.")
 @click.option("--seed", default=0, show_default=True)
@@ -53,6 +67,8 @@ def simulate_cmd(
     steps: int,
     samples: int,
     hybrid_images: int,
+    slow_devices: int,
+    slow_factor: float,
     workers: int,
     seed: int,
     embedded: bool,
@@ -74,8 +90,9 @@ def simulate_cmd(
         seed=seed,
         model=model,
     )
+    stragglers = Stragglers(devices=slow_devices, factor=slow_factor)
     if embedded:
-        report = run_on_fresh_stack(config, out / "stack")
+        report = run_on_fresh_stack(config, out / "stack", stragglers=stragglers)
     else:
         from tessera.config import get_settings
 
@@ -87,6 +104,7 @@ def simulate_cmd(
             operator_token=settings.operator_token.get_secret_value(),
             work_dir=out / "devices",
             log=click.echo,
+            stragglers=stragglers,
         )
     click.echo(cluster_table(report))
     click.echo(comparison_table({method: report}))

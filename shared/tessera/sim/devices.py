@@ -6,7 +6,9 @@ process rebuilds its device from the style, index and seed.
 
 from __future__ import annotations
 
+import math
 import os
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -38,6 +40,7 @@ class DeviceJob:
     eval_images: int
     eval_steps: int
     model: str = ""  # the base model folder; empty: TESSERA_BASE_MODEL
+    compute_factor: float = 1.0  # a slow chip: training takes this many times as long
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class DeviceRoundResult:
     cluster: int | None
     start_version_id: int | None
     train_seconds: float
+    compute_seconds: float  # train_seconds times the job's compute_factor: what it waited
     train_loss: float
     heldout_loss: float
     style_share: float
@@ -72,6 +76,15 @@ def cached_base(model: str) -> BaseModel:
 @lru_cache(maxsize=64)
 def _profile(style: str, index: int, seed: int) -> DeviceProfile:
     return make_device(style, index, seed)
+
+
+def simulate_compute(train_seconds: float, *, factor: float) -> float:
+    """Make training look `factor` times as slow as it ran (a slower chip) by waiting the
+    difference; return the simulated compute time."""
+    if not (math.isfinite(factor) and factor >= 1.0):
+        raise ValueError(f"a compute factor is at least 1 (a slower chip), found {factor}")
+    time.sleep(train_seconds * (factor - 1.0))
+    return train_seconds * factor
 
 
 def run_device_round(job: DeviceJob) -> DeviceRoundResult:
@@ -111,6 +124,7 @@ def run_device_round(job: DeviceJob) -> DeviceRoundResult:
         seed=job.seed * 1000 + job.round_number,
     )
     train_loss = float(sum(result.losses[-10:]) / len(result.losses[-10:]))
+    compute_seconds = simulate_compute(result.seconds, factor=job.compute_factor)
     if job.round_id is not None:
         client.upload_update(
             job.round_id,
@@ -139,6 +153,7 @@ def run_device_round(job: DeviceJob) -> DeviceRoundResult:
         cluster=cluster,
         start_version_id=start_version,
         train_seconds=result.seconds,
+        compute_seconds=compute_seconds,
         train_loss=train_loss,
         heldout_loss=loss,
         style_share=float(scores.style_share or 0.0),

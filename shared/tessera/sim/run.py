@@ -68,6 +68,19 @@ class SimConfig:
 
 
 @dataclass(frozen=True)
+class Stragglers:
+    """Slow devices: the first `devices` enrolled train `factor` times as slowly (a simulated
+    compute time; they wait the difference before uploading)."""
+
+    devices: int = 0
+    factor: float = 1.0
+
+    def factor_of(self, position: int) -> float:
+        """The compute factor of the device enrolled at `position` (0-based)."""
+        return self.factor if position < self.devices else 1.0
+
+
+@dataclass(frozen=True)
 class Device:
     """An enrolled virtual device and its true style."""
 
@@ -189,14 +202,16 @@ def simulate(
     pool: Executor | None = None,
     round_options: Mapping[str, Any] | None = None,
     keep_devices: bool = False,
+    stragglers: Stragglers | None = None,
 ) -> SimReport:
     """Run the whole simulation against live services and return what it measured.
 
     `round_options` are added to every round the operator opens (e.g. a private round's
-    `noise_multiplier`, `clip`, `clip_norm`, `weighting`); they are not part of `config`, so
-    runs saved under a configuration's digest are unaffected. At the end the devices are
-    disabled, so that a later simulation on the same stack clusters only its own, unless
-    `keep_devices` (a stack left running for the console to show)."""
+    `noise_multiplier`, `clip`, `clip_norm`, `weighting`) and `stragglers` makes some devices
+    slow; neither is part of `config`, so runs saved under a configuration's digest are
+    unaffected. At the end the devices are disabled, so that a later simulation on the same
+    stack clusters only its own, unless `keep_devices` (a stack left running for the console
+    to show)."""
     from sklearn.metrics import adjusted_rand_score
 
     started = time.perf_counter()
@@ -221,7 +236,15 @@ def simulate(
     log(f"   clustering v{clustering['version']}: {len(clusters)} clusters, ARI {ari:.3f}")
     serving = operator if config.method != "local" else None  # local: enrolled, never served
     federation = _Federation(
-        config, styles, devices, found, work_dir, serving, aggregator_url, dict(round_options or {})
+        config,
+        styles,
+        devices,
+        found,
+        work_dir,
+        serving,
+        aggregator_url,
+        dict(round_options or {}),
+        stragglers or Stragglers(),
     )
     rounds = federation.run(pool, log)
     if not keep_devices:
@@ -281,6 +304,7 @@ class _Federation:
     operator: Operator | None = None
     aggregator_url: str = ""
     round_options: dict[str, Any] = field(default_factory=dict)
+    stragglers: Stragglers = field(default_factory=Stragglers)
 
     def run(self, pool: Executor | None, log: Callable[[str], None]) -> list[RoundReport]:
         if pool is None:
@@ -298,8 +322,16 @@ class _Federation:
             options = {**_round_config(config, len(self.devices)), **self.round_options}
             round_id = operator.open_round(options)["id"]
         jobs = [
-            _job(config, d, number, round_id, self.aggregator_url, self.work_dir)
-            for d in self.devices
+            _job(
+                config,
+                d,
+                number,
+                round_id,
+                self.aggregator_url,
+                self.work_dir,
+                compute_factor=self.stragglers.factor_of(position),
+            )
+            for position, d in enumerate(self.devices)
         ]
         results = list(pool.map(run_device_round, jobs))
         published: list[str] = []
@@ -413,6 +445,8 @@ def _job(
     round_id: int | None,
     aggregator_url: str,
     work_dir: Path,
+    *,
+    compute_factor: float = 1.0,
 ) -> DeviceJob:
     from tessera.sim.devices import DeviceJob
 
@@ -434,6 +468,7 @@ def _job(
         eval_images=config.eval_images,
         eval_steps=config.eval_steps,
         model=config.model,
+        compute_factor=compute_factor,
     )
 
 

@@ -17,7 +17,7 @@ import click
 from tessera import procs
 from tessera.config import LogFormat, Settings
 from tessera.devstack import embedded_settings
-from tessera.sim.run import SimConfig, SimReport, simulate, simulate_local
+from tessera.sim.run import SimConfig, SimReport, Stragglers, simulate, simulate_local
 
 if TYPE_CHECKING:
     from tessera.stack import StackInfo
@@ -44,11 +44,13 @@ def run_on_fresh_stack(
     after: Callable[[StackInfo, SimReport], None] | None = None,
     pool: Executor | None = None,
     round_options: Mapping[str, Any] | None = None,
+    stragglers: Stragglers | None = None,
 ) -> SimReport:
     """Start a stack on embedded servers in `data_dir`, simulate, call `after(info, report)`
     while the stack still runs, stop it. The local method needs no stack: its devices train
     alone in `data_dir` (and `after` is not called). Device rounds run in `pool` when given;
-    `round_options` are added to every round opened (see `simulate`)."""
+    `round_options` are added to every round opened and `stragglers` slow some devices down
+    (see `simulate`)."""
     from tessera.stack import Stack
 
     shutil.rmtree(data_dir, ignore_errors=True)
@@ -68,6 +70,7 @@ def run_on_fresh_stack(
             log=log,
             pool=pool,
             round_options=round_options,
+            stragglers=stragglers,
         )
         if after is not None:
             after(info, report)
