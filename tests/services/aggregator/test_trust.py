@@ -92,6 +92,22 @@ def test_round_bounds_are_validated(
     assert "1e+300" not in response.text and "by-loss" not in response.text
 
 
+def test_private_and_secure_rounds_refuse_staleness_weights(
+    aggregator: TestClient, operator: dict
+) -> None:
+    private = {"noise_multiplier": 1.0, "clip": "fixed", "clip_norm": 1.0, "weighting": "equal"}
+    secure = {"method": "secure", "lam": 0.0}
+
+    refused = [
+        aggregator.post("/v1/rounds", json={**config, "staleness_exponent": 1.0}, headers=operator)
+        for config in (private, secure)
+    ]
+
+    assert [r.status_code for r in refused] == [422, 422]
+    assert "needs staleness_exponent 0.0" in refused[0].text
+    assert "and staleness_exponent 0" in refused[1].text
+
+
 @pytest.mark.usefixtures("one_torch_thread")
 def test_a_poisoned_round_publishes_bounded_adapters_and_shows_its_exclusions(
     aggregator: TestClient,
