@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from sqlalchemy import event, select
+from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session
 
 from services.clustering import crud
@@ -317,7 +317,8 @@ def test_a_real_worker_runs_the_cli_job_and_one_whose_worker_died(
             refused = run_cli(
                 "cluster", "run", "--k", "13", "--follow", "--timeout-s", "120", env=env
             )
-            shown = run_cli("cluster", "job", "2", env=env)
+            failed_id = session.scalars(select(func.max(ClusteringJob.id))).one()
+            shown = run_cli("cluster", "job", str(failed_id), env=env)
         dead = ClusteringJob(
             state=JobState.RUNNING, trigger="operator", params={"k": 2}, attempts=1
         )
@@ -335,10 +336,12 @@ def test_a_real_worker_runs_the_cli_job_and_one_whose_worker_died(
         pool.close()
 
     assert followed.returncode == 0, followed.stderr
-    assert "job 1 queued" in followed.stderr and "job 1 succeeded (version 1)" in followed.stderr
+    done_id = failed_id - 1  # ids are not reset between tests on PostgreSQL
+    assert f"job {done_id} queued" in followed.stderr
+    assert f"job {done_id} succeeded (version 1)" in followed.stderr
     assert '"clustering_version": 1' in followed.stdout
     assert refused.returncode != 0
-    assert "job 2 failed: k=13 exceeds the number of vectors n=12" in refused.stderr
+    assert f"job {failed_id} failed: k=13 exceeds the number of vectors n=12" in refused.stderr
     assert shown.returncode == 0 and '"error": "k=13 exceeds' in shown.stdout
     assert requeued["requeued"] == [dead.id]
     job = _job(session, dead.id)
