@@ -1,5 +1,5 @@
-"""The `tessera` command: run the stack, migrate the database, manage clients, rounds and
-adapters, run the demo."""
+"""The `tessera` command: run the stack, migrate the database, manage clients, rounds,
+re-clusterings and adapters, run the demo."""
 
 from __future__ import annotations
 
