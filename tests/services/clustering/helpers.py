@@ -3,11 +3,12 @@ in the test's process (the worker's own function)."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import delete
+from sqlalchemy import delete, insert, select
 from sqlalchemy.orm import Session
 
 from services.aggregator import crud as aggregator_crud
@@ -15,7 +16,7 @@ from services.worker.clustering import ClusteringScale, run_clustering_job
 from tessera import db
 from tessera.config import Settings
 from tessera.federation import task_vector_bytes
-from tessera.models import Role, TaskEmbedding
+from tessera.models import Client, Role, TaskEmbedding
 from tests.helpers import bearer
 from tests.services.clustering.synthetic import DIM, directions, unit
 
@@ -84,3 +85,31 @@ def add_device(
 
 def operator(settings: Settings) -> dict[str, str]:
     return bearer(settings.operator_token.get_secret_value())
+
+
+def enrol_many(session: Session, vectors: np.ndarray, *, prefix: str) -> None:
+    """One device per row of `vectors`, each with that task vector, inserted in bulk."""
+    names = [f"{prefix}-{i}" for i in range(len(vectors))]
+    session.execute(
+        insert(Client),
+        [
+            {"name": n, "role": Role.DEVICE, "token_hash": hashlib.sha256(n.encode()).hexdigest()}
+            for n in names
+        ],
+    )
+    ids = dict(
+        session.execute(select(Client.name, Client.id).where(Client.name.like(f"{prefix}-%"))).all()
+    )
+    session.execute(
+        insert(TaskEmbedding),
+        [
+            {
+                "client_id": ids[name],
+                "vector": task_vector_bytes(vector),
+                "dim": vector.shape[0],
+                "encoder_id": "test-encoder",
+            }
+            for name, vector in zip(names, vectors, strict=True)
+        ],
+    )
+    session.commit()
