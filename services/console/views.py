@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from services.aggregator import crud
+from services.clustering import crud as clustering_crud
 from tessera.federation import task_vector_from_bytes
 from tessera.models import (
     Adapter,
@@ -21,7 +22,6 @@ from tessera.models import (
     Clustering,
     Role,
     Round,
-    TaskEmbedding,
     Update,
 )
 from tessera.schemas import RoundOut
@@ -117,19 +117,6 @@ class ClusterMap:
         }
 
 
-def _device_vectors(session: Session) -> dict[int, np.ndarray]:
-    """Each enabled device's mean task vector (a device may send several)."""
-    rows = session.execute(
-        select(TaskEmbedding.client_id, TaskEmbedding.vector, TaskEmbedding.dim)
-        .join(Client, Client.id == TaskEmbedding.client_id)
-        .where(Client.disabled_at.is_(None))
-    )
-    grouped: dict[int, list[np.ndarray]] = {}
-    for client_id, vector, dim in rows:
-        grouped.setdefault(client_id, []).append(task_vector_from_bytes(vector, dim=dim))
-    return {cid: np.mean(np.stack(vs), axis=0) for cid, vs in grouped.items()}
-
-
 def pca_2d(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
     """Mean and the first two principal axes of `rows` (padded with zeros below rank 2)."""
     mean = rows.mean(axis=0)
@@ -152,7 +139,10 @@ def cluster_map(*, session: Session) -> ClusterMap | None:
         Assignment.clustering_id == clustering.id
     )
     labels = {client_id: label for client_id, label in session.execute(assigned)}
-    vectors = _device_vectors(session)
+    try:  # what the clustering clustered: each enabled device's unit task direction
+        ids, rows = clustering_crud.device_directions(session=session)
+    except clustering_crud.MixedDimensionsError:  # the page says so when re-clustering fails
+        ids, rows = [], np.zeros((0, 0))
     names = {client_id: name for client_id, name in session.execute(select(Client.id, Client.name))}
     silhouette = clustering.metrics.get("silhouette")
     result = ClusterMap(
@@ -161,13 +151,8 @@ def cluster_map(*, session: Session) -> ClusterMap | None:
         silhouette=None if silhouette is None else float(silhouette),
         sizes={c.label: c.size for c in sorted(clusters, key=lambda c: c.label)},
     )
-    if not vectors:
+    if not ids:
         return result
-    ids = sorted(vectors)
-    dims = {vectors[i].shape[0] for i in ids}
-    if len(dims) != 1:
-        return result
-    rows = np.stack([vectors[i] for i in ids])
     mean, basis, explained = pca_2d(rows)
     projected = (rows - mean) @ basis.T
     for client_id, (x, y) in zip(ids, projected, strict=True):

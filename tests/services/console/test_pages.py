@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import re
 from collections.abc import Iterator
 from datetime import timedelta
+from typing import Any
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from safetensors.torch import load
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from services.aggregator.crud import replace_task_vectors
+from services.clustering.crud import recluster
 from services.clustering.main import create_app as create_clustering_app
 from services.console.app import STATIC_DIR
 from tessera.config import Settings
@@ -21,7 +26,7 @@ from tessera.lora import adapter_to_bytes, random_adapter
 from tessera.model.facts import load_facts
 from tessera.models import AdapterKind, ClusteringJob, Round, RoundState
 from tessera.storage import ObjectStore
-from tests.helpers import on_redis_db
+from tests.helpers import enrol, on_redis_db
 from tests.services.aggregator.factories import publish
 from tests.services.clustering.helpers import run_here
 from tests.services.console.conftest import CONSOLE_QUEUE_DB, sign_in, signed_in_csrf
@@ -35,6 +40,14 @@ LIVE_PAGES = (
     "/console/adapters",
     "/console/gallery",
 )
+
+
+def _chart(page: str) -> dict[str, Any]:
+    """The cluster map's data in the Clusters page."""
+    found = re.search(r'<script type="application/json" id="cluster-map-data">(.*?)</script>', page)
+    assert found is not None
+    chart: dict[str, Any] = json.loads(found.group(1))
+    return chart
 
 
 def _signed_in(aggregator: TestClient, operator_token: str) -> str:
@@ -126,9 +139,7 @@ def test_cluster_map_has_every_device_and_cluster(
     _signed_in(aggregator, operator_token)
 
     page = aggregator.get("/console/clusters").text
-    found = re.search(r'<script type="application/json" id="cluster-map-data">(.*?)</script>', page)
-    assert found is not None
-    chart = json.loads(found.group(1))
+    chart = _chart(page)
 
     assert sorted(len(points) for points in chart["clusters"].values()) == [4, 4, 4]
     assert len(chart["centroids"]) == 3 and chart["unassigned"] == []
@@ -148,6 +159,36 @@ def clustering_service(aggregator: TestClient, settings: Settings) -> Iterator[T
     with TestClient(create_clustering_app(on_redis_db(settings, CONSOLE_QUEUE_DB))) as client:
         aggregator.app.state.clustering_http = client  # type: ignore[attr-defined]
         yield client
+
+
+def test_the_map_shows_each_devices_direction_as_clustered(
+    aggregator: TestClient, operator_token: str, session: Session
+) -> None:
+    """A device that sent several task vectors is drawn at its task direction (the normalised
+    mean of its normalised vectors), which is what the clustering clusters, not at their mean."""
+    axes = np.eye(6)
+    devices = [
+        (group, enrol(aggregator, operator_token, f"edge-{group}-{member}"))
+        for group in range(3)
+        for member in range(2)
+    ]
+    for group, device in devices:  # 3 (e_g + e_(g+3)) and e_g - e_(g+3): direction e_g
+        vectors = [3 * (axes[group] + axes[group + 3]), axes[group] - axes[group + 3]]
+        replace_task_vectors(
+            session=session,
+            client_id=device["id"],
+            encoder_id="test-encoder",
+            vectors=[vector.tolist() for vector in vectors],
+        )
+    recluster(session=session, method="kmeans", k=3)
+    session.commit()
+    _signed_in(aggregator, operator_token)
+
+    chart = _chart(aggregator.get("/console/clusters").text)
+
+    centroids = {c["name"].removeprefix("centroid "): (c["x"], c["y"]) for c in chart["centroids"]}
+    for label, points in chart["clusters"].items():  # each device on its centroid, e_g
+        assert all(math.dist((p["x"], p["y"]), centroids[label]) < 1e-3 for p in points)
 
 
 def test_recluster_from_the_console(
