@@ -28,6 +28,7 @@ from tessera.config import Settings
 from tessera.events import AGGREGATION_QUEUE, TASK_RECLUSTER
 from tessera.models import ClusteringJob, JobState, Role, utcnow
 from tessera.queue import make_celery
+from tessera.sdk.operator import recluster_and_wait
 from tessera.stack import WORKER_APP
 from tests.helpers import bearer, run_cli, stack_env
 from tests.services.aggregator.helpers import queued_tasks
@@ -297,8 +298,9 @@ def test_a_real_worker_runs_the_cli_job_and_one_whose_worker_died(
     fleet: list[Member],
     tmp_path: Path,
 ) -> None:
-    """`tessera cluster run --follow` against the served API and a Celery worker; then a job
-    left running by a dead worker is queued again by the reaper and run by the live worker."""
+    """`tessera cluster run --follow` against the served API and a Celery worker, and the
+    simulator's `recluster_and_wait`; then a job left running by a dead worker is queued
+    again by the reaper and run by the live worker."""
     pool = WorkerProcesses(
         settings.model_copy(update={"worker_metrics_port": 0}), tmp_path, app=WORKER_APP
     )
@@ -319,6 +321,8 @@ def test_a_real_worker_runs_the_cli_job_and_one_whose_worker_died(
             )
             failed_id = session.scalars(select(func.max(ClusteringJob.id))).one()
             shown = run_cli("cluster", "job", str(failed_id), env=env)
+            with httpx.Client(base_url=url, headers=operator(settings)) as http:
+                waited = recluster_and_wait(http, {"k": 3}, timeout_s=120)  # the simulator's
         dead = ClusteringJob(
             state=JobState.RUNNING, trigger="operator", params={"k": 2}, attempts=1
         )
@@ -347,7 +351,8 @@ def test_a_real_worker_runs_the_cli_job_and_one_whose_worker_died(
     job = _job(session, dead.id)
     assert job.state == JobState.SUCCEEDED and job.attempts == 2
     versions = session.scalars(select(ClusteringJob.clustering_id)).all()
-    assert len([v for v in versions if v is not None]) == 2
+    assert len([v for v in versions if v is not None]) == 3
+    assert waited["version"] == 2 and len(waited["clusters"]) == 3
 
 
 def test_directions_fill_one_matrix_and_grow_it_for_devices_counted_late(
