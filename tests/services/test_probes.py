@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from celery import Celery
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
@@ -118,14 +119,26 @@ def test_a_service_is_ready_only_while_a_worker_of_its_own_queue_answers(
             log_path=tmp_path / "worker.log",
         )
         destination = [f"{node}@{socket.gethostname()}"]
+
+        def consumes(expected: bool) -> None:
+            # A worker answers add_consumer / cancel_consumer at once and changes its queues
+            # soon after (call_soon): wait until it has.
+            procs.wait_until(
+                lambda: expected == (own_queue in _queues(celery, destination)),
+                timeout=30,
+                what=f"the worker {'consuming' if expected else 'leaving'} {own_queue}",
+            )
+
         with TestClient(FACTORIES[name](own)) as client:
             other_only = client.get("/readyz")
             celery.control.add_consumer(own_queue, destination=destination, reply=True)
+            consumes(True)
             joined = client.get("/readyz")  # asks every worker, finds this one
             started = time.perf_counter()
             again = client.get("/readyz")  # asks only the worker found
             again_s = time.perf_counter() - started
             celery.control.cancel_consumer(own_queue, destination=destination, reply=True)
+            consumes(False)
             left = client.get("/readyz")
     finally:
         celery.close()
@@ -139,3 +152,9 @@ def test_a_service_is_ready_only_while_a_worker_of_its_own_queue_answers(
     assert again_s < WORKER_PING_TIMEOUT_S, again_s  # it did not wait for silence
     assert left.status_code == 503
     assert left.json()["checks"]["worker"].startswith("RuntimeError: no Celery worker")
+
+
+def _queues(celery: Celery, destination: list[str]) -> set[str]:
+    """The queues the workers of `destination` consume now."""
+    replies = celery.control.inspect(destination=destination, timeout=1).active_queues() or {}
+    return {queue["name"] for consumed in replies.values() for queue in consumed or []}

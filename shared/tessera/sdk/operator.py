@@ -26,9 +26,11 @@ def _json(response: httpx.Response) -> dict[str, Any]:
     return dict(response.json())
 
 
-def queue_reclustering(http: httpx.Client, options: dict[str, Any]) -> dict[str, Any]:
-    """POST /v1/clusterings: the job queued (202), or ClusteringJobError with the refusal."""
-    return _json(http.post("/v1/clusterings", json=options))
+def _active_job(http: httpx.Client) -> dict[str, Any] | None:
+    """The job queued or running, if any (at most one is: POST /v1/clusterings refuses another)."""
+    response = http.get(JOB_PATH, params={"limit": 5})
+    jobs = response.json() if response.is_success else []
+    return next((job for job in jobs if job["state"] not in FINISHED), None)
 
 
 def follow_job(
@@ -58,8 +60,19 @@ def recluster_and_wait(
     http: httpx.Client, options: dict[str, Any], *, timeout_s: float
 ) -> dict[str, Any]:
     """Queue a re-clustering and return the clustering it made (GET /v1/clusterings/current);
-    ClusteringJobError with the job's reason if it failed."""
-    job = follow_job(http, queue_reclustering(http, options)["id"], timeout_s=timeout_s)
+    ClusteringJobError with the job's reason if it failed.
+
+    Where another job is queued or running (one the round loop queued on drift, say), it is
+    followed to its end first, and ours queued after it: the clustering returned is this one's.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        response = http.post("/v1/clusterings", json=options)
+        active = _active_job(http) if response.status_code == 409 else None
+        if active is None:
+            break
+        follow_job(http, active["id"], timeout_s=max(deadline - time.monotonic(), POLL_S))
+    job = follow_job(http, _json(response)["id"], timeout_s=max(deadline - time.monotonic(), 1))
     if job["state"] == "failed":
         raise ClusteringJobError(f"re-clustering job {job['id']} failed: {job['error']}")
     return _json(http.get("/v1/clusterings/current"))

@@ -322,7 +322,10 @@ def test_a_real_worker_runs_the_cli_job_and_one_whose_worker_died(
             failed_id = session.scalars(select(func.max(ClusteringJob.id))).one()
             shown = run_cli("cluster", "job", str(failed_id), env=env)
             with httpx.Client(base_url=url, headers=operator(settings)) as http:
-                waited = recluster_and_wait(http, {"k": 3}, timeout_s=120)  # the simulator's
+                # A job already queued (as the round loop queues one on drift): the
+                # simulator's call follows it, then queues and returns its own.
+                ahead = http.post("/v1/clusterings", json={"k": 2}).json()
+                waited = recluster_and_wait(http, {"k": 3}, timeout_s=120)
         dead = ClusteringJob(
             state=JobState.RUNNING, trigger="operator", params={"k": 2}, attempts=1
         )
@@ -351,8 +354,9 @@ def test_a_real_worker_runs_the_cli_job_and_one_whose_worker_died(
     job = _job(session, dead.id)
     assert job.state == JobState.SUCCEEDED and job.attempts == 2
     versions = session.scalars(select(ClusteringJob.clustering_id)).all()
-    assert len([v for v in versions if v is not None]) == 3
-    assert waited["version"] == 2 and len(waited["clusters"]) == 3
+    assert len([v for v in versions if v is not None]) == 4
+    assert _job(session, ahead["id"]).state == JobState.SUCCEEDED
+    assert waited["version"] == 3 and len(waited["clusters"]) == 3
 
 
 def test_directions_fill_one_matrix_and_grow_it_for_devices_counted_late(
