@@ -16,6 +16,7 @@ from typing import Any
 
 from celery import Celery
 from sqlalchemy import ColumnElement, case, func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.clustering.crud import ClusteringStateError, current_clustering
@@ -67,6 +68,13 @@ def recent_jobs(*, session: Session, limit: int) -> list[ClusteringJob]:
     )
 
 
+def _already(active: ClusteringJob) -> ActiveJobError:
+    return ActiveJobError(
+        f"re-clustering job {active.id} is already {active.state.value}: follow it at "
+        f"GET /v1/clustering-jobs/{active.id}"
+    )
+
+
 def submit_job(
     *, session: Session, celery: Celery, params: dict[str, Any], trigger: str
 ) -> ClusteringJob:
@@ -77,10 +85,7 @@ def submit_job(
     """
     active = active_job(session=session)
     if active is not None:
-        raise ActiveJobError(
-            f"re-clustering job {active.id} is already {active.state.value}: follow it at "
-            f"GET /v1/clustering-jobs/{active.id}"
-        )
+        raise _already(active)
     current = current_clustering(session=session)
     job = ClusteringJob(
         state=JobState.QUEUED,
@@ -89,7 +94,14 @@ def submit_job(
         base_version=None if current is None else current.version,
     )
     session.add(job)
-    session.commit()
+    try:
+        session.commit()
+    except IntegrityError as error:  # another process queued one since (migration 0008's index)
+        session.rollback()
+        active = active_job(session=session)
+        if active is None:
+            raise ActiveJobError("another re-clustering job was queued at the same time") from error
+        raise _already(active) from error
     try:
         send_job(celery, job.id)
     except Exception:

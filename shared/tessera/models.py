@@ -22,6 +22,7 @@ from sqlalchemy import (
     MetaData,
     String,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -184,6 +185,9 @@ class Clustering(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+_ACTIVE_JOB = "state IN ('queued', 'running')"
+
+
 class ClusteringJob(Base):
     """A re-clustering queued for a worker: asked by an operator, or by drift in the round loop."""
 
@@ -207,7 +211,17 @@ class ClusteringJob(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
-    __table_args__ = (Index("ix_clustering_jobs_state", "state"),)
+    __table_args__ = (
+        Index("ix_clustering_jobs_state", "state"),
+        # At most one job queued or running (migration 0008): the same constant for each.
+        Index(
+            "ux_clustering_jobs_one_active",
+            text("(1)"),
+            unique=True,
+            sqlite_where=text(_ACTIVE_JOB),
+            postgresql_where=text(_ACTIVE_JOB),
+        ),
+    )
 
 
 class Cluster(Base):

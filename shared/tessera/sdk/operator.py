@@ -66,11 +66,18 @@ def recluster_and_wait(
     followed to its end first, and ours queued after it: the clustering returned is this one's.
     """
     deadline = time.monotonic() + timeout_s
+    ended_meanwhile = False
     while True:
         response = http.post("/v1/clusterings", json=options)
-        active = _active_job(http) if response.status_code == 409 else None
-        if active is None:
+        if response.status_code != 409:
             break
+        active = _active_job(http)
+        if active is None:
+            if ended_meanwhile:  # a 409 with no job active: a refusal (no vectors, say)
+                break
+            ended_meanwhile = True  # the job that refused us may have ended since: ask again
+            continue
+        ended_meanwhile = False
         follow_job(http, active["id"], timeout_s=max(deadline - time.monotonic(), POLL_S))
     job = follow_job(http, _json(response)["id"], timeout_s=max(deadline - time.monotonic(), 1))
     if job["state"] == "failed":

@@ -14,13 +14,16 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import event, func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from services.clustering import crud
+from services.clustering import crud, jobs
 from services.clustering.jobs import (
     MAX_JOB_RUNS,
+    ActiveJobError,
     queue_drift_job,
     requeue_stale_jobs,
+    submit_job,
 )
 from services.clustering.main import create_app
 from tessera import db
@@ -220,6 +223,40 @@ def test_drift_queues_one_reclustering_per_clustering_version(
     assert after is None and off is None
     current = crud.require_current_clustering(session=session)
     assert current.metrics["far_share"] == 0.0 and current.metrics["n_devices"] == 18
+
+
+def test_two_processes_queueing_at_once_leave_one_active_job(
+    settings: Settings, session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two aggregator replicas' round loops both pass the 'no active job' check before either
+    commits: the database (migration 0008) keeps one, and the other caller is told which."""
+    celery = make_celery(settings)
+    sessions = db.session_factory(db.create_db_engine(settings.resolved_database_url))
+    real_active_job = jobs.active_job
+    checks: list[int] = []
+
+    def not_yet_committed(*, session: Session) -> ClusteringJob | None:
+        checks.append(1)  # the other replica's row is invisible at the first check
+        return None if len(checks) == 1 else real_active_job(session=session)
+
+    with sessions() as first, sessions() as second:
+        winner = submit_job(session=first, celery=celery, params={"k": 2}, trigger="drift")
+        monkeypatch.setattr(jobs, "active_job", not_yet_committed)
+        with pytest.raises(ActiveJobError, match=f"job {winner.id} is already queued"):
+            submit_job(session=second, celery=celery, params={"k": 3}, trigger="drift")
+        monkeypatch.undo()
+        second.add(ClusteringJob(state=JobState.RUNNING, trigger="operator", params={}))
+        with pytest.raises(IntegrityError):
+            second.commit()
+        second.rollback()
+        winner.state = JobState.SUCCEEDED  # once over, the next one may be queued
+        first.commit()
+        after = submit_job(session=second, celery=celery, params={"k": 3}, trigger="operator")
+
+    active = session.scalars(
+        select(ClusteringJob.id).where(ClusteringJob.state.in_(["queued", "running"]))
+    ).all()
+    assert active == [after.id]
 
 
 def test_the_first_assignment_over_too_many_devices_queues_a_job_instead(
