@@ -34,6 +34,7 @@ import dataclasses
 import hashlib
 import math
 import os
+import sys
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -304,11 +305,11 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Robustness of a cluster's adapter to attackers",
         "",
-        (
-            "Written by `python bench/robustness.py --threads 1 --synthetic --out docs`"
+        f"Written by `{report['command']}`"
+        + (
+            ""
             if synthetic
-            else "Written by `OMP_WAIT_POLICY=PASSIVE python bench/robustness.py --threads 1 "
-            "--out docs` (also `make bench`; one thread: MKL's threads crawl on a busy machine)"
+            else " (`make bench` runs it with `--threads 1`: MKL's threads crawl on a busy machine)"
         )
         + f"; {report['machine']}, at the start {start_load}; "
         f"{report['wall_seconds']:.0f} s, {report.get('generation_runs', '?')} generation runs.",
@@ -450,6 +451,8 @@ def main(argv: list[str] | None = None) -> None:
         embedded_backends(Path(scratch) / "backends") as (_, store),
     ):
         report = run(args, store)
+    arguments = " ".join(sys.argv[1:] if argv is None else argv)
+    report["command"] = f"OMP_WAIT_POLICY=PASSIVE python bench/robustness.py {arguments}"
     write_report(report, args.out, name, markdown=markdown, plot=plot)
 
 
