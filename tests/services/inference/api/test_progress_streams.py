@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 import signal
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,14 +25,13 @@ from services.inference import crud
 from services.inference.api.main import create_app
 from services.inference.api.progress_stream import SHUTDOWN_GRACE_S, SHUTTING_DOWN, job_events
 from services.inference.api.views import job_view
-from tessera import procs
 from tessera.config import Settings
 from tessera.events import generation_channel
 from tessera.models import GenerationJob, JobState, Role
 from tessera.storage import ObjectStore
-from tests.helpers import REPO_ROOT, bearer
+from tests.helpers import bearer
 from tests.services.inference.helpers import embeds_b64, make_client, tokens
-from tests.serving import served
+from tests.serving import served, served_process
 
 # A wall-clock bound: under pytest-xdist these modules run one at a time, on one worker.
 pytestmark = pytest.mark.xdist_group("timed")
@@ -220,19 +218,8 @@ def test_a_stream_cut_by_server_shutdown_ends_with_an_end_event(
     )
     session.add(job)
     session.commit()
-    port = procs.free_ports(1)[0]
-    log_path = tmp_path / "inference.log"
-    server = procs.spawn(
-        [sys.executable, "-m", "uvicorn", "--factory", "services.inference.api.main:create_app",
-         "--host", "127.0.0.1", "--port", str(port)],
-        log_path=log_path, env={**os.environ, **settings.as_env()}, cwd=REPO_ROOT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        procs.wait_until(
-            lambda: httpx.get(f"{url}/healthz", timeout=2).status_code == 200,
-            timeout=120, what="the inference API", process=server, log_path=log_path,
-        )  # fmt: skip
+    factory = "services.inference.api.main:create_app"
+    with served_process(factory, settings, tmp_path / "inference.log") as (url, server):
         with httpx.stream(
             "GET", f"{url}/v1/generations/{job.id}/events", headers=bearer(token), timeout=30
         ) as stream:
@@ -246,8 +233,6 @@ def test_a_stream_cut_by_server_shutdown_ends_with_an_end_event(
             ended_s = time.monotonic() - stopping
         server.wait(30)
         exited_s = time.monotonic() - stopping
-    finally:
-        procs.stop(server)
 
     print(f"server shutdown: stream's end event {ended_s:.1f} s, process gone {exited_s:.1f} s")
     assert first == ("progress", {"id": job.id, "state": "queued", "step": 0, "total_steps": 4})
