@@ -1,6 +1,6 @@
 """Differential privacy's utility cost on the RESULTS protocol: style accuracy at epsilon 8, 4, 1.
 
-    python bench/dp_utility.py --out docs --seed 1
+    python bench/dp_utility.py --out docs --seeds 0 1 2
 
 The RESULTS protocol (`tessera.sim.results.RESULTS_CONFIG`: 24 devices, 4 styles, 8 rounds,
 the cluster-aware exact method, each on a fresh embedded stack) is run once per epsilon with
@@ -119,11 +119,72 @@ def private_run(
     return data
 
 
+def _single_seed(report: dict[str, Any]) -> dict[str, Any]:
+    """A report of the one-seed layout (before --seeds) in the layout of one entry of `seeds`."""
+    return {
+        "baseline_file": report["baseline_file"],
+        "baseline": report["baseline"],
+        "calibration": report["calibration"],
+        "runs": report.get("runs", {}),
+        "machine": report.get("machine"),
+    }
+
+
+def load_report(path: Path) -> dict[str, Any]:
+    """The report kept at `path` (empty when none), every seed under `seeds`."""
+    if not path.exists():
+        return {}
+    report = json.loads(path.read_text())
+    if "seed" in report:  # the one-seed layout of the first run
+        report = {
+            "seeds": {str(report["seed"]): _single_seed(report)},
+            "epsilons": report["epsilons"],
+            "delta": report["delta"],
+            "rounds": report["rounds"],
+            "command": report["command"],
+            "machine": report.get("machine"),
+        }
+    return report
+
+
+def run_seed(
+    report: dict[str, Any], seed: int, args: argparse.Namespace, pool: Any, json_path: Path
+) -> None:
+    """The private runs of `seed` that `report` lacks, the report written after each."""
+    config = replace(RESULTS_CONFIG, seed=seed, method="exact")
+    baseline = run_file(args.runs, BASELINE, config)
+    if not baseline.exists():
+        raise SystemExit(f"no committed no-DP run {baseline}: run tessera.sim.results first")
+    entry = report["seeds"].setdefault(str(seed), {})
+    entry.update(baseline_file=str(baseline), baseline=json.loads(baseline.read_text()))
+    entry.setdefault("calibration", calibrate_clip(config, devices=args.calibration_devices))
+    clip_norm = entry["calibration"]["clip_norm"]
+    runs = entry.setdefault("runs", {})
+    for epsilon in args.epsilons:
+        key = f"{epsilon:g}"
+        if key in runs:
+            continue
+        multiplier = noise_multiplier_for(epsilon=epsilon, delta=args.delta, rounds=config.rounds)
+        print(
+            f"== seed {seed}, epsilon {key}: "
+            f"noise multiplier {multiplier:.3f}, clip {clip_norm:.4f}"
+        )
+        run = private_run(
+            config, multiplier=multiplier, clip_norm=clip_norm, scratch=args.scratch, pool=pool
+        )
+        run["noise_multiplier"] = multiplier
+        run["noise_left"] = noise_left(multiplier, rank=config.rank, sizes=CLUSTER_SIZES)
+        runs[key] = run
+        entry["machine"] = report["machine"] = machine(1)
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2) + "\n")  # kept after each run
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("docs"))
     parser.add_argument("--runs", type=Path, default=Path("docs/results-runs"))
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epsilons", type=float, nargs="+", default=[8.0, 4.0, 1.0])
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--calibration-devices", type=int, default=8)
@@ -132,50 +193,21 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     json_path = args.out / f"{NAME}.json"
-    config = replace(RESULTS_CONFIG, seed=args.seed, method="exact")
-    if args.report_only:
-        report = json.loads(json_path.read_text())
-    else:
-        report = json.loads(json_path.read_text()) if json_path.exists() else {}
-        baseline = run_file(args.runs, BASELINE, config)
-        if not baseline.exists():
-            raise SystemExit(f"no committed no-DP run {baseline}: run tessera.sim.results first")
+    report = load_report(json_path)
+    if not args.report_only:
+        report.setdefault("seeds", {})
         report.update(
-            command="python bench/dp_utility.py --out docs --seed "
-            f"{args.seed} --epsilons {' '.join(f'{e:g}' for e in args.epsilons)}",
-            seed=args.seed,
+            command="python bench/dp_utility.py --out docs --seeds "
+            f"{' '.join(str(s) for s in args.seeds)} "
+            f"--epsilons {' '.join(f'{e:g}' for e in args.epsilons)}",
             epsilons=args.epsilons,
             delta=args.delta,
-            rounds=config.rounds,
-            baseline_file=str(baseline),
-            baseline=json.loads(baseline.read_text()),
+            rounds=RESULTS_CONFIG.rounds,
+            machine=machine(1),
         )
-        report.setdefault("calibration", calibrate_clip(config, devices=args.calibration_devices))
-        clip_norm = report["calibration"]["clip_norm"]
-        runs = report.setdefault("runs", {})
-        with device_pool(config.workers) as pool:
-            for epsilon in args.epsilons:
-                key = f"{epsilon:g}"
-                if key in runs:
-                    continue
-                multiplier = noise_multiplier_for(
-                    epsilon=epsilon, delta=args.delta, rounds=config.rounds
-                )
-                print(f"== epsilon {key}: noise multiplier {multiplier:.3f}, clip {clip_norm:.4f}")
-                run = private_run(
-                    config,
-                    multiplier=multiplier,
-                    clip_norm=clip_norm,
-                    scratch=args.scratch,
-                    pool=pool,
-                )
-                run["noise_multiplier"] = multiplier
-                run["noise_left"] = noise_left(multiplier, rank=config.rank, sizes=CLUSTER_SIZES)
-                runs[key] = run
-                report["machine"] = machine(1)
-                args.out.mkdir(parents=True, exist_ok=True)
-                json_path.write_text(json.dumps(report, indent=2) + "\n")  # kept after each run
-        report["machine"] = machine(1)
+        with device_pool(RESULTS_CONFIG.workers) as pool:
+            for seed in args.seeds:
+                run_seed(report, seed, args, pool, json_path)
         shutil.rmtree(args.scratch, ignore_errors=True)
     write_report(report, args.out, NAME, markdown=markdown, plot=plot)
 
@@ -184,44 +216,72 @@ def _curve(run: dict[str, Any], metric: str) -> list[float]:
     return [float(r[metric]) for r in run["rounds"]]
 
 
+def _over_seeds(runs: list[dict[str, Any]], metric: str) -> tuple[list[float], list[float]]:
+    """Per round: mean and std (population, as docs/RESULTS.md) over the seeds' runs."""
+    curves = [_curve(run, metric) for run in runs]
+    columns = list(zip(*curves, strict=True))
+    return [statistics.fmean(c) for c in columns], [statistics.pstdev(c) for c in columns]
+
+
+def _arms(report: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """'no DP' and each epsilon measured: its runs, one per seed that has it."""
+    seeds = report.get("seeds", {})
+    arms = {"no DP": [entry["baseline"] for entry in seeds.values()]}
+    for epsilon in report.get("epsilons", []):
+        key = f"{epsilon:g}"
+        runs = [entry["runs"][key] for entry in seeds.values() if key in entry.get("runs", {})]
+        if runs:
+            arms[key] = runs
+    return arms
+
+
+def _seeds_of(runs: list[dict[str, Any]]) -> str:
+    return ", ".join(str(run["config"]["seed"]) for run in runs)
+
+
 def markdown(report: dict[str, Any]) -> str:
-    baseline = report["baseline"]
-    runs = report.get("runs", {})
+    seeds = report.get("seeds", {})
+    arms = _arms(report)
+    clips = ", ".join(
+        f"{entry['calibration']['clip_norm']:.3f} (seed {seed})" for seed, entry in seeds.items()
+    )
     lines = [
         "# Differential privacy: utility cost on the RESULTS protocol",
         "",
         f"    {report['command']}",
         "",
-        f"RESULTS protocol (24 devices, 4 styles, 8 rounds, cluster-aware exact), seed "
-        f"{report['seed']} only (one seed: the time was short). Every round private, noise "
-        f"multiplier calibrated by dp-accounting's RDP accountant so that the {report['rounds']} "
-        f"rounds spend epsilon at delta {report['delta']:g} (each device takes part in every "
-        "round of its cluster, no amplification by sampling). Clip norm fixed before the runs: "
-        f"{report['calibration']['clip_norm']:.4f}, twice the median update norm of "
-        f"{len(report['calibration']['norms'])} calibration devices (other seeds) trained from "
-        "scratch for the protocol's budget. The no-DP baseline is the committed run "
-        f"`{report['baseline_file']}` (adaptive clip, sample weights; not rerun). "
-        f"Measured on {report.get('machine', 'this machine')}.",
+        "RESULTS protocol (24 devices, 4 styles, 8 rounds, cluster-aware exact), seeds "
+        f"{', '.join(seeds)}. Every round private, noise multiplier calibrated by dp-accounting's "
+        f"RDP accountant so that the {report['rounds']} rounds spend epsilon at delta "
+        f"{report['delta']:g} (each device takes part in every round of its cluster, no "
+        "amplification by sampling). Clip norm fixed per seed before its runs, twice the median "
+        "update norm of calibration devices (other seeds) trained from scratch for the protocol's "
+        f"budget: {clips}. The no-DP baseline is each seed's committed RESULTS run of "
+        "cluster-aware exact in `docs/results-runs/` (adaptive clip, sample weights; not rerun). "
+        f"Measured on {report.get('machine', 'this machine')} (the last run's end; each seed's "
+        "runs keep their own line in the JSON).",
         "",
-        "| epsilon (8 rounds) | noise multiplier | style accuracy, rounds 1..8 | final style "
-        "accuracy | final held-out loss | epsilon after each round (API) |",
-        "|---|---|---|---|---|---|",
+        "| epsilon (8 rounds) | noise multiplier | seeds | style accuracy, rounds 1..8 (mean) | "
+        "final style accuracy, mean ± std | final per seed | final held-out loss (mean) | "
+        "epsilon after each round (API) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    base_acc = _curve(baseline, "style_accuracy")
-    lines.append(
-        f"| no DP | - | {' / '.join(f'{a:.2f}' for a in base_acc)} | {base_acc[-1]:.2f} | "
-        f"{_curve(baseline, 'heldout_loss')[-1]:.4f} | - |"
-    )
-    for key, run in runs.items():
-        acc = _curve(run, "style_accuracy")
-        eps = " / ".join(f"{e:.2f}" for e in run["epsilon_per_round"])
+    for key, runs in arms.items():
+        mean, std = _over_seeds(runs, "style_accuracy")
+        loss, _ = _over_seeds(runs, "heldout_loss")
+        finals = " / ".join(f"{_curve(run, 'style_accuracy')[-1]:.2f}" for run in runs)
+        private = key != "no DP"
+        multiplier = f"{runs[0]['noise_multiplier']:.3f}" if private else "-"
+        spent = " / ".join(f"{e:.2f}" for e in runs[0]["epsilon_per_round"]) if private else "-"
         lines.append(
-            f"| {key} | {run['noise_multiplier']:.3f} | {' / '.join(f'{a:.2f}' for a in acc)} | "
-            f"{acc[-1]:.2f} | {_curve(run, 'heldout_loss')[-1]:.4f} | {eps} |"
+            f"| {key} | {multiplier} | {_seeds_of(runs)} | "
+            f"{' / '.join(f'{a:.2f}' for a in mean)} | {mean[-1]:.2f} ± {std[-1]:.2f} | "
+            f"{finals} | {loss[-1]:.4f} | {spent} |"
         )
     for epsilon in report.get("epsilons", []):
-        if f"{epsilon:g}" not in runs:
-            lines.append(f"| {epsilon:g} | - | not measured (no time left) | - | - | - |")
+        if f"{epsilon:g}" not in arms:
+            lines.append(f"| {epsilon:g} | - | none | not measured | - | - | - | - |")
+    private_arms = {k: runs for k, runs in arms.items() if k != "no DP"}
     lines += [
         "",
         "Noise left in one cluster adapter after the rank-8 re-factorisation, as a multiple of "
@@ -231,59 +291,65 @@ def markdown(report: dict[str, Any]) -> str:
         "| epsilon | " + " | ".join(f"n = {n:,}" for n in CLUSTER_SIZES) + " |",
         "|---|" + "---|" * len(CLUSTER_SIZES),
     ]
-    for key, run in runs.items():
-        cells = " | ".join(f"{run['noise_left'][str(n)]:.2f}" for n in CLUSTER_SIZES)
+    for key, runs in private_arms.items():
+        cells = " | ".join(f"{runs[0]['noise_left'][str(n)]:.2f}" for n in CLUSTER_SIZES)
         lines.append(f"| {key} | {cells} |")
-    lines += ["", *_reading(report), ""]
+    lines += ["", *_reading(arms), ""]
     return "\n".join(lines)
 
 
-def _reading(report: dict[str, Any]) -> list[str]:
+def _reading(arms: dict[str, list[dict[str, Any]]]) -> list[str]:
     """What the table says, from its own numbers."""
-    runs = report.get("runs", {})
-    if not runs:
+    private = {k: runs for k, runs in arms.items() if k != "no DP"}
+    if not private:
         return []
-    base = _curve(report["baseline"], "style_accuracy")
-    base_loss = _curve(report["baseline"], "heldout_loss")[-1]
+    base, base_std = _over_seeds(arms["no DP"], "style_accuracy")
+    base_loss = _over_seeds(arms["no DP"], "heldout_loss")[0][-1]
     finals = ", ".join(
-        f"{_curve(r, 'style_accuracy')[-1]:.2f} at epsilon {k}" for k, r in runs.items()
+        f"{_over_seeds(runs, 'style_accuracy')[0][-1]:.2f} at epsilon {k}"
+        for k, runs in private.items()
     )
-    ratios = " / ".join(f"{_curve(r, 'heldout_loss')[-1] / base_loss:.0f}" for r in runs.values())
-    left = ", ".join(f"{r['noise_left']['6']:.0f} at epsilon {k}" for k, r in runs.items())
+    ratios = " / ".join(
+        f"{_over_seeds(runs, 'heldout_loss')[0][-1] / base_loss:.0f}" for runs in private.values()
+    )
+    left = ", ".join(
+        f"{runs[0]['noise_left']['6']:.0f} at epsilon {k}" for k, runs in private.items()
+    )
     chance = 1 / 8  # the evaluator tells eight styles apart (plain included)
     sentences = [
         "Round 1 is the same with and without DP (devices train from scratch and are scored",
         "on their own adapter); from round 2 each device starts from its cluster's published,",
-        f"noisy adapter. Final style accuracy: {base[-1]:.2f} without DP, {finals}",
-        f"(a random guess among the evaluator's eight styles: {chance:.2f}); the final",
-        f"held-out loss is {ratios} times the baseline's. With 6 devices per cluster the noise",
-        f"left in a cluster adapter, in clip norms, is {left}, against a signal of at most one:",
-        "the published adapters are noise, and the devices' few local steps (4 a round) cannot",
-        "recover from them. Central DP at these epsilons needs clusters of about a thousand",
-        "devices or more (the noise falls as 1/n: about one clip norm at n = 1,000 for epsilon",
-        "8), or more local training between rounds. Devices here upload their whole adapter",
-        "(start plus training), so the clip bounds the whole adapter and each round's noise is",
-        "carried into the next; DP-FedAvg clips the round's delta instead, which this protocol",
-        "does not have.",
+        "noisy adapter. Final style accuracy, mean over seeds:",
+        f"{base[-1]:.2f} ± {base_std[-1]:.2f} without DP, {finals}",
+        "(a random guess among the evaluator's eight styles:",
+        f"{chance:.2f}); the final held-out loss is {ratios} times the baseline's. With 6 devices",
+        f"per cluster the noise left in a cluster adapter, in clip norms, is {left}, against a",
+        "signal of at most one: the published adapters are noise, and the devices' few local",
+        "steps (4 a round) cannot recover from them. Central DP at these epsilons needs clusters",
+        "of about a thousand devices or more (the noise falls as 1/n: about one clip norm at",
+        "n = 1,000 for epsilon 8), or more local training between rounds. Devices here upload",
+        "their whole adapter (start plus training), so the clip bounds the whole adapter and each",
+        "round's noise is carried into the next; DP-FedAvg clips the round's delta instead, which",
+        "this protocol does not have.",
     ]
-    text = " ".join(sentences)
-    return ["## Reading", "", text]
+    return ["## Reading", "", " ".join(sentences)]
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    base = _curve(report["baseline"], "style_accuracy")
-    ax.plot(range(1, len(base) + 1), base, marker="o", label="no DP")
-    for key, run in report.get("runs", {}).items():
-        acc = _curve(run, "style_accuracy")
-        ax.plot(range(1, len(acc) + 1), acc, marker="o", label=f"epsilon {key}")
+    for key, runs in _arms(report).items():
+        mean, std = _over_seeds(runs, "style_accuracy")
+        label = key if key == "no DP" else f"epsilon {key}"
+        xs = range(1, len(mean) + 1)
+        ax.errorbar(xs, mean, yerr=std, marker="o", capsize=3, label=label)
     ax.set_xlabel("round")
-    ax.set_ylabel("style accuracy")
+    ax.set_ylabel("style accuracy (mean ± std over seeds)")
     ax.set_ylim(0, 1)
     ax.legend()
-    ax.set_title(f"Central DP per cluster, RESULTS protocol, seed {report['seed']}")
+    seeds = ", ".join(report.get("seeds", {}))
+    ax.set_title(f"Central DP per cluster, RESULTS protocol, seeds {seeds}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
