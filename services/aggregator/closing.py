@@ -147,13 +147,42 @@ def close_at_deadline(*, session: Session, celery: Celery, round_id: int) -> boo
 
 
 def close_at_quorum(*, session: Session, celery: Celery, round_: Round) -> bool:
-    """Close a collecting round that has reached its quorum; whether this call did."""
+    """Close a collecting round that has reached its quorum; whether this call did. A buffered
+    round stays collecting: its flush is queued when a cluster's buffer is full."""
     if round_.state != RoundState.COLLECTING:
         return False
     config = RoundConfig.model_validate(round_.config)
+    if config.buffered:
+        _flush_when_full(session=session, celery=celery, round_=round_, config=config)
+        return False
     if not round_progress(session=session, round_=round_).quorum_met(config):
         return False
     return close_round(session=session, celery=celery, round_id=round_.id, why="quorum")
+
+
+def _flush_when_full(
+    *, session: Session, celery: Celery, round_: Round, config: RoundConfig
+) -> bool:
+    """Queue a buffered round's flush if a cluster (or, in scope global, the round) holds
+    buffer_k unaggregated updates; whether it did. The worker flushes each buffer once,
+    however many flushes are queued, and the round loop's next pass queues a lost one again."""
+    assert config.buffer_k is not None  # RoundConfig requires it in mode buffered
+    if config.scope == "cluster" and round_.clustering_id is not None:
+        per_cluster = crud.updates_per_cluster(
+            session=session, round_id=round_.id, clustering_id=round_.clustering_id, waiting=True
+        )
+        waiting = max(per_cluster.values(), default=0)
+    else:
+        waiting = crud.count_updates(session=session, round_id=round_.id, waiting=True)
+    session.rollback()
+    if waiting < config.buffer_k:
+        return False
+    try:
+        send_aggregation(celery, round_.id)
+    except Exception as error:
+        log.exception("could not enqueue the flush of round %s", round_.id)
+        raise EnqueueError(f"could not enqueue the flush of round {round_.id}") from error
+    return True
 
 
 def close_if_due(*, session: Session, celery: Celery, round_: Round) -> bool:

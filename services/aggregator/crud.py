@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import ColumnElement, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from tessera.federation import RoundConfig, task_vector_bytes
@@ -264,16 +264,18 @@ def collecting_round_ids(*, session: Session) -> list[int]:
     )
 
 
-def count_updates(*, session: Session, round_id: int) -> int:
-    """The round's updates that count: received or aggregated, not excluded."""
-    return (
-        session.scalar(
-            select(func.count()).where(
-                Update.round_id == round_id, Update.status != UpdateStatus.EXCLUDED
-            )
-        )
-        or 0
-    )
+def _counted(round_id: int, *, waiting: bool) -> ColumnElement[bool]:
+    """The round's updates that count (received or aggregated), or only those `waiting` for
+    aggregation (received)."""
+    if waiting:
+        return (Update.round_id == round_id) & (Update.status == UpdateStatus.RECEIVED)
+    return (Update.round_id == round_id) & (Update.status != UpdateStatus.EXCLUDED)
+
+
+def count_updates(*, session: Session, round_id: int, waiting: bool = False) -> int:
+    """The round's updates that count: received or aggregated, not excluded (`waiting`: only
+    the received ones)."""
+    return session.scalar(select(func.count()).where(_counted(round_id, waiting=waiting))) or 0
 
 
 def cluster_members(*, session: Session, clustering_id: int) -> dict[int, int]:
@@ -290,8 +292,11 @@ def cluster_members(*, session: Session, clustering_id: int) -> dict[int, int]:
     return members
 
 
-def updates_per_cluster(*, session: Session, round_id: int, clustering_id: int) -> dict[int, int]:
-    """Label -> number of the round's updates sent by that cluster's members."""
+def updates_per_cluster(
+    *, session: Session, round_id: int, clustering_id: int, waiting: bool = False
+) -> dict[int, int]:
+    """Label -> number of the round's updates that count (`waiting`: only the received ones)
+    sent by that cluster's members."""
     rows = session.execute(
         select(Assignment.label, func.count(Update.id))
         .join(
@@ -299,7 +304,7 @@ def updates_per_cluster(*, session: Session, round_id: int, clustering_id: int) 
             (Assignment.client_id == Update.client_id)
             & (Assignment.clustering_id == clustering_id),
         )
-        .where(Update.round_id == round_id, Update.status != UpdateStatus.EXCLUDED)
+        .where(_counted(round_id, waiting=waiting))
         .group_by(Assignment.label)
     ).all()
     return _label_counts(rows)
@@ -311,8 +316,12 @@ def _label_counts(rows: Iterable[Any]) -> dict[int, int]:
 
 
 def get_update(*, session: Session, round_id: int, client_id: int) -> Update | None:
+    """The client's newest update in the round (a sync round holds one per client)."""
     return session.scalar(
-        select(Update).where(Update.round_id == round_id, Update.client_id == client_id)
+        select(Update)
+        .where(Update.round_id == round_id, Update.client_id == client_id)
+        .order_by(Update.seq.desc())
+        .limit(1)
     )
 
 
@@ -340,12 +349,15 @@ def upsert_update(
     num_samples: int,
     base_version_id: int | None,
     train_loss: float | None,
+    append: bool = False,
 ) -> tuple[Update, bool]:
-    """Record a client's update for a round, replacing its earlier one; (row, replaced)."""
+    """Record a client's update for a round, replacing its earlier one (`append`: adding it
+    after its earlier ones, as a buffered round does); (row, replaced)."""
     row = get_update(session=session, round_id=round_id, client_id=client_id)
-    replaced = row is not None
-    if row is None:
-        row = Update(round_id=round_id, client_id=client_id)
+    replaced = row is not None and not append
+    if row is None or append:
+        seq = 0 if row is None else row.seq + 1
+        row = Update(round_id=round_id, client_id=client_id, seq=seq)
         session.add(row)
     row.object_key = stored.key
     row.sha256 = stored.sha256

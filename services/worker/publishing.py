@@ -4,8 +4,9 @@
 first takes the round's row (the caller's conditional UPDATE from aggregating): a duplicate run (a
 redelivered or requeued message) waits for it and then finds the round published, and an
 operator who failed the round first leaves it nothing to publish. A run killed half-way
-publishes nothing; its rerun writes every version. The unique (adapter_id, round_id)
-constraint stays as a second guard.
+publishes nothing; its rerun writes every version. The unique (adapter_id, round_id, flush)
+constraint stays as a second guard (flush is 0 in a sync round; a buffered round publishes each
+adapter once per flush, `services.worker.buffered`).
 """
 
 from __future__ import annotations
@@ -104,10 +105,12 @@ def publish_round(
     sessions: sessionmaker[Session],
     store: ObjectStore,
     finish: Callable[[Session], bool],
+    flush: bool = False,
 ) -> list[PublishedVersion] | RoundState:
     """Publish every output as a new version, in one commit with `finish` (which moves the round
     from aggregating to published first, and records its updates); the versions, or the state
-    another run or an operator left the round in when `finish` finds it moved."""
+    another run or an operator left the round in when `finish` finds it moved. `flush`: a
+    buffered round's flush, whose versions are numbered by flush within the round."""
     adapter_ids = [_adapter_id(sessions, output) for output in outputs]  # lines commit alone
     for _ in range(VERSION_ATTEMPTS):
         with sessions() as session:
@@ -115,7 +118,9 @@ def publish_round(
                 session.rollback()
                 return session.get_one(Round, round_id).state
             rows = [
-                _add_version(session, output, adapter_id, round_id, method=method, store=store)
+                _add_version(
+                    session, output, adapter_id, round_id, method=method, store=store, flush=flush
+                )
                 for output, adapter_id in zip(outputs, adapter_ids, strict=True)
             ]
             try:
@@ -172,13 +177,22 @@ def _add_version(
     *,
     method: str,
     store: ObjectStore,
+    flush: bool = False,
 ) -> AdapterVersion:
-    """Write the next version's file (its key fixed per round: a rerun overwrites its own
-    leftover) and add its row to the session, uncommitted."""
+    """Write the next version's file (its key fixed per round and flush: a rerun overwrites its
+    own leftover) and add its row to the session, uncommitted."""
     latest = session.scalar(
         select(func.max(AdapterVersion.version)).where(AdapterVersion.adapter_id == adapter_id)
     )
     version = (latest or 0) + 1
+    number = 0
+    if flush:
+        flushed = session.scalar(
+            select(func.max(AdapterVersion.flush)).where(
+                AdapterVersion.adapter_id == adapter_id, AdapterVersion.round_id == round_id
+            )
+        )
+        number = (flushed or 0) + 1
     energy = output.metrics.get("energy_kept")
     extra = {
         "adapter_id": f"{output.name}@v{version}",
@@ -189,7 +203,8 @@ def _add_version(
         **({"energy_kept": f"{energy:.6f}"} if energy is not None else {}),
     }
     stored = store.put_bytes(
-        adapter_key(output.name, round_id), adapter_to_bytes(output.adapter.with_extra(**extra))
+        adapter_key(output.name, round_id, number),
+        adapter_to_bytes(output.adapter.with_extra(**extra)),
     )
     row = AdapterVersion(
         adapter_id=adapter_id,
@@ -200,6 +215,7 @@ def _add_version(
         size_bytes=stored.size,
         rank=output.adapter.rank,
         metrics=output.metrics,
+        flush=number,
     )
     session.add(row)
     session.flush()

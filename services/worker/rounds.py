@@ -89,12 +89,14 @@ def aggregate_round_now(
     with sessions() as session:
         round_row = session.get(Round, round_id)
         if round_row is None:
-            return _summary(round_id, status="skipped", reason=f"round {round_id} does not exist")
+            return round_summary(
+                round_id, status="skipped", reason=f"round {round_id} does not exist"
+            )
         if round_row.state == RoundState.PUBLISHED:
             return _already_published(session, round_row)
         if round_row.state != RoundState.AGGREGATING:
             reason = f"round is {round_row.state.value}, not aggregating"
-            return _summary(round_id, status="skipped", reason=reason)
+            return round_summary(round_id, status="skipped", reason=reason)
         claim_round(session, round_id)
     try:
         beat = Heartbeat.for_stale_after(
@@ -102,7 +104,7 @@ def aggregate_round_now(
         )
         with beat:
             with sessions() as session:
-                plan = _load_plan(session, round_id)
+                plan = load_plan(session, round_id)
             return _aggregate_and_publish(
                 plan,
                 sessions=sessions,
@@ -159,16 +161,20 @@ def mark_round_failed(sessions: sessionmaker[Session], round_id: int, error: str
     return failed
 
 
-def _load_plan(session: Session, round_id: int) -> RoundPlan:
+COUNTED = (UpdateStatus.RECEIVED, UpdateStatus.AGGREGATED)
+
+
+def load_plan(
+    session: Session, round_id: int, *, statuses: Sequence[UpdateStatus] = COUNTED
+) -> RoundPlan:
+    """The round's updates in `statuses`, oldest first, grouped by their device's cluster; a
+    disabled device's update, and one without a cluster, set aside as unassigned."""
     round_row = session.get_one(Round, round_id)
     config = RoundConfig.model_validate(round_row.config)
     rows = session.execute(
         select(Update, Client.disabled_at)
         .join(Client, Client.id == Update.client_id)
-        .where(
-            Update.round_id == round_id,
-            Update.status.in_([UpdateStatus.RECEIVED, UpdateStatus.AGGREGATED]),
-        )
+        .where(Update.round_id == round_id, Update.status.in_(statuses))
         .order_by(Update.id)
     ).all()
     refs: list[UpdateRef] = []
@@ -294,7 +300,7 @@ def _aggregate_and_publish(
         _finish(
             sessions, plan.round_id, used=[], excluded=result.excluded, report=report, failed=reason
         )
-        return _summary(
+        return round_summary(
             plan.round_id,
             status="failed",
             reason=reason,
@@ -316,7 +322,7 @@ def _aggregate_and_publish(
         # Another run (a duplicate message, a requeued round) published it, or an operator
         # failed it: only the run whose commit published the round announces it.
         reason = f"the round became {published.value} while it was aggregated; nothing announced"
-        return _summary(
+        return round_summary(
             plan.round_id,
             status="interrupted",
             reason=reason,
@@ -337,7 +343,7 @@ def _aggregate_and_publish(
             "excluded": len(result.excluded),
         },
     )
-    return _summary(
+    return round_summary(
         plan.round_id,
         status="published",
         adapters=versions,
@@ -400,18 +406,22 @@ def _finishing(
                 .where(Update.id.in_(used))
                 .values(status=UpdateStatus.AGGREGATED, exclusion_reason=None)
             )
-        for exclusion in excluded:
-            session.execute(
-                update(Update)
-                .where(Update.id == exclusion.update_id)
-                .values(
-                    status=UpdateStatus.EXCLUDED,
-                    exclusion_reason=exclusion.reason[:MAX_REASON_CHARS],
-                )
-            )
+        record_exclusions(session, excluded)
         return True
 
     return finish
+
+
+def record_exclusions(session: Session, excluded: Sequence[Exclusion]) -> None:
+    """Mark each excluded update so, with its reason (uncommitted)."""
+    for exclusion in excluded:
+        session.execute(
+            update(Update)
+            .where(Update.id == exclusion.update_id)
+            .values(
+                status=UpdateStatus.EXCLUDED, exclusion_reason=exclusion.reason[:MAX_REASON_CHARS]
+            )
+        )
 
 
 def _already_published(session: Session, round_row: Round) -> dict[str, Any]:
@@ -423,7 +433,7 @@ def _already_published(session: Session, round_row: Round) -> dict[str, Any]:
     )
     versions = [PublishedVersion.of(row.AdapterVersion, row.name, reused=True) for row in rows]
     config = RoundConfig.model_validate(round_row.config)
-    return _summary(
+    return round_summary(
         round_row.id,
         status="already_published",
         reason="the round was already published",
@@ -432,7 +442,7 @@ def _already_published(session: Session, round_row: Round) -> dict[str, Any]:
     )
 
 
-def _summary(
+def round_summary(
     round_id: int,
     *,
     status: str,

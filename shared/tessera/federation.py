@@ -89,6 +89,21 @@ class RoundConfig(BaseModel):
         "adapter's newest weighs (1 + s) ** -staleness_exponent times its weight (FedBuff's "
         "polynomial staleness); 0: off",
     )
+    mode: Literal["sync", "buffered"] = Field(
+        default="sync",
+        description="sync: the round collects, then aggregates once; buffered: each cluster "
+        "publishes a new version every buffer_k updates while the round collects (devices "
+        "upload once per local round, from the newest version), until buffer_versions "
+        "versions are out (docs/bench_stragglers.md)",
+    )
+    buffer_k: Annotated[int | None, Field(ge=1, le=10_000)] = Field(
+        default=None, description="buffered: a cluster's updates aggregated into each version"
+    )
+    buffer_versions: Annotated[int | None, Field(ge=1, le=10_000)] = Field(
+        default=None,
+        description="buffered: the round is published once it has published this many "
+        "versions, all clusters together",
+    )
     clip: Literal["adaptive", "fixed"] = Field(
         default="adaptive",
         description="bound on each update's ||scale·B·A||_F: adaptive, clip_multiplier times "
@@ -178,6 +193,27 @@ class RoundConfig(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _buffered_needs_its_sizes(self) -> RoundConfig:
+        buffered = self.mode == "buffered"
+        sized = self.buffer_k is not None and self.buffer_versions is not None
+        if buffered and not sized:
+            raise ValueError("mode 'buffered' needs buffer_k and buffer_versions")
+        if not buffered and (self.buffer_k is not None or self.buffer_versions is not None):
+            raise ValueError("buffer_k and buffer_versions are for mode 'buffered' only")
+        # A flush aggregates one cluster's buffer: no other cluster's new adapter to blend with,
+        # and noise or masks calibrated for a whole round's updates.
+        if buffered and (self.method == "secure" or self.private or self.lam != 0):
+            raise ValueError(
+                "mode 'buffered' needs method 'exact' or 'fedavg', lam 0 and no noise_multiplier"
+            )
+        return self
+
+    @property
+    def buffered(self) -> bool:
+        """True when each cluster publishes a version every buffer_k updates."""
+        return self.mode == "buffered"
+
     @property
     def secure_alpha(self) -> float:
         """The LoRA alpha of every update in secure mode."""
@@ -220,10 +256,12 @@ def staged_update_key(round_id: int, client_id: int, nonce: str) -> str:
     return f"{UPDATES_PREFIX}round-{round_id}/client-{client_id}/upload-{nonce}.safetensors"
 
 
-def adapter_key(adapter_name: str, round_id: int) -> str:
-    """Where the version of an adapter published by a round lives: fixed per round, so a rerun
-    of the aggregation overwrites the same object instead of leaving a second copy."""
-    return f"adapters/{adapter_name.replace(':', '-')}/round-{round_id}.safetensors"
+def adapter_key(adapter_name: str, round_id: int, flush: int = 0) -> str:
+    """Where the version of an adapter published by a round (by its `flush`-th flush, in a
+    buffered round) lives: fixed per round and flush, so a rerun of the aggregation overwrites
+    the same object instead of leaving a second copy."""
+    name = adapter_name.replace(":", "-")
+    return f"adapters/{name}/round-{round_id}{f'-flush-{flush}' if flush else ''}.safetensors"
 
 
 VECTOR_DTYPE = np.dtype("<f4")

@@ -168,8 +168,11 @@ class Update(Base):
     status: Mapped[UpdateStatus] = mapped_column(_enum(UpdateStatus, "update_status"))
     exclusion_reason: Mapped[str | None] = mapped_column(String(500), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # 0 in a sync round (one update per device, replaced by a re-upload); in a buffered round,
+    # a device's n-th update (one per local round).
+    seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
-    __table_args__ = (UniqueConstraint("client_id", "round_id"),)
+    __table_args__ = (UniqueConstraint("client_id", "round_id", "seq"),)
 
 
 class Clustering(Base):
@@ -288,11 +291,13 @@ class AdapterVersion(Base):
     rank: Mapped[int] = mapped_column(Integer)
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # 0 for a sync round's version; in a buffered round, the n-th flush of the adapter's buffer.
+    flush: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     __table_args__ = (
         UniqueConstraint("adapter_id", "version"),
-        # A round publishes each adapter at most once, however often its task runs.
-        UniqueConstraint("adapter_id", "round_id"),
+        # A round publishes each adapter at most once per flush, however often its task runs.
+        UniqueConstraint("adapter_id", "round_id", "flush"),
     )
 
 

@@ -35,10 +35,10 @@ from services.aggregator.uploads import (
     upload_limit,
     upload_slot,
 )
-from tessera.federation import update_key
+from tessera.federation import RoundConfig, update_key
 from tessera.lora import LoraFileError, LoraSpec, validate_adapter_bytes
 from tessera.metrics import UPDATES_RECEIVED, RejectionReason
-from tessera.models import AdapterVersion, RoundState, UpdateStatus, utcnow
+from tessera.models import AdapterVersion, Round, RoundState, UpdateStatus, utcnow
 from tessera.schemas import MAX_NUM_SAMPLES, RowId, UpdateReceipt, UpdateRejection
 from tessera.service.auth import DeviceDep
 from tessera.service.deps import CeleryDep, SessionDep, SettingsDep, StoreDep
@@ -142,19 +142,28 @@ def record_update(
         if not crud.hold_collecting_round(session=session, round_id=round_id):
             raise _RoundClosedError
         previous = crud.get_update(session=session, round_id=round_id, client_id=client_id)
-        if previous is not None and previous.status == UpdateStatus.EXCLUDED:
+        # A buffered round takes one update per local round; the same bytes again are a re-send.
+        append = RoundConfig.model_validate(session.get_one(Round, round_id).config).buffered
+        resent = append and previous is not None and previous.sha256 == stored.sha256
+        if previous is not None and previous.status == UpdateStatus.EXCLUDED and not append:
             raise _ExcludedError
-        replaced_key = None if previous is None else previous.object_key
-        row, replaced = crud.upsert_update(
-            session=session,
-            round_id=round_id,
-            client_id=client_id,
-            stored=stored,
-            num_samples=meta.num_samples,
-            base_version_id=meta.base_version_id,
-            train_loss=meta.train_loss,
-        )
-        session.commit()
+        replaced_key = None if previous is None or append else previous.object_key
+        if resent:
+            assert previous is not None
+            row, replaced = previous, False
+            session.rollback()
+        else:
+            row, replaced = crud.upsert_update(
+                session=session,
+                round_id=round_id,
+                client_id=client_id,
+                stored=stored,
+                num_samples=meta.num_samples,
+                base_version_id=meta.base_version_id,
+                train_loss=meta.train_loss,
+                append=append,
+            )
+            session.commit()
     except BaseException as error:
         # The round closed while the file was checked and stored, or the database failed: take
         # back the object this request wrote, unless the accepted row is the same content.

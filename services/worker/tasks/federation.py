@@ -1,4 +1,4 @@
-"""Federation task: aggregate a closed round.
+"""Federation task: aggregate a closed round, or flush a buffered round's full buffers.
 
 Deadlines, quorum and stuck rounds belong to the aggregator's round loop
 (`services.aggregator.rounds_loop`), not to a task. The task inherits the app's time limits
@@ -17,7 +17,8 @@ from celery import Task, shared_task
 from celery.signals import worker_process_init
 
 from services.worker import context
-from services.worker.rounds import TRANSIENT_ERRORS, aggregate_round_now, mark_round_failed
+from services.worker.buffered import aggregate_or_flush
+from services.worker.rounds import TRANSIENT_ERRORS, mark_round_failed
 from tessera.events import TASK_AGGREGATE_ROUND
 from tessera.lora import LoraSpec
 from tessera.lora.bounds import ScaleRange
@@ -46,14 +47,15 @@ def _one_torch_thread(**_kwargs: Any) -> None:
 
 @shared_task(bind=True, name=TASK_AGGREGATE_ROUND, max_retries=MAX_RETRIES)
 def aggregate_round(self: Task, round_id: int) -> dict[str, Any]:
-    """Aggregate a round in state aggregating and publish its adapters (safe to run again).
+    """Aggregate a round in state aggregating and publish its adapters, or flush a buffered
+    round's full buffers (safe to run again).
 
     Connection errors (Redis, database, object store) are retried with backoff; after the last
     retry, or on any other error, the round is marked failed and the error propagates.
     """
     resources = context.resources()
     try:
-        return aggregate_round_now(
+        return aggregate_or_flush(
             round_id,
             sessions=resources.sessions,
             store=resources.store,

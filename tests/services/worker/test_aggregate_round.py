@@ -512,7 +512,7 @@ def test_the_task_retries_connection_errors_then_fails_the_round(
             raise OperationalError("SELECT 1", {}, Exception("connection refused"))
         return aggregate_round_now(round_id, **kwargs)
 
-    monkeypatch.setattr(federation, "aggregate_round_now", flaky)
+    monkeypatch.setattr(federation, "aggregate_or_flush", flaky)
     result = federation.aggregate_round.apply(args=(built.round_id,))
     assert result.get()["status"] == "published" and len(calls) == 3
 
@@ -523,7 +523,7 @@ def test_the_task_retries_connection_errors_then_fails_the_round(
         calls.append(round_id)
         raise OperationalError("SELECT 1", {}, Exception("connection refused"))
 
-    monkeypatch.setattr(federation, "aggregate_round_now", always_down)
+    monkeypatch.setattr(federation, "aggregate_or_flush", always_down)
     with pytest.raises(OperationalError):
         federation.aggregate_round.apply(args=(other.round_id,)).get()
     assert len(calls) == 1 + federation.MAX_RETRIES
