@@ -94,6 +94,7 @@ def flush_round(
     when it has its versions, or when it was closed (aggregating). Safe to run again."""
     versions: list[PublishedVersion] = []
     excluded: list[Exclusion] = []
+    events = 0
     with sessions() as session:
         round_row = session.get_one(Round, round_id)
         if round_row.state == RoundState.AGGREGATING:
@@ -135,7 +136,7 @@ def flush_round(
             continue  # another run took this buffer (or the round moved): look again
         versions += published
         excluded += result.excluded
-        announce(redis, published, round_id=round_id)
+        events += announce(redis, published, round_id=round_id)
         log.info(
             "buffer flushed",
             extra={"round_id": round_id, "versions": [v.version for v in published]},
@@ -148,6 +149,7 @@ def flush_round(
         config=plan.config,
         adapters=versions,
         excluded=excluded,
+        events=events,
     )
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tessera.sim.devices import DeviceJob, run_device_round, simulate_compute
+from tessera.sim.devices import DeviceJob, finish_device_round, run_device_round, simulate_compute
 from tessera.sim.run import Stragglers
 
 
@@ -34,14 +34,17 @@ def test_a_device_round_runs_on_an_sd1_checkpoint(tmp_path: Path, model_folder) 
     )
 
     started = time.perf_counter()
-    result = run_device_round(job)
+    trained = run_device_round(job)
+    result = finish_device_round(job, trained)  # in the caller's thread: the wait, no upload
     elapsed = time.perf_counter() - started
 
     assert result.heldout_loss > 0 and result.train_loss > 0
     assert 0.0 <= result.style_share <= 1.0  # the 16x16 images, scored at the evaluator's 32x32
     assert result.bytes_up == 0 and result.bytes_down == 0
     assert (tmp_path / "device" / "personal.safetensors").exists()
+    assert trained.compute_seconds == trained.train_seconds and trained.adapter is not None
     assert result.compute_seconds == pytest.approx(1.5 * result.train_seconds)
+    assert result.adapter is None
     assert elapsed >= result.compute_seconds
 
 

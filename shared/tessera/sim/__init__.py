@@ -1,5 +1,5 @@
 """The many-device simulator: virtual devices that drive the real services over HTTP."""
 
-from tessera.sim.run import METHODS, SimConfig, SimReport, Stragglers, simulate
+from tessera.sim.run import METHODS, Buffering, SimConfig, SimReport, Stragglers, simulate
 
-__all__ = ["METHODS", "SimConfig", "SimReport", "Stragglers", "simulate"]
+__all__ = ["METHODS", "Buffering", "SimConfig", "SimReport", "Stragglers", "simulate"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from tessera.sim.run import METHODS, SimConfig, Stragglers, simulate
+from tessera.sim.run import METHODS, Buffering, SimConfig, Stragglers, simulate
 from tessera.sim.stack import run_on_fresh_stack
 
 
@@ -42,6 +42,27 @@ from tessera.sim.stack import run_on_fresh_stack
     show_default=True,
     help="A slow device's training takes this many times as long (it waits the rest).",
 )
+@click.option(
+    "--mode",
+    type=click.Choice(["sync", "buffered"]),
+    default="sync",
+    show_default=True,
+    help="sync: rounds that wait for every device; buffered: one round in which each cluster "
+    "publishes a version every --buffer-k updates and devices train again at once.",
+)
+@click.option(
+    "--buffer-k",
+    type=click.IntRange(min=1, max=10_000),
+    default=None,
+    help="buffered: a cluster's updates per version (default: a quarter of the devices).",
+)
+@click.option(
+    "--buffer-versions",
+    type=click.IntRange(min=0, max=10_000),
+    default=0,
+    show_default=True,
+    help="buffered: versions after which the round ends (0: rounds x devices / buffer-k).",
+)
 @click.option("--workers", default=2, show_default=True, help="Device processes at once.")
 @click.option("--seed", default=0, show_default=True)
 @click.option(
@@ -69,6 +90,9 @@ def simulate_cmd(
     hybrid_images: int,
     slow_devices: int,
     slow_factor: float,
+    mode: str,
+    buffer_k: int | None,
+    buffer_versions: int,
     workers: int,
     seed: int,
     embedded: bool,
@@ -91,8 +115,13 @@ def simulate_cmd(
         model=model,
     )
     stragglers = Stragglers(devices=slow_devices, factor=slow_factor)
+    buffering = None
+    if mode == "buffered":
+        buffering = Buffering(k=buffer_k or max(1, devices // 4), versions=buffer_versions)
     if embedded:
-        report = run_on_fresh_stack(config, out / "stack", stragglers=stragglers)
+        report = run_on_fresh_stack(
+            config, out / "stack", stragglers=stragglers, buffering=buffering
+        )
     else:
         from tessera.config import get_settings
 
@@ -105,6 +134,7 @@ def simulate_cmd(
             work_dir=out / "devices",
             log=click.echo,
             stragglers=stragglers,
+            buffering=buffering,
         )
     click.echo(cluster_table(report))
     click.echo(comparison_table({method: report}))

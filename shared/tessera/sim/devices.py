@@ -1,4 +1,6 @@
-"""One virtual device's round, run in a pool process: sync, train, upload, evaluate.
+"""One virtual device's round: sync, train and evaluate in a pool process, then wait out a slow
+chip's extra time and upload in the caller's thread (`finish_device_round`), so that a slow
+device's wait holds no pool process that other devices need.
 
 Everything a job needs travels in `DeviceJob` (plain data), so the pool can use `spawn` and a
 process rebuilds its device from the style, index and seed.
@@ -6,6 +8,7 @@ process rebuilds its device from the style, index and seed.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -16,6 +19,7 @@ from pathlib import Path
 import torch
 
 from tessera.data import DeviceProfile, make_device, to_tensor
+from tessera.lora import LoraAdapter
 from tessera.model.base import BaseModel, load_base_model
 
 
@@ -59,6 +63,7 @@ class DeviceRoundResult:
     content_accuracy: float
     bytes_up: int
     bytes_down: int
+    adapter: LoraAdapter | None = None  # the trained update, until `finish_device_round` sends it
 
 
 def init_process(threads: int) -> None:
@@ -88,7 +93,8 @@ def simulate_compute(train_seconds: float, *, factor: float) -> float:
 
 
 def run_device_round(job: DeviceJob) -> DeviceRoundResult:
-    """Sync from the server (or the device's own adapter when local), train, upload, evaluate."""
+    """Sync from the server (or the device's own adapter when local), train, evaluate; the
+    update is sent by `finish_device_round`."""
     from tessera.data.evaluator import default_evaluator
     from tessera.lora.train import denoising_loss
     from tessera.model.latents import fit_images
@@ -124,15 +130,6 @@ def run_device_round(job: DeviceJob) -> DeviceRoundResult:
         seed=job.seed * 1000 + job.round_number,
     )
     train_loss = float(sum(result.losses[-10:]) / len(result.losses[-10:]))
-    compute_seconds = simulate_compute(result.seconds, factor=job.compute_factor)
-    if job.round_id is not None:
-        client.upload_update(
-            job.round_id,
-            result.adapter,
-            num_samples=job.samples,
-            base_version_id=start_version,
-            train_loss=train_loss,
-        )
     heldout = profile.heldout(job.eval_images, seed=job.seed)
     held_images = to_tensor(heldout.images)
     held_captions = client.encode(heldout.captions)
@@ -153,11 +150,41 @@ def run_device_round(job: DeviceJob) -> DeviceRoundResult:
         cluster=cluster,
         start_version_id=start_version,
         train_seconds=result.seconds,
-        compute_seconds=compute_seconds,
+        compute_seconds=result.seconds,
         train_loss=train_loss,
         heldout_loss=loss,
         style_share=float(scores.style_share or 0.0),
         content_accuracy=float(scores.content_accuracy or 0.0),
         bytes_up=client.traffic.up,
         bytes_down=client.traffic.down,
+        adapter=result.adapter,
     )
+
+
+def finish_device_round(job: DeviceJob, result: DeviceRoundResult) -> DeviceRoundResult:
+    """Wait out the rest of a slow chip's compute time, then send the update (with the version
+    it trained from) unless the round is local; the result with its compute time and traffic.
+
+    Raises `tessera.sdk.http.ApiError` when the aggregator refuses the update (409: the round
+    stopped collecting)."""
+    from tessera.sdk.device import DeviceClient
+
+    compute_seconds = simulate_compute(result.train_seconds, factor=job.compute_factor)
+    done = dataclasses.replace(result, compute_seconds=compute_seconds, adapter=None)
+    if job.round_id is None or result.adapter is None:
+        return done
+    client = DeviceClient(
+        aggregator_url=job.aggregator_url, token=job.token, client_id=job.client_id
+    )
+    try:
+        client.upload_update(
+            job.round_id,
+            result.adapter,
+            num_samples=job.samples,
+            base_version_id=result.start_version_id,
+            train_loss=result.train_loss,
+        )
+    finally:
+        client.http.close()
+        client.downloads.close()
+    return dataclasses.replace(done, bytes_up=done.bytes_up + client.traffic.up)

@@ -13,10 +13,12 @@ round, from the adapter it was served.
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
+import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -78,6 +80,21 @@ class Stragglers:
     def factor_of(self, position: int) -> float:
         """The compute factor of the device enrolled at `position` (0-based)."""
         return self.factor if position < self.devices else 1.0
+
+
+@dataclass(frozen=True)
+class Buffering:
+    """Buffered asynchronous mode instead of sync rounds: one round in which each cluster
+    publishes a version every `k` updates until `versions` are out (0: as many as hold the
+    sync rounds' updates, rounds x devices / k); each device trains again from its cluster's
+    newest version as soon as it has sent an update."""
+
+    k: int
+    versions: int = 0
+
+    def versions_for(self, config: SimConfig) -> int:
+        """The versions after which the buffered round is published."""
+        return self.versions or max(1, config.rounds * config.devices // self.k)
 
 
 @dataclass(frozen=True)
@@ -157,6 +174,11 @@ class Operator:
         """Open a collecting round."""
         return dict(self._ok(self.aggregator.post("/v1/rounds", json=config, headers=self.headers)))
 
+    def round_state(self, round_id: int) -> str:
+        """The round's state: collecting, aggregating, published, failed or cancelled."""
+        state = self._ok(self.aggregator.get(f"/v1/rounds/{round_id}", headers=self.headers))
+        return str(state["state"])
+
     def wait_published(self, round_id: int, timeout_s: float = ROUND_TIMEOUT_S) -> dict[str, Any]:
         """Poll until the worker has published the round (or it failed)."""
         deadline = time.monotonic() + timeout_s
@@ -203,15 +225,16 @@ def simulate(
     round_options: Mapping[str, Any] | None = None,
     keep_devices: bool = False,
     stragglers: Stragglers | None = None,
+    buffering: Buffering | None = None,
 ) -> SimReport:
     """Run the whole simulation against live services and return what it measured.
 
     `round_options` are added to every round the operator opens (e.g. a private round's
-    `noise_multiplier`, `clip`, `clip_norm`, `weighting`) and `stragglers` makes some devices
-    slow; neither is part of `config`, so runs saved under a configuration's digest are
-    unaffected. At the end the devices are disabled, so that a later simulation on the same
-    stack clusters only its own, unless `keep_devices` (a stack left running for the console
-    to show)."""
+    `noise_multiplier`, `clip`, `clip_norm`, `weighting`), `stragglers` makes some devices
+    slow and `buffering` runs one buffered round instead of sync rounds; none is part of
+    `config`, so runs saved under a configuration's digest are unaffected. At the end the
+    devices are disabled, so that a later simulation on the same stack clusters only its own,
+    unless `keep_devices` (a stack left running for the console to show)."""
     from sklearn.metrics import adjusted_rand_score
 
     started = time.perf_counter()
@@ -245,6 +268,7 @@ def simulate(
         aggregator_url,
         dict(round_options or {}),
         stragglers or Stragglers(),
+        buffering,
     )
     rounds = federation.run(pool, log)
     if not keep_devices:
@@ -305,16 +329,17 @@ class _Federation:
     aggregator_url: str = ""
     round_options: dict[str, Any] = field(default_factory=dict)
     stragglers: Stragglers = field(default_factory=Stragglers)
+    buffering: Buffering | None = None
 
     def run(self, pool: Executor | None, log: Callable[[str], None]) -> list[RoundReport]:
         if pool is None:
             with device_pool(self.config.workers) as own:
                 return self.run(own, log)
+        if self.buffering is not None and self.operator is not None:
+            return self._buffered(self.buffering, self.operator, pool, log)
         return [self._round(number, pool, log) for number in range(1, self.config.rounds + 1)]
 
     def _round(self, number: int, pool: Executor, log: Callable[[str], None]) -> RoundReport:
-        from tessera.sim.devices import run_device_round
-
         config, operator = self.config, self.operator
         started = time.perf_counter()
         round_id = None
@@ -333,7 +358,8 @@ class _Federation:
             )
             for position, d in enumerate(self.devices)
         ]
-        results = list(pool.map(run_device_round, jobs))
+        with ThreadPoolExecutor(len(jobs)) as turns:
+            results = list(turns.map(lambda job: _turn(pool, job), jobs))
         published: list[str] = []
         if operator is not None and round_id is not None:
             state = operator.wait_published(round_id)
@@ -348,6 +374,75 @@ class _Federation:
             f"{report.style_accuracy:.2f}, {report.seconds:.0f}s"
         )
         return report
+
+    def _buffered(
+        self, buffering: Buffering, operator: Operator, pool: Executor, log: Callable[[str], None]
+    ) -> list[RoundReport]:
+        """One buffered round: every device trains, sends and trains again until the round has
+        its versions; report n holds each device's n-th local round (slow devices do fewer)."""
+        from tessera.sdk.http import ApiError
+
+        config = self.config
+        started = time.perf_counter()
+        options = {
+            **_round_config(config, len(self.devices)),
+            **self.round_options,
+            "mode": "buffered",
+            "buffer_k": buffering.k,
+            "buffer_versions": buffering.versions_for(config),
+            "lam": 0.0,  # a flush has no other cluster's new adapter to blend with
+            "deadline_s": ROUND_TIMEOUT_S * config.rounds,
+        }
+        round_id = operator.open_round(options)["id"]
+        done: list[tuple[int, float, DeviceRoundResult]] = []  # (local round, at, result)
+        lock = threading.Lock()
+
+        def local_rounds(position: int, device: Device) -> None:
+            for number in itertools.count(1):
+                if operator.round_state(round_id) != "collecting":
+                    return
+                factor = self.stragglers.factor_of(position)
+                job = _job(
+                    config,
+                    device,
+                    number,
+                    round_id,
+                    self.aggregator_url,
+                    self.work_dir,
+                    compute_factor=factor,
+                )
+                try:
+                    result = _turn(pool, job)
+                except ApiError as error:
+                    if error.status == 409:  # the round was published while it trained
+                        return
+                    raise
+                with lock:
+                    done.append((number, time.perf_counter() - started, result))
+
+        with ThreadPoolExecutor(len(self.devices)) as loops:
+            list(loops.map(local_rounds, range(len(self.devices)), self.devices))
+        state = operator.wait_published(round_id)
+        published = [f"{v['name']} v{v['version']}" for v in state["published"]]
+        reports = []
+        for number in sorted({n for n, _, _ in done}):
+            results = [r for n, _, r in done if n == number]
+            seconds = max(at for n, at, _ in done if n == number)
+            reports.append(_summarise(number, results, seconds, []))
+        if reports:
+            reports[-1].published = published
+        log(
+            f"   buffered round: {len(published)} versions from {len(done)} updates "
+            f"in {time.perf_counter() - started:.0f}s"
+        )
+        return reports
+
+
+def _turn(pool: Executor, job: DeviceJob) -> DeviceRoundResult:
+    """One device round: trained in the pool, then waited out and sent from this thread."""
+    from tessera.sim.devices import finish_device_round, run_device_round
+
+    return finish_device_round(job, pool.submit(run_device_round, job).result())
 
 
 def _hybrid(

@@ -17,7 +17,14 @@ import click
 from tessera import procs
 from tessera.config import LogFormat, Settings
 from tessera.devstack import embedded_settings
-from tessera.sim.run import SimConfig, SimReport, Stragglers, simulate, simulate_local
+from tessera.sim.run import (
+    Buffering,
+    SimConfig,
+    SimReport,
+    Stragglers,
+    simulate,
+    simulate_local,
+)
 
 if TYPE_CHECKING:
     from tessera.stack import StackInfo
@@ -45,12 +52,13 @@ def run_on_fresh_stack(
     pool: Executor | None = None,
     round_options: Mapping[str, Any] | None = None,
     stragglers: Stragglers | None = None,
+    buffering: Buffering | None = None,
 ) -> SimReport:
     """Start a stack on embedded servers in `data_dir`, simulate, call `after(info, report)`
     while the stack still runs, stop it. The local method needs no stack: its devices train
     alone in `data_dir` (and `after` is not called). Device rounds run in `pool` when given;
-    `round_options` are added to every round opened and `stragglers` slow some devices down
-    (see `simulate`)."""
+    `round_options` are added to every round opened, `stragglers` slow some devices down and
+    `buffering` runs one buffered round instead of sync rounds (see `simulate`)."""
     from tessera.stack import Stack
 
     shutil.rmtree(data_dir, ignore_errors=True)
@@ -71,6 +79,7 @@ def run_on_fresh_stack(
             pool=pool,
             round_options=round_options,
             stragglers=stragglers,
+            buffering=buffering,
         )
         if after is not None:
             after(info, report)
