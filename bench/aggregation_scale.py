@@ -416,8 +416,8 @@ def main(argv: list[str] | None = None) -> None:
         "models": args.models,
         "ranks": args.ranks,
         "counts": args.counts,
-        "sketch": f"oversample {DEFAULT_SKETCH.oversample}, power iterations "
-        f"{DEFAULT_SKETCH.power_iterations}, exact up to summed rank {DEFAULT_SKETCH.exact_rank}",
+        "sketch": f"oversample {DEFAULT_SKETCH.oversample}, power passes "
+        f"{DEFAULT_SKETCH.power_passes}, exact up to summed rank {DEFAULT_SKETCH.exact_rank}",
         "rows": run_all(args),
     }
     report["machine"] = machine(args.threads)

@@ -19,7 +19,7 @@ from tessera.lora.aggregate import (
     neighbour_weights,
 )
 from tessera.lora.aggregate_dense import aggregate_exact_dense, relative_error
-from tessera.lora.lowrank import DEFAULT_SKETCH, PROBES, LowRankSum, SketchOptions
+from tessera.lora.lowrank import DEFAULT_SKETCH, LowRankSum, SketchOptions
 
 # wider than the default sketch (rank + 8), so only the stacked path or a sketch can be exact
 WIDE = LoraSpec(
@@ -82,7 +82,7 @@ def test_sketch_is_exact_when_the_mean_has_low_rank() -> None:
         want = reference.adapter.delta(module).double()
         got = result.adapter.delta(module).double()
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
-        assert result.module_energy[module] == pytest.approx(1.0, abs=1e-9)
+        assert result.module_energy[module] == pytest.approx(1.0, abs=1e-6)  # float32 passes
 
 
 def decaying(seed: int, rank: int = 4) -> WeightedUpdate:
@@ -97,11 +97,11 @@ def decaying(seed: int, rank: int = 4) -> WeightedUpdate:
 
 
 def test_sketch_error_against_the_dense_truncation_stays_within_1e_3() -> None:
-    updates = [decaying(seed) for seed in range(40)]  # summed rank 160 > exact_rank 64
+    updates = [decaying(seed) for seed in range(40)]
 
-    result = aggregate_exact(updates, rank=4)
+    result = aggregate_exact(updates, rank=4, options=SKETCH_ONLY)
     rough = aggregate_exact(
-        updates, rank=4, options=SketchOptions(oversample=0, power_iterations=0)
+        updates, rank=4, options=SketchOptions(exact_rank=0, oversample=0, power_passes=0)
     )
     reference = aggregate_exact_dense(updates, rank=4)
 
@@ -110,6 +110,48 @@ def test_sketch_error_against_the_dense_truncation_stays_within_1e_3() -> None:
     assert error <= 1e-3
     assert relative_error(rough.adapter, reference.adapter) > 10 * error
     assert result.energy_kept == pytest.approx(reference.energy_kept, abs=0.02)
+
+
+CLUSTER = LoraSpec(
+    base_model_id="test/cluster",
+    base_model_hash="hash-c",
+    modules={"a.to_q": (320, 320), "a.to_k": (320, 768), "b.to_q": (640, 640)},
+)
+
+
+def cluster_update(seed: int, rank: int) -> WeightedUpdate:
+    """A device of a cluster: the cluster's shared update plus half as much of its own."""
+    shared = random_adapter(CLUSTER, rank, float(rank), seed=10**6)
+    own = random_adapter(CLUSTER, rank, float(rank), seed=seed)
+    tensors = {key: shared.tensors[key] + 0.5 * own.tensors[key] for key in shared.tensors}
+    return WeightedUpdate(LoraAdapter(**{**shared.__dict__, "tensors": tensors}), 1.0 + seed % 5)
+
+
+@pytest.mark.parametrize("rank", [4, 16])
+def test_default_sketch_meets_1e_3_on_cluster_like_updates_of_real_width(rank: int) -> None:
+    updates = [cluster_update(seed, rank) for seed in range(1024 // rank)]  # summed rank 1024
+
+    result = aggregate_exact(updates, rank=rank)
+    reference = aggregate_exact_dense(updates, rank=rank)
+
+    assert result.sketched
+    assert relative_error(result.adapter, reference.adapter) <= 1e-3
+    assert result.energy_kept == pytest.approx(reference.energy_kept, abs=1e-3)
+
+
+def test_stacked_path_is_exact_beyond_the_module_width() -> None:
+    # summed rank 8 * 12 + 4 * 10 = 136: above the old limit of 64 and above every module's
+    # smaller side (at most 48), still exact from the QR of the stacked factors
+    updates = [update(8, seed=s, weight=1.0 + s % 3) for s in range(12)]
+    updates += [update(4, seed=100 + s, weight=0.5, alpha=2.0) for s in range(10)]
+
+    result = aggregate_exact(updates, rank=6)
+    reference = aggregate_exact_dense(updates, rank=6)
+
+    assert not result.sketched
+    assert_same_products(result.adapter, reference.adapter)
+    assert result.energy_kept == pytest.approx(reference.energy_kept, abs=1e-9)
+    assert result.adapter.pair("d.conv1")[0].shape == (6, 8, 3, 3)
 
 
 def test_global_adapter_and_blend_agree_with_the_dense_reference() -> None:
@@ -137,9 +179,10 @@ class Regenerated:
 
     def __init__(self, count: int) -> None:
         self.count = count
-        self.alive = self.peak = 0
+        self.alive = self.peak = self.reads = 0
 
     def __iter__(self) -> Iterator[WeightedUpdate]:
+        self.reads += 1
         for seed in range(self.count):
             adapter = update(4, seed=seed).adapter
             self.alive += 1
@@ -152,22 +195,29 @@ class Regenerated:
 
 
 @pytest.mark.parametrize("count", [10, 120])
-def test_memory_does_not_grow_with_the_number_of_updates(count: int) -> None:
+def test_updates_are_read_once_and_memory_past_the_budget_goes_to_a_file(count: int) -> None:
     source = Regenerated(count)
     shapes = {m: (s[0], math.prod(s[1:])) for m, s in WIDE.modules.items()}
-    low_rank = LowRankSum(shapes, rank=4, options=SketchOptions())
-    bound = sum((64 + 4) * (out + inner) + (4 + 8 + PROBES) * out for out, inner in shapes.values())
-    held = []
+    spilling = SketchOptions(resident_bytes=0)
+    low_rank = LowRankSum(shapes, rank=4, options=spilling)
     updates = [u.adapter for u in Regenerated(count)]
     for start in range(0, count, 5):
         low_rank.add(
             [({m: a.flat_pair(m) for m in a.modules}, 1.0) for a in updates[start : start + 5]]
         )
-        held.append(low_rank.state_values)
+        assert low_rank.resident_values == 0
+    assert low_rank.spilled_bytes == 4 * count * sum(4 * (o + i) for o, i in shapes.values())
+    low_rank.finish()
 
-    result = aggregate_exact(source, rank=4)
+    result = aggregate_exact(source, rank=4, options=spilling)
+    resident = aggregate_exact(updates_of(count), rank=4)
 
-    assert max(held) <= bound
-    assert source.peak <= (DEFAULT_SKETCH.exact_rank + CHUNK_RANK) // 4 + 1 and source.alive == 0
+    assert source.reads == 1  # one pass over the source, whatever the number of sketch passes
+    assert source.peak <= CHUNK_RANK // 4 + 1 and source.alive == 0
     assert result.adapter.extra["updates"] == str(count)
-    assert result.sketched == (count * 4 > 64)
+    assert result.sketched == (count * 4 > DEFAULT_SKETCH.exact_rank)
+    assert_same_products(result.adapter, resident.adapter, tolerance=1e-6)
+
+
+def updates_of(count: int) -> list[WeightedUpdate]:
+    return [update(4, seed=seed, weight=1.0 + seed % 4) for seed in range(count)]

@@ -128,6 +128,8 @@ class LoraAdapter:
     def flat_pair(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A [rank, in*kh*kw], B [out, rank]) of one module: its pair as matrices."""
         a, b = self.pair(module)
+        if a.ndim == 2 and b.ndim == 2:  # a linear pair already is (thousands per aggregation)
+            return a, b
         return a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
 
     def weight_shape(self, module: str) -> tuple[int, ...]:

@@ -17,7 +17,7 @@ A [r, in, kh, kw] and B [out, r, 1, 1]; fedavg averages the tensors as they are.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
@@ -68,6 +68,8 @@ class _Reference:
     target_modules: tuple[str, ...]
     targets: str
     shapes: Mapping[str, tuple[int, ...]]
+    tensor_shapes: Mapping[str, torch.Size]  # every tensor's shape: the fast path of `check`
+    rank: int
 
     @classmethod
     def of(cls, adapter: LoraAdapter) -> _Reference:
@@ -77,6 +79,8 @@ class _Reference:
             target_modules=adapter.target_modules,
             targets=adapter.targets,
             shapes=_shapes(adapter, index=0),
+            tensor_shapes={key: tensor.shape for key, tensor in adapter.tensors.items()},
+            rank=adapter.rank,
         )
 
     def check(self, adapter: LoraAdapter, *, index: int) -> None:
@@ -88,6 +92,12 @@ class _Reference:
         ):
             if got != want:
                 raise ValueError(f"update {index} has {name} {got!r}; update 0 has {want!r}")
+        if adapter.rank == self.rank and len(adapter.tensors) == len(self.tensor_shapes):
+            tensors, want_shapes = adapter.tensors, self.tensor_shapes
+            if all(
+                key in want_shapes and t.shape == want_shapes[key] for key, t in tensors.items()
+            ):
+                return  # every tensor as in update 0, whose pairs were checked
         shapes = _shapes(adapter, index=index)
         differing = sorted(set(shapes) ^ set(self.shapes))
         if differing:
@@ -112,9 +122,10 @@ def _shapes(adapter: LoraAdapter, *, index: int) -> dict[str, tuple[int, ...]]:
     if unpaired:
         raise ValueError(f"update {index} key {unpaired[0]!r} has no lora_A/lora_B partner")
     shapes: dict[str, tuple[int, ...]] = {}
-    for module, a, b in adapter.pairs():
+    for module in modules:
+        a, b = adapter.tensors[module + A_SUFFIX], adapter.tensors[module + B_SUFFIX]
         fits = a.ndim == b.ndim and a.ndim in _LABELS
-        shape = adapter.weight_shape(module) if fits else ()
+        shape = (int(b.shape[0]), *(int(n) for n in a.shape[1:])) if fits else ()
         if not fits or (a.shape, b.shape) != pair_shapes(shape, adapter.rank):
             raise ValueError(
                 f"update {index} module {module!r}: A {tuple(a.shape)} and B {tuple(b.shape)} "
@@ -194,8 +205,10 @@ def aggregate_fedavg(updates: Iterable[WeightedUpdate], *, rank: int | None = No
     )
 
 
-CHUNK_RANK = 16
-"""Updates are fed to the maths in chunks of about this summed rank (bounded memory, few calls)."""
+CHUNK_RANK = 256
+"""Updates are copied into the maths' blocks in chunks of about this summed rank..."""
+CHUNK_BYTES = 64 << 20
+"""...or of about this many bytes of factors, whichever comes first (few, large products)."""
 
 
 def _check_target(rank: int, alpha: float | None) -> float:
@@ -217,28 +230,19 @@ class _Chunker:
 
     def __init__(self) -> None:
         self.pending: list[tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]] = []
-        self._rank = 0
+        self._rank = self._bytes = 0
 
     def push(self, adapter: LoraAdapter, factor: float) -> bool:
         """Add one update; True when the chunk is full (then `flush` it)."""
-        self.pending.append((_flat_pairs(adapter), factor))
+        pairs = _flat_pairs(adapter)
+        self.pending.append((pairs, factor))
         self._rank += adapter.rank
-        return self._rank >= CHUNK_RANK
+        self._bytes += sum(a.numel() + b.numel() for a, b in pairs.values()) * 4
+        return self._rank >= CHUNK_RANK or self._bytes >= CHUNK_BYTES
 
     def flush(self) -> Chunk:
-        chunk, self.pending, self._rank = self.pending, [], 0
+        chunk, self.pending, self._rank, self._bytes = self.pending, [], 0, 0
         return chunk
-
-
-def _again(updates: Iterable[WeightedUpdate], reference: _Reference) -> Iterator[Chunk]:
-    """The same updates once more, checked against the first pass's reference, in chunks."""
-    chunker = _Chunker()
-    for index, update in enumerate(updates):
-        reference.check(update.adapter, index=index)
-        if update.weight > 0 and chunker.push(update.adapter, update.weight * update.adapter.scale):
-            yield chunker.flush()
-    if chunker.pending:
-        yield chunker.flush()
 
 
 def _exact(
@@ -249,10 +253,8 @@ def _exact(
     method: str,
     options: SketchOptions,
 ) -> ExactResult:
-    """Stream the updates into a LowRankSum (more passes if it needs them); build the adapter."""
+    """Read the updates once into a LowRankSum, truncate, build the adapter."""
     alpha = _check_target(rank, alpha)
-    one_shot = isinstance(updates, Iterator)
-    kept: list[WeightedUpdate] = []  # a one-shot iterator cannot be read twice: keep its factors
     chunker = _Chunker()
     state: dict[str, LowRankSum] = {}
 
@@ -262,8 +264,6 @@ def _exact(
                 m: (int(b.shape[0]), int(a.shape[1])) for m, (a, b) in _flat_pairs(adapter).items()
             }
             state["sum"] = LowRankSum(shapes, rank=rank, options=options)
-        if one_shot:
-            kept.append(WeightedUpdate(adapter, weight))
         if weight > 0 and chunker.push(adapter, weight * adapter.scale):
             state["sum"].add(chunker.flush())
 
@@ -271,10 +271,7 @@ def _exact(
         reference, total, count = _stream(updates, add)
         low_rank = state["sum"]
         low_rank.add(chunker.flush())
-        source: Iterable[WeightedUpdate] = kept if one_shot else updates
-        passes = (_again(source, reference) for _ in range(low_rank.passes_left))
-        truncated = low_rank.finish(passes)
-    kept.clear()
+        truncated = low_rank.finish()
     return _refactorised(
         truncated,
         total=total,
@@ -344,8 +341,9 @@ def aggregate_exact(
 
     Exact while the summed input rank fits `options.exact_rank` (or the sketch spans the whole
     module); beyond, a randomized range finder with `options` (see `tessera.lora.lowrank`).
-    A re-iterable (a list, a store-backed stream) is read once per pass; a one-shot iterator's
-    factors are kept for the later passes. The result's alpha defaults to `rank` (scale 1);
+    The updates are read once (a one-shot iterator will do); their factors are copied into
+    blocks, in memory up to `options.resident_bytes`, in a temporary file beyond. The
+    result's alpha defaults to `rank` (scale 1);
     singular values are split evenly, as sqrt(S / scale), between B and A.
     """
     return _exact(updates, rank=rank, alpha=alpha, method="exact", options=options)

@@ -1,33 +1,45 @@
 """The weighted sum of many low-rank products, truncated to a rank, without forming any product.
 
-A module's aggregate is `M = sum_i c_i B_i A_i` (B_i [out, r_i], A_i [r_i, in]). Its best
-rank-`rank` approximation is found from the factors alone, in one of two ways:
+A module's aggregate is `M = sum_i c_i B_i A_i` (B_i [out, r_i], A_i [r_i, in]). The updates
+are read once: each chunk of updates is copied, per group of modules of one (out, in) shape,
+into one contiguous block, A rows as [G, C, in] and B columns as [G, C, out] (C the chunk's
+summed rank), with each row's factor c_i beside it. Blocks stay in memory up to
+`SketchOptions.resident_bytes` and go to a temporary file (memory-mapped) beyond, so memory
+does not grow with the number of updates past that budget. Every later step is a few large
+matrix products over the blocks, per group, never a loop over updates.
 
-- *stacked* (exact): while the summed rank R = sum r_i stays within `exact_rank`, the factors
-  are kept side by side; at the end `qr(B) R_b`, `qr(A^T) R_a` and the SVD of the small core
-  `R_b R_a^T` give M's SVD exactly, in memory O(R (out + in)).
-- *sketched* (a streamed randomized range finder, Halko-Martinsson-Tropp 2011): pass 1 sums
-  `Y = sum c_i B_i (A_i Omega)` for a Gaussian Omega [in, k]; each power iteration is two more
-  passes (`X = M^T Q`, `Y = M X`); the last pass sums `Z = sum c_i (Q^T B_i) A_i` and the SVD of
-  the small Z gives the result. Memory O(k (out + in)), whatever the number of updates. When
+M's best rank-`rank` approximation then comes in one of two ways:
+
+- *stacked* (exact): while the summed rank R = sum r_i stays within `exact_rank`, the blocks
+  side by side are `B_all diag(c) A_all`; `qr(B_all diag(c)) = Q_b R_b`, `qr(A_all^T) = Q_a
+  R_a` and the SVD of the small R x R core `R_b R_a^T` give M's SVD exactly (float64), in time
+  O(R^2 (out + in)) per module.
+- *sketched* (a randomized range finder, Halko-Martinsson-Tropp 2011): the first pass sums
+  `Y = M Omega` for a Gaussian Omega [in, k] (k = rank + oversample) while the blocks are
+  copied, `Q = qr(Y)`; then passes alternate `X = M^T Q` (`P = qr(X)`) and `Y = M P`
+  (`Q = qr(Y)`), each raising the power of M's spectrum the basis sees by one
+  (`power_passes` of them beyond the plain range finder's `X = M^T Q`); the last product's
+  SVD gives the result, `M ~ Q X^T` or `M ~ Y P^T`. Each pass reads every block once:
+  `M X = B_all (c * (A_all X))`, a few large matrix products per group. When
   k >= min(out, in) the range is the whole space and the result is exact.
 
-Modules of one shape are one batch ([modules, ...] tensors; torch's batched matmul, qr, svd),
-so the Python loop runs per update and shape, not per module. A pass runs in float32, the
-updates' own precision, into buffers allocated once (on small machines a fresh allocation's
-page faults cost more than the arithmetic); every QR and SVD runs in float64.
+Passes run in float32, the updates' own precision; every QR and SVD runs in float64.
 
 Energy: stacked and full-range sketches know M's energy exactly. A narrower sketch estimates the
-energy outside its range from `PROBES` extra Gaussian columns of pass 1 that Q never sees
-(E ||(I - QQ^T) M g||^2 = ||(I - QQ^T) M||_F^2 for g ~ N(0, I)); `estimated` says so.
+energy outside its range from `PROBES` extra Gaussian columns of the first pass that Q never
+sees (E ||(I - QQ^T) M g||^2 = ||(I - QQ^T) M||_F^2 for g ~ N(0, I)); `estimated` says so.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import itertools
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import IO
 
+import numpy as np
 import torch
 
 Pairs = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
@@ -35,21 +47,25 @@ Pairs = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 Chunk = Sequence[tuple[Pairs, float]]
 """A few consecutive updates: their pairs, and each one's factor (weight times scale)."""
 
-PROBES = 8
+PROBES = 4
 _WIDE = torch.float64
 
 
 @dataclass(frozen=True)
 class SketchOptions:
-    """How the sketched path trades time for accuracy (the stacked path is always exact)."""
+    """How the sketched path trades time for accuracy (the stacked path is always exact), and
+    how many bytes of the updates' factors stay in memory (the rest in a temporary file in
+    `spill_dir`, the system's temporary directory when None)."""
 
-    oversample: int = 8
-    power_iterations: int = 1
-    exact_rank: int = 64
+    oversample: int = 4
+    power_passes: int = 1
+    exact_rank: int = 256
     seed: int = 0
+    resident_bytes: int = 4 << 30
+    spill_dir: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("oversample", "power_iterations", "exact_rank"):
+        for name in ("oversample", "power_passes", "exact_rank", "resident_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -68,45 +84,86 @@ class Truncated:
     estimated: bool
 
 
+@dataclass(frozen=True)
+class _Block:
+    """One chunk of updates' factors for one group: A rows, B columns (as rows), factors."""
+
+    a: torch.Tensor  # [G, C, in]
+    bt: torch.Tensor  # [G, C, out]
+    factors: torch.Tensor  # [C, 1]: each row's weight times scale
+
+
 @dataclass
 class _Group:
-    """The modules of one (out, in) shape, their running sums and reused buffers."""
+    """The modules of one (out, in) shape and their blocks."""
 
     modules: tuple[str, ...]
     out: int
     inner: int
     width: int
-    omega: torch.Tensor  # [G, in, width + probes], one Gaussian matrix repeated per module
-    y: torch.Tensor | None = None  # [G, out, width + probes]
-    probes: torch.Tensor | None = None
-    buffers: dict[tuple[str | int, ...], torch.Tensor] = field(default_factory=dict)
+    omega: torch.Tensor  # [in, width + probes]: the first pass's Gaussian test matrix
+    blocks: list[_Block] = field(default_factory=list)
+    sketch: torch.Tensor | None = None  # [G, out, width + probes]: M Omega, once sketching
+    sketched: int = 0  # how many blocks `sketch` holds
+
+    @property
+    def probes(self) -> int:
+        return int(self.omega.shape[1]) - self.width
 
     @property
     def full(self) -> bool:
         return self.width >= min(self.out, self.inner)
 
-    def buffer(self, use: str, *shape: int) -> torch.Tensor:
-        """A float32 [G, *shape] buffer for one use, allocated on first use and reused after."""
-        key: tuple[str | int, ...] = (use, *shape)
-        if key not in self.buffers:
-            self.buffers[key] = torch.empty(len(self.modules), *shape)
-        return self.buffers[key]
+    def range(self, x: torch.Tensor) -> torch.Tensor:
+        """M X for X [G, in, k] (or [in, k], shared by every module): [G, out, k]."""
+        y = torch.zeros(len(self.modules), self.out, x.shape[-1])
+        for block in self.blocks:
+            y.baddbmm_(block.bt.mT, torch.matmul(block.a, x).mul_(block.factors))
+        return y
 
-    def load(self, pairs: Pairs) -> tuple[torch.Tensor, torch.Tensor]:
-        """One update's A [G, r, in] and B [G, out, r], copied into reused buffers."""
-        rank = int(pairs[self.modules[0]][0].shape[0])
-        a, b = self.buffer("a", rank, self.inner), self.buffer("b", self.out, rank)
-        torch.stack([pairs[m][0] for m in self.modules], out=a)
-        torch.stack([pairs[m][1] for m in self.modules], out=b)
-        return a, b
+    def co_range(self, q: torch.Tensor) -> torch.Tensor:
+        """M^T Q for Q [G, out, k]: [G, in, k]."""
+        x = torch.zeros(len(self.modules), self.inner, q.shape[-1])
+        for block in self.blocks:
+            x.baddbmm_(block.a.mT, torch.bmm(block.bt, q).mul_(block.factors))
+        return x
 
 
-_Term = Callable[[_Group, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], None]
-"""Adds one update's share of a pass to its sum in place: (group, operand, A, B, sum, factor)."""
+class _Spill:
+    """An unnamed temporary file the blocks past the memory budget are written to and mapped."""
+
+    def __init__(self, directory: str | None) -> None:
+        self._file: IO[bytes] = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115
+        self._end = 0
+
+    def keep(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` written to the file, returned as a read-only view of the mapped bytes."""
+        self._file.seek(self._end)
+        tensor.numpy().tofile(self._file)
+        self._file.flush()
+        mapped = np.memmap(
+            self._file, dtype=np.float32, mode="r", offset=self._end, shape=tuple(tensor.shape)
+        )
+        self._end += tensor.numel() * 4
+        with _quiet_readonly():
+            return torch.from_numpy(mapped)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+@contextlib.contextmanager
+def _quiet_readonly() -> Iterator[None]:
+    """torch warns that a read-only array makes a non-writable tensor; these are only read."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        yield
 
 
 class LowRankSum:
-    """Accumulates updates, then truncates every module's weighted sum to `rank`."""
+    """Reads updates once into per-shape blocks, then truncates every module's sum to `rank`."""
 
     def __init__(
         self, shapes: Mapping[str, tuple[int, int]], *, rank: int, options: SketchOptions
@@ -114,133 +171,145 @@ class LowRankSum:
         by_shape: dict[tuple[int, int], list[str]] = {}
         for module, shape in sorted(shapes.items()):
             by_shape.setdefault(shape, []).append(module)
-        generator = torch.Generator().manual_seed(options.seed)
+        self._rank = rank
         self._options = options
         self._summed_rank = 0
-        self._held: list[tuple[Pairs, float]] = []  # the updates so far, while they fit the stack
-        self._groups: list[_Group] = []
+        self._resident = 0
+        self._spill: _Spill | None = None
+        self._scratch: dict[tuple[int, ...], torch.Tensor] = {}
+        generator = torch.Generator().manual_seed(options.seed)
+        self._groups = []
         for (out, inner), modules in sorted(by_shape.items()):
             width = min(rank + options.oversample, out, inner)
             probes = 0 if width >= min(out, inner) else PROBES
             omega = torch.randn(inner, width + probes, generator=generator)
-            omega = omega.expand(len(modules), inner, width + probes).contiguous()
             self._groups.append(_Group(tuple(modules), out, inner, width, omega))
 
     @property
-    def state_values(self) -> int:
-        """How many values the running sums hold now (stacked factors or sketches)."""
-        held = sum(a.numel() + b.numel() for pairs, _ in self._held for a, b in pairs.values())
-        return held + sum(0 if g.y is None else g.y.numel() for g in self._groups)
+    def resident_values(self) -> int:
+        """How many factor values the blocks hold in memory now (spilled ones not counted)."""
+        return self._resident // 4
+
+    @property
+    def spilled_bytes(self) -> int:
+        """How many bytes of factors went to the temporary file."""
+        return 0 if self._spill is None else self._spill._end
 
     @property
     def stacked(self) -> bool:
         """True while the summed rank fits `exact_rank`: the result will be exact."""
         return self._summed_rank <= self._options.exact_rank
 
-    @property
-    def passes_left(self) -> int:
-        """How many more passes over the same updates `finish` needs (0 when stacked)."""
-        return 0 if self.stacked else 1 + 2 * self._power_iterations
-
-    @property
-    def _power_iterations(self) -> int:
-        return 0 if all(g.full for g in self._groups) else self._options.power_iterations
-
     def add(self, chunk: Chunk) -> None:
-        """Pass 1: hold each update (no copy) while they fit the stack, else sketch `M Omega`."""
-        for pairs, factor in chunk:
-            self._summed_rank += int(next(iter(pairs.values()))[0].shape[0])
-            if self.stacked:
-                self._held.append((pairs, factor))
-                continue
-            for held_pairs, held_factor in [*self._held, (pairs, factor)]:
-                for group in self._groups:
-                    _sketch_range(group, held_pairs, held_factor)
-            self._held = []
+        """Copy a chunk of updates' factors into one block per group (memory or the file);
+        once the summed rank outgrows `exact_rank`, also sum the first pass, `M Omega`."""
+        if not chunk:
+            return
+        ranks = [_rank_of(update) for update in chunk]
+        self._summed_rank += sum(ranks)
+        factors = torch.cat([torch.full((r, 1), c) for r, (_, c) in zip(ranks, chunk, strict=True)])
+        rows = int(factors.shape[0])
+        for group in self._groups:
+            a, bt = _gather(group, chunk, rows, self._scratch)
+            size = 4 * (a.numel() + bt.numel())
+            if self._resident + size > self._options.resident_bytes:
+                if self._spill is None:
+                    self._spill = _Spill(self._options.spill_dir)
+                a, bt = self._spill.keep(a), self._spill.keep(bt)
+            else:
+                self._resident += size
+            group.blocks.append(_Block(a, bt, factors))
+            if not self.stacked:
+                for block in group.blocks[group.sketched :]:
+                    product = torch.matmul(block.a, group.omega).mul_(block.factors)
+                    if group.sketch is None:
+                        group.sketch = torch.bmm(block.bt.mT, product)
+                    else:
+                        group.sketch.baddbmm_(block.bt.mT, product)
+                group.sketched = len(group.blocks)
 
-    def finish(self, passes: Iterable[Iterable[Chunk]]) -> dict[str, Truncated]:
-        """Each module's truncation; `passes` yields the updates again, `passes_left` times."""
-        if self.stacked:
-            held, self._held = self._held, []
-            return {m: t for g in self._groups for m, t in _stacked(g, held).items()}
-        sources = iter(passes)
-        bases: dict[int, torch.Tensor] = {}
-        for key, group in enumerate(self._groups):
-            assert group.y is not None
-            group.probes = group.y[:, :, group.width :].to(_WIDE)
-            bases[key] = _orthonormal(group.y[:, :, : group.width])
-            group.y = None
-        for _ in range(self._power_iterations):
-            co_range = self._sweep(next(sources), bases, _co_range_term, transposed=True)
-            co_bases = {key: _orthonormal(x) for key, x in co_range.items()}
-            ranges = self._sweep(next(sources), co_bases, _range_term, transposed=False)
-            bases = {key: _orthonormal(y) for key, y in ranges.items()}
-        cores = self._sweep(next(sources), bases, _core_term, transposed=None)
-        out: dict[str, Truncated] = {}
-        for key, group in enumerate(self._groups):
-            out.update(_sketched(group, bases[key].to(_WIDE), cores[key].to(_WIDE)))
-        return out
+    def finish(self) -> dict[str, Truncated]:
+        """Each module's truncation (the blocks are released, the file removed)."""
+        try:
+            out: dict[str, Truncated] = {}
+            for group in self._groups:
+                if not group.blocks:
+                    raise ValueError("no updates with a positive weight were added")
+                out.update(_stacked(group) if self.stacked else self._sketched(group))
+                group.blocks = []
+            return out
+        finally:
+            self._resident = 0
+            if self._spill is not None:
+                self._spill.close()
+                self._spill = None
 
-    def _sweep(
-        self,
-        chunks: Iterable[Chunk],
-        operands: Mapping[int, torch.Tensor],
-        term: _Term,
-        *,
-        transposed: bool | None,
-    ) -> dict[int, torch.Tensor]:
-        """One pass over the updates: per group, the sum of `term` over every update."""
-        sums: dict[int, torch.Tensor] = {}
-        for key, group in enumerate(self._groups):
-            k = operands[key].shape[2]
-            shape = {True: (group.inner, k), False: (group.out, k), None: (k, group.inner)}
-            sums[key] = torch.zeros(len(group.modules), *shape[transposed])
-        seen = 0
-        for chunk in chunks:
-            for pairs, factor in chunk:
-                seen += int(next(iter(pairs.values()))[0].shape[0])
-                for key, group in enumerate(self._groups):
-                    term(group, operands[key], *group.load(pairs), sums[key], factor)
-            del chunk  # let this chunk go before the source reads the next one
-        if seen != self._summed_rank:
-            raise ValueError(
-                f"the updates changed between passes: summed rank {seen}, "
-                f"{self._summed_rank} in the first pass"
-            )
-        return sums
-
-
-def _co_range_term(
-    group: _Group, q: torch.Tensor, a: torch.Tensor, b: torch.Tensor, x: torch.Tensor, c: float
-) -> None:
-    """X += c A^T (B^T Q): M^T Q, a power iteration's first half."""
-    t = group.buffer("t", a.shape[1], q.shape[2])
-    torch.bmm(b.mT, q, out=t)
-    x.baddbmm_(a.mT, t, alpha=c)
-
-
-def _range_term(
-    group: _Group, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, y: torch.Tensor, c: float
-) -> None:
-    """Y += c B (A X): M X, a power iteration's second half."""
-    t = group.buffer("t", a.shape[1], x.shape[2])
-    torch.bmm(a, x, out=t)
-    y.baddbmm_(b, t, alpha=c)
+    def _sketched(self, group: _Group) -> dict[str, Truncated]:
+        """The range finder on one group: from the first pass's `M Omega`, passes that
+        alternate `X = M^T Q` and `Y = M P` (each raising the power of M's spectrum the basis
+        sees by one), then the SVD of the last product, `Q^T M = X^T` or `M P`."""
+        assert group.sketch is not None
+        sketch, group.sketch = group.sketch.to(_WIDE), None
+        probes = sketch[:, :, group.width :] if group.probes else None
+        left = _orthonormal(sketch[:, :, : group.width])
+        passes = 1 + (0 if group.full else self._options.power_passes)
+        right = product = torch.empty(0)
+        total: torch.Tensor | None = None
+        for index in range(passes):
+            if index % 2 == 0:
+                product = group.co_range(left.float()).to(_WIDE)  # X = M^T Q, [G, in, k]
+                total = product.square().sum(dim=(1, 2)) + _outside(left, probes)
+                if index + 1 < passes:
+                    right = _orthonormal(product)
+            else:
+                product = group.range(right.float()).to(_WIDE)  # Y = M P, [G, out, k]
+                if index + 1 < passes:
+                    left = _orthonormal(product)
+        assert total is not None
+        estimated = probes is not None
+        if passes % 2:  # M ~ Q (Q^T M) = Q X^T
+            u, s, vh = _small_svd(product.mT)
+            return _results(group, left @ u, s, vh, total, estimated=estimated)
+        u, s, vh = _small_svd(product)  # M ~ (M P) P^T
+        return _results(group, u, s, vh @ right.mT, total, estimated=estimated)
 
 
-def _core_term(
-    group: _Group, q: torch.Tensor, a: torch.Tensor, b: torch.Tensor, z: torch.Tensor, c: float
-) -> None:
-    """Z += c (Q^T B) A: the small projection Q^T M whose SVD is the answer."""
-    t = group.buffer("t", q.shape[2], a.shape[1])
-    torch.bmm(q.mT, b, out=t)
-    z.baddbmm_(t, a, alpha=c)
+def _rank_of(update: tuple[Pairs, float]) -> int:
+    return int(next(iter(update[0].values()))[0].shape[0])
+
+
+def _gather(
+    group: _Group, chunk: Chunk, rows: int, scratch: dict[tuple[int, ...], torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk's factors for one group: A as [G, C, in], B transposed as [G, C, out].
+
+    Each run of updates of one rank has its B [out, r] stacked as stored (into a reused
+    `scratch` buffer), then transposed in one copy: copying thousands of small transposed views
+    one by one is several times slower. The new blocks are zeroed before the copies: faulting
+    fresh pages in while copying small pieces into them costs about twice as much here."""
+    count = len(group.modules)
+    a = torch.empty(count * rows, group.inner).zero_()
+    bt = torch.empty(count, rows, group.out).zero_()
+    torch.cat([pairs[m][0] for m in group.modules for pairs, _ in chunk], out=a)
+    start = 0
+    for rank, run in itertools.groupby(chunk, key=_rank_of):
+        same = list(run)
+        shape = (count * len(same), group.out, rank)
+        if shape not in scratch:
+            scratch[shape] = torch.empty(shape).zero_()
+        b = scratch[shape]
+        torch.cat([pairs[m][1] for m in group.modules for pairs, _ in same], out=b.view(-1, rank))
+        end = start + rank * len(same)
+        target = bt[:, start:end].view(count, len(same), rank, group.out)
+        target.copy_(b.view(count, len(same), group.out, rank).mT)
+        start = end
+    return a.view(count, rows, group.inner), bt
 
 
 @contextlib.contextmanager
 def one_thread() -> Iterator[None]:
-    """Run torch on one thread: its small batched products, QR and SVD gain nothing from more,
-    and on a busy machine their threads contend (10x slower with 2 threads on 2 shared cores)."""
+    """Run torch on one thread: small batched QR and SVD gain nothing from more, and on a busy
+    machine their threads contend (10x slower with 2 threads on 2 shared cores)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -250,51 +319,52 @@ def one_thread() -> Iterator[None]:
 
 
 def _orthonormal(sketch: torch.Tensor) -> torch.Tensor:
-    """An orthonormal basis of each batch member's columns, computed in float64, as float32."""
+    """An orthonormal basis of each batch member's columns, in float64."""
     with one_thread():
-        return torch.linalg.qr(sketch.to(_WIDE)).Q.float()
+        return torch.linalg.qr(sketch.to(_WIDE)).Q
 
 
-def _sketch_range(group: _Group, pairs: Pairs, factor: float) -> None:
-    """Y += c B (A Omega): one update's share of the range sketch (and of the probes)."""
-    if group.y is None:
-        group.y = torch.zeros(len(group.modules), group.out, group.omega.shape[2])
-    a, b = group.load(pairs)
-    t = group.buffer("t", a.shape[1], group.omega.shape[2])
-    torch.bmm(a, group.omega, out=t)
-    group.y.baddbmm_(b, t, alpha=factor)
-
-
-def _stacked(group: _Group, held: Sequence[tuple[Pairs, float]]) -> dict[str, Truncated]:
-    """Exact SVD of `sum c B A` from the held factors: qr of each side, SVD of the small core."""
-    a = torch.cat([torch.stack([p[m][0] for m in group.modules]) for p, _ in held], dim=1)
-    b = torch.cat([torch.stack([p[m][1] for m in group.modules]) * c for p, c in held], dim=2)
+def _stacked(group: _Group) -> dict[str, Truncated]:
+    """Exact SVD of `sum c B A` from the blocks: qr of each side, SVD of the small core."""
+    a = torch.cat([block.a for block in group.blocks], dim=1).to(_WIDE)
+    b = torch.cat([block.bt * block.factors for block in group.blocks], dim=1).to(_WIDE).mT
     with one_thread():
-        qb, rb = torch.linalg.qr(b.to(_WIDE))
-        qa, ra = torch.linalg.qr(a.to(_WIDE).mT)
+        qb, rb = torch.linalg.qr(b)
+        qa, ra = torch.linalg.qr(a.mT)
         u, s, vh = torch.linalg.svd(rb @ ra.mT, full_matrices=False)
-    left, right = qb @ u, vh @ qa.mT
-    energy = s.square().sum(dim=1)
-    return {
-        m: Truncated(left[i], s[i], right[i], float(energy[i]), estimated=False)
-        for i, m in enumerate(group.modules)
-    }
+    return _results(group, qb @ u, s, vh @ qa.mT, s.square().sum(dim=1), estimated=False)
 
 
-def _sketched(group: _Group, basis: torch.Tensor, core: torch.Tensor) -> dict[str, Truncated]:
-    """SVD of the small `Z = Q^T M`; the energy outside Q's range estimated from the probes."""
+def _outside(left: torch.Tensor, probes: torch.Tensor | None) -> torch.Tensor | float:
+    """||(I - QQ^T) M||_F^2 estimated from the probe columns `M g` (0 without probes)."""
+    if probes is None:
+        return 0.0
+    residual = probes - left @ (left.mT @ probes)
+    return residual.square().sum(dim=(1, 2)) / probes.shape[2]
+
+
+def _small_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD of a batch of tall or wide matrices through the QR of the long side (float64)."""
     with one_thread():
-        qz, rz = torch.linalg.qr(core.mT)  # Z = rz^T qz^T: Z's SVD is that of the small rz^T
-        u, s, vh = torch.linalg.svd(rz.mT)
-    vh = vh @ qz.mT
-    left = basis @ u
-    energy = s.square().sum(dim=1)
-    estimated = not group.full
-    if estimated:
-        assert group.probes is not None
-        residual = group.probes - basis @ (basis.mT @ group.probes)
-        energy = energy + residual.square().sum(dim=(1, 2)) / group.probes.shape[2]
+        if matrix.shape[1] >= matrix.shape[2]:
+            q, r = torch.linalg.qr(matrix)
+            u, s, vh = torch.linalg.svd(r)
+            return q @ u, s, vh
+        q, r = torch.linalg.qr(matrix.mT)  # matrix = r^T q^T
+        u, s, vh = torch.linalg.svd(r.mT)
+        return u, s, vh @ q.mT
+
+
+def _results(
+    group: _Group,
+    left: torch.Tensor,
+    singular: torch.Tensor,
+    right: torch.Tensor,
+    energy: torch.Tensor,
+    *,
+    estimated: bool,
+) -> dict[str, Truncated]:
     return {
-        m: Truncated(left[i], s[i], vh[i], float(energy[i]), estimated=estimated)
+        m: Truncated(left[i], singular[i], right[i], float(energy[i]), estimated=estimated)
         for i, m in enumerate(group.modules)
     }
