@@ -1,27 +1,44 @@
 """Aggregation at real size: N LoRA updates of SD-1.5 / SDXL attention shapes, each method alone.
 
     python bench/aggregation_scale.py --out docs [--models sd15 sdxl] [--ranks 4 16]
-        [--counts 10 100 1000] [--max-resident-gb 6] [--dense-max 100] [--streamed-max 100]
+        [--counts 10 100 1000] [--max-resident-gb 7] [--dense-max 10] [--dense-ranks 4 16]
+        [--streamed-max 100] [--streamed-models sd15 sdxl]
+    python bench/aggregation_scale.py --out docs --report-only [--notes reading.md]
 
 For every model, rank and N, each method runs in a fresh process of its own, on the same N
-synthetic updates (seeded Gaussian factors, std 0.02, weights 1..5: a flat spectrum, the hard
-case for a truncation), and reports its wall time and the process's peak resident set (Linux
-VmHWM, reset once the inputs are built, so it is the peak with the inputs resident):
+synthetic updates, and reports its wall time and the process's peak resident set (Linux
+VmHWM, reset once the inputs are built, so it is the peak with the inputs resident). Two
+kinds of updates, both seeded, weights 1..5:
+
+- flat: Gaussian factors (std 0.02): the mean has a flat spectrum, the worst case for any
+  truncation (its r-th and (r+1)-th singular values nearly tie, so which rank-r subspace is
+  "best" is ill-conditioned); every method's timing is measured on these;
+- cluster: what a cluster's updates look like, a shared update (Gaussian factors) plus half as
+  much of each device's own: exact and the dense reference only, for the accuracy columns.
+
+Methods:
 
 - floor: the weighted sum of the factors tensor by tensor, in place (what any mean costs);
 - flower: Flower's `flwr.server.strategy.aggregate.aggregate` on the same tensors as NumPy
   arrays (per-tensor weighted mean: inexact for LoRA, mean(B)mean(A) != mean(BA));
 - fedavg: Tessera's `aggregate_fedavg` (the same per-tensor mean, the generic-FL baseline);
 - exact: Tessera's `aggregate_exact` (streamed, never forms a dense product);
-- dense: `aggregate_exact_dense`, the reference that forms every product (N <= --dense-max,
-  default 10: on a small machine its 93.5M-value products take minutes); its process also
-  reads the exact result back and reports the relative error between the two truncations and
-  the residual ratio ||M - exact||_F / ||M - dense||_F (1 = as close to the mean M as the
-  best rank-r truncation; on a flat spectrum the truncation itself is ill-conditioned, so the
-  ratio is the fairer measure of the sketch);
+- dense: `aggregate_exact_dense`, the reference that forms every product and runs a full SVD
+  (N <= --dense-max, ranks --dense-ranks: on a small machine its 93.5M-value products and
+  1280 x 1280 SVDs take minutes); its process also reads the exact result back and reports
+  the metrics below;
 - streamed: the worker's own path, `aggregate_plan` (scope global, exact), reading every
   update from the embedded SeaweedFS (sha256 checked, parsed) a few ahead in threads
-  (N <= --streamed-max; the upload before it is not timed).
+  (N <= --streamed-max, models --streamed-models; the upload before it is not timed).
+
+Metrics of exact against the dense reference X_dense (M the true weighted mean of the
+products, X = exact's rank-r result, all modules together, Frobenius norms):
+- relative error ||X - X_dense|| / ||X_dense||: how far the two truncations are apart;
+- residual ratio ||M - X|| / ||M - X_dense||: 1 = as close to M as the best rank-r
+  truncation (Eckart-Young); on a flat spectrum the fairer measure, since many rank-r
+  truncations are almost equally good there while far apart from each other;
+- energy kept: the share of M's squared singular values the rank-r result keeps (exact's own
+  report, estimated from probe columns when sketched; the dense one's exact).
 
 Inputs that would not fit `--max-resident-gb` are skipped for the in-memory methods and
 noted. Module shapes are hard-coded from diffusers' UNet configs (`attention_shapes`).
@@ -33,11 +50,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -108,9 +127,18 @@ def update_bytes(model: str, rank: int) -> int:
     return 4 * rank * sum(out + inner for out, inner in attention_shapes(model).values())
 
 
-def make_update(model_spec: LoraSpec, rank: int, index: int) -> WeightedUpdate:
-    adapter = random_adapter(model_spec, rank, float(rank), seed=index)
-    return WeightedUpdate(adapter, float(1 + index % 5))
+KINDS = ("flat", "cluster")
+
+
+def make_update(model_spec: LoraSpec, rank: int, index: int, kind: str = "flat") -> WeightedUpdate:
+    """Update `index` of a kind: Gaussian factors (flat), or a shared update plus half as much
+    of the device's own (cluster)."""
+    own = random_adapter(model_spec, rank, float(rank), seed=index)
+    if kind == "cluster":
+        shared = random_adapter(model_spec, rank, float(rank), seed=10**6)
+        tensors = {key: shared.tensors[key] + 0.5 * own.tensors[key] for key in own.tensors}
+        own = replace(own, tensors=tensors)
+    return WeightedUpdate(own, float(1 + index % 5))
 
 
 # -- one method in this process ------------------------------------------------------------------
@@ -133,7 +161,7 @@ def run_child(job: dict[str, Any]) -> dict[str, Any]:
     model_spec = spec(model)
     if method == "streamed":
         return _streamed(job, model_spec)
-    updates = [make_update(model_spec, rank, i) for i in range(count)]
+    updates = [make_update(model_spec, rank, i, job["kind"]) for i in range(count)]
     call: Callable[[], Any]
     if method == "floor":
         call = lambda: floor(updates)  # noqa: E731
@@ -168,7 +196,8 @@ def run_child(job: dict[str, Any]) -> dict[str, Any]:
     if method == "exact":
         row["energy_kept"] = result.energy_kept
         row["sketched"] = result.sketched
-        Path(job["exact_file"]).write_bytes(adapter_to_bytes(result.adapter))
+        exact_bytes = adapter_to_bytes(result.adapter, dtype="float32")  # not fp16: compared
+        Path(job["exact_file"]).write_bytes(exact_bytes)
     if method == "dense":
         from tessera.lora.aggregate_dense import relative_error, residual_ratio
 
@@ -227,24 +256,32 @@ def cells(args: argparse.Namespace) -> list[dict[str, Any]]:
         for rank in args.ranks:
             for count in args.counts:
                 resident = update_bytes(model, rank) * count
-                for method in args.methods:
+                for kind, method in [("flat", m) for m in args.methods] + [
+                    ("cluster", m) for m in ("exact", "dense") if m in args.methods
+                ]:
                     skip = None
                     copies = 2 if method == "flower" else 1  # Flower copies every weighted tensor
                     if method in IN_MEMORY and resident * copies > budget:
                         skip = f"inputs need {resident * copies / 1e9:.1f} GB resident"
                     dense_bytes = 8 * sum(o * i for o, i in attention_shapes(model).values())
-                    if method == "dense" and count > args.dense_max:
-                        skip = f"dense reference only for N <= {args.dense_max}"
+                    if method == "dense" and (
+                        count > args.dense_max or rank not in args.dense_ranks
+                    ):
+                        ranks = " and ".join(map(str, args.dense_ranks))
+                        skip = f"dense reference only for N <= {args.dense_max}, rank {ranks}"
                     elif method == "dense" and dense_bytes > budget:
                         skip = f"dense sums need {dense_bytes / 1e9:.1f} GB"
                     if method == "streamed" and count > args.streamed_max:
                         skip = f"streamed only for N <= {args.streamed_max}"
+                    if method == "streamed" and model not in args.streamed_models:
+                        skip = f"streamed only for {' and '.join(args.streamed_models)}"
                     jobs.append(
                         {
                             "model": model,
                             "rank": rank,
                             "count": count,
                             "method": method,
+                            "kind": kind,
                             "skip": skip,
                         }
                     )
@@ -256,10 +293,9 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as scratch:
         for job in cells(args):
             job["threads"] = args.threads
-            job["exact_file"] = str(
-                Path(scratch) / f"{job['model']}-{job['rank']}-{job['count']}.safetensors"
-            )
-            row = {k: job[k] for k in ("model", "rank", "count", "method", "skip")}
+            name = f"{job['model']}-{job['rank']}-{job['count']}-{job['kind']}.safetensors"
+            job["exact_file"] = str(Path(scratch) / name)
+            row = {k: job[k] for k in ("model", "rank", "count", "method", "kind", "skip")}
             if job["skip"] is None:
                 done = subprocess.run(
                     [sys.executable, __file__, "--child", json.dumps(job)],
@@ -289,48 +325,58 @@ def _cell(row: dict[str, Any] | None) -> str:
 
 HEADER = (
     "| N | inputs | floor | Flower `aggregate` | Tessera fedavg | Tessera exact "
-    "| dense reference | exact vs dense: rel. error | residual ratio "
-    "| energy kept (exact / dense) "
-    "| worker streamed from S3 |"
+    "| dense reference | worker streamed from S3 "
+    "| flat: rel. error / residual ratio / energy kept (exact, dense) "
+    "| cluster: rel. error / residual ratio / energy kept (exact, dense) |"
 )
 
 
-def _table_row(count: int, get: Callable[[str], dict[str, Any] | None]) -> str:
-    exact, dense = get("exact"), get("dense")
-    error = ratio = "-"
-    if dense and "exact_relative_error" in dense:
-        error = f"{dense['exact_relative_error']:.2e}"
-        ratio = f"{dense['exact_residual_ratio']:.6f}"
-    energy = "-"
-    if exact and "energy_kept" in exact:
-        energy = f"{exact['energy_kept']:.4f}"
-        if dense and "energy_kept" in dense:
-            energy += f" / {dense['energy_kept']:.4f}"
+def _accuracy(exact: dict[str, Any] | None, dense: dict[str, Any] | None) -> str:
+    """rel. error / residual ratio / energy kept (exact, dense) of one kind, as far as run."""
+    if exact is None or "energy_kept" not in exact:
+        return "-"
+    energy = f"{exact['energy_kept']:.4f}"
+    if dense is None or "exact_relative_error" not in dense:
+        mode = "sketched" if exact.get("sketched") else "exact path"
+        return f"no dense reference / {energy} ({mode})"
+    return (
+        f"{dense['exact_relative_error']:.1e} / {dense['exact_residual_ratio']:.6f} / "
+        f"{energy}, {dense['energy_kept']:.4f}"
+    )
+
+
+def _table_row(count: int, get: Callable[[str, str], dict[str, Any] | None]) -> str:
+    exact = get("exact", "flat")
     resident = exact.get("inputs_bytes") if exact else None
     cells = [
         str(count),
         f"{resident / 1e9:.2f} GB" if resident else "-",
-        *(_cell(get(m)) for m in ("floor", "flower", "fedavg", "exact", "dense")),
-        error,
-        ratio,
-        energy,
-        _cell(get("streamed")),
+        *(_cell(get(m, "flat")) for m in ("floor", "flower", "fedavg", "exact", "dense")),
+        _cell(get("streamed", "flat")),
+        *(_accuracy(get("exact", kind), get("dense", kind)) for kind in KINDS),
     ]
     return "| " + " | ".join(cells) + " |"
 
 
 def markdown(report: dict[str, Any]) -> str:
     rows = report["rows"]
-    index = {(r["model"], r["rank"], r["count"], r["method"]): r for r in rows}
+    index = {
+        (r["model"], r["rank"], r["count"], r["method"], r.get("kind", "flat")): r for r in rows
+    }
     lines = [
         "# Aggregation at real size (`make bench`: bench/aggregation_scale.py)",
         "",
-        f"Measured on this machine: {report['machine']}; torch {report['torch']}. Each cell is "
+        f"Measured on this machine: {report['machine']} (at the start "
+        f"{report.get('load_at_start', '?')}); torch {report['torch']}. Each cell is "
         "one method in its own process: wall time of one call, and the process's peak resident "
-        "set with the inputs resident (the inputs alone are the `inputs` column). Synthetic "
-        "updates: Gaussian factors (a flat spectrum, the hard case for any truncation), "
-        "weights 1..5. Exact is `aggregate_exact` with its defaults "
-        f"({report['sketch']}).",
+        "set with the inputs resident (the inputs alone are the `inputs` column). Timings on "
+        "flat updates (Gaussian factors, weights 1..5); accuracy on flat and on cluster-like "
+        "updates (a shared update plus half as much of each device's own). Exact is "
+        f"`aggregate_exact` with its defaults ({report['sketch']}). Accuracy metrics against "
+        "the dense truncated SVD of the true mean M: relative error ||X - X_dense|| / "
+        "||X_dense||, residual ratio ||M - X|| / ||M - X_dense|| (1 = as good as the best "
+        "rank-r truncation), energy kept (share of M's squared singular values kept; exact's is "
+        "estimated when sketched).",
         "",
     ]
     for model in report["models"]:
@@ -342,11 +388,11 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{size / 1e6:.2f} MB per update)",
                 "",
                 HEADER,
-                "|---|---|---|---|---|---|---|---|---|---|---|",
+                "|---|---|---|---|---|---|---|---|---|---|",
             ]
             for count in report["counts"]:
                 key = (model, rank, count)
-                lines.append(_table_row(count, lambda m, k=key: index.get((*k, m))))
+                lines.append(_table_row(count, lambda m, kind, k=key: index.get((*k, m, kind))))
             lines.append("")
     if report.get("notes"):
         lines += ["## Reading", "", *report["notes"], ""]
@@ -368,6 +414,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
                 (r["count"], r["seconds"])
                 for r in report["rows"]
                 if (r["model"], r["rank"], r["method"]) == (model, rank, method)
+                and r.get("kind", "flat") == "flat"
                 and not r.get("skip")
             ]
             if points:
@@ -398,7 +445,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--max-resident-gb", type=float, default=7.0)
     parser.add_argument("--dense-max", type=int, default=10)
+    parser.add_argument("--dense-ranks", nargs="+", type=int, default=[4, 16])
     parser.add_argument("--streamed-max", type=int, default=100)
+    parser.add_argument(
+        "--streamed-models", nargs="+", default=["sd15", "sdxl"], choices=sorted(_BLOCKS)
+    )
+    parser.add_argument(
+        "--notes", type=Path, help="with --report-only: the Reading section, paragraphs from a file"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     common_arguments(parser)
     args = parser.parse_args(argv)
@@ -407,11 +461,15 @@ def main(argv: list[str] | None = None) -> None:
         return
     path = args.out / f"{NAME}.json"
     if args.report_only:
-        write_report(json.loads(path.read_text()), args.out, NAME, markdown=markdown, plot=plot)
+        report = json.loads(path.read_text())
+        if args.notes:
+            report["notes"] = args.notes.read_text().strip().split("\n\n")
+        write_report(report, args.out, NAME, markdown=markdown, plot=plot)
         return
     from tessera.lora.lowrank import DEFAULT_SKETCH
 
     report = {
+        "load_at_start": ", ".join(f"{x:.1f}" for x in os.getloadavg()),
         "torch": torch.__version__,
         "models": args.models,
         "ranks": args.ranks,
