@@ -21,8 +21,9 @@ with the same job run alone: the largest absolute difference (images in [-1, 1])
 The adapters are random rank-8 ones (std 0.02) published through the worker's own publishing
 code into a fresh embedded stack (SQLite, SeaweedFS) in a temporary folder, and read by an
 `AdapterCache` as the worker reads them. On 2 CPU cores the SD-1.5-sized UNet runs at
-`--sd-size` pixels (default 256: 32x32 latents; the weights and layer shapes are SD-1.5's, only
-the spatial size is smaller) and `--sd-steps` steps, so that the run fits in minutes. Writes
+`--sd-size` pixels (default 128: 16x16 latents; the weights and layer shapes are SD-1.5's, only
+the spatial size is smaller) and `--sd-steps` steps, so that the run fits in minutes (at 128
+pixels one 32-row UNet pass took about 90 s on one busy core; at 256, four times that). Writes
 docs/bench_mixed_batches.md, .json and .png.
 """
 
@@ -46,6 +47,8 @@ from benchlib import common_arguments, embedded_backends, machine, write_report
 from inference_speed import publish_random
 
 from services.inference.worker.cache import AdapterCache
+from tessera.config import Settings
+from tessera.lora.mixing import SampleWeights
 from tessera.model.base import BaseModel, load_base_model
 from tessera.model.conditioning import Conditioning
 from tessera.model.generate import generate, seeded_latents
@@ -58,6 +61,8 @@ GUIDANCE = 3.0
 SPEEDUP_AIM = 1.5  # one mixed batch against the jobs one by one
 SHARED_AIM = 0.8  # the mixed batch's speed relative to a batch sharing one mix
 TOLERANCE = 1e-3  # largest difference of a job's image (in [-1, 1]), mixed batch against alone
+# Per-image merged weights a batch may hold: TESSERA_INFERENCE_SAMPLE_MERGE_BYTES by default
+SAMPLE_MERGE_BYTES = int(Settings.model_fields["inference_sample_merge_bytes"].default)
 
 
 def sd15_base(folder: Path, size: int) -> BaseModel:
@@ -96,12 +101,21 @@ def bench_model(
         started = time.perf_counter()
         ids, adapters = publish_random(sessions, store, base, jobs, first=0)
         print(f"{label}: published {jobs} adapters in {time.perf_counter() - started:.0f} s")
-        cache = AdapterCache(base=base, sessions=sessions, store=store, max_bytes=1 << 40)
+        cache = AdapterCache(
+            base=base,
+            sessions=sessions,
+            store=store,
+            max_bytes=1 << 40,
+            sample_merge_bytes=SAMPLE_MERGE_BYTES,
+        )
         mixes = [[(ids[j], BLEND[0]), (ids[(j + 1) % jobs], BLEND[1])] for j in range(jobs)]
-        alone_mixes = [cache.mix(mix).active for mix in mixes]
-        _, shared = cache.batch_mix([mixes[0]] * jobs, [1] * jobs)
-        _, mixed = cache.batch_mix(mixes, [1] * jobs)
-        assert mixed is not None and mixed.samples == jobs and not mixed.terms
+        for version_id in ids:
+            cache.get(version_id)  # every adapter cached, as in a warm worker
+
+        def batch_mix(batch: list[list[tuple[int, float]]]) -> Any:
+            """What the worker builds for each batch (timed with it): the UNet's mix."""
+            _, active = cache.batch_mix(batch, [1] * jobs)
+            return active
 
         def run_alone(job: int) -> torch.Tensor:
             one = prompts.rows(slice(job, job + 1))
@@ -112,22 +126,27 @@ def bench_model(
                 steps=steps,
                 guidance=GUIDANCE,
                 start_latents=start,
-                merged=alone_mixes[job],
+                merged=cache.mix(mixes[job]).active,
             )
             assert out.images is not None
             return out.images
 
-        def run_batch(active: Any) -> torch.Tensor:
+        def run_batch(batch: list[list[tuple[int, float]]]) -> torch.Tensor:
             out = generate(
-                base, prompts, steps=steps, guidance=GUIDANCE, start_latents=noise, merged=active
+                base,
+                prompts,
+                steps=steps,
+                guidance=GUIDANCE,
+                start_latents=noise,
+                merged=batch_mix(batch),
             )
             assert out.images is not None
             return out.images
 
         runs: dict[str, Callable[[], object]] = {
             "one_by_one": lambda: [run_alone(job) for job in range(jobs)],
-            "shared_batch": lambda: run_batch(shared),
-            "mixed_batch": lambda: run_batch(mixed),
+            "shared_batch": lambda: run_batch([mixes[0]] * jobs),
+            "mixed_batch": lambda: run_batch(mixes),
         }
         warm = {
             "one_by_one": lambda: run_alone(0),
@@ -151,7 +170,10 @@ def bench_model(
                     alone_images = list(result)  # type: ignore[call-overload]
                 if repeat == 0 and name == "mixed_batch":
                     mixed_images = result  # type: ignore[assignment]
+        mixed = batch_mix(mixes)
+        assert mixed is not None and mixed.samples == jobs and not mixed.terms
         stacked_bytes = mixed.nbytes
+        merged_layers = sum(isinstance(s, SampleWeights) for s in mixed.per_sample.values())
     alone = torch.cat(alone_images)
     difference = float((mixed_images - alone).abs().max())
     effect = float((alone[0] - run_base(base, prompts, noise, steps)).abs().max())
@@ -176,6 +198,8 @@ def bench_model(
         "max_difference": difference,
         "adapter_effect": effect,
         "stacked_bytes": stacked_bytes,
+        "sample_merge_bytes": SAMPLE_MERGE_BYTES,
+        "merged_layers": merged_layers,
     }
 
 
@@ -231,8 +255,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"- **{row['model']}**: {row['unet_parameters'] / 1e6:,.1f}M UNet parameters, "
             f"{row['size']}x{row['size']} images, {row['target_layers']} target layers "
             f"({row['conv_layers']} of them convolutions), rank {row['rank']}; "
-            f"{row['repeats']} runs of each ({samples} s). The per-sample stacks of the mixed "
-            f"batch took {row['stacked_bytes'] / 2**20:,.1f} MiB. A shared-mix batch is "
+            f"{row['repeats']} runs of each ({samples} s). The mixed batch's own tensors took "
+            f"{row['stacked_bytes'] / 2**20:,.1f} MiB: {_merged(row)}. A shared-mix batch is "
             f"{row['shared_speedup_vs_one_by_one']:.2f}x faster than one by one."
         )
     lines += [
@@ -246,6 +270,17 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", *report["notes"]]
     lines += ["", f"![mixed-adapter batches]({NAME}.png)", ""]
     return "\n".join(lines)
+
+
+def _merged(row: dict[str, Any]) -> str:
+    """How the mixed batch served its layers (rows from before per-image merging say nothing)."""
+    if "merged_layers" not in row:
+        return "LoRA pairs stacked per image on every layer"
+    return (
+        f"{row['merged_layers']} of {row['target_layers']} layers with each image's merged "
+        f"weight (within {row['sample_merge_bytes'] / 2**20:,.0f} MiB), the others with its "
+        "LoRA pairs stacked"
+    )
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -276,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each way (tiny model)")
     parser.add_argument("--sd-steps", type=int, default=1, help="steps on the SD-1.5-sized UNet")
     parser.add_argument("--sd-repeats", type=int, default=1, help="runs of each way (SD-1.5)")
-    parser.add_argument("--sd-size", type=int, default=256, help="SD-1.5-sized UNet: pixels")
+    parser.add_argument("--sd-size", type=int, default=128, help="SD-1.5-sized UNet: pixels")
     parser.add_argument("--sd-model", type=Path, help="the random SD-1.5 folder (built if missing)")
     parser.add_argument("--skip-sd", action="store_true", help="the tiny model only")
     common_arguments(parser)

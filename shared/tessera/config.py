@@ -220,6 +220,12 @@ class Settings(BaseSettings):
         "guidance run together, each with its own mix; "
         "1: every job alone.",
     )
+    inference_sample_merge_bytes: Annotated[int, Field(ge=0)] = Field(
+        default=256 * MiB,
+        description="Bytes a batch whose jobs carry different mixes may spend on each image's "
+        "merged weights (its layer weights plus its mix's LoRA), layers whose LoRA costs most "
+        "first; the other layers apply each image's LoRA pairs. 0: LoRA pairs everywhere.",
+    )
 
     # Clustering.
     clustering_large_n: Annotated[int, Field(ge=10, le=10_000_000)] = Field(

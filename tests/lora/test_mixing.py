@@ -13,6 +13,8 @@ from tessera.lora.adapter import A_SUFFIX, B_SUFFIX
 from tessera.lora.mixing import (
     MixedConv2d,
     MixedLinear,
+    SampleTerms,
+    SampleWeights,
     active_mix,
     install_mixing,
     merge_mix,
@@ -266,7 +268,9 @@ def test_each_sample_of_a_batch_gets_its_own_mix_on_linear_layers() -> None:
         together = model(x)
 
     assert batch.samples == 4 and set(batch.per_sample) == {"0", "2", "3"}
-    assert batch.per_sample["2"].a.shape == (4, 5, 16)  # zero-padded to the largest rank
+    stacked = batch.per_sample["2"]
+    assert isinstance(stacked, SampleTerms)
+    assert stacked.a.shape == (4, 16, 5)  # A transposed, zero-padded to the largest rank
     torch.testing.assert_close(together, each_alone(model, spec, mixes, x), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(together[1::4], model(x[1::4]), atol=1e-6, rtol=0)
 
@@ -288,8 +292,70 @@ def test_each_sample_of_a_batch_gets_its_own_mix_on_conv_pairs() -> None:
         together = model(x)
 
     torch.testing.assert_close(together, each_alone(model, spec, mixes, x), atol=1e-5, rtol=1e-5)
+    stacks = [s for s in batch.per_sample.values() if isinstance(s, SampleTerms)]
+    assert len(stacks) == 4 and batch.nbytes == tensor_bytes(
+        [t for s in stacks for t in (s.a, s.b)]
+    )
+
+
+def test_each_sample_gets_its_merged_weights_on_linear_layers_within_the_budget() -> None:
+    model = linear_model()
+    spec = spec_of(model, ["0", "2", "3"])
+    shared = random_adapter(spec, 2, 2.0, seed=20, std=0.3)
+    own = [random_adapter(spec, 3, 3.0, seed=21 + i, std=0.3) for i in range(3)]
+    mixes = [
+        [(shared, 0.5), (own[0], 1.0)],
+        [(shared, 0.5), (own[1], 0.3)],  # two samples sharing an adapter at the same weight
+        [(own[2], 0.0)],  # a zero-weight adapter: the base alone
+        [(own[2], 0.8), (shared, 0.1)],
+    ]
+    install_mixing(model, spec)
+    samples = [unmerged_mix(model, spec, m) for m in mixes]
+    # Rank 5 against each layer: "3" (12 -> 5) costs most, then "0" (8 -> 16), then "2".
+    budget = 4 * 4 * (12 * 5 + 8 * 16)  # four samples' float32 copies of "3" and "0"
+    batch = per_sample_mix(samples, unet=model, merge_bytes=budget)
+    x = torch.randn(8, 7, 8)
+
+    with use_mix(batch), torch.no_grad():
+        together = model(x)
+
+    kinds = {module: type(stacked) for module, stacked in batch.per_sample.items()}
+    assert kinds == {"3": SampleWeights, "0": SampleWeights, "2": SampleTerms}
+    torch.testing.assert_close(together, each_alone(model, spec, mixes, x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(together[2::4], model(x[2::4]), atol=1e-6, rtol=0)
+    everything = per_sample_mix(samples, unet=model, merge_bytes=1 << 20)
+    assert all(isinstance(s, SampleWeights) for s in everything.per_sample.values())
+    with use_mix(everything), torch.no_grad():
+        torch.testing.assert_close(model(x), together, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="needs the unet"):
+        per_sample_mix(samples, merge_bytes=budget)
+
+
+def test_each_sample_gets_its_merged_weights_on_conv_layers() -> None:
+    model = conv_model()  # strides, dilation, reflect padding, a 1x1 and a bias-free conv
+    names = ["0", "2", "3", "4"]
+    spec = spec_of(model, names)
+    mixes = [
+        [(conv_pairs(model, names, seed=6), 0.5), (conv_pairs(model, ["2", "4"], seed=7), 1.5)],
+        [],
+        [(conv_pairs(model, names, seed=8), 1.0)],
+    ]
+    install_mixing(model, spec)
+    batch = per_sample_mix(
+        [unmerged_mix(model, spec, m) if m else None for m in mixes],
+        unet=model,
+        merge_bytes=1 << 20,
+    )
+    x = torch.randn(6, 4, 9, 11)
+
+    with use_mix(batch), torch.no_grad():
+        together = model(x)
+
+    weights = [s for s in batch.per_sample.values() if isinstance(s, SampleWeights)]
+    assert len(weights) == 4
+    torch.testing.assert_close(together, each_alone(model, spec, mixes, x), atol=1e-5, rtol=1e-5)
     assert batch.nbytes == tensor_bytes(
-        [t for terms in batch.per_sample.values() for t in (terms.a, terms.b)]
+        [t for s in weights for t in (s.weight, s.bias) if t is not None]
     )
 
 

@@ -10,7 +10,8 @@ Everything it keeps counts in one byte budget (TESSERA_ADAPTER_CACHE_BYTES):
   half the budget. A merged mix owns only its merged weights, never its adapters' tensors.
 
 A batch whose jobs carry different mixes (`batch_mix`) runs them as one per-sample mix over the
-same cached adapters: the stacks it builds belong to the batch, not to the cache.
+same cached adapters: the stacks it builds (and, within `sample_merge_bytes`, each image's merged
+weights of the layers whose LoRA costs most) belong to the batch, not to the cache.
 
 A mix is served unmerged by default (`tessera.lora.mixing.unmerged_mix`): it references its
 cached adapters' tensors, is built per call in microseconds and owns no memory, so no mix ever
@@ -133,18 +134,24 @@ class AdapterCache:
         store: ObjectStore,
         max_bytes: int,
         merge_after: int = 0,
+        sample_merge_bytes: int = 0,
     ) -> None:
-        """`merge_after`: merge a mix once asked for that many times (0: never merge)."""
+        """`merge_after`: merge a mix once asked for that many times (0: never merge);
+        `sample_merge_bytes`: what a batch of different mixes may spend on per-image merged
+        weights (`per_sample_mix`'s `merge_bytes`; 0: LoRA pairs everywhere)."""
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be > 0, found {max_bytes}")
         if merge_after < 0:
             raise ValueError(f"merge_after must be >= 0, found {merge_after}")
+        if sample_merge_bytes < 0:
+            raise ValueError(f"sample_merge_bytes must be >= 0, found {sample_merge_bytes}")
         self.base = base
         self.spec = base.lora_spec
         self.sessions = sessions
         self.store = store
         self.max_bytes = max_bytes
         self.merge_after = merge_after
+        self.sample_merge_bytes = sample_merge_bytes
         self.stats = CacheStats()
         self._uses: OrderedDict[MixKey, int] = OrderedDict()
         self._entries: OrderedDict[_Key, _Entry] = OrderedDict()
@@ -260,7 +267,8 @@ class AdapterCache:
         distinct = {key: self.mix(key, merge=False) for key in dict.fromkeys(keys)}
         prepared = [distinct[key] for key in keys]
         samples = [job.active for job, n in zip(prepared, counts, strict=True) for _ in range(n)]
-        return prepared, per_sample_mix(samples)
+        merged = per_sample_mix(samples, unet=self.base.unet, merge_bytes=self.sample_merge_bytes)
+        return prepared, merged
 
     def _cached_merge(self, key: MixKey) -> ActiveMix | None:
         if self.merge_after <= 0:

@@ -59,6 +59,7 @@ def build_runtime(settings: Settings, resources: Resources) -> JobRuntime:
         sessions=resources.sessions,
         store=resources.store,
         max_bytes=cache_bytes(settings, base),
+        sample_merge_bytes=settings.inference_sample_merge_bytes,
     )
     return JobRuntime(
         sessions=resources.sessions,

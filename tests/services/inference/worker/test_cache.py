@@ -17,7 +17,7 @@ from tessera.config import Settings
 from tessera.events import adapter_published_channel
 from tessera.lora import LoraSpec, adapter_from_bytes, adapter_to_bytes, random_adapter
 from tessera.lora.adapter import A_SUFFIX
-from tessera.lora.mixing import tensor_bytes
+from tessera.lora.mixing import SampleWeights, tensor_bytes
 from tessera.metrics import (
     ADAPTER_CACHE_BYTES,
     ADAPTER_CACHE_EVICTIONS,
@@ -25,7 +25,7 @@ from tessera.metrics import (
     ADAPTER_CACHE_MISSES,
 )
 from tessera.model.base import BaseModel
-from tessera.model.generate import generate
+from tessera.model.generate import generate, seeded_latents
 from tessera.storage import ChecksumMismatchError, ObjectStore
 from tests.services.inference.helpers import announce, publish, tokens
 
@@ -130,6 +130,49 @@ def test_a_hot_mix_is_merged_once_within_half_the_budget(
         merge_after=1,
     )
     assert not small.mix(pins).is_merged and small.stats.merges == 0
+
+
+@pytest.mark.parametrize("merge_bytes", [0, 1 << 30])
+def test_a_batch_of_different_mixes_gives_each_image_its_own_mix(
+    base_model: BaseModel,
+    sessions: sessionmaker[Session],
+    store: ObjectStore,
+    spec: LoraSpec,
+    merge_bytes: int,
+) -> None:
+    ids = [
+        publish(sessions, store, f"cluster:{i}", random_adapter(spec, RANK, 4.0, seed=i)).version_id
+        for i in range(3)
+    ]
+    cache = AdapterCache(
+        base=base_model,
+        sessions=sessions,
+        store=store,
+        max_bytes=64 * 1024 * 1024,
+        sample_merge_bytes=merge_bytes,
+    )
+    mixes = [[(ids[0], 0.6), (ids[1], 0.4)], [(ids[1], 0.6), (ids[2], 0.4)], []]
+    prompt = torch.cat([tokens(seed) for seed in range(3)]).float()
+    noise = torch.cat([seeded_latents(base_model, 1, seed) for seed in range(3)])
+
+    prepared, active = cache.batch_mix(mixes, [1, 1, 1])
+    together = generate(base_model, prompt, steps=2, start_latents=noise, merged=active).images
+
+    assert active is not None and active.samples == 3
+    merged = {isinstance(s, SampleWeights) for s in active.per_sample.values()}
+    assert merged == {bool(merge_bytes)}  # the whole tiny UNet fits in 1 GiB
+    assert together is not None
+    for i, mix in enumerate(prepared):
+        one = prompt[i : i + 1]
+        alone = generate(
+            base_model, one, steps=2, start_latents=noise[i : i + 1], merged=mix.active
+        ).images
+        assert alone is not None
+        torch.testing.assert_close(together[i : i + 1], alone, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="sample_merge_bytes must be >= 0"):
+        AdapterCache(
+            base=base_model, sessions=sessions, store=store, max_bytes=1, sample_merge_bytes=-1
+        )
 
 
 def test_threads_asking_for_the_same_adapter_share_one_load(
