@@ -1,13 +1,15 @@
 """Aggregating a round's grouped updates into the adapters it publishes (no database here).
 
-Updates stream from the object store (a few read ahead by threads) into the aggregation maths,
-which reads them once per pass and keeps none; they are bounded first
-(`services.worker.updates`). An update whose object is missing, fails its sha256, does not
-parse, does not match the round's other updates (base model, modules, shapes; for fedavg, the
-round's rank), has a LoRA scale out of range or a non-finite norm is excluded and the rest
-aggregate, each clipped to the group's norm bound and weighed with a capped weight. A group
-whose aggregate cannot be computed, and any adapter that is not finite and fp16-safe, is
-withheld with its reason instead of failing the round.
+Updates stream from the object store (a few read ahead by threads). For the exact method each
+is read once: the survey that checks and bounds them (`services.worker.updates`) hands its
+factors to the maths, which copies them into its blocks (in memory up to 4 GiB, beyond in a
+temporary file under TMPDIR) and applies the settled weights and clip factors afterwards;
+fedavg and private rounds read the usable updates a second time, clipped. An update whose
+object is missing, fails its sha256, does not parse, does not match the round's other updates
+(base model, modules, shapes; for fedavg, the round's rank), has a LoRA scale out of range or
+a non-finite norm is excluded and the rest aggregate, each clipped to the group's norm bound
+and weighed with a capped weight. A group whose aggregate cannot be computed, and any adapter
+that is not finite and fp16-safe, is withheld with its reason instead of failing the round.
 
 Choices:
 - scope `global`: all updates form one group; only the `global` adapter is published.
@@ -41,8 +43,8 @@ from services.worker.updates import BoundedUpdates, Compatibility, Exclusion, Up
 from tessera.federation import GLOBAL_ADAPTER, RoundConfig, cluster_adapter_name
 from tessera.lora import LoraAdapter
 from tessera.lora.aggregate import (
+    ExactSum,
     WeightedUpdate,
-    aggregate_exact,
     aggregate_fedavg,
     aggregate_private,
     global_adapter,
@@ -212,7 +214,19 @@ def _aggregate_group(
     divided by the number of updates the group received (an excluded one counts as zero).
     """
     started = time.perf_counter()
-    stream.survey()
+    exact = None
+    problems: list[ValueError] = []
+    if config.noise_multiplier is None and config.method == "exact":
+        exact = ExactSum(rank=config.rank)
+
+        def keep(adapter: LoraAdapter, norm: float) -> None:
+            if exact is not None and not problems:
+                try:
+                    exact.add(adapter, 1.0, norm=norm)
+                except ValueError as error:  # raised below, as the maths' own errors are
+                    problems.append(error)
+
+    stream.survey(keep if exact is not None else None)
     try:
         if config.noise_multiplier is not None:
             assert config.clip_norm is not None  # RoundConfig requires clip fixed
@@ -225,8 +239,11 @@ def _aggregate_group(
                 generator=noise,
             )
             adapter, energy = result.adapter, result.energy_kept
-        elif config.method == "exact":
-            result = aggregate_exact(stream, rank=config.rank)
+        elif exact is not None:  # read once: the survey copied the factors, weights come now
+            weights, clips = stream.settled()
+            if problems:
+                raise problems[0]
+            result = exact.result(weights, clips)
             adapter, energy = result.adapter, result.energy_kept
         else:
             adapter, energy = aggregate_fedavg(stream, rank=config.rank), None

@@ -1,11 +1,12 @@
 """A group's updates as the aggregation maths sees them: read, checked, bounded, weighted.
 
-Two passes over the object store, one update in memory at a time. The first reads each update,
-checks it (readable, compatible with the round's others, a LoRA scale within
-TESSERA_MIN/MAX_LORA_SCALE, a finite product norm) and keeps only its norm; the group's clip
-bound and capped weights follow from those. The second reads each usable update again and
-yields it clipped (`tessera.lora.bounds`). An update that fails a check is excluded with the
-reason, and the rest aggregate.
+The survey reads each update, checks it (readable, compatible with the round's others, a LoRA
+scale within TESSERA_MIN/MAX_LORA_SCALE, a finite product norm) and keeps only its norm (or
+hands the update to a `keep` callback: the exact maths copies its factors, and `settled`
+gives the weights, clip factors included, once the group's clip bound and capped weights
+follow from the norms). Otherwise a second pass reads each usable update again and yields it
+clipped (`tessera.lora.bounds`). An update that fails a check is excluded with the reason, and
+the rest aggregate.
 """
 
 from __future__ import annotations
@@ -136,14 +137,19 @@ class BoundedUpdates:
         self.total_weight = 0.0
         self.bound: float | None = None
         self._passes = 0
+        self._kept: list[UpdateRef] = []
 
     @property
     def received(self) -> int:
         """How many updates the group received, usable or not."""
         return len(self._refs)
 
-    def survey(self) -> None:
-        """First pass: check every update, keep its norm; fix the clip bound and the weights."""
+    def survey(self, keep: Callable[[LoraAdapter, float], None] | None = None) -> None:
+        """First pass: check every update, keep its norm; fix the clip bound and the weights.
+
+        `keep(adapter, norm)` receives every update that passed the checks, in order (the
+        exact maths copies its factors then, so the group is read once; `settled` gives
+        their weights afterwards)."""
         for ref, (adapter, reason) in _prefetched(self._refs, self._read):
             if adapter is not None:
                 reason = self._compatibility.problem(adapter) or self._scales.problem(adapter) or ""
@@ -152,6 +158,9 @@ class BoundedUpdates:
                     self._norms[ref.id] = norm
                     if self._sketcher is not None:
                         self._sketches[ref.id] = self._sketcher.sketch(adapter)
+                    if keep is not None:
+                        self._kept.append(ref)
+                        keep(adapter, norm)
                     continue
                 reason = reason or "the norm of its product scale·B·A is not finite"
             self.exclude(ref, reason)
@@ -238,6 +247,27 @@ class BoundedUpdates:
                 self.used.append(ref)
                 self.total_weight += self._weights[ref.id]
             yield WeightedUpdate(adapter, self._weights[ref.id])
+
+    def settled(self) -> tuple[list[float], list[float]]:
+        """The weight and clip factor of each update `survey` gave to `keep` (weight 0 for one
+        a robust rule left out); records them as used, as a first pass over the stream does."""
+        weights: list[float] = []
+        clips: list[float] = []
+        for ref in self._kept:
+            if ref.id not in self._weights or ref.id not in self._norms:
+                weights.append(0.0)
+                clips.append(0.0)
+                continue
+            assert self.bound is not None
+            norm = self._norms[ref.id]
+            factor = min(1.0, self.bound / norm) if norm > 0 else 1.0
+            self.clipped += factor < 1.0
+            self.used.append(ref)
+            self.total_weight += self._weights[ref.id]
+            weights.append(self._weights[ref.id])
+            clips.append(factor)
+        self._passes += 1
+        return weights, clips
 
     def exclude(self, ref: UpdateRef, reason: str) -> None:
         """Leave `ref` out of the round, logging and recording why."""

@@ -245,6 +245,104 @@ class _Chunker:
         return chunk
 
 
+class ExactSum:
+    """Exact aggregation fed one update at a time: each is checked and its factors copied into
+    the maths' blocks at once (`tessera.lora.lowrank`), so a source is read a single time.
+
+    `add(adapter, weight)`, then `result()`; or, when the weights are settled only after every
+    update was read (the worker's clip bound and robust rules), `add(adapter, 1.0,
+    norm=...)` and `result(weights)`. With `norm` (the product's norm, finite), the factors are
+    stored scaled to a unit product and the norm goes into the weight: no overflow in float32
+    for an update whose values are huge but whose weight will scale it down.
+    """
+
+    def __init__(
+        self,
+        *,
+        rank: int,
+        alpha: float | None = None,
+        method: str = "exact",
+        options: SketchOptions = DEFAULT_SKETCH,
+    ) -> None:
+        self._alpha = _check_target(rank, alpha)
+        self._rank, self._method, self._options = rank, method, options
+        self._chunker = _Chunker()
+        self._sum: LowRankSum | None = None
+        self._reference: _Reference | None = None
+        self._weights: list[float] = []
+        self._units: list[float] = []  # per added update: scale times its stored norm factor
+
+    @property
+    def count(self) -> int:
+        return len(self._weights)
+
+    def add(self, adapter: LoraAdapter, weight: float, *, norm: float | None = None) -> None:
+        """Check one update against the first and copy its factors (a chunk at a time)."""
+        index = self.count
+        weight = float(weight)
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"update {index} has weight {weight}; need finite and >= 0")
+        if self._reference is None:
+            self._reference = _Reference.of(adapter)
+            shapes = {
+                m: (int(b.shape[0]), int(a.shape[1])) for m, (a, b) in _flat_pairs(adapter).items()
+            }
+            self._sum = LowRankSum(shapes, rank=self._rank, options=self._options)
+        else:
+            self._reference.check(adapter, index=index)
+        unit = adapter.scale
+        if norm is not None and math.isfinite(norm) and norm > 0:
+            root = math.sqrt(1.0 / norm)
+            tensors = {k: (v.double() * root).to(v.dtype) for k, v in adapter.tensors.items()}
+            adapter, unit = replace(adapter, tensors=tensors), unit * norm
+        self._weights.append(weight)
+        self._units.append(unit)
+        if weight > 0 or norm is not None:  # a settled weight 0 is left out for good
+            assert self._sum is not None
+            factor = 0.0 if norm is not None else weight * unit  # with a norm: set in result
+            if self._chunker.push(adapter, factor):
+                self._sum.add(self._chunker.flush())
+        else:
+            self._units[-1] = math.nan  # not in the blocks
+
+    def result(
+        self, weights: Sequence[float] | None = None, clips: Sequence[float] | None = None
+    ) -> ExactResult:
+        """The weighted mean re-factorised to `rank`; `weights` replace those given to `add`,
+        and `clips` (each in [0, 1]) scale the products without counting in the total."""
+        if self._sum is None or self._reference is None:
+            raise ValueError("no updates to aggregate: the iterable was empty")
+        if weights is not None:
+            if len(weights) != self.count:
+                raise ValueError(f"{len(weights)} weights for {self.count} updates")
+            for index, (weight, unit) in enumerate(zip(weights, self._units, strict=True)):
+                if not math.isfinite(weight) or weight < 0:
+                    raise ValueError(f"update {index} has weight {weight}; need finite and >= 0")
+                if weight > 0 and math.isnan(unit):
+                    raise ValueError(f"update {index} was added with weight 0 and no norm")
+            self._weights = [float(w) for w in weights]
+        total = sum(self._weights)
+        if total <= 0:
+            raise ValueError(
+                f"the weights of {self.count} updates sum to {total}; need a positive total"
+            )
+        self._sum.add(self._chunker.flush())
+        clips = [1.0] * self.count if clips is None else clips  # factors set here (see add)
+        terms = zip(self._weights, clips, self._units, strict=True)
+        self._sum.reweigh([w * c * u for w, c, u in terms if not math.isnan(u)])
+        with one_thread():
+            truncated = self._sum.finish()
+        return _refactorised(
+            truncated,
+            total=total,
+            reference=self._reference,
+            rank=self._rank,
+            alpha=self._alpha,
+            method=self._method,
+            count=self.count,
+        )
+
+
 def _exact(
     updates: Iterable[WeightedUpdate],
     *,
@@ -253,34 +351,12 @@ def _exact(
     method: str,
     options: SketchOptions,
 ) -> ExactResult:
-    """Read the updates once into a LowRankSum, truncate, build the adapter."""
-    alpha = _check_target(rank, alpha)
-    chunker = _Chunker()
-    state: dict[str, LowRankSum] = {}
-
-    def add(adapter: LoraAdapter, weight: float, index: int) -> None:
-        if index == 0:
-            shapes = {
-                m: (int(b.shape[0]), int(a.shape[1])) for m, (a, b) in _flat_pairs(adapter).items()
-            }
-            state["sum"] = LowRankSum(shapes, rank=rank, options=options)
-        if weight > 0 and chunker.push(adapter, weight * adapter.scale):
-            state["sum"].add(chunker.flush())
-
+    """Read the updates once into an ExactSum; the re-factorised mean."""
+    exact = ExactSum(rank=rank, alpha=alpha, method=method, options=options)
     with one_thread():
-        reference, total, count = _stream(updates, add)
-        low_rank = state["sum"]
-        low_rank.add(chunker.flush())
-        truncated = low_rank.finish()
-    return _refactorised(
-        truncated,
-        total=total,
-        reference=reference,
-        rank=rank,
-        alpha=alpha,
-        method=method,
-        count=count,
-    )
+        for update in updates:
+            exact.add(update.adapter, update.weight)
+    return exact.result()
 
 
 def _refactorised(

@@ -3,10 +3,12 @@
 A module's aggregate is `M = sum_i c_i B_i A_i` (B_i [out, r_i], A_i [r_i, in]). The updates
 are read once: each chunk of updates is copied, per group of modules of one (out, in) shape,
 into one contiguous block, A rows as [G, C, in] and B columns as [G, C, out] (C the chunk's
-summed rank), with each row's factor c_i beside it. Blocks stay in memory up to
-`SketchOptions.resident_bytes` and go to a temporary file (memory-mapped) beyond, so memory
-does not grow with the number of updates past that budget. Every later step is a few large
-matrix products over the blocks, per group, never a loop over updates.
+summed rank), with each row's factor c_i beside it (`reweigh` may change the factors until
+`finish`: the worker settles weights and clip factors after reading every update). Blocks
+stay in memory up to `SketchOptions.resident_bytes` and go to a temporary file
+(memory-mapped) beyond, so memory does not grow with the number of updates past that budget.
+Every later step is a few large matrix products over the blocks, per group, never a loop over
+updates.
 
 M's best rank-`rank` approximation then comes in one of two ways:
 
@@ -15,13 +17,13 @@ M's best rank-`rank` approximation then comes in one of two ways:
   R_a` and the SVD of the small R x R core `R_b R_a^T` give M's SVD exactly (float64), in time
   O(R^2 (out + in)) per module.
 - *sketched* (a randomized range finder, Halko-Martinsson-Tropp 2011): the first pass sums
-  `Y = M Omega` for a Gaussian Omega [in, k] (k = rank + oversample) while the blocks are
-  copied, `Q = qr(Y)`; then passes alternate `X = M^T Q` (`P = qr(X)`) and `Y = M P`
-  (`Q = qr(Y)`), each raising the power of M's spectrum the basis sees by one
-  (`power_passes` of them beyond the plain range finder's `X = M^T Q`); the last product's
-  SVD gives the result, `M ~ Q X^T` or `M ~ Y P^T`. Each pass reads every block once:
-  `M X = B_all (c * (A_all X))`, a few large matrix products per group. When
-  k >= min(out, in) the range is the whole space and the result is exact.
+  `Y = M Omega` for a Gaussian Omega [in, k] (k = rank + oversample), `Q = qr(Y)`; then
+  passes alternate `X = M^T Q` (`P = qr(X)`) and `Y = M P` (`Q = qr(Y)`), each raising the
+  power of M's spectrum the basis sees by one (`power_passes` of them beyond the plain range
+  finder's `X = M^T Q`); the last product's SVD gives the result, `M ~ Q X^T` or
+  `M ~ Y P^T`. Each pass reads every block once: `M X = B_all (c * (A_all X))`, a few large
+  matrix products per group. When k >= min(out, in) the range is the whole space and the
+  result is exact.
 
 Passes run in float32, the updates' own precision; every QR and SVD runs in float64.
 
@@ -103,8 +105,6 @@ class _Group:
     width: int
     omega: torch.Tensor  # [in, width + probes]: the first pass's Gaussian test matrix
     blocks: list[_Block] = field(default_factory=list)
-    sketch: torch.Tensor | None = None  # [G, out, width + probes]: M Omega, once sketching
-    sketched: int = 0  # how many blocks `sketch` holds
 
     @property
     def probes(self) -> int:
@@ -177,6 +177,7 @@ class LowRankSum:
         self._resident = 0
         self._spill: _Spill | None = None
         self._scratch: dict[tuple[int, ...], torch.Tensor] = {}
+        self._factors: list[tuple[torch.Tensor, list[int]]] = []  # per chunk, shared by groups
         generator = torch.Generator().manual_seed(options.seed)
         self._groups = []
         for (out, inner), modules in sorted(by_shape.items()):
@@ -201,13 +202,13 @@ class LowRankSum:
         return self._summed_rank <= self._options.exact_rank
 
     def add(self, chunk: Chunk) -> None:
-        """Copy a chunk of updates' factors into one block per group (memory or the file);
-        once the summed rank outgrows `exact_rank`, also sum the first pass, `M Omega`."""
+        """Copy a chunk of updates' factors into one block per group (memory or the file)."""
         if not chunk:
             return
         ranks = [_rank_of(update) for update in chunk]
         self._summed_rank += sum(ranks)
         factors = torch.cat([torch.full((r, 1), c) for r, (_, c) in zip(ranks, chunk, strict=True)])
+        self._factors.append((factors, ranks))
         rows = int(factors.shape[0])
         for group in self._groups:
             a, bt = _gather(group, chunk, rows, self._scratch)
@@ -219,14 +220,16 @@ class LowRankSum:
             else:
                 self._resident += size
             group.blocks.append(_Block(a, bt, factors))
-            if not self.stacked:
-                for block in group.blocks[group.sketched :]:
-                    product = torch.matmul(block.a, group.omega).mul_(block.factors)
-                    if group.sketch is None:
-                        group.sketch = torch.bmm(block.bt.mT, product)
-                    else:
-                        group.sketch.baddbmm_(block.bt.mT, product)
-                group.sketched = len(group.blocks)
+
+    def reweigh(self, factors: Sequence[float]) -> None:
+        """Replace every added update's factor, in the order they were added (0 leaves one out):
+        for weights settled after the updates were read."""
+        count = sum(len(ranks) for _, ranks in self._factors)
+        if len(factors) != count:
+            raise ValueError(f"{len(factors)} factors for {count} updates")
+        given = iter(factors)
+        for rows, ranks in self._factors:
+            rows.copy_(torch.cat([torch.full((r, 1), next(given)) for r in ranks]))
 
     def finish(self) -> dict[str, Truncated]:
         """Each module's truncation (the blocks are released, the file removed)."""
@@ -248,8 +251,7 @@ class LowRankSum:
         """The range finder on one group: from the first pass's `M Omega`, passes that
         alternate `X = M^T Q` and `Y = M P` (each raising the power of M's spectrum the basis
         sees by one), then the SVD of the last product, `Q^T M = X^T` or `M P`."""
-        assert group.sketch is not None
-        sketch, group.sketch = group.sketch.to(_WIDE), None
+        sketch = group.range(group.omega).to(_WIDE)  # M Omega
         probes = sketch[:, :, group.width :] if group.probes else None
         left = _orthonormal(sketch[:, :, : group.width])
         passes = 1 + (0 if group.full else self._options.power_passes)

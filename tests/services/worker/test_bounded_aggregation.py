@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import math
 import statistics
 import uuid
@@ -340,16 +341,15 @@ def test_a_cluster_whose_aggregate_fails_is_withheld_and_the_round_publishes(
     honest: list[LoraAdapter],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    real = aggregation.aggregate_exact
-    calls = iter([False, True])
+    real = aggregation.ExactSum.result
+    calls = itertools.count()
 
-    def svd_fails_once(updates: Any, **kwargs: Any) -> Any:
-        if next(calls):  # the second cluster's SVD does not converge
-            list(updates)
+    def svd_fails_once(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if next(calls) == 1:  # the second cluster's SVD does not converge
             raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
-        return real(updates, **kwargs)
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(aggregation, "aggregate_exact", svd_fails_once)
+    monkeypatch.setattr(aggregation.ExactSum, "result", svd_fails_once)
     config = RoundConfig(rank=8, lam=0.0)
     round_id, sent = make_round(
         session, store, config, {0: [(honest[0], 8), (honest[1], 8)], 1: [(honest[2], 8)]}
