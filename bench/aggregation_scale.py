@@ -288,10 +288,13 @@ def cells(args: argparse.Namespace) -> list[dict[str, Any]]:
     return jobs
 
 
-def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
-    rows = []
+def run_all(args: argparse.Namespace, report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every cell, the dense references beyond N = 10 last (the longest, and optional); the
+    JSON is rewritten after each, so a run stopped early still reports (--report-only)."""
+    rows: list[dict[str, Any]] = []
+    jobs = sorted(cells(args), key=lambda job: job["method"] == "dense" and job["count"] > 10)
     with tempfile.TemporaryDirectory() as scratch:
-        for job in cells(args):
+        for job in jobs:
             job["threads"] = args.threads
             name = f"{job['model']}-{job['rank']}-{job['count']}-{job['kind']}.safetensors"
             job["exact_file"] = str(Path(scratch) / name)
@@ -309,6 +312,9 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
                     row.update(json.loads(done.stdout.strip().splitlines()[-1]))
             rows.append(row)
             print(json.dumps(row), flush=True)
+            partial = {**report, "rows": rows, "machine": machine(args.threads)}
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / f"{NAME}.json").write_text(json.dumps(partial, indent=1))
     return rows
 
 
@@ -476,8 +482,8 @@ def main(argv: list[str] | None = None) -> None:
         "counts": args.counts,
         "sketch": f"oversample {DEFAULT_SKETCH.oversample}, power passes "
         f"{DEFAULT_SKETCH.power_passes}, exact up to summed rank {DEFAULT_SKETCH.exact_rank}",
-        "rows": run_all(args),
     }
+    report["rows"] = run_all(args, report)
     report["machine"] = machine(args.threads)
     write_report(report, args.out, NAME, markdown=markdown, plot=plot)
 
