@@ -48,6 +48,7 @@ bench: setup ## Benchmarks on this machine; tables and plots written to docs/.
 	$(BIN)/python bench/load.py --out docs
 	$(BIN)/python bench/real_model.py --out docs
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python bench/robustness.py --threads 1 --out docs
+	$(BIN)/python bench/stragglers.py --out docs
 
 evidence: setup ## Train a LoRA per style, score them and every pair's blends; writes docs/lora_evidence.*
 	$(BIN)/python -m tessera.lora.evidence --out docs
