@@ -227,9 +227,12 @@ def markdown(report: dict[str, Any]) -> str:
         "of two different cached adapters, rank 8, LoRA preset `full`: attention, feed-forward, "
         "proj_in/out and the ResNet convolutions), classifier-free guidance 3. *One by one*: "
         "each job alone under its own mix. *Shared mix*: the jobs under one mix in one UNet "
-        "batch (all batching could do before). *Mixed*: every job under a different mix in one "
-        "UNet batch, each sample with its own LoRA pairs (`AdapterCache.batch_mix`, what the "
-        "inference worker runs). Median seconds of the interleaved runs after a warm-up. "
+        "batch (all batching could do before), the mix unmerged as the worker runs every mix. "
+        "*Mixed*: every job under a different mix in one UNet batch, each image with its own "
+        "merged weights on the layers whose LoRA pairs cost most against the layer (within "
+        "`TESSERA_INFERENCE_SAMPLE_MERGE_BYTES`) and its own stacked pairs elsewhere "
+        "(`AdapterCache.batch_mix`, what the inference worker runs; building that mix is timed "
+        "with the batch). Median seconds of the interleaved runs after a warm-up. "
         f"Aims: mixed batch >= {SPEEDUP_AIM}x faster than one by one, and >= {SHARED_AIM}x the "
         "speed of the shared-mix batch.",
         "",
