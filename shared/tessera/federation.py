@@ -207,6 +207,8 @@ class RoundConfig(BaseModel):
             raise ValueError(
                 "mode 'buffered' needs method 'exact' or 'fedavg', lam 0 and no noise_multiplier"
             )
+        if buffered and self.min_updates_per_cluster > (self.buffer_k or 0):
+            raise ValueError("mode 'buffered' needs min_updates_per_cluster at most buffer_k")
         return self
 
     @property

@@ -265,6 +265,10 @@ def test_a_closed_buffered_round_excludes_the_updates_left_in_its_buffers(
             {**BUFFERED, "method": "secure", "staleness_exponent": 0.0},
             "mode 'buffered' needs method 'exact' or 'fedavg'",
         ),
+        (
+            {**BUFFERED, "min_updates_per_cluster": 3},
+            "mode 'buffered' needs min_updates_per_cluster at most buffer_k",
+        ),
         ({**BUFFERED, "buffer_k": 0}, "buffer_k"),
         ({**BUFFERED, "buffer_versions": 123456}, "buffer_versions"),
         ({**BUFFERED, "mode": "fedbuff"}, "mode"),
