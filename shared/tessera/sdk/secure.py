@@ -168,17 +168,23 @@ class SecureRound:
             time.sleep(poll_s)
 
     def run(
-        self, adapter: LoraAdapter, *, num_samples: int, timeout_s: float = 600.0
+        self,
+        adapter: LoraAdapter,
+        *,
+        num_samples: int,
+        timeout_s: float = 600.0,
+        poll_s: float = 0.2,
     ) -> dict[str, Any]:
-        """Every step, waiting for the cluster between them; the final state."""
+        """Every step, waiting for the cluster between them (asking every `poll_s` seconds);
+        the final state."""
         self.send_keys()
-        self.wait("shares", timeout_s=timeout_s)
+        self.wait("shares", timeout_s=timeout_s, poll_s=poll_s)
         self.send_shares()
-        self.wait("masked", timeout_s=timeout_s)
+        self.wait("masked", timeout_s=timeout_s, poll_s=poll_s)
         self.send_masked(adapter, num_samples=num_samples)
-        self.wait("unmasking", timeout_s=timeout_s)
+        self.wait("unmasking", timeout_s=timeout_s, poll_s=poll_s)
         self.send_reveal()
-        return self.wait("ready", timeout_s=timeout_s)
+        return self.wait("ready", timeout_s=timeout_s, poll_s=poll_s)
 
     def _post(self, step: str, body: dict[str, Any]) -> dict[str, Any]:
         state: dict[str, Any] = self.device._call("POST", f"{self.path}{step}", json=body).json()

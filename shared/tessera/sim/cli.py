@@ -102,6 +102,8 @@ def simulate_cmd(
     """N virtual devices, K styles, R rounds, over HTTP; prints per-round figures."""
     from tessera.sim.report import cluster_table, comparison_table
 
+    if mode == "buffered" and method == "secure":
+        raise click.UsageError("--mode buffered runs method exact or fedavg, not secure")
     config = SimConfig(
         devices=devices,
         styles=styles,
@@ -113,6 +115,7 @@ def simulate_cmd(
         workers=workers,
         seed=seed,
         model=model,
+        lam=0.0 if method == "secure" else SimConfig.lam,  # secure rounds have no interaction
     )
     stragglers = Stragglers(devices=slow_devices, factor=slow_factor)
     buffering = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -21,6 +22,10 @@ import torch
 from tessera.data import DeviceProfile, make_device, to_tensor
 from tessera.lora import LoraAdapter
 from tessera.model.base import BaseModel, load_base_model
+
+SECURE_TIMEOUT_S = 600.0  # how long a device waits for its cluster's next phase
+SECURE_POLL_S = 0.5  # how often it asks
+_BASE_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,7 @@ class DeviceJob:
     eval_steps: int
     model: str = ""  # the base model folder; empty: TESSERA_BASE_MODEL
     compute_factor: float = 1.0  # a slow chip: training takes this many times as long
+    secure: bool = False  # a secure round: train B on the frozen A, send it masked
 
 
 @dataclass(frozen=True)
@@ -94,11 +100,13 @@ def simulate_compute(train_seconds: float, *, factor: float) -> float:
 
 def run_device_round(job: DeviceJob) -> DeviceRoundResult:
     """Sync from the server (or the device's own adapter when local), train, evaluate; the
-    update is sent by `finish_device_round`."""
+    update is sent by `finish_device_round`. In a secure round the device trains only B, from
+    its cluster's frozen A for the round."""
     from tessera.data.evaluator import default_evaluator
     from tessera.lora.train import denoising_loss
     from tessera.model.latents import fit_images
     from tessera.sdk.device import DeviceClient
+    from tessera.sdk.secure import SecureRound
 
     base = cached_base(job.model)
     profile = _profile(job.style, job.index, job.seed)
@@ -118,6 +126,10 @@ def run_device_round(job: DeviceJob) -> DeviceRoundResult:
             synced.start_version_id,
             synced.cluster,
         )
+    if job.secure:
+        if job.round_id is None:
+            raise ValueError("a secure round needs a round")
+        start = SecureRound(client, job.round_id, spec=base.lora_spec).start_adapter(start)
     batch = profile.samples(job.samples, seed=job.seed)  # the device's own images, every round
     result = client.train(
         to_tensor(batch.images),  # 32x32 renderings; train_lora resizes to the model's size
@@ -128,6 +140,7 @@ def run_device_round(job: DeviceJob) -> DeviceRoundResult:
         batch_size=job.batch_size,
         lr=job.lr,
         seed=job.seed * 1000 + job.round_number,
+        train_a=not job.secure,
     )
     train_loss = float(sum(result.losses[-10:]) / len(result.losses[-10:]))
     heldout = profile.heldout(job.eval_images, seed=job.seed)
@@ -164,10 +177,14 @@ def run_device_round(job: DeviceJob) -> DeviceRoundResult:
 def finish_device_round(job: DeviceJob, result: DeviceRoundResult) -> DeviceRoundResult:
     """Wait out the rest of a slow chip's compute time, then send the update (with the version
     it trained from) unless the round is local; the result with its compute time and traffic.
+    In a secure round the update goes through the protocol (`SecureRound.run`: keys, shares,
+    masked input, unmasking), which waits for the cluster's other devices between phases, so
+    each device's must run in a thread of its own, outside the pool.
 
     Raises `tessera.sdk.http.ApiError` when the aggregator refuses the update (409: the round
     stopped collecting)."""
     from tessera.sdk.device import DeviceClient
+    from tessera.sdk.secure import SecureRound
 
     compute_seconds = simulate_compute(result.train_seconds, factor=job.compute_factor)
     done = dataclasses.replace(result, compute_seconds=compute_seconds, adapter=None)
@@ -177,14 +194,29 @@ def finish_device_round(job: DeviceJob, result: DeviceRoundResult) -> DeviceRoun
         aggregator_url=job.aggregator_url, token=job.token, client_id=job.client_id
     )
     try:
-        client.upload_update(
-            job.round_id,
-            result.adapter,
-            num_samples=job.samples,
-            base_version_id=result.start_version_id,
-            train_loss=result.train_loss,
-        )
+        if job.secure:
+            with _BASE_LOCK:  # the devices' threads of this process share one base model
+                spec = cached_base(job.model).lora_spec
+            secure = SecureRound(client, job.round_id, spec=spec)
+            secure.run(
+                result.adapter,
+                num_samples=job.samples,
+                timeout_s=SECURE_TIMEOUT_S,
+                poll_s=SECURE_POLL_S,
+            )
+        else:
+            client.upload_update(
+                job.round_id,
+                result.adapter,
+                num_samples=job.samples,
+                base_version_id=result.start_version_id,
+                train_loss=result.train_loss,
+            )
     finally:
         client.http.close()
         client.downloads.close()
-    return dataclasses.replace(done, bytes_up=done.bytes_up + client.traffic.up)
+    return dataclasses.replace(
+        done,
+        bytes_up=done.bytes_up + client.traffic.up,
+        bytes_down=done.bytes_down + client.traffic.down,
+    )

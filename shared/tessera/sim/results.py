@@ -6,7 +6,9 @@ Runs each method (cluster-aware exact and fedavg, global FedAvg, local only, clu
 knowledge interaction off) for every seed on a fresh stack, with the same devices, data and
 budget per device, and writes docs/RESULTS.md, results.json and results.png. Each finished
 run is kept under `--runs` (docs/results-runs/, committed) and reused while its configuration
-is unchanged, so an interrupted command picks up where it stopped.
+is unchanged, so an interrupted command picks up where it stopped. `--with NAME` adds a method
+that is run only when asked (`cluster-aware secure`: secure aggregation, B trained on a frozen
+A; bench/secure_utility.py --results compares it with exact aggregation).
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -31,6 +35,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "global FedAvg": {"method": "global"},
     "local only": {"method": "local"},
     "cluster-aware exact, lam 0": {"method": "exact", "lam": 0.0},
+}
+# Run only when asked (`--with`): secure rounds have no knowledge interaction (lam 0).
+MORE_VARIANTS: dict[str, dict[str, Any]] = {
+    "cluster-aware secure": {"method": "secure", "lam": 0.0},
 }
 RESULTS_CONFIG = SimConfig(
     devices=24,
@@ -86,16 +94,17 @@ def run_all(
     *,
     scratch: Path = Path(".tessera-results"),
     log: Any = print,
+    variants: Mapping[str, dict[str, Any]] = VARIANTS,
 ) -> dict[str, Any]:
     """Every variant for every seed (finished runs reused from `runs`; stacks in `scratch`);
-    the reports as dicts."""
+    the reports as dicts. A new run records its wall time and the load average at its end."""
     from tessera.sim.run import device_pool
     from tessera.sim.stack import run_on_fresh_stack
 
     runs.mkdir(parents=True, exist_ok=True)
     reports: dict[str, list[dict[str, Any]]] = {}
     with device_pool(config.workers) as pool:
-        for name, change in VARIANTS.items():
+        for name, change in variants.items():
             for seed in seeds:
                 variant = replace(config, seed=seed, **change)
                 saved = run_file(runs, name, variant)
@@ -105,6 +114,7 @@ def run_all(
                     report = run_on_fresh_stack(variant, scratch, log=log, pool=pool)
                     data = report.to_dict()
                     data["wall_seconds"] = round(time.perf_counter() - started, 1)
+                    data["load_average"] = [round(load, 2) for load in os.getloadavg()]
                     saved.write_text(json.dumps(data, indent=2) + "\n")
                 reports.setdefault(name, []).append(json.loads(saved.read_text()))
     shutil.rmtree(scratch, ignore_errors=True)
@@ -170,9 +180,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rounds", type=int, default=RESULTS_CONFIG.rounds)
     parser.add_argument("--devices", type=int, default=RESULTS_CONFIG.devices)
+    parser.add_argument(
+        "--with",
+        dest="more",
+        action="append",
+        default=[],
+        choices=sorted(MORE_VARIANTS),
+        help="also run this method and put it on the page (repeatable)",
+    )
     args = parser.parse_args(argv)
     config = replace(RESULTS_CONFIG, rounds=args.rounds, devices=args.devices)
-    reports = run_all(config, args.seeds, args.runs)
+    variants = {**VARIANTS, **{name: MORE_VARIANTS[name] for name in args.more}}
+    reports = run_all(config, args.seeds, args.runs, variants=variants)
     summary = summarise(reports)
     command = "python -m tessera.sim.results --out docs" + (
         "" if args.seeds == [0, 1, 2] else f" --seeds {' '.join(map(str, args.seeds))}"
@@ -181,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         command += f" --rounds {args.rounds}"
     if args.devices != RESULTS_CONFIG.devices:
         command += f" --devices {args.devices}"
+    command += "".join(f" --with '{name}'" for name in args.more)
     args.out.mkdir(parents=True, exist_ok=True)
     plot(summary, args.out / "results.png")
     (args.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")

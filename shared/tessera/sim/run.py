@@ -4,7 +4,13 @@ Methods:
 - `exact`: cluster-aware, products averaged and re-factorised (Tessera's default);
 - `fedavg`: cluster-aware, but A and B averaged separately (the generic-FL maths);
 - `global`: one adapter for everybody by plain FedAvg (what generic FL frameworks give);
-- `local`: no federation: each device keeps training its own adapter.
+- `local`: no federation: each device keeps training its own adapter;
+- `secure`: cluster-aware secure aggregation (docs/secure_aggregation.md): each device trains B
+  only on its cluster's frozen A for the round and the server learns only each cluster's sum.
+  Devices train and are scored in the pool like every other method; each device's protocol
+  (`tessera.sdk.secure.SecureRound`) then runs in the device's own thread of this process, as
+  its upload does, since a cluster's devices wait on each other between phases (in the pool's
+  few processes a device waiting for a peer queued behind it would never see it answer).
 
 Each device owns a few images (`samples`, the same every round) drawn from its style with its
 personal variation, and spends the same budget in every method: `steps` at `batch_size` per
@@ -31,8 +37,8 @@ from tessera.data import DEVICE_STYLES, make_device
 if TYPE_CHECKING:
     from tessera.sim.devices import DeviceJob, DeviceRoundResult
 
-Method = Literal["exact", "fedavg", "global", "local"]
-METHODS: tuple[str, ...] = ("exact", "fedavg", "global", "local")
+Method = Literal["exact", "fedavg", "global", "local", "secure"]
+METHODS: tuple[str, ...] = ("exact", "fedavg", "global", "local", "secure")
 ROUND_TIMEOUT_S = 600.0
 
 
@@ -122,6 +128,7 @@ class RoundReport:
     seconds: float
     published: list[str] = field(default_factory=list)
     hybrid: dict[str, Any] | None = None  # HybridScores of the blend, when measured
+    train_seconds_per_device: float | None = None  # None in runs saved before it was recorded
 
 
 @dataclass
@@ -520,6 +527,20 @@ def _enrol(
 
 
 def _round_config(config: SimConfig, devices: int) -> dict[str, Any]:
+    if config.method == "secure":
+        # linear aggregation (docs/secure_aggregation.md); a cluster's devices reach the protocol
+        # as the pool finishes training them, so a phase may wait as long as the round
+        return {
+            "method": "secure",
+            "scope": "cluster",
+            "rank": config.rank,
+            "min_updates": devices,
+            "deadline_s": ROUND_TIMEOUT_S,
+            "lam": 0.0,
+            "robust": "none",
+            "temperature": config.temperature,
+            "secure": {"phase_s": ROUND_TIMEOUT_S},
+        }
     scope = "global" if config.method == "global" else "cluster"
     method = "exact" if config.method == "exact" else "fedavg"
     return {
@@ -564,6 +585,7 @@ def _job(
         eval_steps=config.eval_steps,
         model=config.model,
         compute_factor=compute_factor,
+        secure=config.method == "secure",
     )
 
 
@@ -583,6 +605,7 @@ def _summarise(
         bytes_down_per_device=mean([float(r.bytes_down) for r in results]),
         seconds=seconds,
         published=published,
+        train_seconds_per_device=mean([r.train_seconds for r in results]),
     )
 
 
