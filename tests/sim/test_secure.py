@@ -16,7 +16,8 @@ from tessera.sim.report import published_adapters
 from tessera.sim.stack import run_on_fresh_stack
 from tessera.stack import StackInfo
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+# A fresh stack, 4 devices trained one after another, twice; minutes on a busy shared machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 # One device process for four devices: a device's protocol waits for its cluster's other
 # device, so the protocol must not run inside the pool's processes.
