@@ -135,6 +135,13 @@ def _shapes(adapter: LoraAdapter, *, index: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _checked_weight(weight: float, index: int) -> float:
+    weight = float(weight)
+    if not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"update {index} has weight {weight}; need finite and >= 0")
+    return weight
+
+
 def _stream(
     updates: Iterable[WeightedUpdate], add: Callable[[LoraAdapter, float, int], None]
 ) -> tuple[_Reference, float, int]:
@@ -143,9 +150,7 @@ def _stream(
     total = 0.0
     count = 0
     for index, update in enumerate(updates):
-        weight = float(update.weight)
-        if not math.isfinite(weight) or weight < 0:
-            raise ValueError(f"update {index} has weight {weight}; need finite and >= 0")
+        weight = _checked_weight(update.weight, index)
         if reference is None:
             reference = _Reference.of(update.adapter)
         else:
@@ -279,9 +284,7 @@ class ExactSum:
     def add(self, adapter: LoraAdapter, weight: float, *, norm: float | None = None) -> None:
         """Check one update against the first and copy its factors (a chunk at a time)."""
         index = self.count
-        weight = float(weight)
-        if not math.isfinite(weight) or weight < 0:
-            raise ValueError(f"update {index} has weight {weight}; need finite and >= 0")
+        weight = _checked_weight(weight, index)
         if self._reference is None:
             self._reference = _Reference.of(adapter)
             shapes = {
@@ -315,12 +318,11 @@ class ExactSum:
         if weights is not None:
             if len(weights) != self.count:
                 raise ValueError(f"{len(weights)} weights for {self.count} updates")
-            for index, (weight, unit) in enumerate(zip(weights, self._units, strict=True)):
-                if not math.isfinite(weight) or weight < 0:
-                    raise ValueError(f"update {index} has weight {weight}; need finite and >= 0")
+            checked = [_checked_weight(weight, index) for index, weight in enumerate(weights)]
+            for index, (weight, unit) in enumerate(zip(checked, self._units, strict=True)):
                 if weight > 0 and math.isnan(unit):
                     raise ValueError(f"update {index} was added with weight 0 and no norm")
-            self._weights = [float(w) for w in weights]
+            self._weights = checked
         total = sum(self._weights)
         if total <= 0:
             raise ValueError(

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO
@@ -148,6 +149,10 @@ class _Spill:
         with _quiet_readonly():
             return torch.from_numpy(mapped)
 
+    @property
+    def size(self) -> int:
+        return self._end
+
     def close(self) -> None:
         self._file.close()
 
@@ -155,8 +160,6 @@ class _Spill:
 @contextlib.contextmanager
 def _quiet_readonly() -> Iterator[None]:
     """torch warns that a read-only array makes a non-writable tensor; these are only read."""
-    import warnings
-
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         yield
@@ -194,7 +197,7 @@ class LowRankSum:
     @property
     def spilled_bytes(self) -> int:
         """How many bytes of factors went to the temporary file."""
-        return 0 if self._spill is None else self._spill._end
+        return 0 if self._spill is None else self._spill.size
 
     @property
     def stacked(self) -> bool:
