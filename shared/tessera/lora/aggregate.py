@@ -296,7 +296,10 @@ class ExactSum:
         unit = adapter.scale
         if norm is not None and math.isfinite(norm) and norm > 0:
             root = math.sqrt(1.0 / norm)
-            tensors = {k: (v.double() * root).to(v.dtype) for k, v in adapter.tensors.items()}
+            tensors = {  # at least float32: fp16 uploads would round a second time
+                k: (v.double() * root).to(torch.promote_types(v.dtype, torch.float32))
+                for k, v in adapter.tensors.items()
+            }
             adapter, unit = replace(adapter, tensors=tensors), unit * norm
         self._weights.append(weight)
         self._units.append(unit)
