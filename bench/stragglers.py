@@ -245,14 +245,16 @@ def markdown(report: dict[str, Any]) -> str:
         f"({report['runs']['sync']['final_loss']:.4f}): **{report['target_loss']:.4f}**.",
         "",
         "| mode | versions to target | seconds to target | versions in all | seconds to the "
-        "last version | final held-out loss |",
-        "|---|---:|---:|---:|---:|---:|",
+        "last version | final held-out loss | lowest (at seconds) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for mode, run in report["runs"].items():
+        best = min(run["timeline"], key=lambda point: point["loss"])
         lines.append(
             f"| {mode} | {_cell(run['versions_to_target'])} | "
             f"{_cell(run['seconds_to_target'], 1)} | {run['final_versions']} | "
-            f"{run['final_seconds']:.1f} | {run['final_loss']:.4f} |"
+            f"{run['final_seconds']:.1f} | {run['final_loss']:.4f} | "
+            f"{best['loss']:.4f} ({best['seconds']:.1f}) |"
         )
     stale = {
         mode: sum(point.get("stale_updates", 0) for point in run["timeline"])
@@ -264,7 +266,8 @@ def markdown(report: dict[str, Any]) -> str:
         "from the first round's opening to the version's publication. Updates trained from an "
         f"older version than their cluster's newest: sync {stale['sync']}, buffered "
         f"{stale['buffered']} (the buffered round's staleness_exponent: "
-        f"{config.get('staleness_exponent', 0.0):g}; 0 weighs them as fresh ones).",
+        f"{config.get('staleness_exponent', 0.0):g}; 0 weighs them as fresh ones). A buffered "
+        "version averages only buffer_k updates, so the last one may end above the lowest.",
         "",
         f"Measured on {report['machine']}.",
         "",

@@ -64,8 +64,8 @@ def test_the_report_names_when_each_mode_reached_the_target(
     )
     assert never["seconds_to_target"] is None and never["final_loss"] == 0.1
     table = (tmp_path / "bench_stragglers.md").read_text()
-    assert "| sync | 2 | 230.0 | 2 | 230.0 | 0.0500 |" in table
-    assert "| buffered | 2 | 80.0 | 3 | 210.0 | 0.0550 |" in table
+    assert "| sync | 2 | 230.0 | 2 | 230.0 | 0.0500 | 0.0500 (230.0) |" in table
+    assert "| buffered | 2 | 80.0 | 3 | 210.0 | 0.0550 | 0.0550 (210.0) |" in table
     assert "staleness_exponent: 0.5" in table
     assert (tmp_path / "bench_stragglers.png").stat().st_size > 0
     assert json.loads((tmp_path / "bench_stragglers.json").read_text())["target_loss"] == 0.065
