@@ -304,9 +304,10 @@ def results_markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         "Per run: the final round's style accuracy, what each device trained per round (mean; "
-        "not recorded in runs made before the simulator recorded it), the mean round (open to "
-        "published, with every device's training and scoring on 2 processes), the run's wall "
-        "time and the load average (1, 5, 15 min) at its end (not recorded in older runs):",
+        "not recorded in runs made before the simulator recorded it), the mean round's seconds "
+        "(open to published and scored, the hybrid's generations included, every device on 2 "
+        "processes), the run's wall time and the load average (1, 5, 15 min) at its end (not "
+        "recorded in older runs):",
         "",
         "| method | seed | final style accuracy | train s / device / round | round s | run s "
         "| load average |",
