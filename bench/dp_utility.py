@@ -204,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
             delta=args.delta,
             rounds=RESULTS_CONFIG.rounds,
             machine=machine(1),
+            seeds_asked=sorted(set(report.get("seeds_asked", [])) | set(args.seeds)),
         )
         with device_pool(RESULTS_CONFIG.workers) as pool:
             for seed in args.seeds:
@@ -235,6 +236,14 @@ def _arms(report: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     return arms
 
 
+def _missing(report: dict[str, Any]) -> str:
+    """Where seeds asked for have no runs yet: which."""
+    missing = [s for s in report.get("seeds_asked", []) if str(s) not in report.get("seeds", {})]
+    if not missing:
+        return ""
+    return f" (not measured yet: seed {', '.join(str(s) for s in missing)})"
+
+
 def _seeds_of(runs: list[dict[str, Any]]) -> str:
     return ", ".join(str(run["config"]["seed"]) for run in runs)
 
@@ -251,7 +260,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"    {report['command']}",
         "",
         "RESULTS protocol (24 devices, 4 styles, 8 rounds, cluster-aware exact), seeds "
-        f"{', '.join(seeds)}. Every round private, noise multiplier calibrated by dp-accounting's "
+        f"{', '.join(seeds)}{_missing(report)}. Every round private, noise multiplier "
+        "calibrated by dp-accounting's "
         f"RDP accountant so that the {report['rounds']} rounds spend epsilon at delta "
         f"{report['delta']:g} (each device takes part in every round of its cluster, no "
         "amplification by sampling). Clip norm fixed per seed before its runs, twice the median "
