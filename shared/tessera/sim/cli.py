@@ -74,7 +74,7 @@ from tessera.sim.stack import run_on_fresh_stack
 @click.option(
     "--model",
     type=click.Path(file_okay=False, exists=True),
-    default="",
+    default=None,
     help="Base model folder for the fresh stack and the devices (default: TESSERA_BASE_MODEL).",
 )
 @click.option(
@@ -96,7 +96,7 @@ def simulate_cmd(
     workers: int,
     seed: int,
     embedded: bool,
-    model: str,
+    model: str | None,
     out: Path,
 ) -> None:
     """N virtual devices, K styles, R rounds, over HTTP; prints per-round figures."""
@@ -114,7 +114,7 @@ def simulate_cmd(
         hybrid_images=hybrid_images,
         workers=workers,
         seed=seed,
-        model=model,
+        model=model or "",
         lam=0.0 if method == "secure" else SimConfig.lam,  # secure rounds have no interaction
     )
     stragglers = Stragglers(devices=slow_devices, factor=slow_factor)
