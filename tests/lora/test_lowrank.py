@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from tessera.lora import lowrank
 from tessera.lora.adapter import A_SUFFIX, B_SUFFIX, LoraAdapter, LoraSpec, random_adapter
 from tessera.lora.aggregate import (
     CHUNK_RANK,
@@ -152,6 +153,19 @@ def test_stacked_path_is_exact_beyond_the_module_width() -> None:
     assert_same_products(result.adapter, reference.adapter)
     assert result.energy_kept == pytest.approx(reference.energy_kept, abs=1e-9)
     assert result.adapter.pair("d.conv1")[0].shape == (6, 8, 3, 3)
+
+
+def test_stacked_path_in_slices_of_one_module_is_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a budget below one module's float64 copies: every module of a group is its own slice
+    updates = [update(8, seed=s, weight=1.0 + s % 3) for s in range(6)]
+    whole = aggregate_exact(updates, rank=6)
+    monkeypatch.setattr(lowrank, "STACKED_SLICE_BYTES", 1)
+
+    sliced = aggregate_exact(updates, rank=6)
+
+    assert not sliced.sketched
+    assert_same_products(sliced.adapter, whole.adapter, tolerance=1e-9)
+    assert sliced.energy_kept == pytest.approx(whole.energy_kept, abs=1e-12)
 
 
 def test_global_adapter_and_blend_agree_with_the_dense_reference() -> None:

@@ -52,6 +52,8 @@ Chunk = Sequence[tuple[Pairs, float]]
 
 PROBES = 4
 _WIDE = torch.float64
+STACKED_SLICE_BYTES = 256 << 20
+"""About how many bytes of float64 copies the exact path holds at once (modules per slice)."""
 
 
 @dataclass(frozen=True)
@@ -241,7 +243,7 @@ class LowRankSum:
             for group in self._groups:
                 if not group.blocks:
                     raise ValueError("no updates with a positive weight were added")
-                out.update(_stacked(group) if self.stacked else self._sketched(group))
+                out.update(_stacked(group, self._rank) if self.stacked else self._sketched(group))
                 group.blocks = []
             return out
         finally:
@@ -274,9 +276,9 @@ class LowRankSum:
         estimated = probes is not None
         if passes % 2:  # M ~ Q (Q^T M) = Q X^T
             u, s, vh = _small_svd(product.mT)
-            return _results(group, left @ u, s, vh, total, estimated=estimated)
+            return _results(group.modules, left @ u, s, vh, total, estimated=estimated)
         u, s, vh = _small_svd(product)  # M ~ (M P) P^T
-        return _results(group, u, s, vh @ right.mT, total, estimated=estimated)
+        return _results(group.modules, u, s, vh @ right.mT, total, estimated=estimated)
 
 
 def _rank_of(update: tuple[Pairs, float]) -> int:
@@ -329,15 +331,31 @@ def _orthonormal(sketch: torch.Tensor) -> torch.Tensor:
         return torch.linalg.qr(sketch.to(_WIDE)).Q
 
 
-def _stacked(group: _Group) -> dict[str, Truncated]:
-    """Exact SVD of `sum c B A` from the blocks: qr of each side, SVD of the small core."""
-    a = torch.cat([block.a for block in group.blocks], dim=1).to(_WIDE)
-    b = torch.cat([block.bt * block.factors for block in group.blocks], dim=1).to(_WIDE).mT
-    with one_thread():
-        qb, rb = torch.linalg.qr(b)
-        qa, ra = torch.linalg.qr(a.mT)
-        u, s, vh = torch.linalg.svd(rb @ ra.mT, full_matrices=False)
-    return _results(group, qb @ u, s, vh @ qa.mT, s.square().sum(dim=1), estimated=False)
+def _stacked(group: _Group, rank: int) -> dict[str, Truncated]:
+    """Exact SVD of `sum c B A` from the blocks, kept to its first `rank` singular triplets
+    (the energy counts them all): qr of each side, SVD of the small core; the group's modules a
+    slice at a time, so the float64 copies stay within `STACKED_SLICE_BYTES` whatever the
+    group's size."""
+    rows = sum(int(block.factors.shape[0]) for block in group.blocks)
+    per_module = 3 * rows * (group.out + group.inner) * _WIDE.itemsize  # factors, Q, Q @ u
+    step = max(1, STACKED_SLICE_BYTES // per_module)
+    out: dict[str, Truncated] = {}
+    for start in range(0, len(group.modules), step):
+        part = slice(start, start + step)
+        a = torch.cat([block.a[part] for block in group.blocks], dim=1).to(_WIDE)
+        b = torch.cat([block.bt[part] * block.factors for block in group.blocks], dim=1)
+        b = b.to(_WIDE).mT
+        with one_thread():
+            qb, rb = torch.linalg.qr(b)
+            del b
+            qa, ra = torch.linalg.qr(a.mT)
+            del a
+            u, s, vh = torch.linalg.svd(rb @ ra.mT, full_matrices=False)
+        energy = s.square().sum(dim=1)
+        u, s, vh = u[:, :, :rank], s[:, :rank], vh[:, :rank]
+        left, right = qb @ u, vh @ qa.mT
+        out.update(_results(group.modules[part], left, s, right, energy, estimated=False))
+    return out
 
 
 def _outside(left: torch.Tensor, probes: torch.Tensor | None) -> torch.Tensor | float:
@@ -361,7 +379,7 @@ def _small_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 
 def _results(
-    group: _Group,
+    modules: Sequence[str],
     left: torch.Tensor,
     singular: torch.Tensor,
     right: torch.Tensor,
@@ -371,5 +389,5 @@ def _results(
 ) -> dict[str, Truncated]:
     return {
         m: Truncated(left[i], singular[i], right[i], float(energy[i]), estimated=estimated)
-        for i, m in enumerate(group.modules)
+        for i, m in enumerate(modules)
     }
