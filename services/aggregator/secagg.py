@@ -83,19 +83,21 @@ def ensure_groups(*, session: Session, round_: Round) -> list[SecAggGroup]:
         return groups
     config = RoundConfig.model_validate(round_.config)
     members = crud.cluster_members(session=session, clustering_id=round_.clustering_id)
+    # every seed looked up before the first row is added: a query would flush the added rows,
+    # and the flush, not the commit, would then meet a concurrent request's groups
+    seeds = {label: _a_seed(session, label, config) for label, count in members.items() if count}
     now = utcnow()
-    for label, count in sorted(members.items()):
-        if count:
-            session.add(
-                SecAggGroup(
-                    round_id=round_.id,
-                    label=label,
-                    a_seed=_a_seed(session, label, config),
-                    phase=SecAggPhase.KEYS,
-                    expected=count,
-                    waiting_since=now,
-                )
+    for label, seed in sorted(seeds.items()):
+        session.add(
+            SecAggGroup(
+                round_id=round_.id,
+                label=label,
+                a_seed=seed,
+                phase=SecAggPhase.KEYS,
+                expected=members[label],
+                waiting_since=now,
             )
+        )
     try:
         session.commit()
     except IntegrityError:

@@ -17,13 +17,14 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from services.aggregator import secagg
 from services.worker.rounds import aggregate_round_now
 from services.worker.tasks.federation import lora_spec_of
 from tessera.config import Settings
 from tessera.lora import LoraAdapter, LoraSpec, adapter_from_bytes
 from tessera.lora.aggregate import WeightedUpdate, aggregate_exact
 from tessera.lora.bounds import ScaleRange
-from tessera.models import Adapter, AdapterVersion, SecAggMember, Update
+from tessera.models import Adapter, AdapterVersion, Round, SecAggGroup, SecAggMember, Update
 from tessera.sdk.device import DeviceClient
 from tessera.sdk.secure import SecureRound
 from tessera.secagg.vector import FixedPoint, frozen_adapter
@@ -353,3 +354,33 @@ def test_a_forged_input_withholds_its_cluster_with_the_reason(
     # 0.125 + 0.125 + 3 does not fit the room left for 3 inputs of weight <= 1: it wraps
     assert note["reason"].startswith("the cluster's sum is unusable: its weights sum to -2.7")
     assert note["reason"].endswith("outside (0, 3]: an input is forged")
+
+
+def test_groups_made_by_a_concurrent_request_are_taken_not_a_500(
+    aggregator: TestClient,
+    operator: dict,
+    operator_token: str,
+    session: Session,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # two clusters; another request makes the round's groups between this request's look
+    # (nothing yet) and its inserts: its flush must meet theirs inside the guarded commit
+    enrolled = [enrol(aggregator, operator_token, f"edge-{i}") for i in range(4)]
+    make_clustering(session, {d["id"]: i % 2 for i, d in enumerate(enrolled)})
+    round_ = _secure_round(aggregator, operator)
+    device = bearer(enrolled[0]["token"])
+    assert aggregator.get(f"/v1/rounds/{round_['id']}/secagg", headers=device).status_code == 200
+    groups = secagg._groups
+    looks: list[int] = []
+
+    def first_look_finds_none(s: Session, round_id: int) -> list[SecAggGroup]:
+        looks.append(round_id)
+        return [] if len(looks) == 1 else groups(s, round_id)
+
+    monkeypatch.setattr(secagg, "_groups", first_look_finds_none)
+
+    made = secagg.ensure_groups(session=session, round_=session.get(Round, round_["id"]))
+
+    assert len(looks) == 2  # the window was taken: it looked again after its commit failed
+    assert [g.label for g in made] == [0, 1]
+    assert session.scalar(select(func.count()).select_from(SecAggGroup)) == 2
