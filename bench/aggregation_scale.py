@@ -454,7 +454,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dense-ranks", nargs="+", type=int, default=[4, 16])
     parser.add_argument("--streamed-max", type=int, default=100)
     parser.add_argument(
-        "--streamed-models", nargs="+", default=["sd15", "sdxl"], choices=sorted(_BLOCKS)
+        "--streamed-models",
+        nargs="+",
+        default=sorted(_BLOCKS),
+        choices=sorted(_BLOCKS),
+        help="the models whose streamed cells run (default: every one of --models)",
     )
     parser.add_argument(
         "--notes", type=Path, help="with --report-only: the Reading section, paragraphs from a file"
