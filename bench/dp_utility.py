@@ -39,7 +39,7 @@ from tessera.lora.bounds import update_norm
 from tessera.lora.train import train_lora
 from tessera.model.base import load_base_model
 from tessera.privacy import noise_multiplier_for
-from tessera.sim.results import RESULTS_CONFIG, run_file
+from tessera.sim.results import RESULTS_CONFIG, run_file, summarise
 from tessera.sim.run import SimConfig, device_pool
 from tessera.sim.stack import run_on_fresh_stack
 
@@ -218,10 +218,9 @@ def _curve(run: dict[str, Any], metric: str) -> list[float]:
 
 
 def _over_seeds(runs: list[dict[str, Any]], metric: str) -> tuple[list[float], list[float]]:
-    """Per round: mean and std (population, as docs/RESULTS.md) over the seeds' runs."""
-    curves = [_curve(run, metric) for run in runs]
-    columns = list(zip(*curves, strict=True))
-    return [statistics.fmean(c) for c in columns], [statistics.pstdev(c) for c in columns]
+    """Per round: mean and std over the seeds' runs, as docs/RESULTS.md summarises them."""
+    spread = summarise({"runs": runs})["runs"]["per_round"][metric]
+    return spread["mean"], spread["std"]
 
 
 def _arms(report: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
