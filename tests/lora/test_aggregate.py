@@ -14,6 +14,7 @@ from tessera.lora.adapter import A_SUFFIX, B_SUFFIX, LoraAdapter, LoraSpec, zero
 from tessera.lora.adapter import random_adapter as make_random
 from tessera.lora.aggregate import (
     CHUNK_RANK,
+    FedAvgSum,
     WeightedUpdate,
     aggregate_exact,
     aggregate_fedavg,
@@ -21,6 +22,7 @@ from tessera.lora.aggregate import (
     neighbour_blend,
     neighbour_weights,
 )
+from tessera.lora.lowrank import SketchOptions
 
 SPEC = LoraSpec(
     base_model_id="test/tiny",
@@ -522,3 +524,57 @@ def test_a_conv_pair_with_a_kernel_in_b_is_refused() -> None:
 
     with pytest.raises(ValueError, match=r"'res.conv1': A \(2, 6, 3, 3\) and B \(8, 2, 3, 3\)"):
         aggregate_fedavg([WeightedUpdate(replace(adapter, tensors=tensors), 1.0)])
+
+
+def in_dtype(adapter: LoraAdapter, dtype: torch.dtype) -> LoraAdapter:
+    return replace(adapter, tensors={k: v.to(dtype) for k, v in adapter.tensors.items()})
+
+
+@pytest.mark.parametrize("resident_bytes", [4 << 30, 0])  # 0: every update in the file
+def test_fedavg_sum_applies_weights_and_clips_settled_after_reading(resident_bytes: int) -> None:
+    adapters = [
+        in_dtype(conv_adapter(3, seed=1, alpha=6.0), torch.float16),  # weight 0: left out
+        conv_adapter(3, seed=2, alpha=3.0),
+        in_dtype(conv_adapter(3, seed=3, alpha=12.0), torch.bfloat16),
+        conv_adapter(3, seed=4, alpha=3.0),
+    ]
+    weights, clips = [0.0, 2.0, 1.0, 3.0], [1.0, 1.0, 0.25, 1.0]
+    fedavg = FedAvgSum(rank=3, options=SketchOptions(resident_bytes=resident_bytes))
+    for adapter in adapters:
+        fedavg.add(adapter)
+    assert (fedavg.spilled_bytes > 0) == (resident_bytes == 0)
+
+    result = fedavg.result(weights, clips)
+
+    assert_conv_layout(result, 3)
+    assert result.alpha == 3.0  # the scale of the first update with a weight (1), not 2
+    for key, value in result.tensors.items():
+        want = torch.zeros(value.shape, dtype=torch.float64)
+        for adapter, weight, clip in zip(adapters[1:], weights[1:], clips[1:], strict=True):
+            fold = adapter.scale if key.endswith(B_SUFFIX) else 1.0  # B in the result's scale
+            want += adapter.tensors[key].double() * (weight * math.sqrt(clip) * fold / 6.0)
+        torch.testing.assert_close(value.double(), want, rtol=1e-6, atol=1e-7)
+    assert fedavg.spilled_bytes == 0 and fedavg.count == 0  # the copies are released
+
+
+def test_fedavg_sum_refuses_a_mixed_rank_and_bad_settlements() -> None:
+    fedavg = FedAvgSum()
+    for seed in (1, 2):
+        fedavg.add(random_adapter(4, seed=seed))
+    with pytest.raises(ValueError, match="update 2 has rank 2, expected 4"):
+        fedavg.add(random_adapter(2, seed=3))
+
+    for weights, clips, reason in (
+        ([1.0], None, "1 weights for 2 updates"),
+        ([1.0, 1.0], [1.0], "1 clip factors for 2 updates"),
+        ([1.0, -1.0], None, "update 1 has weight -1.0"),
+        ([1.0, 1.0], [1.0, 1.5], "update 1 has clip factor 1.5"),
+        ([0.0, 0.0], None, "the weights of 2 updates sum to 0.0"),
+    ):
+        again = FedAvgSum()
+        for seed in (1, 2):
+            again.add(random_adapter(4, seed=seed))
+        with pytest.raises(ValueError, match=reason):
+            again.result(weights, clips)
+    with pytest.raises(ValueError, match="no updates to aggregate"):
+        FedAvgSum().result([])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tessera.lora.adapter import LoraAdapter, LoraSpec, random_adapter
-from tessera.lora.aggregate import WeightedUpdate, aggregate_private
+from tessera.lora.aggregate import PrivateSum, WeightedUpdate, aggregate_private
 from tessera.lora.bounds import clip_update, update_norm
 
 SPEC = LoraSpec(
@@ -96,3 +96,20 @@ def test_weights_other_than_one_and_a_short_count_are_refused() -> None:
         )
     with pytest.raises(ValueError, match="count 1 is below the 2 updates"):
         private(adapters, multiplier=1.0, count=1)
+
+
+def test_one_update_at_a_time_with_known_norms_is_the_same_mechanism() -> None:
+    adapters = updates(3)
+    private_sum = PrivateSum(rank=RANK, clip_norm=CLIP, noise_multiplier=1.0)
+    for adapter in adapters:
+        private_sum.add(adapter, norm=update_norm(adapter))  # as the worker's survey gives it
+
+    result = private_sum.result(count=4, generator=torch.Generator().manual_seed(7))
+
+    want = private(adapters, multiplier=1.0, count=4)
+    for module in SPEC.modules:
+        assert torch.equal(result.adapter.delta(module), want.adapter.delta(module))
+    with pytest.raises(ValueError, match="no updates to aggregate"):
+        PrivateSum(rank=RANK, clip_norm=CLIP, noise_multiplier=1.0).result(
+            count=1, generator=torch.Generator()
+        )

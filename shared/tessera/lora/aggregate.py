@@ -3,7 +3,10 @@
 Every function consumes its updates once, as an iterable (a generator may load each adapter
 from the object store on demand), and keeps only running sums plus the current update: memory
 does not grow with the number of updates. Weights (e.g. sample counts) are normalised at the end
-by dividing the sums by their total.
+by dividing the sums by their total. `ExactSum`, `FedAvgSum` and `PrivateSum` take the updates
+one `add` at a time, for a reader that settles weights and clip factors only after the last
+(the worker): exact's blocks and fedavg's copies then hold every update's factors (in memory up
+to a budget, in a temporary file beyond); the private sums do not grow.
 
 `aggregate_fedavg` averages A and B separately, as generic federated learning does; that is not
 the average of the updates, since mean(B) @ mean(A) != mean(B @ A). `aggregate_exact` sums the
@@ -24,12 +27,13 @@ from typing import TypeVar
 import torch
 
 from tessera.lora.adapter import A_SUFFIX, B_SUFFIX, LoraAdapter, pair_shapes, unflatten_pair
-from tessera.lora.bounds import update_norm
+from tessera.lora.bounds import scaled_update, update_norm
 from tessera.lora.lowrank import (
     DEFAULT_SKETCH,
     Chunk,
     LowRankSum,
     SketchOptions,
+    Spill,
     Truncated,
     one_thread,
 )
@@ -184,11 +188,7 @@ def aggregate_fedavg(updates: Iterable[WeightedUpdate], *, rank: int | None = No
         nonlocal want, scale
         want = adapter.rank if want is None else want
         scale = adapter.scale if scale is None else scale
-        if adapter.rank != want:
-            raise ValueError(
-                f"fedavg needs one rank for all updates: update {index} has rank "
-                f"{adapter.rank}, expected {want}; use aggregate_exact for mixed ranks"
-            )
+        _check_fedavg_rank(adapter, want=want, index=index)
         for module, a, b in adapter.pairs():
             terms = ((A_SUFFIX, a, weight), (B_SUFFIX, b, weight * adapter.scale / scale))
             for suffix, value, factor in terms:
@@ -208,6 +208,129 @@ def aggregate_fedavg(updates: Iterable[WeightedUpdate], *, rank: int | None = No
         extra={"method": "fedavg", "updates": str(count)},
         targets=reference.targets,
     )
+
+
+def _check_fedavg_rank(adapter: LoraAdapter, *, want: int, index: int) -> None:
+    if adapter.rank != want:
+        raise ValueError(
+            f"fedavg needs one rank for all updates: update {index} has rank "
+            f"{adapter.rank}, expected {want}; use aggregate_exact for mixed ranks"
+        )
+
+
+@dataclass(frozen=True)
+class _Kept:
+    """One update kept for a later pass: the adapter without its tensors, and their values
+    as one float32 row (exact for float16, bfloat16 and float32 tensors)."""
+
+    adapter: LoraAdapter
+    layout: tuple[tuple[str, torch.Size, torch.dtype], ...]
+    values: torch.Tensor
+
+    @classmethod
+    def of(cls, adapter: LoraAdapter) -> _Kept:
+        tensors = adapter.tensors
+        layout = tuple((key, tensors[key].shape, tensors[key].dtype) for key in sorted(tensors))
+        values = torch.cat(
+            [tensors[key].detach().reshape(-1).to("cpu", torch.float32) for key, _, _ in layout]
+        )
+        return cls(replace(adapter, tensors={}), layout, values)
+
+    def restored(self) -> LoraAdapter:
+        """The adapter as it was added, each tensor in its own dtype again."""
+        tensors: dict[str, torch.Tensor] = {}
+        start = 0
+        for key, shape, dtype in self.layout:
+            end = start + shape.numel()
+            tensors[key] = self.values[start:end].view(shape).to(dtype)
+            start = end
+        return replace(self.adapter, tensors=tensors)
+
+
+class FedAvgSum:
+    """FedAvg fed one update at a time, for weights settled only after every update was read
+    (the worker's clip bound, capped weights and robust rules): `add(adapter)` for each, then
+    `result(weights, clips)`, so that a source is read a single time.
+
+    The per-tensor means need an update's weight before its tensors can go into the sums, so
+    until `result` every added update is kept, as float32 copies of its tensors: in memory up
+    to `options.resident_bytes` (4 GiB by default), in a temporary file in `options.spill_dir`
+    beyond. That is N x rank x (in + out) x 4 bytes per module, what `ExactSum`'s blocks hold
+    for the same updates, where the means themselves need one adapter's size; with weights
+    known as each update is read, `aggregate_fedavg` keeps only its running sums.
+    """
+
+    def __init__(self, *, rank: int | None = None, options: SketchOptions = DEFAULT_SKETCH) -> None:
+        self._rank = rank
+        self._options = options
+        self._reference: _Reference | None = None
+        self._kept: list[_Kept] = []
+        self._resident = 0
+        self._spill: Spill | None = None
+
+    @property
+    def count(self) -> int:
+        return len(self._kept)
+
+    @property
+    def spilled_bytes(self) -> int:
+        """How many bytes of the kept updates went to the temporary file."""
+        return 0 if self._spill is None else self._spill.size
+
+    def add(self, adapter: LoraAdapter) -> None:
+        """Check one update against the first (and the rank) and keep a copy of its tensors."""
+        index = self.count
+        if self._reference is None:
+            self._reference = _Reference.of(adapter)
+            self._rank = adapter.rank if self._rank is None else self._rank
+        else:
+            self._reference.check(adapter, index=index)
+        assert self._rank is not None  # set by the first update
+        _check_fedavg_rank(adapter, want=self._rank, index=index)
+        kept = _Kept.of(adapter)
+        size = kept.values.numel() * 4
+        if self._resident + size > self._options.resident_bytes:
+            if self._spill is None:
+                self._spill = Spill(self._options.spill_dir)
+            kept = replace(kept, values=self._spill.keep(kept.values))
+        else:
+            self._resident += size
+        self._kept.append(kept)
+
+    def result(self, weights: Sequence[float], clips: Sequence[float] | None = None) -> LoraAdapter:
+        """`aggregate_fedavg` of the kept updates with `weights`, each first scaled by its clip
+        factor (in [0, 1]) as `tessera.lora.bounds.clip_update` scales it; an update of weight 0
+        is left out. The kept copies are released."""
+        try:
+            if not self._kept:
+                raise ValueError("no updates to aggregate: the iterable was empty")
+            clips = [1.0] * self.count if clips is None else clips
+            for name, given in (("weights", weights), ("clip factors", clips)):
+                if len(given) != self.count:
+                    raise ValueError(f"{len(given)} {name} for {self.count} updates")
+            checked = [_checked_weight(weight, index) for index, weight in enumerate(weights)]
+            for index, clip in enumerate(clips):
+                if not 0.0 <= clip <= 1.0:
+                    raise ValueError(f"update {index} has clip factor {clip}; need it in [0, 1]")
+            total = sum(checked)
+            if total <= 0:
+                raise ValueError(
+                    f"the weights of {self.count} updates sum to {total}; need a positive total"
+                )
+            terms = zip(self._kept, checked, clips, strict=True)
+            return aggregate_fedavg(
+                (
+                    WeightedUpdate(scaled_update(kept.restored(), clip), weight)
+                    for kept, weight, clip in terms
+                    if weight > 0
+                ),
+                rank=self._rank,
+            )
+        finally:
+            self._kept, self._resident = [], 0
+            if self._spill is not None:
+                self._spill.close()
+                self._spill = None
 
 
 CHUNK_RANK = 256
@@ -430,6 +553,79 @@ def aggregate_exact(
     return _exact(updates, rank=rank, alpha=alpha, method="exact", options=options)
 
 
+class PrivateSum:
+    """The Gaussian mechanism of `aggregate_private` fed one update at a time: `add` clips
+    each update's product into the dense per-module sums at once (so a source is read a single
+    time), `result` adds the noise and re-factorises. It holds those sums only, the
+    mechanism's own memory (one [out, in] float64 matrix per module), whatever the number of
+    updates.
+    """
+
+    def __init__(
+        self, *, rank: int, clip_norm: float, noise_multiplier: float, alpha: float | None = None
+    ) -> None:
+        self._alpha = _check_target(rank, alpha)
+        for name, value in (("clip_norm", clip_norm), ("noise_multiplier", noise_multiplier)):
+            if not math.isfinite(value) or value < 0 or (name == "clip_norm" and value == 0):
+                raise ValueError(f"{name} must be finite and > 0, got {value}")
+        self._rank, self._clip_norm, self._noise_multiplier = rank, clip_norm, noise_multiplier
+        self._sums: dict[str, torch.Tensor] = {}
+        self._reference: _Reference | None = None
+        self.count = 0
+
+    def add(self, adapter: LoraAdapter, weight: float = 1.0, *, norm: float | None = None) -> None:
+        """Check one update (weight 1, like the first) and add its product clipped to
+        `clip_norm`; `norm`, the product's norm when the caller has it, saves computing it."""
+        index = self.count
+        weight = _checked_weight(weight, index)
+        if self._reference is None:
+            self._reference = _Reference.of(adapter)
+        else:
+            self._reference.check(adapter, index=index)
+        if weight != 1.0:
+            raise ValueError(f"update {index} has weight {weight}; a private sum weighs each 1")
+        norm = update_norm(adapter) if norm is None else norm
+        if not math.isfinite(norm):
+            raise ValueError(f"update {index} has a product whose norm is not finite")
+        factor = adapter.scale * (min(1.0, self._clip_norm / norm) if norm > 0 else 0.0)
+        with one_thread():
+            for module, (a, b) in _flat_pairs(adapter).items():
+                term = _float64(b) @ _float64(a)
+                if module in self._sums:
+                    self._sums[module].add_(term, alpha=factor)
+                else:
+                    self._sums[module] = term.mul_(factor)
+        self.count += 1
+
+    def result(self, *, count: int, generator: torch.Generator) -> ExactResult:
+        """The noisy sum over `count` (see `aggregate_private`), re-factorised; the sums are
+        released."""
+        if self._reference is None:
+            raise ValueError("no updates to aggregate: the iterable was empty")
+        if count < self.count:
+            raise ValueError(f"count {count} is below the {self.count} updates summed")
+        truncated: dict[str, Truncated] = {}
+        std = self._noise_multiplier * self._clip_norm
+        with one_thread():
+            for module in sorted(self._sums):
+                noisy = self._sums.pop(module)
+                noisy.add_(
+                    torch.randn(noisy.shape, generator=generator, dtype=torch.float64), alpha=std
+                )
+                left, singular, right = torch.linalg.svd(noisy, full_matrices=False)
+                energy = float(singular.square().sum())
+                truncated[module] = Truncated(left, singular, right, energy, estimated=False)
+        return _refactorised(
+            truncated,
+            total=float(count),
+            reference=self._reference,
+            rank=self._rank,
+            alpha=self._alpha,
+            method="private",
+            count=self.count,
+        )
+
+
 def aggregate_private(
     updates: Iterable[WeightedUpdate],
     *,
@@ -452,49 +648,12 @@ def aggregate_private(
     sum per module, the size of the adapted weights (1.7M values for the bundled model; for
     SD-1.5's attention, 93.5M values, 748 MB).
     """
-    alpha = _check_target(rank, alpha)
-    for name, value in (("clip_norm", clip_norm), ("noise_multiplier", noise_multiplier)):
-        if not math.isfinite(value) or value < 0 or (name == "clip_norm" and value == 0):
-            raise ValueError(f"{name} must be finite and > 0, got {value}")
-    sums: dict[str, torch.Tensor] = {}
-
-    def add(adapter: LoraAdapter, weight: float, index: int) -> None:
-        if weight != 1.0:
-            raise ValueError(f"update {index} has weight {weight}; a private sum weighs each 1")
-        norm = update_norm(adapter)
-        if not math.isfinite(norm):
-            raise ValueError(f"update {index} has a product whose norm is not finite")
-        factor = adapter.scale * (min(1.0, clip_norm / norm) if norm > 0 else 0.0)
-        for module, (a, b) in _flat_pairs(adapter).items():
-            term = _float64(b) @ _float64(a)
-            if module in sums:
-                sums[module].add_(term, alpha=factor)
-            else:
-                sums[module] = term.mul_(factor)
-
-    truncated: dict[str, Truncated] = {}
-    with one_thread():
-        reference, _total, seen = _stream(updates, add)
-        if count < seen:
-            raise ValueError(f"count {count} is below the {seen} updates summed")
-        std = noise_multiplier * clip_norm
-        for module in sorted(sums):
-            noisy = sums.pop(module)
-            noisy.add_(
-                torch.randn(noisy.shape, generator=generator, dtype=torch.float64), alpha=std
-            )
-            left, singular, right = torch.linalg.svd(noisy, full_matrices=False)
-            energy = float(singular.square().sum())
-            truncated[module] = Truncated(left, singular, right, energy, estimated=False)
-    return _refactorised(
-        truncated,
-        total=float(count),
-        reference=reference,
-        rank=rank,
-        alpha=alpha,
-        method="private",
-        count=seen,
+    private = PrivateSum(
+        rank=rank, clip_norm=clip_norm, noise_multiplier=noise_multiplier, alpha=alpha
     )
+    for update in updates:
+        private.add(update.adapter, update.weight)
+    return private.result(count=count, generator=generator)
 
 
 def global_adapter(

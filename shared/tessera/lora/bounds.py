@@ -62,11 +62,19 @@ def clip_update(adapter: LoraAdapter, *, norm: float, bound: float) -> tuple[Lor
     if norm <= bound:
         return adapter, 1.0
     factor = bound / norm
+    return scaled_update(adapter, factor), factor
+
+
+def scaled_update(adapter: LoraAdapter, factor: float) -> LoraAdapter:
+    """The adapter with its product times `factor` (in [0, 1]): A and B each times its square
+    root, in float64 and back to their dtype (see `clip_update`); the same adapter at 1."""
+    if factor == 1.0:
+        return adapter
     root = math.sqrt(factor)
     tensors = {
         key: (value.double() * root).to(value.dtype) for key, value in adapter.tensors.items()
     }
-    return replace(adapter, tensors=tensors), factor
+    return replace(adapter, tensors=tensors)
 
 
 def clip_bound(

@@ -132,7 +132,7 @@ class _Group:
         return x
 
 
-class _Spill:
+class Spill:
     """An unnamed temporary file the blocks past the memory budget are written to and mapped."""
 
     def __init__(self, directory: str | None) -> None:
@@ -180,7 +180,7 @@ class LowRankSum:
         self._options = options
         self._summed_rank = 0
         self._resident = 0
-        self._spill: _Spill | None = None
+        self._spill: Spill | None = None
         self._scratch: dict[tuple[int, ...], torch.Tensor] = {}
         self._factors: list[tuple[torch.Tensor, list[int]]] = []  # per chunk, shared by groups
         generator = torch.Generator().manual_seed(options.seed)
@@ -220,7 +220,7 @@ class LowRankSum:
             size = 4 * (a.numel() + bt.numel())
             if self._resident + size > self._options.resident_bytes:
                 if self._spill is None:
-                    self._spill = _Spill(self._options.spill_dir)
+                    self._spill = Spill(self._options.spill_dir)
                 a, bt = self._spill.keep(a), self._spill.keep(bt)
             else:
                 self._resident += size
