@@ -1,10 +1,11 @@
 """Aggregating a round's grouped updates into the adapters it publishes (no database here).
 
-Updates stream from the object store (a few read ahead by threads). For the exact method each
-is read once: the survey that checks and bounds them (`services.worker.updates`) hands its
-factors to the maths, which copies them into its blocks (in memory up to 4 GiB, beyond in a
-temporary file under TMPDIR) and applies the settled weights and clip factors afterwards;
-fedavg and private rounds read the usable updates a second time, clipped. An update whose
+Updates stream from the object store (a few read ahead by threads), each read once: the survey
+that checks and bounds them (`services.worker.updates`) hands each usable one to the method's
+maths, which applies the weights and clip factors settled after the last. Exact copies its
+factors into its blocks and fedavg keeps a float32 copy of its tensors (in memory up to 4 GiB,
+beyond in a temporary file under TMPDIR); a private round adds its clipped product to the
+dense per-module sums, the mechanism's own memory. An update whose
 object is missing, fails its sha256, does not parse, does not match the round's other updates
 (base model, modules, shapes; for fedavg, the round's rank), has a LoRA scale out of range or
 a non-finite norm is excluded and the rest aggregate, each clipped to the group's norm bound
@@ -44,9 +45,10 @@ from tessera.federation import GLOBAL_ADAPTER, RoundConfig, cluster_adapter_name
 from tessera.lora import LoraAdapter
 from tessera.lora.aggregate import (
     ExactSum,
+    FedAvgSum,
+    PrivateSum,
     WeightedUpdate,
     aggregate_fedavg,
-    aggregate_private,
     global_adapter,
     neighbour_blend,
 )
@@ -210,46 +212,20 @@ def _aggregate_group(
 ) -> _Group | None:
     """The group's aggregate, or None when none of its updates could be read.
 
-    A private round's aggregate is the Gaussian mechanism on the sum of the clipped products,
-    divided by the number of updates the group received (an excluded one counts as zero).
+    The survey hands each usable update to the method's maths (`_ReadOnce`), so the group is
+    read once; the weights and clip factors settled after it go into the result. A private
+    round's aggregate is the Gaussian mechanism on the sum of the clipped products, divided by
+    the number of updates the group received (an excluded one counts as zero).
     """
     started = time.perf_counter()
-    exact = None
-    problems: list[ValueError] = []
-    if config.noise_multiplier is None and config.method == "exact":
-        exact = ExactSum(rank=config.rank)
-
-        def keep(adapter: LoraAdapter, norm: float) -> None:
-            if exact is not None and not problems:
-                try:
-                    exact.add(adapter, 1.0, norm=norm)
-                except ValueError as error:  # raised below, as the maths' own errors are
-                    problems.append(error)
-
-    stream.survey(keep if exact is not None else None)
+    maths = _ReadOnce(config)
+    stream.survey(maths.keep)
     try:
-        if config.noise_multiplier is not None:
-            assert config.clip_norm is not None  # RoundConfig requires clip fixed
-            result = aggregate_private(
-                stream,
-                rank=config.rank,
-                clip_norm=config.clip_norm,
-                noise_multiplier=config.noise_multiplier,
-                count=stream.received,
-                generator=noise,
-            )
-            adapter, energy = result.adapter, result.energy_kept
-        elif exact is not None:  # read once: the survey copied the factors, weights come now
-            weights, clips = stream.settled()
-            if problems:
-                raise problems[0]
-            result = exact.result(weights, clips)
-            adapter, energy = result.adapter, result.energy_kept
-        else:
-            adapter, energy = aggregate_fedavg(stream, rank=config.rank), None
+        weights, clips = stream.settled()
+        adapter, energy = maths.result(weights, clips, count=stream.received, noise=noise)
     except (ValueError, RuntimeError) as error:  # torch's LinAlgError is a RuntimeError
         if not stream.used:
-            return None  # every update was excluded: the maths saw an empty stream
+            return None  # every update was excluded: the maths saw no update
         log.exception("a group's aggregation failed", extra={"label": label})
         raise _GroupFailedError(
             f"the cluster's aggregate could not be computed ({type(error).__name__.lstrip('_')})"
@@ -270,6 +246,70 @@ def _aggregate_group(
         weight=stream.total_weight,
         seconds=seconds,
     )
+
+
+class _ReadOnce:
+    """A round method's maths fed by the survey, one usable update at a time.
+
+    Exact copies each update's factors (scaled to a unit product, its norm in the weight),
+    fedavg keeps a float32 copy of its tensors (its per-tensor means need the weights first;
+    as many bytes as exact's blocks: `FedAvgSum`), a private round adds its clipped product to
+    the dense sums. The first error of an `add` is raised by `result`, as the maths' own are.
+    """
+
+    def __init__(self, config: RoundConfig) -> None:
+        self._problems: list[ValueError] = []
+        self._exact: ExactSum | None = None
+        self._fedavg: FedAvgSum | None = None
+        self._private: PrivateSum | None = None
+        if config.noise_multiplier is not None:
+            assert config.clip_norm is not None  # RoundConfig requires clip fixed
+            self._private = PrivateSum(
+                rank=config.rank,
+                clip_norm=config.clip_norm,
+                noise_multiplier=config.noise_multiplier,
+            )
+        elif config.method == "exact":
+            self._exact = ExactSum(rank=config.rank)
+        else:
+            self._fedavg = FedAvgSum(rank=config.rank)
+
+    def keep(self, adapter: LoraAdapter, norm: float) -> None:
+        if self._problems:
+            return
+        try:
+            if self._exact is not None:
+                self._exact.add(adapter, 1.0, norm=norm)
+            elif self._fedavg is not None:
+                self._fedavg.add(adapter)
+            else:
+                assert self._private is not None
+                self._private.add(adapter, norm=norm)  # clips to clip_norm itself
+        except ValueError as error:
+            self._problems.append(error)
+
+    def result(
+        self,
+        weights: Sequence[float],
+        clips: Sequence[float],
+        *,
+        count: int,
+        noise: torch.Generator,
+    ) -> tuple[LoraAdapter, float | None]:
+        """The group's adapter and the energy its rank kept (None for fedavg); `count`: the
+        updates the group received, a private mean's divisor."""
+        if self._problems:
+            raise self._problems[0]
+        if self._exact is not None:
+            result = self._exact.result(weights, clips)
+            return result.adapter, result.energy_kept
+        if self._fedavg is not None:
+            return self._fedavg.result(weights, clips), None
+        assert self._private is not None
+        if any(weight != 1.0 for weight in weights):  # RoundConfig: weighting equal, no discount
+            raise ValueError("a private round weighs each update 1")
+        result = self._private.result(count=count, generator=noise)
+        return result.adapter, result.energy_kept
 
 
 def _outputs(plan: RoundPlan, groups: dict[int | None, _Group]) -> list[ToPublish]:

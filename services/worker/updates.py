@@ -1,12 +1,13 @@
 """A group's updates as the aggregation maths sees them: read, checked, bounded, weighted.
 
 The survey reads each update, checks it (readable, compatible with the round's others, a LoRA
-scale within TESSERA_MIN/MAX_LORA_SCALE, a finite product norm) and keeps only its norm (or
-hands the update to a `keep` callback: the exact maths copies its factors, and `settled`
-gives the weights, clip factors included, once the group's clip bound and capped weights
-follow from the norms). Otherwise a second pass reads each usable update again and yields it
-clipped (`tessera.lora.bounds`). An update that fails a check is excluded with the reason, and
-the rest aggregate.
+scale within TESSERA_MIN/MAX_LORA_SCALE, a finite product norm), keeps its norm and hands the
+update to a `keep` callback: the worker's maths (exact, fedavg or private) takes it then, and
+`settled` gives the weights, clip factors included, once the group's clip bound and capped
+weights follow from the norms. Iterating instead reads each usable update a second time and
+yields it clipped (`tessera.lora.bounds`): the two-pass reading, which the read-once path is
+tested against. An update that fails a check is excluded with the reason, and the rest
+aggregate.
 """
 
 from __future__ import annotations
@@ -105,8 +106,9 @@ class Compatibility:
 class BoundedUpdates:
     """A group's usable updates, each clipped to the group's norm bound with a capped weight.
 
-    Call `survey()` first; each iteration then yields the `WeightedUpdate`s for one pass of
-    the maths, read again from the object store (a few ahead, by threads).
+    Call `survey(keep)` first, then `settled()` for the weights of the updates `keep` took;
+    or, reading twice, iterate after `survey()`: each iteration yields the `WeightedUpdate`s
+    for one pass of the maths, read again from the object store (a few ahead, by threads).
     """
 
     def __init__(
@@ -148,8 +150,8 @@ class BoundedUpdates:
         """First pass: check every update, keep its norm; fix the clip bound and the weights.
 
         `keep(adapter, norm)` receives every update that passed the checks, in order (the
-        exact maths copies its factors then, so the group is read once; `settled` gives
-        their weights afterwards)."""
+        maths takes it then, so the group is read once; `settled` gives their weights
+        afterwards)."""
         for ref, (adapter, reason) in _prefetched(self._refs, self._read):
             if adapter is not None:
                 reason = self._compatibility.problem(adapter) or self._scales.problem(adapter) or ""

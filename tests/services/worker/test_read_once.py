@@ -1,21 +1,22 @@
-"""The worker's exact aggregation reads each update object once and agrees with the maths."""
+"""The worker reads each update object once, for every method, and agrees with the two-pass
+reading: exact, fedavg and private (same noise seed, same result)."""
 
 from __future__ import annotations
 
 import uuid
 from collections import Counter
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import torch
 
-from services.worker.aggregation import RoundPlan, UpdateRef, aggregate_plan
+from services.worker.aggregation import RoundAggregate, RoundPlan, UpdateRef, aggregate_plan
 from services.worker.updates import BoundedUpdates, Compatibility
 from tessera.federation import RoundConfig
 from tessera.lora import LoraSpec, adapter_to_bytes
 from tessera.lora.adapter import LoraAdapter, random_adapter
-from tessera.lora.aggregate import aggregate_exact
+from tessera.lora.aggregate import aggregate_exact, aggregate_fedavg, aggregate_private
 from tessera.lora.bounds import ScaleRange
 from tessera.storage import ObjectStore
 
@@ -25,21 +26,32 @@ SPEC = LoraSpec(
     modules={"a.to_q": (64, 64), "a.to_k": (64, 96), "b.to_q": (96, 96)},
 )
 SCALES = ScaleRange(1e-3, 16.0)
+OUTLIER = 3  # alpha 60: a product 15 times its neighbours', which the bound clips
 
 
-@pytest.mark.parametrize("count", [6, 80])  # summed rank 24 (stacked) and 320 (sketched)
-def test_exact_reads_each_update_once_and_equals_the_two_pass_stream(
-    store: ObjectStore, monkeypatch: pytest.MonkeyPatch, count: int
-) -> None:
+def stored_updates(store: ObjectStore, count: int, *, dtypes: tuple[str, ...]) -> list[UpdateRef]:
+    """`count` rank-4 updates in the store, in the given wire dtypes in turn; 1-3 samples."""
     refs = []
     prefix = f"read-once/{uuid.uuid4().hex}"
     for i in range(count):
         adapter = random_adapter(SPEC, 4, 4.0, seed=i)
-        if i == 3:  # an outlier the adaptive bound clips
+        if i == OUTLIER:
             adapter = LoraAdapter(**{**adapter.__dict__, "alpha": 60.0})
-        stored = store.put_bytes(f"{prefix}/{i}", adapter_to_bytes(adapter, dtype="float32"))
+        data = adapter_to_bytes(adapter, dtype=dtypes[i % len(dtypes)])
+        stored = store.put_bytes(f"{prefix}/{i}", data)
         refs.append(UpdateRef(i, i, stored.key, stored.sha256, 1 + i % 3, None))
-    config = RoundConfig(scope="global", method="exact", rank=4, lam=0.0)
+    return refs
+
+
+def aggregate_counting_reads(
+    store: ObjectStore,
+    monkeypatch: pytest.MonkeyPatch,
+    refs: list[UpdateRef],
+    config: RoundConfig,
+    *,
+    noise_seed: int | None = None,
+) -> tuple[RoundAggregate, Counter[str]]:
+    """The round's aggregate (one group) and how often each object was read for it."""
     gets: Counter[str] = Counter()
     real = store.get_bytes
 
@@ -56,28 +68,111 @@ def test_exact_reads_each_update_once_and_equals_the_two_pass_stream(
         groups={None: refs},
         centroids={},
     )
+    outcome = aggregate_plan(plan, store=store, scales=SCALES, noise_seed=noise_seed)
+    monkeypatch.setattr(store, "get_bytes", real)
+    return outcome, gets
 
-    outcome = aggregate_plan(plan, store=store, scales=SCALES)
 
-    assert gets == Counter({ref.object_key: 1 for ref in refs})
-    (output,) = outcome.outputs
-    assert output.metrics["updates"] == count
-    gets.clear()
+def surveyed(store: ObjectStore, refs: list[UpdateRef], config: RoundConfig) -> BoundedUpdates:
+    """The group as the two-pass reading saw it: surveyed, to be iterated (read again)."""
+    rank = config.rank if config.method == "fedavg" else None
     stream = BoundedUpdates(
         refs,
         store=store,
-        compatibility=Compatibility(rank=None),
+        compatibility=Compatibility(rank=rank),
         scales=SCALES,
         config=config,
         excluded=[],
         seed=1,
     )
     stream.survey()
+    return stream
+
+
+def relative_error(got: LoraAdapter, want: LoraAdapter) -> float:
+    return max(
+        float((got.delta(m).double() - want.delta(m).double()).norm() / want.delta(m).norm())
+        for m in SPEC.modules
+    )
+
+
+@pytest.mark.parametrize("count", [6, 80])  # summed rank 24 (stacked) and 320 (sketched)
+def test_exact_reads_each_update_once_and_equals_the_two_pass_stream(
+    store: ObjectStore, monkeypatch: pytest.MonkeyPatch, count: int
+) -> None:
+    refs = stored_updates(store, count, dtypes=("float32",))
+    config = RoundConfig(scope="global", method="exact", rank=4, lam=0.0)
+
+    outcome, gets = aggregate_counting_reads(store, monkeypatch, refs, config)
+
+    assert gets == Counter({ref.object_key: 1 for ref in refs})
+    (output,) = outcome.outputs
+    assert output.metrics["updates"] == count
+    stream = surveyed(store, refs, config)
     assert stream.clipped == 0  # counted on the maths' pass
     two_pass = aggregate_exact(stream, rank=4)  # read again, each update clipped as it comes
     assert stream.clipped == 1
-    for module in SPEC.modules:
-        want = two_pass.adapter.delta(module).double()
-        got = output.adapter.delta(module).double()
-        assert float((got - want).norm() / want.norm()) < 1e-5
+    assert relative_error(output.adapter, two_pass.adapter) < 1e-5
     assert torch.isfinite(torch.tensor(output.metrics["energy_kept"]))
+
+
+@pytest.mark.parametrize("robust", ["none", "norm"])  # norm: the outlier is left out
+def test_fedavg_reads_each_update_once_and_equals_the_two_pass_stream(
+    store: ObjectStore, monkeypatch: pytest.MonkeyPatch, robust: Literal["none", "norm"]
+) -> None:
+    refs = stored_updates(store, 7, dtypes=("float16", "float32", "bfloat16"))
+    config = RoundConfig(
+        scope="global", method="fedavg", rank=4, lam=0.0, robust=robust, robust_norm_ratio=4.0
+    )
+
+    outcome, gets = aggregate_counting_reads(store, monkeypatch, refs, config)
+
+    assert gets == Counter({ref.object_key: 1 for ref in refs})
+    (output,) = outcome.outputs
+    left_out = [e.update_id for e in outcome.excluded]
+    assert left_out == ([] if robust == "none" else [OUTLIER])
+    assert output.metrics["updates"] == 7 - len(left_out)
+    stream = surveyed(store, refs, config)
+    two_pass = aggregate_fedavg(stream, rank=4)  # read again, each update clipped as it comes
+    assert stream.clipped == (1 if robust == "none" else 0)
+    assert two_pass.tensors.keys() == output.adapter.tensors.keys()
+    for key, want in two_pass.tensors.items():  # the same values summed in the same order
+        assert torch.equal(output.adapter.tensors[key], want), key
+    assert output.adapter.alpha == two_pass.alpha
+
+
+def test_a_private_round_reads_each_update_once_and_adds_the_same_noise(
+    store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    refs = stored_updates(store, 5, dtypes=("float16", "float32"))
+    # Rank 64 keeps every module's whole noisy sum; the bound clips the outlier only.
+    config = RoundConfig(
+        scope="global",
+        method="exact",
+        rank=64,
+        lam=0.0,
+        clip="fixed",
+        clip_norm=0.5,
+        weighting="equal",
+        noise_multiplier=0.5,
+    )
+
+    outcome, gets = aggregate_counting_reads(store, monkeypatch, refs, config, noise_seed=11)
+
+    assert gets == Counter({ref.object_key: 1 for ref in refs})
+    (output,) = outcome.outputs
+    assert output.metrics["updates"] == 5
+    stream = surveyed(store, refs, config)
+    two_pass = aggregate_private(
+        stream,  # read again, clipped by the worker, then by the mechanism
+        rank=64,
+        clip_norm=0.5,
+        noise_multiplier=0.5,
+        count=stream.received,
+        generator=torch.Generator().manual_seed(11),
+    )
+    assert stream.clipped == 1
+    assert relative_error(output.adapter, two_pass.adapter) < 1e-5
+    other = aggregate_counting_reads(store, monkeypatch, refs, config, noise_seed=12)[0]
+    (another,) = other.outputs
+    assert relative_error(another.adapter, two_pass.adapter) > 0.01  # the noise is seen
