@@ -127,34 +127,58 @@ def build_round(
     session.flush()
     built = Built(round_id=round_row.id)
     for label, sample_counts in clusters.items():
-        for samples in sample_counts:
-            client = _client(session)
-            if label is not None:
-                session.add(
-                    Assignment(clustering_id=clustering.id, client_id=client.id, label=label)
-                )
-            seed += 1
-            data = adapter_to_bytes(
-                random_adapter(spec, UPDATE_RANK, float(UPDATE_RANK), seed=seed, std=0.3)
-            )
-            sha256 = hashlib.sha256(data).hexdigest()
-            stored = store.put_bytes(update_key(round_row.id, client.id, sha256), data)
-            row = Update(
-                client_id=client.id,
-                round_id=round_row.id,
-                object_key=stored.key,
-                sha256=stored.sha256,
-                size_bytes=stored.size,
-                num_samples=samples,
-                train_loss=0.1 * samples,
-                status=UpdateStatus.RECEIVED,
-            )
-            session.add(row)
-            session.flush()
-            member = Member(client.id, row.id, adapter_from_bytes(data), samples)
-            built.members.setdefault(label, []).append(member)
+        built.members[label] = add_updates(
+            session,
+            store,
+            spec,
+            round_id=round_row.id,
+            clustering_id=clustering.id,
+            label=label,
+            samples=sample_counts,
+            seed=seed,
+        )
+        seed += len(sample_counts)
     session.commit()
     return built
+
+
+def add_updates(
+    session: Session,
+    store: ObjectStore,
+    spec: LoraSpec,
+    *,
+    round_id: int,
+    clustering_id: int,
+    label: int | None,
+    samples: list[int],
+    seed: int,
+) -> list[Member]:
+    """One update received from a new device of cluster `label` per sample count (uncommitted),
+    the n-th drawn with seed `seed` + n."""
+    members = []
+    for offset, count in enumerate(samples, start=1):
+        client = _client(session)
+        if label is not None:
+            session.add(Assignment(clustering_id=clustering_id, client_id=client.id, label=label))
+        data = adapter_to_bytes(
+            random_adapter(spec, UPDATE_RANK, float(UPDATE_RANK), seed=seed + offset, std=0.3)
+        )
+        sha256 = hashlib.sha256(data).hexdigest()
+        stored = store.put_bytes(update_key(round_id, client.id, sha256), data)
+        row = Update(
+            client_id=client.id,
+            round_id=round_id,
+            object_key=stored.key,
+            sha256=stored.sha256,
+            size_bytes=stored.size,
+            num_samples=count,
+            train_loss=0.1 * count,
+            status=UpdateStatus.RECEIVED,
+        )
+        session.add(row)
+        session.flush()
+        members.append(Member(client.id, row.id, adapter_from_bytes(data), count))
+    return members
 
 
 def run(resources: Resources, round_id: int) -> dict[str, Any]:
