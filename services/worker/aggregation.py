@@ -33,7 +33,7 @@ import math
 import secrets
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -53,6 +53,7 @@ from tessera.lora.aggregate import (
     neighbour_blend,
 )
 from tessera.lora.bounds import ScaleRange, publish_problem
+from tessera.lora.lowrank import DEFAULT_SKETCH, SketchOptions
 from tessera.metrics import AGGREGATION_SECONDS
 from tessera.models import AdapterKind
 from tessera.storage import ObjectStore
@@ -174,6 +175,11 @@ def aggregate_plan(
     )
 
 
+def sketch_options(config: RoundConfig) -> SketchOptions:
+    """The exact path's options for a round: the defaults, with the round's power passes."""
+    return replace(DEFAULT_SKETCH, power_passes=config.power_passes)
+
+
 def _exclude_rest(excluded: list[Exclusion], refs: Sequence[UpdateRef], reason: str) -> None:
     """Exclude, with `reason`, each of `refs` not excluded already."""
     seen = {e.update_id for e in excluded}
@@ -270,7 +276,7 @@ class _ReadOnce:
                 noise_multiplier=config.noise_multiplier,
             )
         elif config.method == "exact":
-            self._exact = ExactSum(rank=config.rank)
+            self._exact = ExactSum(rank=config.rank, options=sketch_options(config))
         else:
             self._fedavg = FedAvgSum(rank=config.rank)
 
@@ -347,7 +353,7 @@ def _outputs(plan: RoundPlan, groups: dict[int | None, _Group]) -> list[ToPublis
         outputs.append(ToPublish(name, AdapterKind.CLUSTER, label, adapter, metrics))
     weighted = [WeightedUpdate(group.adapter, group.weight) for group in clusters.values()]
     if config.method == "exact":
-        result = global_adapter(weighted, rank=config.rank)
+        result = global_adapter(weighted, rank=config.rank, options=sketch_options(config))
         adapter, energy = result.adapter, result.energy_kept
     else:
         adapter, energy = aggregate_fedavg(weighted, rank=config.rank), None

@@ -20,7 +20,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.worker.aggregation import RoundAggregate, RoundPlan
+from services.worker.aggregation import RoundAggregate, RoundPlan, sketch_options
 from services.worker.publishing import ToPublish
 from tessera.federation import GLOBAL_ADAPTER, RoundConfig, cluster_adapter_name
 from tessera.lora import LoraAdapter, LoraSpec
@@ -106,7 +106,7 @@ def aggregate_secure(
         outputs.append(ToPublish(name, AdapterKind.CLUSTER, group.label, adapter, cluster_metrics))
         weights.append(WeightedUpdate(adapter, weight_sum))
     if weights:
-        result = global_adapter(weights, rank=config.rank)
+        result = global_adapter(weights, rank=config.rank, options=sketch_options(config))
         metrics: dict[str, Any] = {
             "method": "secure",
             "scope": config.scope,

@@ -194,6 +194,12 @@ def round_group() -> None:
 @click.option("--method", type=click.Choice(["exact", "fedavg", "secure"]), default=None)
 @click.option("--scope", type=click.Choice(["cluster", "global"]), default=None)
 @click.option("--rank", type=int, default=None)
+@click.option(
+    "--power-passes",
+    type=int,
+    default=None,
+    help="Exact beyond summed rank 256: the sketch's power passes (0-8, default 1).",
+)
 @click.option("--min-updates", type=int, default=None)
 @click.option("--min-updates-per-cluster", type=int, default=None)
 @click.option("--deadline-s", type=float, default=None)

@@ -66,6 +66,14 @@ class RoundConfig(BaseModel):
         description="cluster: one adapter per cluster plus a global one; global: one for everyone",
     )
     rank: Annotated[int, Field(ge=1, le=64)] = 8
+    power_passes: Annotated[int, Field(ge=0, le=8)] = Field(
+        default=1,
+        description="exact, beyond the summed rank the stacked path solves exactly (256): the "
+        "sketch's power passes, each one more read of the stored factors. Updates that share "
+        "directions (a cluster's) are within 1e-3 of the best rank-r truncation at 1; updates "
+        "that share none leave it ill-conditioned, and more passes bring the result nearer its "
+        "residual (docs/bench_aggregation.md)",
+    )
     min_updates: Annotated[int, Field(ge=1, le=100_000)] = 1
     min_updates_per_cluster: Annotated[int, Field(ge=0, le=100_000)] = 0
     deadline_s: Annotated[float | None, Field(gt=0, le=7 * 24 * 3600, allow_inf_nan=False)] = None

@@ -34,6 +34,7 @@ def test_open_a_round_with_its_config(
     assert first["state"] == "collecting"
     assert first["config"]["method"] == "fedavg"
     assert first["config"]["min_updates"] == 1  # defaults filled in
+    assert first["config"]["power_passes"] == 1
     assert first["deadline"] is not None
     assert first["clustering_id"] == clustering.id
     assert first["updates"] == 0
@@ -57,7 +58,13 @@ def test_only_one_round_collects_at_a_time(aggregator: TestClient, operator: dic
 
 @pytest.mark.parametrize(
     ("body", "field"),
-    [({"colour": "red"}, "colour"), ({"rank": 0}, "rank"), ({"method": "median"}, "method")],
+    [
+        ({"colour": "red"}, "colour"),
+        ({"rank": 0}, "rank"),
+        ({"method": "median"}, "method"),
+        ({"power_passes": 9}, "power_passes"),
+        ({"power_passes": -1}, "power_passes"),
+    ],
 )
 def test_a_bad_config_is_422(
     aggregator: TestClient, operator: dict, body: dict, field: str

@@ -189,7 +189,7 @@ def test_the_cli_opens_a_round_with_bounds_and_shows_its_exclusions(
             "round",
             "open",
             *("--weighting", "equal", "--clip", "fixed", "--clip-norm", "2"),
-            *("--robust", "krum", "--robust-f", "2"),
+            *("--robust", "krum", "--robust-f", "2", "--power-passes", "3"),
         ],
     )
     bad = runner.invoke(cli.main, ["round", "open", "--clip", "fixed"])
@@ -199,7 +199,7 @@ def test_the_cli_opens_a_round_with_bounds_and_shows_its_exclusions(
     assert opened.exit_code == 0, opened.output
     config = json.loads(shown.stdout)["config"]
     assert (config["weighting"], config["clip"], config["clip_norm"]) == ("equal", "fixed", 2.0)
-    assert (config["robust"], config["robust_f"]) == ("krum", 2)
+    assert (config["robust"], config["robust_f"], config["power_passes"]) == ("krum", 2, 3)
     assert json.loads(shown.stdout)["excluded"] == []
     assert bad.exit_code != 0 and "422" in bad.output
 
