@@ -2,7 +2,7 @@
 
     python bench/aggregation_scale.py --out docs [--models sd15 sdxl] [--ranks 4 16]
         [--counts 10 100 1000] [--max-resident-gb 7] [--dense-max 10] [--dense-ranks 4 16]
-        [--streamed-max 100] [--streamed-models sd15 sdxl]
+        [--streamed-max 100] [--streamed-max-gb 4] [--streamed-models sd15 sdxl]
     python bench/aggregation_scale.py --out docs --report-only [--notes reading.md]
 
 For every model, rank and N, each method runs in a fresh process of its own, on the same N
@@ -335,6 +335,8 @@ def cells(args: argparse.Namespace) -> list[dict[str, Any]]:
                         skip = f"dense sums need {dense_bytes / 1e9:.1f} GB"
                     if method == "streamed" and count > args.streamed_max:
                         skip = f"streamed only for N <= {args.streamed_max}"
+                    elif method == "streamed" and resident > args.streamed_max_gb * 1e9:
+                        skip = f"streamed only up to {args.streamed_max_gb:g} GB of uploads"
                     if method == "streamed" and model not in args.streamed_models:
                         skip = f"streamed only for {' and '.join(args.streamed_models)}"
                     jobs.append(
@@ -564,6 +566,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dense-max", type=int, default=10)
     parser.add_argument("--dense-ranks", nargs="+", type=int, default=[4, 16])
     parser.add_argument("--streamed-max", type=int, default=100)
+    parser.add_argument(
+        "--streamed-max-gb",
+        type=float,
+        default=4.0,
+        help="skip streamed cells whose updates add up to more (they are uploaded first)",
+    )
     parser.add_argument(
         "--streamed-models",
         nargs="+",
