@@ -212,7 +212,7 @@ def run_child(job: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-SWEEP = ((4, 1), (4, 3), (16, 1), (16, 3), (16, 7))
+SWEEP = ((4, 1), (4, 0), (4, 3), (16, 1), (16, 3), (16, 7))
 """(oversample, power passes) of the accuracy sweep; the first is `aggregate_exact`'s default."""
 
 
