@@ -216,15 +216,6 @@ SWEEP = ((4, 1), (4, 0), (4, 3), (16, 1), (16, 3), (16, 7))
 """(oversample, power passes) of the accuracy sweep; the first is `aggregate_exact`'s default."""
 
 
-def _energy(adapter: LoraAdapter) -> float:
-    """||scale B A||_F^2 summed over modules, from the small Gram matrices (no product)."""
-    total = 0.0
-    for module in adapter.modules:
-        a, b = (t.double() for t in adapter.flat_pair(module))
-        total += float(((b.mT @ b) * (a @ a.mT)).sum()) * adapter.scale**2
-    return total
-
-
 def _singular(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
     """Each module's singular values of an exact result (B = U sqrt(S/scale), A likewise)."""
     return {
@@ -242,6 +233,7 @@ def _sweep(job: dict[str, Any], model_spec: LoraSpec) -> dict[str, Any]:
     ||X||^2 and the residual ratio needs no dense M. Also the spectral gap sigma_r / sigma_r+1
     (median over modules), which says whether the best truncation is well defined at all."""
     from tessera.lora.aggregate_dense import relative_error
+    from tessera.lora.bounds import update_norm
     from tessera.lora.lowrank import SketchOptions
 
     rank, count = job["rank"], job["count"]
@@ -250,7 +242,7 @@ def _sweep(job: dict[str, Any], model_spec: LoraSpec) -> dict[str, Any]:
     best = aggregate_exact(updates, rank=rank, options=exact)
     wider = _singular(aggregate_exact(updates, rank=rank + 1, options=exact).adapter)
     gaps = sorted(float(s[rank - 1] / s[rank]) for s in wider.values())
-    best_energy = _energy(best.adapter)
+    best_energy = update_norm(best.adapter) ** 2
     total = best_energy / best.energy_kept
     rows = []
     for oversample, passes in SWEEP:
@@ -258,7 +250,7 @@ def _sweep(job: dict[str, Any], model_spec: LoraSpec) -> dict[str, Any]:
         start = time.perf_counter()
         result = aggregate_exact(updates, rank=rank, options=options)
         seconds = time.perf_counter() - start
-        energy = _energy(result.adapter)
+        energy = update_norm(result.adapter) ** 2
         rows.append(
             {
                 "oversample": oversample,
