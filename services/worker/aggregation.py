@@ -379,6 +379,7 @@ def _blend(
         lam=config.lam,
         temperature=config.temperature,
         rank=config.rank,
+        options=sketch_options(config),
     )
     for label, result in results.items():
         out[label] = (result.adapter, result.energy_kept)

@@ -78,10 +78,14 @@ class RoundConfig(BaseModel):
     min_updates_per_cluster: Annotated[int, Field(ge=0, le=100_000)] = 0
     deadline_s: Annotated[float | None, Field(gt=0, le=7 * 24 * 3600, allow_inf_nan=False)] = None
     lam: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] = Field(
-        default=0.2, description="share of the neighbours in each cluster adapter (0: off)"
+        default=0.2,
+        description="the most each cluster adapter takes from its neighbours (0: off); a "
+        "neighbour's part is lam times its softmax share, the cluster itself included",
     )
     temperature: Temperature = Field(
-        default=0.1, description="softmax temperature over centroid cosine similarity"
+        default=0.1,
+        description="softmax temperature over centroid cosine similarity (at 0.1, of two "
+        "clusters, a neighbour at cosine 0.6 gets 2% of lam, a near twin half)",
     )
     weighting: Literal["samples", "equal"] = Field(
         default="samples",

@@ -202,17 +202,27 @@ def test_global_adapter_is_the_size_weighted_exact_mean() -> None:
 CENTROIDS = {"a": [1.0, 0.0], "b": [0.9, 0.1], "c": [-1.0, 0.2]}
 
 
-def test_neighbour_weights_follow_similarity() -> None:
+def test_neighbour_weights_follow_similarity_with_each_cluster_its_own_closest() -> None:
     weights = neighbour_weights(CENTROIDS, temperature=0.5)
 
-    assert set(weights["a"]) == {"b", "c"}
-    assert weights["a"]["b"] > weights["a"]["c"]
-    assert weights["c"]["b"] > weights["c"]["a"]
+    assert set(weights["a"]) == {"a", "b", "c"}
+    assert weights["a"]["a"] > weights["a"]["b"] > weights["a"]["c"]
+    assert weights["c"]["c"] > weights["c"]["b"] > weights["c"]["a"]
     for row in weights.values():
         assert sum(row.values()) == pytest.approx(1.0)
     cos_ab, cos_ac = 0.9 / math.hypot(0.9, 0.1), -1.0 / math.hypot(1.0, 0.2)
-    expected = 1 / (1 + math.exp((cos_ac - cos_ab) / 0.5))
-    assert weights["a"]["b"] == pytest.approx(expected)
+    logits = [1 / 0.5, cos_ab / 0.5, cos_ac / 0.5]
+    total = sum(math.exp(x) for x in logits)
+    assert weights["a"]["b"] == pytest.approx(math.exp(logits[1]) / total)
+    assert weights["a"]["a"] == pytest.approx(math.exp(logits[0]) / total)
+
+
+def test_dissimilar_clusters_share_next_to_nothing_and_twins_share_evenly() -> None:
+    far = neighbour_weights({"x": [1.0, 0.0], "y": [0.0, 1.0]}, temperature=0.1)
+    twins = neighbour_weights({"x": [1.0, 0.0], "y": [2.0, 0.0]}, temperature=0.1)
+
+    assert far["x"]["y"] == pytest.approx(1 / (1 + math.exp(10)))
+    assert twins["x"]["y"] == pytest.approx(0.5)
 
 
 def test_neighbour_blend_with_lam_zero_returns_own_adapters() -> None:
@@ -226,13 +236,17 @@ def test_neighbour_blend_with_lam_zero_returns_own_adapters() -> None:
     assert alone["a"].adapter is clusters["a"]
 
 
-def test_neighbour_blend_with_lam_one_drops_own_product() -> None:
+def test_neighbour_blend_with_lam_one_is_the_similarity_mix_itself_included() -> None:
     clusters = {"a": random_adapter(2, seed=1), "b": zeros_like_spec(SPEC, 2, 2.0)}
     clusters["c"] = zeros_like_spec(SPEC, 3, 3.0)
+    weights = neighbour_weights(CENTROIDS, temperature=0.5)
 
     blended = neighbour_blend(clusters, CENTROIDS, lam=1.0, temperature=0.5, rank=4)
 
-    assert all(t.abs().max() == 0 for t in blended["a"].adapter.tensors.values())
+    own = products(clusters["a"])
+    for c in ("a", "b"):  # b and c hold zeros: only a's product, by its share, remains
+        expected = {m: product.double() * weights[c]["a"] for m, product in own.items()}
+        assert_products(blended[c].adapter, expected)
 
 
 def test_neighbour_blend_mixes_exactly_by_similarity() -> None:
@@ -242,8 +256,7 @@ def test_neighbour_blend_mixes_exactly_by_similarity() -> None:
     blended = neighbour_blend(clusters, CENTROIDS, lam=0.3, temperature=0.5, rank=6)
 
     for c, result in blended.items():
-        mix = [WeightedUpdate(clusters[c], 0.7)]
-        mix += [WeightedUpdate(clusters[j], 0.3 * p) for j, p in weights[c].items()]
+        mix = [WeightedUpdate(clusters[j], 0.3 * p + 0.7 * (j == c)) for j, p in weights[c].items()]
         assert_products(result.adapter, weighted_mean(mix))
         assert result.adapter.extra["method"] == "neighbour_blend"
         assert result.adapter.extra["lam"] == "0.3"
@@ -484,8 +497,7 @@ def test_global_and_neighbour_blend_handle_conv_pairs() -> None:
         overall.adapter, weighted_mean([WeightedUpdate(a, 1.0) for a in clusters.values()], CONV)
     )
     for c, result in blended.items():
-        mix = [WeightedUpdate(clusters[c], 0.7)]
-        mix += [WeightedUpdate(clusters[j], 0.3 * p) for j, p in weights[c].items()]
+        mix = [WeightedUpdate(clusters[j], 0.3 * p + 0.7 * (j == c)) for j, p in weights[c].items()]
         assert_conv_layout(result.adapter, 6)
         assert_products(result.adapter, weighted_mean(mix, CONV))
 

@@ -670,7 +670,9 @@ def global_adapter(
 def neighbour_weights(
     centroids: Mapping[K, torch.Tensor | Sequence[float]], *, temperature: float
 ) -> dict[K, dict[K, float]]:
-    """For each cluster, softmax over the others of cosine(centroids) / temperature."""
+    """For each cluster, every cluster's share (its own included): softmax of
+    cosine(centroids) / temperature. A cluster is its own closest (cosine 1), so a neighbour
+    gets much only when it is nearly as close: dissimilar clusters share next to nothing."""
     if not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
     ids = list(centroids)
@@ -685,16 +687,10 @@ def neighbour_weights(
             )
         if not bool(torch.isfinite(row).all()):
             raise ValueError(f"centroid of cluster {c!r} has non-finite values")
-    if len(ids) == 1:
-        return {ids[0]: {}}
     unit = torch.stack(rows)
     unit = unit / unit.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    logits = (unit @ unit.T) / temperature
-    logits.fill_diagonal_(-math.inf)
-    probs = torch.softmax(logits, dim=1)
-    return {
-        c: {j: float(probs[i, n]) for n, j in enumerate(ids) if n != i} for i, c in enumerate(ids)
-    }
+    probs = torch.softmax((unit @ unit.T) / temperature, dim=1)
+    return {c: {j: float(probs[i, n]) for n, j in enumerate(ids)} for i, c in enumerate(ids)}
 
 
 def neighbour_blend(
@@ -707,10 +703,12 @@ def neighbour_blend(
     alpha: float | None = None,
     options: SketchOptions = DEFAULT_SKETCH,
 ) -> dict[K, ExactResult]:
-    """Each cluster's adapter mixed with its neighbours': (1 - lam) own + lam * similar others.
+    """Each cluster's adapter mixed with its neighbours': (1 - lam) own + lam * the
+    similarity-weighted mix of all clusters (`neighbour_weights`, itself included).
 
-    The others are weighted by `neighbour_weights`; the mix is exact on the products and
-    re-factorised to `rank`. With lam = 0 or a single cluster, each adapter comes back as is.
+    So lam caps what a cluster takes from the others, and it takes that much only from
+    neighbours as close as itself. The mix is exact on the products and re-factorised to
+    `rank`. With lam = 0 or a single cluster, each adapter comes back as is.
     """
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam must lie in [0, 1], got {lam}")
@@ -721,9 +719,11 @@ def neighbour_blend(
     if lam == 0 or len(clusters) == 1:
         return {c: ExactResult(adapter=adapter, energy_kept=1.0) for c, adapter in clusters.items()}
     blended: dict[K, ExactResult] = {}
-    for c, own in clusters.items():
-        mix = [WeightedUpdate(own, 1.0 - lam)]
-        mix += [WeightedUpdate(clusters[j], lam * p) for j, p in weights[c].items()]
+    for c in clusters:
+        mix = [
+            WeightedUpdate(clusters[j], lam * p + (1.0 - lam if j == c else 0.0))
+            for j, p in weights[c].items()
+        ]
         result = _exact(mix, rank=rank, alpha=alpha, method="neighbour_blend", options=options)
         extra = {**result.adapter.extra, "lam": str(lam), "temperature": str(temperature)}
         blended[c] = replace(result, adapter=replace(result.adapter, extra=extra))

@@ -283,10 +283,10 @@ def test_cluster_adapters_are_the_weighted_mean_of_products_and_announced(
     ]
 
 
-def test_lam_mixes_in_the_neighbour(
+def test_lam_mixes_in_the_neighbour_by_its_similarity(
     session: Session, store: ObjectStore, resources: Resources, spec: LoraSpec
 ) -> None:
-    config = RoundConfig(rank=4 * UPDATE_RANK, lam=0.25)
+    config = RoundConfig(rank=4 * UPDATE_RANK, lam=0.25, temperature=0.5)
     built = build_round(
         session, store, spec, config=config, clusters=TWO_CLUSTERS, centroids=CENTROIDS
     )
@@ -296,9 +296,12 @@ def test_lam_mixes_in_the_neighbour(
     own = {
         label: {m: mean_delta(ms, m) for m in spec.modules} for label, ms in built.members.items()
     }
-    for label, other in ((0, 1), (1, 0)):  # one neighbour: it takes all of lam
+    a, b = (np.asarray(CENTROIDS[c]) for c in (0, 1))
+    cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+    share = 0.25 / (1 + math.exp((1 - cosine) / 0.5))  # lam times the neighbour's softmax
+    for label, other in ((0, 1), (1, 0)):
         adapter = published(session, store, f"cluster:{label}", built.round_id)
-        expected = {m: 0.75 * own[label][m] + 0.25 * own[other][m] for m in spec.modules}
+        expected = {m: (1 - share) * own[label][m] + share * own[other][m] for m in spec.modules}
         assert max_error(adapter, expected) < TOLERANCE
     assert summary["adapters"][0]["metrics"]["blend_energy_kept"] == pytest.approx(1.0)
 
