@@ -4,10 +4,8 @@ The survey reads each update, checks it (readable, compatible with the round's o
 scale within TESSERA_MIN/MAX_LORA_SCALE, a finite product norm), keeps its norm and hands the
 update to a `keep` callback: the worker's maths (exact, fedavg or private) takes it then, and
 `settled` gives the weights, clip factors included, once the group's clip bound and capped
-weights follow from the norms. Iterating instead reads each usable update a second time and
-yields it clipped (`tessera.lora.bounds`): the two-pass reading, which the read-once path is
-tested against. An update that fails a check is excluded with the reason, and the rest
-aggregate.
+weights follow from the norms (each update is clipped by its factor, `tessera.lora.bounds`).
+An update that fails a check is excluded with the reason, and the rest aggregate.
 """
 
 from __future__ import annotations
@@ -25,12 +23,10 @@ import torch
 from tessera.federation import RoundConfig
 from tessera.lora import LoraAdapter, LoraFileError, adapter_from_bytes
 from tessera.lora.adapter import A_SUFFIX, B_SUFFIX
-from tessera.lora.aggregate import WeightedUpdate
 from tessera.lora.bounds import (
     ScaleRange,
     capped_weights,
     clip_bound,
-    clip_update,
     staleness_discount,
     update_norm,
 )
@@ -106,9 +102,8 @@ class Compatibility:
 class BoundedUpdates:
     """A group's usable updates, each clipped to the group's norm bound with a capped weight.
 
-    Call `survey(keep)` first, then `settled()` for the weights of the updates `keep` took;
-    or, reading twice, iterate after `survey()`: each iteration yields the `WeightedUpdate`s
-    for one pass of the maths, read again from the object store (a few ahead, by threads).
+    Call `survey(keep)`, which reads each update once (a few ahead, by threads) and hands it
+    to the maths, then `settled()` for the weights of the updates `keep` took.
     """
 
     def __init__(
@@ -138,7 +133,6 @@ class BoundedUpdates:
         self.clipped = 0
         self.total_weight = 0.0
         self.bound: float | None = None
-        self._passes = 0
         self._kept: list[UpdateRef] = []
 
     @property
@@ -226,30 +220,6 @@ class BoundedUpdates:
                 self.exclude(ref, reason)
         return [ref for ref in usable if ref.id in chosen]
 
-    def __iter__(self) -> Iterator[WeightedUpdate]:
-        """One pass of the maths: each usable update, clipped, with its weight.
-
-        The first pass records which were used (an update that no longer reads is excluded);
-        a later pass (the exact maths may read the updates a few times) reads the used ones
-        again and fails if one no longer reads as it did.
-        """
-        first = not self._passes
-        self._passes += 1
-        refs = [r for r in self._refs if r.id in self._norms] if first else list(self.used)
-        for ref, (adapter, reason) in _prefetched(refs, self._read):
-            if adapter is None:
-                if not first:
-                    raise RuntimeError(f"update {ref.id} changed while the round aggregated")
-                self.exclude(ref, reason)
-                continue
-            assert self.bound is not None
-            adapter, factor = clip_update(adapter, norm=self._norms[ref.id], bound=self.bound)
-            if first:
-                self.clipped += factor < 1.0
-                self.used.append(ref)
-                self.total_weight += self._weights[ref.id]
-            yield WeightedUpdate(adapter, self._weights[ref.id])
-
     def settled(self) -> tuple[list[float], list[float]]:
         """The weight and clip factor of each update `survey` gave to `keep` (weight 0 for one
         a robust rule left out); records them as used, as a first pass over the stream does."""
@@ -268,7 +238,6 @@ class BoundedUpdates:
             self.total_weight += self._weights[ref.id]
             weights.append(self._weights[ref.id])
             clips.append(factor)
-        self._passes += 1
         return weights, clips
 
     def exclude(self, ref: UpdateRef, reason: str) -> None:

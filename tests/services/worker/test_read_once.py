@@ -1,10 +1,11 @@
-"""The worker reads each update object once, for every method, and agrees with the two-pass
-reading: exact, fedavg and private (same noise seed, same result)."""
+"""The worker reads each update object once, for every method, and agrees with the same maths
+on the updates held in memory: exact, fedavg and private (same noise seed, same result)."""
 
 from __future__ import annotations
 
 import uuid
 from collections import Counter
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -16,8 +17,13 @@ from services.worker.updates import BoundedUpdates, Compatibility
 from tessera.federation import RoundConfig
 from tessera.lora import LoraSpec, adapter_to_bytes
 from tessera.lora.adapter import LoraAdapter, random_adapter
-from tessera.lora.aggregate import aggregate_exact, aggregate_fedavg, aggregate_private
-from tessera.lora.bounds import ScaleRange, update_norm
+from tessera.lora.aggregate import (
+    WeightedUpdate,
+    aggregate_exact,
+    aggregate_fedavg,
+    aggregate_private,
+)
+from tessera.lora.bounds import ScaleRange, clip_update, update_norm
 from tessera.lora.lowrank import SketchOptions
 from tessera.storage import ObjectStore
 
@@ -75,8 +81,17 @@ def aggregate_counting_reads(
     return outcome, gets
 
 
-def surveyed(store: ObjectStore, refs: list[UpdateRef], config: RoundConfig) -> BoundedUpdates:
-    """The group as the two-pass reading saw it: surveyed, to be iterated (read again)."""
+@dataclass
+class HeldGroup:
+    """The group's updates held in memory, each clipped to the bound with its weight: the
+    oracle the worker's one reading is checked against (the batch maths on a list)."""
+
+    updates: list[WeightedUpdate]
+    stream: BoundedUpdates
+
+
+def held(store: ObjectStore, refs: list[UpdateRef], config: RoundConfig) -> HeldGroup:
+    """Survey the group as the worker does, keeping every update; then clip and weigh them."""
     rank = config.rank if config.method == "fedavg" else None
     stream = BoundedUpdates(
         refs,
@@ -87,8 +102,16 @@ def surveyed(store: ObjectStore, refs: list[UpdateRef], config: RoundConfig) -> 
         excluded=[],
         seed=1,
     )
-    stream.survey()
-    return stream
+    kept: list[tuple[LoraAdapter, float]] = []
+    stream.survey(lambda adapter, norm: kept.append((adapter, norm)))
+    weights, clips = stream.settled()
+    assert stream.bound is not None
+    updates = [
+        WeightedUpdate(clip_update(adapter, norm=norm, bound=stream.bound)[0], weight)
+        for (adapter, norm), weight, clip in zip(kept, weights, clips, strict=True)
+        if clip > 0  # 0: left out by the robust rule
+    ]
+    return HeldGroup(updates, stream)
 
 
 def relative_error(got: LoraAdapter, want: LoraAdapter) -> float:
@@ -110,11 +133,10 @@ def test_exact_reads_each_update_once_and_equals_the_two_pass_stream(
     assert gets == Counter({ref.object_key: 1 for ref in refs})
     (output,) = outcome.outputs
     assert output.metrics["updates"] == count
-    stream = surveyed(store, refs, config)
-    assert stream.clipped == 0  # counted on the maths' pass
-    two_pass = aggregate_exact(stream, rank=4)  # read again, each update clipped as it comes
-    assert stream.clipped == 1
-    assert relative_error(output.adapter, two_pass.adapter) < 1e-5
+    group = held(store, refs, config)
+    assert group.stream.clipped == 1
+    in_memory = aggregate_exact(group.updates, rank=4)
+    assert relative_error(output.adapter, in_memory.adapter) < 1e-5
     assert torch.isfinite(torch.tensor(output.metrics["energy_kept"]))
 
 
@@ -134,13 +156,13 @@ def test_fedavg_reads_each_update_once_and_equals_the_two_pass_stream(
     left_out = [e.update_id for e in outcome.excluded]
     assert left_out == ([] if robust == "none" else [OUTLIER])
     assert output.metrics["updates"] == 7 - len(left_out)
-    stream = surveyed(store, refs, config)
-    two_pass = aggregate_fedavg(stream, rank=4)  # read again, each update clipped as it comes
-    assert stream.clipped == (1 if robust == "none" else 0)
-    assert two_pass.tensors.keys() == output.adapter.tensors.keys()
-    for key, want in two_pass.tensors.items():  # the same values summed in the same order
+    group = held(store, refs, config)
+    in_memory = aggregate_fedavg(group.updates, rank=4)
+    assert group.stream.clipped == (1 if robust == "none" else 0)
+    assert in_memory.tensors.keys() == output.adapter.tensors.keys()
+    for key, want in in_memory.tensors.items():  # the same values summed in the same order
         assert torch.equal(output.adapter.tensors[key], want), key
-    assert output.adapter.alpha == two_pass.alpha
+    assert output.adapter.alpha == in_memory.alpha
 
 
 def test_a_private_round_reads_each_update_once_and_adds_the_same_noise(
@@ -164,20 +186,20 @@ def test_a_private_round_reads_each_update_once_and_adds_the_same_noise(
     assert gets == Counter({ref.object_key: 1 for ref in refs})
     (output,) = outcome.outputs
     assert output.metrics["updates"] == 5
-    stream = surveyed(store, refs, config)
-    two_pass = aggregate_private(
-        stream,  # read again, clipped by the worker, then by the mechanism
+    group = held(store, refs, config)
+    in_memory = aggregate_private(
+        group.updates,  # clipped by the worker, then by the mechanism
         rank=64,
         clip_norm=0.5,
         noise_multiplier=0.5,
-        count=stream.received,
+        count=group.stream.received,
         generator=torch.Generator().manual_seed(11),
     )
-    assert stream.clipped == 1
-    assert relative_error(output.adapter, two_pass.adapter) < 1e-5
+    assert group.stream.clipped == 1
+    assert relative_error(output.adapter, in_memory.adapter) < 1e-5
     other = aggregate_counting_reads(store, monkeypatch, refs, config, noise_seed=12)[0]
     (another,) = other.outputs
-    assert relative_error(another.adapter, two_pass.adapter) > 0.01  # the noise is seen
+    assert relative_error(another.adapter, in_memory.adapter) > 0.01  # the noise is seen
 
 
 def test_a_rounds_power_passes_bring_its_sketch_nearer_the_best_truncation(
@@ -191,7 +213,7 @@ def test_a_rounds_power_passes_bring_its_sketch_nearer_the_best_truncation(
         (output,) = outcome.outputs
         results[passes] = output
     config = RoundConfig(scope="global", method="exact", rank=4, lam=0.0)
-    best = aggregate_exact(surveyed(store, refs, config), rank=4, options=EXACT)
+    best = aggregate_exact(held(store, refs, config).updates, rank=4, options=EXACT)
 
     # Flat updates: the best truncation is ill-conditioned, so compare residuals, not factors.
     # Each result is a projection of M: ||M - X||^2 = ||M||^2 - ||X||^2.
