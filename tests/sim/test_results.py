@@ -109,3 +109,26 @@ def test_the_page_reports_clustering_cases_per_algorithm(tmp_path: Path) -> None
     page = markdown(summarise(reports), RESULTS_CONFIG, [0], "cmd", cases=cases)
 
     assert "| terse | kmeans | silhouette | 0.600 (0.500) |" in page
+
+
+@pytest.mark.parametrize(
+    ("without", "verdict"),
+    [
+        ([0.51, 0.91], "makes no clear difference here:** turning it off (lam 0) changes the "
+         "mean accuracy by +0.01"),
+        ([0.6, 0.96], "costs accuracy here:** with it off (lam 0) devices are +0.08"),
+        ([0.4, 0.8], "helps here:** turning it off (lam 0) changes the mean accuracy by -0.10"),
+    ],
+)  # fmt: skip
+def test_the_interaction_verdict_follows_the_lam_zero_runs(
+    without: list[float], verdict: str
+) -> None:
+    reports = {
+        "cluster-aware exact": [fake_run(0, [0.5, 0.9], 0.2)],
+        "global FedAvg": [fake_run(0, [0.5, 0.6], 0.3)],
+        "cluster-aware exact, lam 0": [fake_run(0, without, 0.2)],
+    }
+
+    page = markdown(summarise(reports), RESULTS_CONFIG, [0], "cmd")
+
+    assert f"**Knowledge interaction {verdict}" in page

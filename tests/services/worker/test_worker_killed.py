@@ -75,6 +75,36 @@ def workers(fast: Settings, tmp_path: Path) -> Iterator[WorkerProcesses]:
     pool.close()
 
 
+class Announcements:
+    """The adapter versions announced on Redis, as (adapter, version), subscribed from the
+    start of a test; `take` keeps one round's."""
+
+    def __init__(self, redis_url: str) -> None:
+        broker = redis.Redis.from_url(redis_url)
+        self._events = broker.pubsub(ignore_subscribe_messages=True)
+        self._events.subscribe(adapter_published_channel(broker))
+        self.seen: list[tuple[str, int]] = []
+
+    def take(self, round_id: int, wait_s: float) -> None:
+        """Read for `wait_s` seconds, keeping what is announced for `round_id`."""
+        drained_by = time.monotonic() + wait_s  # None also stands for a skipped subscribe message
+        while time.monotonic() < drained_by:
+            message = self._events.get_message(timeout=0.01)
+            if message is not None and json.loads(message["data"])["round_id"] == round_id:
+                event = json.loads(message["data"])
+                self.seen.append((event["adapter"], event["version"]))
+
+    def close(self) -> None:
+        self._events.close()
+
+
+@pytest.fixture
+def announcements(fast: Settings) -> Iterator[Announcements]:
+    listener = Announcements(fast.redis_url or "")
+    yield listener
+    listener.close()
+
+
 @pytest.fixture
 def hard_limited(fast: Settings, tmp_path: Path) -> Iterator[WorkerProcesses]:
     """Workers whose tasks have no soft time limit: a run over its limit is killed at once."""
@@ -107,10 +137,8 @@ def test_a_round_held_by_a_killed_worker_is_published_once_by_the_next(
     store: ObjectStore,
     spec: LoraSpec,
     workers: WorkerProcesses,
+    announcements: Announcements,
 ) -> None:
-    broker = redis.Redis.from_url(fast.redis_url or "")
-    events = broker.pubsub(ignore_subscribe_messages=True)
-    events.subscribe(adapter_published_channel(broker))
     relay = workers.relay(AGGREGATION_QUEUE)
     with TestClient(create_app(fast)):  # the round loop, every 0.2 s
         for seed in (0, 100, 200):  # the kill must land while the worker aggregates
@@ -141,13 +169,7 @@ def test_a_round_held_by_a_killed_worker_is_published_once_by_the_next(
         published_at = time.monotonic()
         time.sleep(2 * STALE_S)  # no second run may publish or announce it again
 
-    announced = []
-    drained_by = time.monotonic() + 1.0  # None also stands for a skipped subscribe message
-    while time.monotonic() < drained_by:
-        message = events.get_message(timeout=0.1)
-        if message is not None and json.loads(message["data"])["round_id"] == built.round_id:
-            announced.append(json.loads(message["data"])["adapter"])
-    events.close()
+    announcements.take(built.round_id, 1.0)
     row = _round(session, built.round_id)
     published = _published(session, built.round_id)
     recovery_s, since_kill_s = published_at - up_at, published_at - killed_at
@@ -157,7 +179,8 @@ def test_a_round_held_by_a_killed_worker_is_published_once_by_the_next(
     )
     assert row.state == RoundState.PUBLISHED and row.attempts == 2  # the killed run, the next
     assert published == ["cluster:0", "cluster:1", "global"]  # each version once
-    assert sorted(announced) == ["cluster:0", "cluster:1", "global"]  # each announced once
+    announced = sorted(name for name, _ in announcements.seen)
+    assert announced == ["cluster:0", "cluster:1", "global"]  # each announced once
     assert recovery_s < 4 * STALE_S + 10
 
 
@@ -244,20 +267,9 @@ def test_a_buffered_flush_killed_with_its_worker_is_redone_once_by_the_next(
     store: ObjectStore,
     spec: LoraSpec,
     workers: WorkerProcesses,
+    announcements: Announcements,
 ) -> None:
-    broker = redis.Redis.from_url(fast.redis_url or "")
-    events = broker.pubsub(ignore_subscribe_messages=True)
-    events.subscribe(adapter_published_channel(broker))
-    announced: list[tuple[str, int]] = []
-
-    def take_announcements(round_id: int, wait_s: float) -> None:
-        drained_by = time.monotonic() + wait_s  # None also stands for a skipped subscribe message
-        while time.monotonic() < drained_by:
-            message = events.get_message(timeout=0.01)
-            if message is not None and json.loads(message["data"])["round_id"] == round_id:
-                event = json.loads(message["data"])
-                announced.append((event["adapter"], event["version"]))
-
+    announced = announcements.seen
     relay = workers.relay(AGGREGATION_QUEUE)
     with TestClient(create_app(fast)):  # the round loop, every 0.2 s, queues the flushes
         built = build_round(
@@ -267,7 +279,7 @@ def test_a_buffered_flush_killed_with_its_worker_is_redone_once_by_the_next(
         round_id = built.round_id
 
         def first_announced() -> bool:
-            take_announcements(round_id, 0.05)
+            announcements.take(round_id, 0.05)
             return announced != []
 
         # Cluster 0's version announced: the worker has gone on to cluster 1's buffer.
@@ -303,8 +315,7 @@ def test_a_buffered_flush_killed_with_its_worker_is_redone_once_by_the_next(
             what="the round published by its third flush",
             interval=0.05,
         )
-        take_announcements(round_id, 1.0)  # and no flush may publish or announce twice
-    events.close()
+        announcements.take(round_id, 1.0)  # and no flush may publish or announce twice
 
     row = _round(session, round_id)
     versions = _versions(session, round_id)
