@@ -80,9 +80,10 @@ class Announcements:
     start of a test; `take` keeps one round's."""
 
     def __init__(self, redis_url: str) -> None:
-        broker = redis.Redis.from_url(redis_url)
-        self._events = broker.pubsub(ignore_subscribe_messages=True)
-        self._events.subscribe(adapter_published_channel(broker))
+        # Kept: a client that is collected closes its pool, the subscription's connection too.
+        self._broker = redis.Redis.from_url(redis_url)
+        self._events = self._broker.pubsub(ignore_subscribe_messages=True)
+        self._events.subscribe(adapter_published_channel(self._broker))
         self.seen: list[tuple[str, int]] = []
 
     def take(self, round_id: int, wait_s: float) -> None:
