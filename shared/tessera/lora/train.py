@@ -85,7 +85,7 @@ def train_lora(
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(spec.modules))  # type: ignore[arg-type]
     with _peft_adapter(base, config, seed, gradient_checkpointing) as params:
         if init is not None:
-            _load_into(unet, init, rebalance=train_a)
+            _load_into(unet, init)
         if not train_a:
             params = _freeze_a(unet, params)
         optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -255,44 +255,21 @@ def _check_data(base: BaseModel, images: torch.Tensor, captions: Conditioning) -
     check_conditioning(base, captions, "captions")
 
 
-# An init's A row under this share of a fresh row's length is rescaled (`_load_into`).
-SHORT_ROW = 0.5
-
-
-def _load_into(unet: torch.nn.Module, adapter: LoraAdapter, *, rebalance: bool) -> None:
+def _load_into(unet: torch.nn.Module, adapter: LoraAdapter) -> None:
     """Copy the init's A and B in; directions that are zero in both keep peft's random A.
 
     An aggregated adapter re-factorised below its rank has all-zero rows of A with all-zero
     columns of B; such a direction would get no gradient in either factor and stay dead.
     A random A row under a zero B column leaves the product, hence the start, unchanged.
-
-    With `rebalance`, an A row shorter than `SHORT_ROW` times peft's fresh random row is
-    scaled up to that row's length and its B column down by the same factor: the product,
-    hence the start, is the same. An aggregated adapter splits each direction's singular value
-    evenly between B and A, so after a few steps of training its A rows are a small fraction
-    of a fresh row, and B, whose gradient is A's size, would learn that much slower than from
-    peft's start (measured: devices served a re-factorised cluster adapter lost half their
-    style accuracy in the round after). A trained adapter's rows are about a fresh row's
-    length or more and load as they are. Secure rounds' frozen A (`train_a` False) is never
-    rescaled.
     """
     with torch.no_grad():
         for module, a, b in adapter.pairs():
             layer: Any = unet.get_submodule(module)  # a peft LoRA layer
             lora_a = layer.lora_A[ADAPTER_NAME].weight
-            rows = a.flatten(1).norm(dim=1)
-            dead = (rows == 0) & (b.flatten(1).abs().sum(dim=0) == 0)
-            shape = (-1, *([1] * (a.ndim - 1)))
-            a_in = torch.where(dead.view(shape), lora_a, a.to(lora_a.dtype))
-            b_in = b.to(lora_a.dtype)
-            if rebalance:
-                fresh = lora_a.flatten(1).norm(dim=1)
-                live = (rows > 0) & (rows < SHORT_ROW * fresh)
-                factor = torch.where(live, fresh / rows.clamp_min(1e-30), torch.ones_like(rows))
-                a_in = a_in * factor.view(shape)
-                b_in = b_in / factor.view(1, -1, *([1] * (b.ndim - 2)))
-            lora_a.copy_(a_in)
-            layer.lora_B[ADAPTER_NAME].weight.copy_(b_in)
+            dead = (a.flatten(1).abs().sum(dim=1) == 0) & (b.flatten(1).abs().sum(dim=0) == 0)
+            keep = dead.view(-1, *([1] * (a.ndim - 1)))
+            lora_a.copy_(torch.where(keep, lora_a, a.to(lora_a.dtype)))
+            layer.lora_B[ADAPTER_NAME].weight.copy_(b)
 
 
 def _extract(unet: torch.nn.Module, modules: list[str]) -> dict[str, torch.Tensor]:
