@@ -25,7 +25,9 @@ from tessera.stack import StackInfo
 DEMO_CONFIG = SimConfig(
     devices=6,
     styles=3,
-    style_names=("stripes", "gradient", "night"),
+    # A texture, a stroke and a palette: the hybrid row stacks the first two, which change
+    # different attributes, so an image can carry both (docs/lora_evidence.md, every pair).
+    style_names=("stripes", "outline", "gradient"),
     rounds=4,
     steps=4,
     batch_size=4,

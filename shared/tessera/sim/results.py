@@ -43,7 +43,8 @@ MORE_VARIANTS: dict[str, dict[str, Any]] = {
 RESULTS_CONFIG = SimConfig(
     devices=24,
     styles=4,
-    style_names=("stripes", "gradient", "night", "pastel"),
+    # texture, stroke, palette, palette and fill; the hybrid is the first two (they combine)
+    style_names=("stripes", "outline", "gradient", "pastel"),
     rounds=8,
     steps=4,  # the demo's per-device budget: few steps, few images, so that sharing matters
     batch_size=4,
