@@ -222,7 +222,7 @@ class BoundedUpdates:
 
     def settled(self) -> tuple[list[float], list[float]]:
         """The weight and clip factor of each update `survey` gave to `keep` (weight 0 for one
-        a robust rule left out); records them as used, as a first pass over the stream does."""
+        a robust rule left out); records them as used and counts the clipped ones."""
         weights: list[float] = []
         clips: list[float] = []
         for ref in self._kept:
