@@ -227,9 +227,10 @@ def test_a_hybrid_of_two_trained_cluster_adapters_carries_both_styles(
     from tessera.lora.evidence import eval_subjects
     from tessera.model.generate import generate
 
-    # The split matters: the sunset palette drowns the stripes at 1/1 (measured: 0 of 16 carry
-    # both), while gradient at 0.5 under stripes at 1.0 carries both in 7 of 16.
-    styles = {"gradient": ("cluster:0", 0.5), "stripes": ("cluster:1", 1.0)}
+    # An equal blend, as the evidence page's (0.66 there, with 100-step adapters). Measured with
+    # these 40-step ones, by the weight on gradient under stripes at 1: 1.0 -> 9 of 16 carry
+    # both, 0.75 -> 14, 0.5 -> 0 (the stripes win); stripes at 0.75 under gradient at 1 -> 3.
+    styles = {"gradient": ("cluster:0", 1.0), "stripes": ("cluster:1", 1.0)}
     for style, (name, _) in styles.items():
         publish(sessions, store, name, _train(base_model, style, steps=40, lr=5e-3))
     subjects = eval_subjects(2, seed=0)
@@ -269,6 +270,6 @@ def test_a_hybrid_of_two_trained_cluster_adapters_carries_both_styles(
     base = default_evaluator().hybrid(base_images, pair)
 
     print(f"hybrid: {hybrid}; base model: {base}")
-    assert hybrid.carries_both >= 0.3, hybrid  # measured 0.44
+    assert hybrid.carries_both >= 0.3, hybrid  # measured 0.56
     assert base.carries_both == 0.0, base
     assert hybrid.carries_first > base.carries_first and hybrid.carries_second > 0.25

@@ -101,11 +101,15 @@ def test_queued_jobs_run_together_whatever_their_mixes_and_each_equals_its_run_a
         *[("running", i) for i in range(1, 7)],
         ("succeeded", 6),
     ]
-    # The same requests run one by one give the same images: within two levels (measured: at
-    # most 2 levels on 2 of 9,216 values, mean 0.09; the per-sample LoRA products round a little
-    # differently from one job's), except where a random negative prompt (far from any caption)
-    # steers guidance hard enough that float rounding of another batch size grows over the
-    # steps (measured: mean 4.3-4.9 levels, bounded on average at 8 levels here).
+    # The same requests run one by one give the same images, up to float rounding: the
+    # per-sample LoRA products round differently from one job's, and these random prompts
+    # under strong random adapters amplify rounding on a few pixels. Measured: perturbing the
+    # base's weights by 1e-7 (float32 rounding) moves "third" by up to 6 levels on at most 9 of
+    # its 9,216 values (mean 0.06-0.10), the others by 1 level; run alone against batched, at
+    # most 1 level alone and 6 in a full two-worker run. So: a mean under 0.2 level and under
+    # 0.5% of values off by more than 2, which a wrong mix or a swapped image would break many
+    # times over. A random negative prompt (far from any caption) steers guidance hard enough
+    # that rounding grows over the steps (measured: mean 1.6-4.9 levels), bounded at 8.
     alone = dataclasses.replace(runtime, max_batch_images=1)
     for name in ("first", "negative", "third", "other mix"):
         again = submit(api, token, **requests[name])
@@ -115,7 +119,7 @@ def test_queued_jobs_run_together_whatever_their_mixes_and_each_equals_its_run_a
         if name == "negative":
             assert diff.mean() <= 8, name
         else:
-            assert diff.max() <= 2 and diff.mean() <= 0.1, name
+            assert diff.mean() <= 0.2 and (diff > 2).mean() <= 0.005, (name, diff.max())
     assert store.list_keys("inputs/") != []  # the jobs left queued keep their inputs
 
 
