@@ -132,3 +132,18 @@ def test_the_interaction_verdict_follows_the_lam_zero_runs(
     page = markdown(summarise(reports), RESULTS_CONFIG, [0], "cmd")
 
     assert f"**Knowledge interaction {verdict}" in page
+
+
+def test_a_page_of_one_seed_shows_no_spread_and_gives_no_verdict() -> None:
+    reports = {
+        "cluster-aware exact": [fake_run(0, [0.5, 0.9], 0.2)],
+        "global FedAvg": [fake_run(0, [0.5, 0.6], 0.3)],
+    }
+
+    page = markdown(summarise(reports), RESULTS_CONFIG, [0], "cmd --seeds 0")
+
+    assert "±" not in page
+    assert "| cluster-aware exact | 2 | 0.90 | 0.1000 | 0.45 | 1.000 |" in page
+    assert "claim) holds in one seed (no spread measured: not a verdict) for cluster-aware" in page
+    assert "a share of 72 images, whose sampling error alone is up to 0.06" in page
+    assert "## Per round (one seed)" in page

@@ -35,8 +35,17 @@ def _lead(summary: dict[str, Any], ours: str, theirs: str) -> dict[str, Any]:
     }
 
 
+def _pm(mean: float, std: float, digits: int, seeds: int) -> str:
+    """`mean ± std` over seeds; the mean alone for one seed, which measures no spread."""
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if seeds > 1 else f"{mean:.{digits}f}"
+
+
 def _judged(lead: dict[str, Any]) -> str:
-    """'holds', 'does not hold' or 'is not clear', from a paired lead."""
+    """'holds', 'does not hold' or 'is not clear', from a paired lead; one seed only
+    suggests (a lead of one run is not read against any spread)."""
+    if lead["seeds"] < 2:
+        direction = "holds" if lead["delta"] >= CLEAR_MARGIN else "does not hold"
+        return f"{direction} in one seed (no spread measured: not a verdict)"
     if lead["ahead"] == lead["seeds"] and lead["delta"] >= CLEAR_MARGIN:
         return "holds"
     if lead["ahead"] == 0 or lead["delta"] <= -CLEAR_MARGIN:
@@ -78,7 +87,8 @@ def verdict(summary: dict[str, Any], config: SimConfig) -> list[str]:
             ahead = f"{lead['ahead']} of {lead['seeds']}"
             final = f"{lead['final_delta']:+.2f}"
         lines.append(
-            f"| {name} | {np.mean(acc):.2f} ± {np.std(acc):.2f} | {versus} | {ahead} | {final} "
+            f"| {name} | {_pm(np.mean(acc), np.std(acc), 2, len(acc))} | {versus} | {ahead} "
+            f"| {final} "
             f"| {_reached(row)} |"
         )
     lines.append("")
@@ -167,6 +177,8 @@ def markdown(
     cases: Path | None = None,
 ) -> str:
     """docs/RESULTS.md: how it was made, the headline, the verdict, the per-round table."""
+    n = len(seeds)
+    scored = config.devices * config.eval_images  # images behind a round's style accuracy
     lines = [
         "# Results: does federating with similar devices pay?",
         "",
@@ -181,7 +193,14 @@ def markdown(
         f"the device's own generations ({config.eval_images} held-out prompts, "
         f"{config.eval_steps} DDIM steps) in its style. Hybrid: {config.hybrid_images} images of "
         "the equal hybrid (both at full strength) of the first two styles' adapters carrying "
-        "both. Clustering runs once, before round 1, so ARI is one number per run.",
+        "both. Clustering runs once, before round 1, so ARI is one number per run."
+        + (
+            ""
+            if n > 1
+            else " One seed: one run per method, no spread measured; a round's style accuracy "
+            f"is a share of {scored} images, whose sampling error alone is up to "
+            f"{0.5 / np.sqrt(scored):.2f}."
+        ),
         "",
         f"## Headline: rounds to {TARGET:.0%} style accuracy, and the last round",
         "",
@@ -195,15 +214,15 @@ def markdown(
         aris = [a for a in row["ari"] if a is not None]
         ari = f"{np.mean(aris):.3f}" if aris else "- (no clustering)"
         lines.append(
-            f"| {name} | {reached} | {f['style_accuracy']:.2f} ± {sd['style_accuracy']:.2f} | "
-            f"{f['heldout_loss']:.4f} ± {sd['heldout_loss']:.4f} | "
-            f"{f['hybrid']:.2f} ± {sd['hybrid']:.2f} | {ari} |"
+            f"| {name} | {reached} | {_pm(f['style_accuracy'], sd['style_accuracy'], 2, n)} | "
+            f"{_pm(f['heldout_loss'], sd['heldout_loss'], 4, n)} | "
+            f"{_pm(f['hybrid'], sd['hybrid'], 2, n)} | {ari} |"
         )
     lines += ["", "![results](results.png)", "", *verdict(summary, config)]
     if cases is not None:
         lines += clustering_section(cases)
     lines += [
-        "## Per round (mean ± std over seeds)",
+        "## Per round (mean ± std over seeds)" if n > 1 else "## Per round (one seed)",
         "",
         "| method | round | style accuracy | held-out loss | hybrid | KB up / device "
         "| KB down / device |",
@@ -214,9 +233,9 @@ def markdown(
         for i in range(len(pr["style_accuracy"]["mean"])):
             lines.append(
                 f"| {name} | {i + 1} "
-                f"| {pr['style_accuracy']['mean'][i]:.2f} ± {pr['style_accuracy']['std'][i]:.2f} "
-                f"| {pr['heldout_loss']['mean'][i]:.4f} ± {pr['heldout_loss']['std'][i]:.4f} "
-                f"| {pr['hybrid']['mean'][i]:.2f} ± {pr['hybrid']['std'][i]:.2f} "
+                f"| {_pm(pr['style_accuracy']['mean'][i], pr['style_accuracy']['std'][i], 2, n)} "
+                f"| {_pm(pr['heldout_loss']['mean'][i], pr['heldout_loss']['std'][i], 4, n)} "
+                f"| {_pm(pr['hybrid']['mean'][i], pr['hybrid']['std'][i], 2, n)} "
                 f"| {pr['bytes_up_per_device']['mean'][i] / 1024:.0f} "
                 f"| {pr['bytes_down_per_device']['mean'][i] / 1024:.0f} |"
             )
